@@ -1,0 +1,750 @@
+//! The RabbitMQ adapter of the queue port, on lapin.
+//!
+//! [`RabbitBroker`] implements [`Broker`] with durable quorum queues,
+//! persistent messages, publisher confirms, consumers with manual
+//! acknowledgement and bounded prefetch, and a fanout exchange for registry
+//! changes. The connection itself is owned by the manager task of
+//! [`crate::reconnect`]; this module turns port calls into AMQP operations on
+//! whatever connection is live, and makes consumer streams re-subscribe after
+//! a reconnection.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::BackoffBuilder;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{BasicProperties, Confirmation, Consumer};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::reconnect::{self, Live, Shared};
+use crate::topology::{Topology, short};
+use crate::{
+    Acker, Broker, BrokerError, ChangeNotice, ChangeStream, MessageStream, OutgoingMessage,
+    QueueName, ReceivedMessage, Settlement,
+};
+
+/// Settings of the RabbitMQ adapter. [`Default`] works on a laptop.
+#[derive(Clone)]
+pub struct RabbitConfig {
+    /// AMQP URL, `amqp://user:password@host:5672/%2f` (`amqps://` for TLS;
+    /// `?heartbeat=10` and other query parameters are honoured).
+    pub url: String,
+    /// Prefix of every queue and exchange name, so that tests and tenants of
+    /// one broker never collide: ASCII letters, digits, `-`, `_`, `.`, `:`.
+    pub prefix: String,
+    /// Client-provided connection name, shown by `rabbitmqctl list_connections
+    /// client_properties` and the management UI.
+    pub connection_name: String,
+    /// How long `publish`, `consume`, `changes` and `connect` wait for a
+    /// connection when RabbitMQ is unreachable before failing.
+    pub reconnect_max_wait: Duration,
+    /// First delay between reconnection attempts.
+    pub reconnect_min_backoff: Duration,
+    /// Longest delay between reconnection attempts (before jitter, which adds
+    /// up to as much again).
+    pub reconnect_max_backoff: Duration,
+    /// Time allowed for one connection attempt (TCP, TLS, AMQP handshake).
+    pub connect_timeout: Duration,
+    /// Time allowed for a publish to be sent and confirmed once connected
+    /// (RabbitMQ withholds confirms while a resource alarm blocks publishers).
+    pub confirm_timeout: Duration,
+    /// Deliveries of one message after which a work queue dead-letters it
+    /// (`x-delivery-limit`): a poison message that keeps crashing consumers
+    /// ends in the dead-letter queue. Fixed when the queues are created.
+    pub delivery_limit: u32,
+}
+
+impl Default for RabbitConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            prefix: "hookline".to_owned(),
+            connection_name: "hookline".to_owned(),
+            reconnect_max_wait: Duration::from_secs(30),
+            reconnect_min_backoff: Duration::from_millis(100),
+            reconnect_max_backoff: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            confirm_timeout: Duration::from_secs(30),
+            delivery_limit: 20,
+        }
+    }
+}
+
+impl RabbitConfig {
+    /// Defaults with this URL and prefix.
+    pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: prefix.into(),
+            ..Self::default()
+        }
+    }
+}
+
+impl fmt::Debug for RabbitConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitConfig")
+            .field("url", &redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("connection_name", &self.connection_name)
+            .field("reconnect_max_wait", &self.reconnect_max_wait)
+            .field("reconnect_min_backoff", &self.reconnect_min_backoff)
+            .field("reconnect_max_backoff", &self.reconnect_max_backoff)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("delivery_limit", &self.delivery_limit)
+            .finish()
+    }
+}
+
+/// The URL with its password hidden, for logs.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***{}", &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The RabbitMQ adapter. Create it with [`RabbitBroker::connect`]; share it
+/// as `Arc<dyn Broker>`. Dropping it shuts it down like [`RabbitBroker::close`]
+/// but without waiting.
+pub struct RabbitBroker {
+    shared: Arc<Shared>,
+    manager: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for RabbitBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitBroker")
+            .field("config", &self.shared.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitBroker {
+    /// Connects and declares the topology (idempotently: every process
+    /// declares it). Retries with backoff for up to
+    /// [`RabbitConfig::reconnect_max_wait`]; fails at once on an invalid
+    /// configuration, refused credentials or a conflicting existing topology.
+    /// The connection is then kept up by a background task, which needs a
+    /// tokio runtime.
+    pub async fn connect(cfg: RabbitConfig) -> Result<Self, BrokerError> {
+        let topology = Topology::new(&cfg.prefix, cfg.delivery_limit)?;
+        let uri: AMQPUri = cfg.url.parse().map_err(|e| {
+            BrokerError::InvalidConfig(format!(
+                "the AMQP URL {} is not valid: {e}",
+                redact_url(&cfg.url)
+            ))
+        })?;
+        if cfg.reconnect_min_backoff.is_zero()
+            || cfg.reconnect_max_backoff < cfg.reconnect_min_backoff
+        {
+            return Err(BrokerError::InvalidConfig(format!(
+                "the reconnection backoff must satisfy 0 < min ({:?}) <= max ({:?})",
+                cfg.reconnect_min_backoff, cfg.reconnect_max_backoff
+            )));
+        }
+        let max_wait = cfg.reconnect_max_wait;
+        let shared = Arc::new(Shared::new(cfg, uri, topology));
+        let manager = tokio::spawn(reconnect::run(shared.clone()));
+        match shared.live(Some(max_wait)).await {
+            Ok(_) => Ok(Self {
+                shared,
+                manager: Mutex::new(Some(manager)),
+            }),
+            Err(error) => {
+                shared.shutdown.cancel();
+                let _ = manager.await;
+                Err(error)
+            }
+        }
+    }
+
+    /// The configured name prefix.
+    pub fn prefix(&self) -> &str {
+        &self.shared.cfg.prefix
+    }
+
+    /// The full RabbitMQ name of a work queue (`{prefix}.deliveries`).
+    pub fn queue_full_name(&self, queue: QueueName) -> &str {
+        self.shared.topology.queue(queue)
+    }
+
+    /// The full RabbitMQ name of the dead-letter queue (`{prefix}.dead-letter`).
+    pub fn dead_letter_queue_name(&self) -> &str {
+        &self.shared.topology.dead_letter_queue
+    }
+
+    /// Number of messages in the dead-letter queue (for metrics and alerts).
+    pub async fn dead_letter_depth(&self) -> Result<u64, BrokerError> {
+        self.passive_depth(&self.shared.topology.dead_letter_queue)
+            .await
+    }
+
+    /// Deletes every queue and exchange of this prefix, with their messages.
+    /// Meant for tests; a later reconnection would declare them again, so
+    /// [`close`](Self::close) the broker afterwards.
+    pub async fn delete_topology(&self) -> Result<(), BrokerError> {
+        let live = self.live().await?;
+        let channel = live
+            .channel()
+            .await
+            .map_err(|e| BrokerError::backend("open a channel", e))?;
+        self.shared
+            .topology
+            .delete(&channel)
+            .await
+            .map_err(|e| BrokerError::backend("delete the topology", e))?;
+        let _ = channel.close(200, "topology deleted".into()).await;
+        Ok(())
+    }
+
+    /// Shuts down: ends every stream, closes the connection (unsettled
+    /// messages go back to their queues) and waits for the manager task.
+    pub async fn close(&self) {
+        self.shared.shutdown.cancel();
+        let manager = self
+            .manager
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(manager) = manager {
+            let _ = manager.await;
+        }
+    }
+
+    async fn live(&self) -> Result<Arc<Live>, BrokerError> {
+        self.shared
+            .live(Some(self.shared.cfg.reconnect_max_wait))
+            .await
+    }
+
+    async fn passive_depth(&self, queue: &str) -> Result<u64, BrokerError> {
+        let live = self.shared.current()?;
+        let channel = live
+            .channel()
+            .await
+            .map_err(|e| BrokerError::backend("open a channel", e))?;
+        let declared = channel
+            .queue_declare(
+                short(queue),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BrokerError::backend(format!("look up queue {queue}"), e))?;
+        let _ = channel.close(200, "OK".into()).await;
+        Ok(u64::from(declared.message_count()))
+    }
+
+    /// Publishes with confirms: all messages sent, then all confirms awaited.
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        messages: Vec<OutgoingMessage>,
+        persistent: bool,
+        mandatory: bool,
+    ) -> Result<(), BrokerError> {
+        let total = messages.len();
+        if total == 0 {
+            return Ok(());
+        }
+        let prepared = messages
+            .into_iter()
+            .enumerate()
+            .map(|(index, message)| {
+                let properties = properties(&message.headers, persistent)
+                    .map_err(|reason| BrokerError::InvalidMessage { index, reason })?;
+                Ok((message.body, properties))
+            })
+            .collect::<Result<Vec<_>, BrokerError>>()?;
+
+        let live = self.live().await?;
+        let limit = self.shared.cfg.confirm_timeout;
+        let sent_and_confirmed =
+            self.send_and_confirm(&live, exchange, routing_key, prepared, mandatory);
+        match tokio::time::timeout(limit, sent_and_confirmed).await {
+            Ok(result) => result,
+            Err(_) => Err(BrokerError::backend(
+                format!("publish {total} messages to {exchange}"),
+                format!(
+                    "no confirmation within {limit:?} (is a resource alarm blocking publishers?)"
+                ),
+            )),
+        }
+    }
+
+    async fn send_and_confirm(
+        &self,
+        live: &Live,
+        exchange: &str,
+        routing_key: &str,
+        prepared: Vec<(Vec<u8>, BasicProperties)>,
+        mandatory: bool,
+    ) -> Result<(), BrokerError> {
+        let total = prepared.len();
+        let target = format!("exchange {exchange} (routing key {routing_key:?})");
+        let channel = live
+            .publisher()
+            .await
+            .map_err(|e| BrokerError::backend("open the publishing channel", e))?;
+        let options = BasicPublishOptions {
+            mandatory,
+            immediate: false,
+        };
+        let mut confirms = Vec::with_capacity(total);
+        for (index, (body, properties)) in prepared.into_iter().enumerate() {
+            let confirm = channel
+                .basic_publish(
+                    short(exchange),
+                    short(routing_key),
+                    options,
+                    &body,
+                    properties,
+                )
+                .await
+                .map_err(|e| {
+                    BrokerError::backend(
+                        format!("publish message {index} of {total} to {target}"),
+                        e,
+                    )
+                })?;
+            confirms.push(confirm);
+        }
+        for (index, confirm) in confirms.into_iter().enumerate() {
+            let confirmation = confirm.await.map_err(|e| {
+                BrokerError::backend(
+                    format!("get the confirmation of message {index} of {total} to {target}"),
+                    e,
+                )
+            })?;
+            match confirmation {
+                Confirmation::Ack(None) => {}
+                Confirmation::Ack(Some(_returned)) => {
+                    return Err(BrokerError::Unroutable { index, target });
+                }
+                Confirmation::Nack(_) => {
+                    return Err(BrokerError::Nacked {
+                        index,
+                        total,
+                        target,
+                    });
+                }
+                Confirmation::NotRequested => {
+                    return Err(BrokerError::backend(
+                        "get a publisher confirmation",
+                        "the publishing channel is not in confirm mode",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RabbitBroker {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+#[async_trait]
+impl Broker for RabbitBroker {
+    async fn publish(
+        &self,
+        queue: QueueName,
+        messages: Vec<OutgoingMessage>,
+    ) -> Result<(), BrokerError> {
+        let exchange = self.shared.topology.work_exchange.clone();
+        self.publish_confirmed(&exchange, queue.as_str(), messages, true, true)
+            .await
+    }
+
+    async fn consume(&self, queue: QueueName, prefetch: u16) -> Result<MessageStream, BrokerError> {
+        let target = Target::Queue {
+            name: self.shared.topology.queue(queue).to_owned(),
+            prefetch: prefetch.max(1),
+        };
+        let subscription = Subscription::start(self.shared.clone(), target).await?;
+        let stream = futures::stream::unfold(subscription, |mut subscription| async move {
+            loop {
+                match subscription.next().await? {
+                    // Prefetched before its channel died: it can no longer be
+                    // settled and RabbitMQ has put it back; skip the work.
+                    Next::Delivery(delivery) if delivery.acker.poisoned() => {}
+                    Next::Delivery(delivery) => {
+                        return Some((received(delivery), subscription));
+                    }
+                    Next::Resubscribed => {}
+                }
+            }
+        });
+        Ok(MessageStream::new(stream))
+    }
+
+    async fn announce(&self, change: Vec<u8>) -> Result<(), BrokerError> {
+        let exchange = self.shared.topology.changes_exchange.clone();
+        // Not mandatory: having no subscriber is fine.
+        self.publish_confirmed(
+            &exchange,
+            "",
+            vec![OutgoingMessage::new(change)],
+            false,
+            false,
+        )
+        .await
+    }
+
+    async fn changes(&self) -> Result<ChangeStream, BrokerError> {
+        let subscription = Subscription::start(self.shared.clone(), Target::Changes).await?;
+        let stream = futures::stream::unfold(subscription, |mut subscription| async move {
+            let notice = match subscription.next().await? {
+                Next::Delivery(delivery) => ChangeNotice::Change(delivery.data),
+                Next::Resubscribed => ChangeNotice::Resync,
+            };
+            Some((notice, subscription))
+        });
+        Ok(ChangeStream::new(stream))
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        self.shared.current().map(|_| ())
+    }
+
+    async fn queue_depth(&self, queue: QueueName) -> Result<u64, BrokerError> {
+        self.passive_depth(self.shared.topology.queue(queue)).await
+    }
+}
+
+/// AMQP properties of an outgoing message.
+fn properties(
+    headers: &BTreeMap<String, String>,
+    persistent: bool,
+) -> Result<BasicProperties, String> {
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        let key = ShortString::try_new(name.as_str()).map_err(|_| {
+            format!(
+                "header name {:?}... is {} bytes long; AMQP allows 255",
+                name.chars().take(32).collect::<String>(),
+                name.len()
+            )
+        })?;
+        table.insert(key, AMQPValue::LongString(LongString::from(value.as_str())));
+    }
+    Ok(BasicProperties::default()
+        .with_delivery_mode(if persistent { 2 } else { 1 })
+        .with_headers(table))
+}
+
+/// Turns a lapin delivery into a port message.
+fn received(delivery: Delivery) -> ReceivedMessage {
+    let headers = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter_map(|(name, value)| header_string(value).map(|v| (name.to_string(), v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    ReceivedMessage::new(
+        delivery.data,
+        headers,
+        delivery.redelivered,
+        Box::new(RabbitAcker(delivery.acker)),
+    )
+}
+
+/// The string form of a header value; `None` for tables, arrays and the like.
+fn header_string(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::Boolean(v) => v.to_string(),
+        AMQPValue::ShortShortInt(v) => v.to_string(),
+        AMQPValue::ShortShortUInt(v) => v.to_string(),
+        AMQPValue::ShortInt(v) => v.to_string(),
+        AMQPValue::ShortUInt(v) => v.to_string(),
+        AMQPValue::LongInt(v) => v.to_string(),
+        AMQPValue::LongUInt(v) => v.to_string(),
+        AMQPValue::LongLongInt(v) => v.to_string(),
+        AMQPValue::Timestamp(v) => v.to_string(),
+        _ => return None,
+    })
+}
+
+/// Settles a message on the channel it came from.
+struct RabbitAcker(lapin::Acker);
+
+#[async_trait]
+impl Acker for RabbitAcker {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), BrokerError> {
+        let result = match settlement {
+            Settlement::Ack => self.0.ack(BasicAckOptions::default()).await,
+            Settlement::Requeue => {
+                self.0
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await
+            }
+            Settlement::DeadLetter => {
+                self.0
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: false,
+                    })
+                    .await
+            }
+        };
+        match result {
+            Ok(true) => Ok(()),
+            // lapin refuses to settle on a closed channel: the broker has
+            // already put the message back.
+            Ok(false) => Err(BrokerError::StaleDelivery),
+            Err(_) if self.0.poisoned() => Err(BrokerError::StaleDelivery),
+            Err(e) => Err(BrokerError::backend("settle a message", e)),
+        }
+    }
+}
+
+/// What a subscription consumes.
+enum Target {
+    /// A work queue, manual acknowledgement.
+    Queue { name: String, prefetch: u16 },
+    /// A private queue bound to the changes exchange, automatic
+    /// acknowledgement (a missed change is covered by a resync).
+    Changes,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Queue { name, .. } => write!(f, "queue {name}"),
+            Target::Changes => f.write_str("the change announcements"),
+        }
+    }
+}
+
+impl Target {
+    /// Opens a channel on `live` and starts consuming.
+    async fn open(&self, shared: &Shared, live: &Live) -> lapin::Result<Consumer> {
+        let channel = live.channel().await?;
+        match self {
+            Target::Queue { name, prefetch } => {
+                channel
+                    .basic_qos(*prefetch, BasicQosOptions::default())
+                    .await?;
+                channel
+                    .basic_consume(
+                        short(name),
+                        ShortString::from(""),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+            Target::Changes => {
+                // Explicitly classic: a vhost whose default queue type is
+                // quorum would refuse an exclusive queue otherwise.
+                let mut arguments = FieldTable::default();
+                arguments.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString(LongString::from("classic")),
+                );
+                let queue = channel
+                    .queue_declare(
+                        ShortString::from(""),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..Default::default()
+                        },
+                        arguments,
+                    )
+                    .await?;
+                channel
+                    .queue_bind(
+                        queue.name().clone(),
+                        short(&shared.topology.changes_exchange),
+                        ShortString::from(""),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                channel
+                    .basic_consume(
+                        queue.name().clone(),
+                        ShortString::from(""),
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            exclusive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+        }
+    }
+}
+
+/// What [`Subscription::next`] yields.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "moved once per message straight out of `next`; boxing would only add an allocation"
+)]
+enum Next {
+    Delivery(Delivery),
+    /// The consumer was re-established after an interruption.
+    Resubscribed,
+}
+
+/// A consumer that re-subscribes by itself whenever its channel or connection
+/// ends, until the broker shuts down.
+struct Subscription {
+    shared: Arc<Shared>,
+    target: Target,
+    consumer: Option<Consumer>,
+}
+
+impl Subscription {
+    /// Subscribes now (waiting a bounded time for a connection), so that
+    /// errors such as a missing queue surface to the caller.
+    async fn start(shared: Arc<Shared>, target: Target) -> Result<Self, BrokerError> {
+        let live = shared.live(Some(shared.cfg.reconnect_max_wait)).await?;
+        let consumer = target
+            .open(&shared, &live)
+            .await
+            .map_err(|e| BrokerError::backend(format!("start consuming {target}"), e))?;
+        Ok(Self {
+            shared,
+            target,
+            consumer: Some(consumer),
+        })
+    }
+
+    /// The next delivery; `None` once the broker is shut down.
+    async fn next(&mut self) -> Option<Next> {
+        loop {
+            let Some(consumer) = self.consumer.as_mut() else {
+                self.consumer = Some(self.resubscribe().await?);
+                return Some(Next::Resubscribed);
+            };
+            let item = tokio::select! {
+                () = self.shared.shutdown.cancelled() => return None,
+                item = consumer.next() => item,
+            };
+            match item {
+                Some(Ok(delivery)) => return Some(Next::Delivery(delivery)),
+                Some(Err(error)) => {
+                    if self.shared.shutdown.is_cancelled() {
+                        return None;
+                    }
+                    warn!(subscription = %self.target, %error, "consumer interrupted; subscribing again");
+                }
+                None => {
+                    if self.shared.shutdown.is_cancelled() {
+                        return None;
+                    }
+                    warn!(subscription = %self.target, "consumer ended by the broker; subscribing again");
+                }
+            }
+            self.consumer = None;
+        }
+    }
+
+    /// Subscribes again on the live connection, waiting for one and backing
+    /// off between failed attempts; `None` at shutdown.
+    async fn resubscribe(&self) -> Option<Consumer> {
+        let mut backoff = self.shared.backoff().build();
+        loop {
+            let live = self.shared.live(None).await.ok()?;
+            match self.target.open(&self.shared, &live).await {
+                Ok(consumer) => {
+                    info!(subscription = %self.target, generation = live.generation, "consumer subscribed again");
+                    return Some(consumer);
+                }
+                Err(error) => {
+                    let delay = backoff
+                        .next()
+                        .unwrap_or(self.shared.cfg.reconnect_max_backoff);
+                    warn!(subscription = %self.target, %error, retry_in = ?delay, "cannot subscribe; retrying");
+                    tokio::select! {
+                        () = self.shared.shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("amqp://127.0.0.1:5672/%2f"),
+            "amqp://127.0.0.1:5672/%2f"
+        );
+        assert!(!format!("{:?}", RabbitConfig::default()).contains("guest:guest"));
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let mut headers = BTreeMap::new();
+        headers.insert("traceparent".to_owned(), "00-abc-def-01".to_owned());
+        let props = properties(&headers, true).unwrap();
+        assert_eq!(*props.delivery_mode(), Some(2));
+        let table = props.headers().as_ref().unwrap();
+        let value = table.inner().get("traceparent").unwrap();
+        assert_eq!(header_string(value).as_deref(), Some("00-abc-def-01"));
+        assert_eq!(
+            header_string(&AMQPValue::LongLongInt(3)).as_deref(),
+            Some("3")
+        );
+    }
+
+    #[test]
+    fn overlong_header_names_are_refused() {
+        let mut headers = BTreeMap::new();
+        headers.insert("x".repeat(300), "v".to_owned());
+        let error = properties(&headers, true).unwrap_err();
+        assert!(error.contains("300 bytes"), "{error}");
+    }
+}

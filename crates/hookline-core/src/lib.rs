@@ -1,0 +1,12 @@
+//! The domain of Hookline, free of I/O: identifiers, the records every service shares,
+//! Standard Webhooks signing, retry-policy math, event-type filters and input validation.
+//! Every other crate builds on these definitions so that a rule lives in exactly one place.
+
+pub mod filter;
+pub mod id;
+pub mod model;
+pub mod retry;
+pub mod signing;
+pub mod validate;
+
+pub use id::{Id, IdKind};

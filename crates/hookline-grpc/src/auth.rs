@@ -1,0 +1,243 @@
+//! API keys: how tokens are made, hashed and checked on every call.
+//!
+//! A token is `hl_` + base64url of 32 random bytes; only its SHA-256 is stored. Callers
+//! send `authorization: Bearer <token>`. Lookups are cached for a short time so the hot
+//! path (ingest) does not read the database per call; a revocation announced on the
+//! change exchange clears the cache at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hookline_core::Id;
+use hookline_store::StoreError;
+use hookline_store::port::RegistryStore;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tonic::Status;
+use tonic::metadata::MetadataMap;
+
+const TOKEN_PREFIX: &str = "hl_";
+/// Characters of a token kept in clear to tell keys apart.
+pub const SHOWN_PREFIX_LEN: usize = 10;
+const CACHE_TTL: Duration = Duration::from_secs(30);
+const CACHE_MAX_ENTRIES: usize = 10_000;
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// May act on every tenant and on the catalogue.
+    Admin { key_id: Id },
+    /// May act on its own tenant only.
+    Tenant { key_id: Id, tenant_id: Id },
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Principal::Admin { .. })
+    }
+
+    pub fn key_id(&self) -> &Id {
+        match self {
+            Principal::Admin { key_id } | Principal::Tenant { key_id, .. } => key_id,
+        }
+    }
+
+    /// The tenant a tenant key is bound to.
+    pub fn tenant(&self) -> Option<&Id> {
+        match self {
+            Principal::Admin { .. } => None,
+            Principal::Tenant { tenant_id, .. } => Some(tenant_id),
+        }
+    }
+
+    /// Admins pass; anyone else gets `PERMISSION_DENIED` naming what needs an admin key.
+    pub fn require_admin(&self, what: &str) -> Result<(), Status> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "{what} needs an admin API key; this key is scoped to one tenant"
+            )))
+        }
+    }
+
+    /// Whether this caller may see and change `tenant_id`'s data.
+    pub fn may_access(&self, tenant_id: &Id) -> bool {
+        match self {
+            Principal::Admin { .. } => true,
+            Principal::Tenant { tenant_id: own, .. } => own == tenant_id,
+        }
+    }
+
+    /// Admin keys are visible to admins only; others get `NOT_FOUND`.
+    pub fn check_tenant_admin(&self, key_id: &str) -> Result<(), Status> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(Status::not_found(format!("API key {key_id} not found")))
+        }
+    }
+
+    /// For a call addressed to `tenant_id`: a tenant key of another tenant is refused with
+    /// `PERMISSION_DENIED`, whether or not that tenant exists, so nothing is revealed.
+    pub fn require_tenant(&self, tenant_id: &Id) -> Result<(), Status> {
+        match self {
+            Principal::Tenant { tenant_id: own, .. } if own != tenant_id => {
+                Err(Status::permission_denied(format!(
+                    "this API key is scoped to tenant {own} and cannot act on tenant {tenant_id}"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// For an object found by its own id that belongs to another tenant: answers `NOT_FOUND`, exactly as for a
+    /// tenant that does not exist, so a key reveals nothing about other tenants.
+    pub fn check_tenant(&self, tenant_id: &Id, noun: &str, id: &str) -> Result<(), Status> {
+        if self.may_access(tenant_id) {
+            Ok(())
+        } else {
+            Err(Status::not_found(format!("{noun} {id} not found")))
+        }
+    }
+}
+
+/// A freshly generated token, its shown prefix and its hash.
+pub struct NewToken {
+    pub token: String,
+    pub prefix: String,
+    pub hash: [u8; 32],
+}
+
+pub fn generate_token() -> NewToken {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
+    NewToken {
+        prefix: token[..SHOWN_PREFIX_LEN].to_string(),
+        hash: hash_token(&token),
+        token,
+    }
+}
+
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Token hash → who it is and when that was looked up.
+type KeyCache = HashMap<[u8; 32], (Principal, Instant)>;
+
+/// Checks bearer tokens against the store, with a short-lived cache.
+#[derive(Clone)]
+pub struct Authenticator {
+    store: Arc<dyn RegistryStore>,
+    cache: Arc<Mutex<KeyCache>>,
+}
+
+impl Authenticator {
+    pub fn new(store: Arc<dyn RegistryStore>) -> Self {
+        Self {
+            store,
+            cache: Arc::default(),
+        }
+    }
+
+    /// The caller of a request, or `UNAUTHENTICATED` saying what is missing or wrong.
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "missing `authorization` metadata; send `authorization: Bearer <api key>`",
+                )
+            })?
+            .to_str()
+            .map_err(|_| Status::unauthenticated("`authorization` metadata is not ASCII"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Status::unauthenticated("`authorization` must be `Bearer <api key>`"))?;
+        let hash = hash_token(token);
+        if let Some(p) = self.cached(&hash) {
+            return Ok(p);
+        }
+        let key = match self.store.find_api_key_by_hash(&hash).await {
+            Ok(key) => key,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(Status::unauthenticated("unknown or revoked API key"));
+            }
+            Err(e) => return Err(crate::status::from_store(e)),
+        };
+        let principal = match key.tenant_id {
+            None => Principal::Admin { key_id: key.id },
+            Some(tenant_id) => Principal::Tenant {
+                key_id: key.id,
+                tenant_id,
+            },
+        };
+        self.remember(hash, principal.clone());
+        Ok(principal)
+    }
+
+    /// Drops every cached lookup (a key was revoked, or changes may have been missed).
+    pub fn invalidate(&self) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
+    }
+
+    fn cached(&self, hash: &[u8; 32]) -> Option<Principal> {
+        let cache = self.cache.lock().ok()?;
+        let (p, at) = cache.get(hash)?;
+        (at.elapsed() < CACHE_TTL).then(|| p.clone())
+    }
+
+    fn remember(&self, hash: [u8; 32], principal: Principal) {
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_MAX_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(hash, (principal, Instant::now()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_hash_stably() {
+        let a = generate_token();
+        let b = generate_token();
+        assert_ne!(a.token, b.token);
+        assert!(a.token.starts_with("hl_"));
+        assert_eq!(a.token.len(), 3 + 43);
+        assert_eq!(hash_token(&a.token), a.hash);
+        assert!(a.token.starts_with(&a.prefix));
+    }
+
+    #[test]
+    fn tenant_keys_see_only_their_tenant() {
+        let t1 = Id::new(hookline_core::IdKind::Tenant);
+        let t2 = Id::new(hookline_core::IdKind::Tenant);
+        let p = Principal::Tenant {
+            key_id: Id::new(hookline_core::IdKind::ApiKey),
+            tenant_id: t1.clone(),
+        };
+        assert!(p.may_access(&t1));
+        assert!(!p.may_access(&t2));
+        assert_eq!(
+            p.check_tenant(&t2, "tenant", t2.as_str())
+                .unwrap_err()
+                .code(),
+            tonic::Code::NotFound
+        );
+        assert!(p.require_admin("creating tenants").is_err());
+    }
+}

@@ -1,0 +1,753 @@
+//! `hookline.v1.RegistryService`: validation, authorisation and change announcements
+//! around the storage port.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use hookline_broker::Broker;
+use hookline_core::model::{RegistryChange, Subscription, SubscriptionSecret, SubscriptionState};
+use hookline_core::signing::{SigningKey, generate_secret};
+use hookline_core::{Id, IdKind, filter, validate};
+use hookline_grpc::auth::generate_token;
+use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
+use hookline_grpc::{Authenticator, Principal, convert};
+use hookline_proto::v1 as pb;
+use hookline_proto::v1::registry_service_server::RegistryService;
+use hookline_store::StoreError;
+use hookline_store::port::{NewApiKey, NewSubscription, Page, PageRequest, RegistryStore};
+use tonic::{Request, Response, Status};
+
+/// Default and longest grace period of a rotated-out secret.
+const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+const MAX_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_PAGE_SIZE: u32 = 1000;
+
+/// The registry's gRPC service.
+#[derive(Clone)]
+pub struct RegistryApi {
+    store: Arc<dyn RegistryStore>,
+    broker: Arc<dyn Broker>,
+    auth: Authenticator,
+}
+
+impl RegistryApi {
+    pub fn new(
+        store: Arc<dyn RegistryStore>,
+        broker: Arc<dyn Broker>,
+        auth: Authenticator,
+    ) -> Self {
+        Self {
+            store,
+            broker,
+            auth,
+        }
+    }
+
+    pub fn into_server(self) -> pb::registry_service_server::RegistryServiceServer<Self> {
+        pb::registry_service_server::RegistryServiceServer::new(self)
+    }
+
+    async fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        self.auth.authenticate(req.metadata()).await
+    }
+
+    /// Tells the other services about a committed change. The change stands even if the
+    /// announcement fails (the caller must not retry a committed create); caches also
+    /// expire on their own, so a lost announcement delays, never loses, the change.
+    async fn announce(&self, change: RegistryChange) {
+        let body = match serde_json::to_vec(&change) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode registry change");
+                return;
+            }
+        };
+        if let Err(e) = self.broker.announce(body).await {
+            tracing::warn!(error = %e, ?change, "registry change not announced; caches will catch up when their entries expire");
+        }
+    }
+
+    /// The subscription with `id`, if the caller may see it; otherwise `NOT_FOUND`.
+    async fn visible_subscription(
+        &self,
+        principal: &Principal,
+        id: &str,
+    ) -> Result<Subscription, Status> {
+        let id = Id::parse(IdKind::Subscription, "subscription_id", id).map_err(from_id)?;
+        let sub = self.store.get_subscription(&id).await.map_err(from_store)?;
+        principal.check_tenant(&sub.tenant_id, "subscription", id.as_str())?;
+        Ok(sub)
+    }
+}
+
+fn page_request(page_size: u32, page_token: &str) -> Result<PageRequest, Status> {
+    if page_size > MAX_PAGE_SIZE {
+        return Err(invalid(
+            "page_size",
+            format!("is {page_size}; the limit is {MAX_PAGE_SIZE} (0 means 50)"),
+        ));
+    }
+    Ok(PageRequest {
+        after: (!page_token.is_empty()).then(|| page_token.to_string()),
+        limit: page_size,
+    })
+}
+
+fn next_token<T>(page: &Page<T>) -> String {
+    page.next_cursor.clone().unwrap_or_default()
+}
+
+fn tenant_id(field: &str, value: &str) -> Result<Id, Status> {
+    Id::parse(IdKind::Tenant, field, value).map_err(from_id)
+}
+
+/// Checks a secret given by the caller, or makes a new one.
+fn secret_or_generate(field: &str, given: &str) -> Result<String, Status> {
+    if given.is_empty() {
+        return Ok(generate_secret());
+    }
+    SigningKey::from_secret(given).map_err(|e| invalid(field, e))?;
+    if !given.starts_with("whsec_") {
+        return Err(invalid(field, "must start with `whsec_`"));
+    }
+    Ok(given.to_string())
+}
+
+/// Every field of a subscription a caller may set, validated.
+struct SubscriptionFields {
+    url: String,
+    description: String,
+    event_types: Vec<String>,
+    channels: Vec<String>,
+    headers: BTreeMap<String, String>,
+    rate_limit_per_second: Option<u32>,
+    max_in_flight: Option<u32>,
+    retry_schedule: Option<Vec<Duration>>,
+    metadata: BTreeMap<String, String>,
+}
+
+fn validate_subscription(p: &str, s: &pb::Subscription) -> Result<SubscriptionFields, Status> {
+    let f = |name: &str| format!("{p}{name}");
+    validate::subscription_url(&f("url"), &s.url).map_err(from_validation)?;
+    validate::description(&f("description"), &s.description).map_err(from_validation)?;
+    validate::event_type_filters(&f("event_types"), &s.event_types).map_err(from_validation)?;
+    validate::channels(&f("channels"), &s.channels).map_err(from_validation)?;
+    validate::headers(&f("headers"), &s.headers).map_err(from_validation)?;
+    validate::metadata(&f("metadata"), &s.metadata).map_err(from_validation)?;
+    let retry_schedule = match &s.retry_policy {
+        Some(policy) => {
+            let schedule = convert::retry_schedule(&f("retry_policy"), policy)?;
+            validate::retry_schedule(&f("retry_policy.schedule"), &schedule)
+                .map_err(from_validation)?;
+            Some(schedule)
+        }
+        None => None,
+    };
+    Ok(SubscriptionFields {
+        url: s.url.clone(),
+        description: s.description.clone(),
+        event_types: s.event_types.clone(),
+        channels: s.channels.clone(),
+        headers: s.headers.clone(),
+        rate_limit_per_second: (s.rate_limit_per_second > 0).then_some(s.rate_limit_per_second),
+        max_in_flight: (s.max_in_flight > 0).then_some(s.max_in_flight),
+        retry_schedule,
+        metadata: s.metadata.clone(),
+    })
+}
+
+/// The enabled subscriptions of a tenant that want an event of this type and channels.
+pub async fn matching_subscriptions(
+    store: &dyn RegistryStore,
+    tenant_id: &Id,
+    event_type: &str,
+    channels: &[String],
+) -> Result<Vec<Subscription>, StoreError> {
+    let mut subs = store.enabled_subscriptions(tenant_id).await?;
+    subs.retain(|s| filter::subscription_wants(&s.event_types, &s.channels, event_type, channels));
+    Ok(subs)
+}
+
+#[tonic::async_trait]
+impl RegistryService for RegistryApi {
+    async fn create_tenant(
+        &self,
+        req: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        self.principal(&req)
+            .await?
+            .require_admin("creating a tenant")?;
+        let req = req.into_inner();
+        validate::name("name", &req.name).map_err(from_validation)?;
+        validate::metadata("metadata", &req.metadata).map_err(from_validation)?;
+        let id = Id::new(IdKind::Tenant);
+        let tenant = self
+            .store
+            .create_tenant(&id, &req.name, &req.metadata)
+            .await
+            .map_err(from_store)?;
+        self.announce(RegistryChange::Tenant { tenant_id: id })
+            .await;
+        Ok(Response::new(convert::tenant(tenant)))
+    }
+
+    async fn get_tenant(
+        &self,
+        req: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let principal = self.principal(&req).await?;
+        let id = tenant_id("tenant_id", &req.get_ref().tenant_id)?;
+        principal.require_tenant(&id)?;
+        let tenant = self.store.get_tenant(&id).await.map_err(from_store)?;
+        Ok(Response::new(convert::tenant(tenant)))
+    }
+
+    async fn list_tenants(
+        &self,
+        req: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let principal = self.principal(&req).await?;
+        let req = req.into_inner();
+        let page_req = page_request(req.page_size, &req.page_token)?;
+        // A tenant key sees exactly its own tenant.
+        if let Some(own) = principal.tenant() {
+            let tenant = self.store.get_tenant(own).await.map_err(from_store)?;
+            return Ok(Response::new(pb::ListTenantsResponse {
+                tenants: vec![convert::tenant(tenant)],
+                next_page_token: String::new(),
+            }));
+        }
+        let page = self
+            .store
+            .list_tenants(&page_req)
+            .await
+            .map_err(from_store)?;
+        let next_page_token = next_token(&page);
+        Ok(Response::new(pb::ListTenantsResponse {
+            tenants: page.items.into_iter().map(convert::tenant).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_tenant(
+        &self,
+        req: Request<pb::UpdateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        self.principal(&req)
+            .await?
+            .require_admin("changing a tenant")?;
+        let req = req.into_inner();
+        let id = tenant_id("tenant_id", &req.tenant_id)?;
+        if let Some(name) = &req.name {
+            validate::name("name", name).map_err(from_validation)?;
+        }
+        validate::metadata("metadata", &req.metadata).map_err(from_validation)?;
+        let metadata = req.replace_metadata.then_some(&req.metadata);
+        let tenant = self
+            .store
+            .update_tenant(&id, req.name.as_deref(), metadata)
+            .await
+            .map_err(from_store)?;
+        self.announce(RegistryChange::Tenant { tenant_id: id })
+            .await;
+        Ok(Response::new(convert::tenant(tenant)))
+    }
+
+    async fn delete_tenant(
+        &self,
+        req: Request<pb::DeleteTenantRequest>,
+    ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
+        self.principal(&req)
+            .await?
+            .require_admin("deleting a tenant")?;
+        let id = tenant_id("tenant_id", &req.get_ref().tenant_id)?;
+        self.store.delete_tenant(&id).await.map_err(from_store)?;
+        self.announce(RegistryChange::Tenant { tenant_id: id })
+            .await;
+        Ok(Response::new(pb::DeleteTenantResponse {}))
+    }
+
+    async fn create_subscription(
+        &self,
+        req: Request<pb::CreateSubscriptionRequest>,
+    ) -> Result<Response<pb::CreateSubscriptionResponse>, Status> {
+        let principal = self.principal(&req).await?;
+        let req = req.into_inner();
+        let sub = req
+            .subscription
+            .ok_or_else(|| invalid("subscription", "is required"))?;
+        let tenant = tenant_id("subscription.tenant_id", &sub.tenant_id)?;
+        principal.require_tenant(&tenant)?;
+        let fields = validate_subscription("subscription.", &sub)?;
+        let secret = secret_or_generate("secret", &req.secret)?;
+        match self.store.get_tenant(&tenant).await {
+            Ok(_) => {}
+            Err(StoreError::NotFound { .. }) => {
+                return Err(invalid(
+                    "subscription.tenant_id",
+                    format!("tenant {tenant} does not exist; create it first with CreateTenant"),
+                ));
+            }
+            Err(e) => return Err(from_store(e)),
+        }
+        let id = Id::new(IdKind::Subscription);
+        let new = NewSubscription {
+            id: id.clone(),
+            tenant_id: tenant.clone(),
+            url: fields.url,
+            description: fields.description,
+            event_types: fields.event_types,
+            channels: fields.channels,
+            headers: fields.headers,
+            rate_limit_per_second: fields.rate_limit_per_second,
+            max_in_flight: fields.max_in_flight,
+            retry_schedule: fields.retry_schedule,
+            state: if req.start_disabled {
+                SubscriptionState::Disabled
+            } else {
+                SubscriptionState::Enabled
+            },
+            metadata: fields.metadata,
+            secret: SubscriptionSecret {
+                id: Id::new(IdKind::Secret),
+                subscription_id: id.clone(),
+                secret: secret.clone(),
+                created_at: Utc::now(),
+                expires_at: None,
+            },
+        };
+        let created = self
+            .store
+            .create_subscription(&new)
+            .await
+            .map_err(from_store)?;
+        self.announce(RegistryChange::Subscription {
+            tenant_id: tenant,
+            subscription_id: id,
+        })
+        .await;
+        Ok(Response::new(pb::CreateSubscriptionResponse {
+            subscription: Some(convert::subscription(created)),
+            secret,
+        }))
+    }
+
+    async fn get_subscription(
+        &self,
+        req: Request<pb::GetSubscriptionRequest>,
+    ) -> Result<Response<pb::Subscription>, Status> {
+        let principal = self.principal(&req).await?;
+        let sub = self
+            .visible_subscription(&principal, &req.get_ref().subscription_id)
+            .await?;
+        Ok(Response::new(convert::subscription(sub)))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        req: Request<pb::ListSubscriptionsRequest>,
+    ) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
+        let principal = self.principal(&req).await?;
+        let req = req.into_inner();
+        let tenant = tenant_id("tenant_id", &req.tenant_id)?;
+        principal.require_tenant(&tenant)?;
+        let page_req = page_request(req.page_size, &req.page_token)?;
+        self.store.get_tenant(&tenant).await.map_err(from_store)?;
+        let page = self
+            .store
+            .list_subscriptions(&tenant, &page_req)
+            .await
+            .map_err(from_store)?;
+        let next_page_token = next_token(&page);
+        Ok(Response::new(pb::ListSubscriptionsResponse {
+            subscriptions: page.items.into_iter().map(convert::subscription).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_subscription(
+        &self,
+        req: Request<pb::UpdateSubscriptionRequest>,
+    ) -> Result<Response<pb::Subscription>, Status> {
+        let principal = self.principal(&req).await?;
+        let req = req.into_inner();
+        let patch = req
+            .subscription
+            .ok_or_else(|| invalid("subscription", "is required"))?;
+        let mask = req
+            .update_mask
+            .ok_or_else(|| invalid("update_mask", "is required: name the fields to change"))?;
+        if mask.paths.is_empty() {
+            return Err(invalid("update_mask", "names no field to change"));
+        }
+        let mut sub = self.visible_subscription(&principal, &patch.id).await?;
+        // Validate the patch as a whole subscription: fields outside the mask are taken
+        // from the stored one first, so only the masked fields can fail.
+        let mut merged = convert::subscription(sub.clone());
+        for path in &mask.paths {
+            match path.as_str() {
+                "url" => merged.url = patch.url.clone(),
+                "description" => merged.description = patch.description.clone(),
+                "event_types" => merged.event_types = patch.event_types.clone(),
+                "channels" => merged.channels = patch.channels.clone(),
+                "headers" => merged.headers = patch.headers.clone(),
+                "rate_limit_per_second" => {
+                    merged.rate_limit_per_second = patch.rate_limit_per_second
+                }
+                "max_in_flight" => merged.max_in_flight = patch.max_in_flight,
+                "retry_policy" => merged.retry_policy = patch.retry_policy.clone(),
+                "metadata" => merged.metadata = patch.metadata.clone(),
+                "state" => {
+                    sub.state = match pb::SubscriptionState::try_from(patch.state) {
+                        Ok(pb::SubscriptionState::Enabled) => SubscriptionState::Enabled,
+                        Ok(pb::SubscriptionState::Disabled) => SubscriptionState::Disabled,
+                        _ => {
+                            return Err(invalid(
+                                "subscription.state",
+                                "must be SUBSCRIPTION_STATE_ENABLED or SUBSCRIPTION_STATE_DISABLED",
+                            ));
+                        }
+                    };
+                    sub.disabled_reason = match sub.state {
+                        SubscriptionState::Enabled => None,
+                        SubscriptionState::Disabled => Some("disabled by a person".to_string()),
+                    };
+                }
+                other => {
+                    return Err(invalid(
+                        "update_mask",
+                        format!(
+                            "{other:?} cannot be changed; allowed: url, description, event_types, \
+                             channels, headers, rate_limit_per_second, max_in_flight, \
+                             retry_policy, state, metadata"
+                        ),
+                    ));
+                }
+            }
+        }
+        let fields = validate_subscription("subscription.", &merged)?;
+        sub.url = fields.url;
+        sub.description = fields.description;
+        sub.event_types = fields.event_types;
+        sub.channels = fields.channels;
+        sub.headers = fields.headers;
+        sub.rate_limit_per_second = fields.rate_limit_per_second;
+        sub.max_in_flight = fields.max_in_flight;
+        sub.retry_schedule = fields.retry_schedule;
+        sub.metadata = fields.metadata;
+        let updated = self
+            .store
+            .update_subscription(&sub)
+            .await
+            .map_err(from_store)?;
+        self.announce(RegistryChange::Subscription {
+            tenant_id: updated.tenant_id.clone(),
+            subscription_id: updated.id.clone(),
+        })
+        .await;
+        Ok(Response::new(convert::subscription(updated)))
+    }
+
+    async fn delete_subscription(
+        &self,
+        req: Request<pb::DeleteSubscriptionRequest>,
+    ) -> Result<Response<pb::DeleteSubscriptionResponse>, Status> {
+        let principal = self.principal(&req).await?;
+        let sub = self
+            .visible_subscription(&principal, &req.get_ref().subscription_id)
+            .await?;
+        self.store
+            .delete_subscription(&sub.id)
+            .await
+            .map_err(from_store)?;
+        self.announce(RegistryChange::Subscription {
+            tenant_id: sub.tenant_id,
+            subscription_id: sub.id,
+        })
+        .await;
+        Ok(Response::new(pb::DeleteSubscriptionResponse {}))
+    }
+
+    async fn rotate_secret(
+        &self,
+        req: Request<pb::RotateSecretRequest>,
+    ) -> Result<Response<pb::RotateSecretResponse>, Status> {
+        let principal = self.principal(&req).await?;
+        let req = req.into_inner();
+        let sub = self
+            .visible_subscription(&principal, &req.subscription_id)
+            .await?;
+        let grace = match &req.grace_period {
+            Some(d) => convert::from_duration("grace_period", d)?,
+            None => DEFAULT_GRACE,
+        };
+        if grace > MAX_GRACE {
+            return Err(invalid(
+                "grace_period",
+                "is longer than 7 days, the most allowed",
+            ));
+        }
+        let secret = secret_or_generate("secret", &req.secret)?;
+        let now = Utc::now();
+        let old_expires_at = now
+            + chrono::Duration::from_std(grace)
+                .map_err(|_| invalid("grace_period", "is too long"))?;
+        let new = SubscriptionSecret {
+            id: Id::new(IdKind::Secret),
+            subscription_id: sub.id.clone(),
+            secret: secret.clone(),
+            created_at: now,
+            expires_at: None,
+        };
+        self.store
+            .rotate_secret(&new, old_expires_at)
+            .await
+            .map_err(from_store)?;
+        self.announce(RegistryChange::Subscription {
+            tenant_id: sub.tenant_id,
+            subscription_id: sub.id,
+        })
+        .await;
+        Ok(Response::new(pb::RotateSecretResponse {
+            secret,
+            previous_expires_at: Some(convert::timestamp(old_expires_at)),
+        }))
+    }
+
+    async fn get_secret(
+        &self,
+        req: Request<pb::GetSecretRequest>,
+    ) -> Result<Response<pb::GetSecretResponse>, Status> {
+        let principal = self.principal(&req).await?;
+        let sub = self
+            .visible_subscription(&principal, &req.get_ref().subscription_id)
+            .await?;
+        let live = self
+            .store
+            .live_secrets(&sub.id, Utc::now())
+            .await
+            .map_err(from_store)?;
+        let current = live
+            .iter()
+            .find(|s| s.expires_at.is_none())
+            .or(live.first())
+            .map(|s| s.secret.clone())
+            .unwrap_or_default();
+        Ok(Response::new(pb::GetSecretResponse {
+            secret: current,
+            live_secrets: live
+                .into_iter()
+                .map(|s| pb::LiveSecret {
+                    secret: s.secret,
+                    created_at: Some(convert::timestamp(s.created_at)),
+                    expires_at: convert::opt_timestamp(s.expires_at),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn match_subscriptions(
+        &self,
+        req: Request<pb::MatchSubscriptionsRequest>,
+    ) -> Result<Response<pb::MatchSubscriptionsResponse>, Status> {
+        let principal = self.principal(&req).await?;
+        let req = req.into_inner();
+        let tenant = tenant_id("tenant_id", &req.tenant_id)?;
+        principal.require_tenant(&tenant)?;
+        validate::event_type("event_type", &req.event_type).map_err(from_validation)?;
+        validate::channels("channels", &req.channels).map_err(from_validation)?;
+        let subs =
+            matching_subscriptions(self.store.as_ref(), &tenant, &req.event_type, &req.channels)
+                .await
+                .map_err(from_store)?;
+        Ok(Response::new(pb::MatchSubscriptionsResponse {
+            subscriptions: subs.into_iter().map(convert::subscription).collect(),
+        }))
+    }
+
+    async fn create_event_type(
+        &self,
+        req: Request<pb::CreateEventTypeRequest>,
+    ) -> Result<Response<pb::EventType>, Status> {
+        self.principal(&req)
+            .await?
+            .require_admin("creating an event type")?;
+        let req = req.into_inner();
+        validate::event_type("name", &req.name).map_err(from_validation)?;
+        validate::description("description", &req.description).map_err(from_validation)?;
+        let schema = schema_text(&req.schema)?;
+        let et = self
+            .store
+            .create_event_type(&req.name, &req.description, schema)
+            .await
+            .map_err(from_store)?;
+        self.announce(RegistryChange::EventType { name: req.name })
+            .await;
+        Ok(Response::new(convert::event_type(et)))
+    }
+
+    async fn get_event_type(
+        &self,
+        req: Request<pb::GetEventTypeRequest>,
+    ) -> Result<Response<pb::EventType>, Status> {
+        self.principal(&req).await?;
+        let et = self
+            .store
+            .get_event_type(&req.get_ref().name)
+            .await
+            .map_err(from_store)?;
+        Ok(Response::new(convert::event_type(et)))
+    }
+
+    async fn list_event_types(
+        &self,
+        req: Request<pb::ListEventTypesRequest>,
+    ) -> Result<Response<pb::ListEventTypesResponse>, Status> {
+        self.principal(&req).await?;
+        let req = req.into_inner();
+        let page_req = page_request(req.page_size, &req.page_token)?;
+        let page = self
+            .store
+            .list_event_types(req.include_archived, &page_req)
+            .await
+            .map_err(from_store)?;
+        let next_page_token = next_token(&page);
+        Ok(Response::new(pb::ListEventTypesResponse {
+            event_types: page.items.into_iter().map(convert::event_type).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_event_type(
+        &self,
+        req: Request<pb::UpdateEventTypeRequest>,
+    ) -> Result<Response<pb::EventType>, Status> {
+        self.principal(&req)
+            .await?
+            .require_admin("changing an event type")?;
+        let req = req.into_inner();
+        if let Some(d) = &req.description {
+            validate::description("description", d).map_err(from_validation)?;
+        }
+        let schema = match &req.schema {
+            Some(s) => Some(schema_text(s)?),
+            None => None,
+        };
+        let et = self
+            .store
+            .update_event_type(&req.name, req.description.as_deref(), schema, req.archived)
+            .await
+            .map_err(from_store)?;
+        self.announce(RegistryChange::EventType { name: req.name })
+            .await;
+        Ok(Response::new(convert::event_type(et)))
+    }
+
+    async fn delete_event_type(
+        &self,
+        req: Request<pb::DeleteEventTypeRequest>,
+    ) -> Result<Response<pb::DeleteEventTypeResponse>, Status> {
+        self.principal(&req)
+            .await?
+            .require_admin("deleting an event type")?;
+        let name = req.into_inner().name;
+        self.store
+            .delete_event_type(&name)
+            .await
+            .map_err(from_store)?;
+        self.announce(RegistryChange::EventType { name }).await;
+        Ok(Response::new(pb::DeleteEventTypeResponse {}))
+    }
+
+    async fn create_api_key(
+        &self,
+        req: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let principal = self.principal(&req).await?;
+        let req = req.into_inner();
+        validate::name("name", &req.name).map_err(from_validation)?;
+        let tenant = if req.tenant_id.is_empty() {
+            principal.require_admin("creating an admin API key")?;
+            None
+        } else {
+            let t = tenant_id("tenant_id", &req.tenant_id)?;
+            principal.require_tenant(&t)?;
+            self.store.get_tenant(&t).await.map_err(from_store)?;
+            Some(t)
+        };
+        let token = generate_token();
+        let key = self
+            .store
+            .create_api_key(&NewApiKey {
+                id: Id::new(IdKind::ApiKey),
+                name: req.name,
+                tenant_id: tenant,
+                token_prefix: token.prefix,
+                token_hash: token.hash,
+            })
+            .await
+            .map_err(from_store)?;
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            api_key: Some(convert::api_key(key)),
+            token: token.token,
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        req: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let principal = self.principal(&req).await?;
+        let req = req.into_inner();
+        let page_req = page_request(req.page_size, &req.page_token)?;
+        let tenant = if req.tenant_id.is_empty() {
+            principal.require_admin("listing admin API keys")?;
+            None
+        } else {
+            let t = tenant_id("tenant_id", &req.tenant_id)?;
+            principal.require_tenant(&t)?;
+            Some(t)
+        };
+        let page = self
+            .store
+            .list_api_keys(tenant.as_ref(), &page_req)
+            .await
+            .map_err(from_store)?;
+        let next_page_token = next_token(&page);
+        Ok(Response::new(pb::ListApiKeysResponse {
+            api_keys: page.items.into_iter().map(convert::api_key).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        req: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let principal = self.principal(&req).await?;
+        let id =
+            Id::parse(IdKind::ApiKey, "api_key_id", &req.get_ref().api_key_id).map_err(from_id)?;
+        let key = self.store.get_api_key(&id).await.map_err(from_store)?;
+        match &key.tenant_id {
+            Some(t) => principal.check_tenant(t, "API key", id.as_str())?,
+            None => principal.check_tenant_admin(id.as_str())?,
+        }
+        let revoked = self.store.revoke_api_key(&id).await.map_err(from_store)?;
+        self.auth.invalidate();
+        self.announce(RegistryChange::ApiKey { api_key_id: id })
+            .await;
+        Ok(Response::new(convert::api_key(revoked)))
+    }
+}
+
+/// An optional JSON Schema given as text: empty means none; otherwise it must be JSON.
+fn schema_text(schema: &str) -> Result<Option<&str>, Status> {
+    if schema.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str::<serde_json::Value>(schema)
+        .map_err(|e| invalid("schema", format!("is not valid JSON: {e}")))?;
+    Ok(Some(schema))
+}

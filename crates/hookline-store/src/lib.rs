@@ -1,0 +1,25 @@
+//! Storage for Hookline: the port (traits in [`port`]) and its adapters.
+//!
+//! Services depend on the traits only; [`postgres::PgStore`] backs them with PostgreSQL for
+//! clusters. The schema for the whole pipeline lives in `migrations/postgres` and is embedded
+//! in the binary ([`postgres::MIGRATOR`]).
+
+pub mod port;
+pub mod postgres;
+
+pub use port::{NewApiKey, NewSubscription, Page, PageRequest, RegistryStore, StoreHealth};
+pub use postgres::PgStore;
+
+/// Failures of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The record does not exist (`entity` is a human noun: "tenant", "API key", …).
+    #[error("{entity} {id} not found")]
+    NotFound { entity: &'static str, id: String },
+    /// The write collides with a record that exists; the message says what to change.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Anything else the database or the driver reported.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}

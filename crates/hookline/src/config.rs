@@ -1,0 +1,121 @@
+//! Configuration: defaults that work on a laptop, then an optional TOML file, then
+//! `HOOKLINE_*` environment variables, then flags — each overriding the one before.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Context;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// PostgreSQL URL. Use `sslmode=disable` on loopback.
+    pub database_url: String,
+    /// Connections in this process's database pool.
+    pub database_max_connections: u32,
+    /// RabbitMQ URL.
+    pub amqp_url: String,
+    /// Prefix of every queue and exchange name.
+    pub queue_prefix: String,
+    /// Where the gRPC API listens (every service of this process on one port).
+    pub grpc_addr: SocketAddr,
+    /// Where `/healthz`, `/readyz` and `/metrics` listen.
+    pub admin_addr: SocketAddr,
+    /// Apply migrations when `serve` starts.
+    pub migrate_on_start: bool,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// A `tracing` filter, like `info` or `hookline=debug,info`.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: "postgres://postgres@127.0.0.1:5432/hookline?sslmode=disable".into(),
+            database_max_connections: 10,
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            queue_prefix: "hookline".into(),
+            grpc_addr: ([127, 0, 0, 1], 50051).into(),
+            admin_addr: ([127, 0, 0, 1], 9090).into(),
+            migrate_on_start: true,
+            log_format: "text".into(),
+            log: "info".into(),
+        }
+    }
+}
+
+/// Flags that override the file and the environment.
+#[derive(Debug, Default, Clone, Serialize, clap::Args)]
+pub struct CliOverrides {
+    /// PostgreSQL URL [env: HOOKLINE_DATABASE_URL]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// RabbitMQ URL [env: HOOKLINE_AMQP_URL]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_url: Option<String>,
+    /// Prefix of queue and exchange names [env: HOOKLINE_QUEUE_PREFIX]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_prefix: Option<String>,
+    /// gRPC listen address [env: HOOKLINE_GRPC_ADDR]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Admin HTTP listen address [env: HOOKLINE_ADMIN_ADDR]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Log format, text or json [env: HOOKLINE_LOG_FORMAT]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+}
+
+impl Config {
+    pub fn load(file: Option<&Path>, flags: &CliOverrides) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            anyhow::ensure!(
+                path.is_file(),
+                "configuration file {} does not exist or is not a file",
+                path.display()
+            );
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("HOOKLINE_").ignore(&["config", "services"]))
+            .merge(Serialized::defaults(flags))
+            .extract()
+            .context("invalid configuration")?;
+        anyhow::ensure!(
+            config.log_format == "text" || config.log_format == "json",
+            "log_format is {:?}; allowed: text, json",
+            config.log_format
+        );
+        anyhow::ensure!(
+            config.database_max_connections >= 1,
+            "database_max_connections must be at least 1"
+        );
+        Ok(config)
+    }
+}
+
+pub fn init_logging(config: &Config) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
+        .with_context(|| format!("log filter {:?} is not valid", config.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if config.log_format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot start logging: {e}"))
+}

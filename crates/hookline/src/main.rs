@@ -1,0 +1,109 @@
+//! `hookline`: one binary for every role. `serve` runs any set of services, `migrate`
+//! prepares the database, `admin` holds the bootstrap commands that need no server.
+
+mod admin_http;
+mod config;
+mod serve;
+mod shutdown;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{CliOverrides, Config};
+
+#[derive(Parser)]
+#[command(
+    name = "hookline",
+    version,
+    about = "Self-hosted webhook delivery: publish once over gRPC, delivered signed and retried."
+)]
+struct Cli {
+    /// A TOML configuration file; `HOOKLINE_*` variables and flags override it.
+    #[arg(long, global = true, env = "HOOKLINE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: CliOverrides,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs Hookline services until SIGTERM or Ctrl-C.
+    Serve {
+        /// Which services to run, comma-separated: registry, ingest, dispatcher, retry.
+        #[arg(
+            long,
+            env = "HOOKLINE_SERVICES",
+            default_value = "registry,ingest,dispatcher,retry"
+        )]
+        services: String,
+    },
+    /// Creates the database if needed and applies every migration.
+    Migrate,
+    /// Administration that works without a running server.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Creates an API key directly in the database and prints its token once.
+    CreateKey {
+        /// A name for people.
+        #[arg(long, default_value = "admin")]
+        name: String,
+        /// Scope the key to this tenant; without it the key is an admin key.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    // ring is the one rustls crypto provider in the build; install it before any TLS use.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = Config::load(cli.config.as_deref(), &cli.overrides)?;
+    config::init_logging(&config)?;
+    match cli.command {
+        Command::Serve { services } => {
+            let services = serve::parse_services(&services)?;
+            serve::serve(config, services).await
+        }
+        Command::Migrate => {
+            let store = serve::connect_store(&config).await?;
+            store.migrate().await.context("applying migrations")?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Admin(AdminCommand::CreateKey { name, tenant }) => {
+            let store = serve::connect_store(&config).await?;
+            store.migrate().await.context("applying migrations")?;
+            let created = serve::create_key(&store, &name, tenant.as_deref()).await?;
+            println!("{created}");
+            Ok(())
+        }
+    }
+}

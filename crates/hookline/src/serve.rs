@@ -1,0 +1,265 @@
+//! Composition: builds the adapters, starts the requested services on one gRPC port and
+//! the admin HTTP port, and stops them all on SIGTERM.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use hookline_broker::Broker;
+use hookline_broker::{RabbitBroker, RabbitConfig};
+use hookline_core::{Id, IdKind};
+use hookline_grpc::{Authenticator, auth, standard};
+use hookline_registry::RegistryApi;
+use hookline_store::port::{NewApiKey, RegistryStore};
+use hookline_store::postgres::PgStore;
+use metrics_exporter_prometheus::PrometheusBuilder;
+use sqlx::migrate::MigrateDatabase;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin_http::{self, AdminState};
+use crate::config::Config;
+use crate::shutdown;
+
+/// The services one process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Service {
+    Registry,
+    Ingest,
+    Dispatcher,
+    Retry,
+}
+
+impl Service {
+    const ALL: [Service; 4] = [
+        Service::Registry,
+        Service::Ingest,
+        Service::Dispatcher,
+        Service::Retry,
+    ];
+    /// The services this build can run.
+    const AVAILABLE: [Service; 1] = [Service::Registry];
+
+    fn name(self) -> &'static str {
+        match self {
+            Service::Registry => "registry",
+            Service::Ingest => "ingest",
+            Service::Dispatcher => "dispatcher",
+            Service::Retry => "retry",
+        }
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parses `registry,ingest,…`; `all` means every service this build has.
+pub fn parse_services(list: &str) -> anyhow::Result<BTreeSet<Service>> {
+    let mut out = BTreeSet::new();
+    for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if raw == "all" {
+            out.extend(Service::AVAILABLE);
+            continue;
+        }
+        let Some(service) = Service::ALL.into_iter().find(|s| s.name() == raw) else {
+            bail!("unknown service {raw:?}; allowed: all, registry, ingest, dispatcher, retry");
+        };
+        if !Service::AVAILABLE.contains(&service) {
+            bail!("service {service} is not part of this build yet; available: registry");
+        }
+        out.insert(service);
+    }
+    if out.is_empty() {
+        bail!("--services names no service; allowed: all, registry, ingest, dispatcher, retry");
+    }
+    Ok(out)
+}
+
+/// Connects to PostgreSQL, creating the database when it does not exist yet.
+pub async fn connect_store(config: &Config) -> anyhow::Result<PgStore> {
+    let url = &config.database_url;
+    let exists = sqlx::Postgres::database_exists(url)
+        .await
+        .with_context(|| format!("cannot reach PostgreSQL at {}", redact(url)))?;
+    if !exists {
+        sqlx::Postgres::create_database(url)
+            .await
+            .with_context(|| format!("cannot create the database of {}", redact(url)))?;
+        tracing::info!("created database");
+    }
+    PgStore::connect(url, config.database_max_connections)
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Creates an API key and describes it, token included, for printing once.
+pub async fn create_key(
+    store: &PgStore,
+    name: &str,
+    tenant: Option<&str>,
+) -> anyhow::Result<String> {
+    hookline_core::validate::name("--name", name)?;
+    let tenant_id = match tenant {
+        Some(t) => {
+            let id = Id::parse(IdKind::Tenant, "--tenant", t)?;
+            store
+                .get_tenant(&id)
+                .await
+                .with_context(|| format!("tenant {id}"))?;
+            Some(id)
+        }
+        None => None,
+    };
+    let token = auth::generate_token();
+    let key = store
+        .create_api_key(&NewApiKey {
+            id: Id::new(IdKind::ApiKey),
+            name: name.to_string(),
+            tenant_id,
+            token_prefix: token.prefix,
+            token_hash: token.hash,
+        })
+        .await
+        .context("storing the key")?;
+    let scope = key
+        .tenant_id
+        .map(|t| format!("tenant {t}"))
+        .unwrap_or_else(|| "admin".into());
+    Ok(format!(
+        "created API key {} ({scope}); the token is shown only now:\n{}",
+        key.id, token.token
+    ))
+}
+
+pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Result<()> {
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    metrics::gauge!("hookline_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+
+    let shutdown = CancellationToken::new();
+    shutdown::on_signal(shutdown.clone());
+
+    let store = Arc::new(connect_store(&config).await?);
+    if config.migrate_on_start {
+        store.migrate().await.context("applying migrations")?;
+    }
+    let mut rabbit = RabbitConfig::new(&config.amqp_url, &config.queue_prefix);
+    rabbit.connection_name = format!(
+        "hookline:{}:{}",
+        config.queue_prefix,
+        services
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join("+")
+    );
+    let broker: Arc<dyn Broker> = Arc::new(
+        RabbitBroker::connect(rabbit)
+            .await
+            .context("cannot connect to RabbitMQ")?,
+    );
+    let registry_store: Arc<dyn RegistryStore> = store.clone();
+    let authenticator = Authenticator::new(registry_store.clone());
+    spawn_cache_invalidation(broker.clone(), authenticator.clone(), shutdown.clone());
+
+    let (health_reporter, health_service) = standard::health();
+    let mut router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(standard::reflection_v1()?)
+        .add_service(standard::reflection_v1alpha()?);
+    if services.contains(&Service::Registry) {
+        let api = RegistryApi::new(
+            registry_store.clone(),
+            broker.clone(),
+            authenticator.clone(),
+        );
+        router = router.add_service(api.into_server());
+        health_reporter
+            .set_serving::<hookline_proto::v1::registry_service_server::RegistryServiceServer<RegistryApi>>()
+            .await;
+    }
+
+    let grpc_listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_addr))?;
+    let admin_listener = TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen for admin HTTP on {}", config.admin_addr))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let names: Vec<_> = services.iter().map(|s| s.name()).collect();
+    // Machine-readable lines: tests and scripts read the bound ports from here.
+    println!("hookline: grpc listening on {grpc_addr}");
+    println!("hookline: admin listening on {admin_addr}");
+    println!("hookline: services {}", names.join(","));
+    tracing::info!(%grpc_addr, %admin_addr, services = ?names, "serving");
+
+    let admin = tokio::spawn(admin_http::serve(
+        admin_listener,
+        AdminState {
+            store: store.clone(),
+            broker: broker.clone(),
+            metrics,
+        },
+        shutdown.clone(),
+    ));
+    let grpc = router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(grpc_listener),
+        shutdown.clone().cancelled_owned(),
+    );
+    let grpc_result = grpc.await;
+    shutdown.cancel();
+    let admin_result = admin.await;
+    store.close().await;
+    grpc_result.context("gRPC server failed")?;
+    admin_result
+        .context("admin server task failed")?
+        .context("admin server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Drops cached API-key lookups when the registry announces a change (or after a
+/// reconnection, when changes may have been missed).
+fn spawn_cache_invalidation(
+    broker: Arc<dyn Broker>,
+    auth: Authenticator,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut changes = match broker.changes().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow registry changes; caches expire on their own");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                notice = changes.next() => match notice {
+                    Some(_) => auth.invalidate(),
+                    None => return,
+                },
+            }
+        }
+    });
+}

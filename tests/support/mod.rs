@@ -1,0 +1,161 @@
+//! What the end-to-end tests share: a `hookline` child process on a database and a
+//! queue prefix of its own, the ports it printed, and small HTTP/gRPC helpers.
+
+#![allow(dead_code)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use hookline_testkit::TestDb;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hookline");
+
+/// A database and queue prefix for one test; every process of the test shares them.
+pub struct Env {
+    pub db: TestDb,
+    pub prefix: String,
+}
+
+impl Env {
+    pub async fn new() -> Self {
+        Env {
+            db: TestDb::create().await,
+            prefix: hookline_testkit::unique_name("test_e2e_"),
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.env("HOOKLINE_DATABASE_URL", self.db.url())
+            .env("HOOKLINE_AMQP_URL", hookline_testkit::amqp_url())
+            .env("HOOKLINE_QUEUE_PREFIX", &self.prefix)
+            .env("HOOKLINE_DATABASE_MAX_CONNECTIONS", "4")
+            .env("HOOKLINE_LOG", "warn")
+            .env_remove("HOOKLINE_CONFIG")
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs `hookline admin create-key` and returns the token it printed.
+    pub async fn admin_key(&self) -> String {
+        let out = self
+            .command()
+            .args(["admin", "create-key", "--name", "e2e"])
+            .output()
+            .await
+            .expect("run hookline admin create-key");
+        assert!(
+            out.status.success(),
+            "create-key failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("hl_"))
+            .unwrap_or_else(|| panic!("no token in {stdout:?}"))
+            .trim()
+            .to_string()
+    }
+
+    pub async fn serve(&self, services: &str) -> Server {
+        let mut child = self
+            .command()
+            .args(["serve", "--services", services])
+            .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn hookline serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut grpc, mut admin) = (None, None);
+        let started = tokio::time::timeout(Duration::from_secs(60), async {
+            while grpc.is_none() || admin.is_none() {
+                let line = lines
+                    .next_line()
+                    .await
+                    .expect("read stdout")
+                    .expect("hookline exited before listening");
+                if let Some(a) = line.strip_prefix("hookline: grpc listening on ") {
+                    grpc = Some(a.to_string());
+                }
+                if let Some(a) = line.strip_prefix("hookline: admin listening on ") {
+                    admin = Some(a.to_string());
+                }
+            }
+        })
+        .await;
+        assert!(
+            started.is_ok(),
+            "hookline did not start listening within 60 s"
+        );
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Server {
+            child,
+            grpc: format!("http://{}", grpc.unwrap_or_default()),
+            admin: admin.unwrap_or_default(),
+        }
+    }
+
+    pub async fn finish(self) {
+        self.db.drop_db().await;
+    }
+}
+
+/// A running `hookline serve`.
+pub struct Server {
+    pub child: Child,
+    /// `http://127.0.0.1:port` of the gRPC API.
+    pub grpc: String,
+    /// `127.0.0.1:port` of the admin HTTP port.
+    pub admin: String,
+}
+
+impl Server {
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("hookline exits within 30 s of SIGTERM")
+            .expect("wait for hookline")
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.expect("read");
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    req
+}

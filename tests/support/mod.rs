@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -62,8 +64,14 @@ impl Env {
     }
 
     pub async fn serve(&self, services: &str) -> Server {
-        let mut child = self
-            .command()
+        self.serve_with(services, &[]).await
+    }
+
+    /// `hookline serve` with extra `HOOKLINE_*` settings.
+    pub async fn serve_with(&self, services: &str, settings: &[(&str, &str)]) -> Server {
+        let mut cmd = self.command();
+        cmd.envs(settings.iter().copied());
+        let mut child = cmd
             .args(["serve", "--services", services])
             .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
             .stdout(Stdio::piped())
@@ -102,7 +110,14 @@ impl Env {
         }
     }
 
+    /// Drops the test's database and its queues and exchanges.
     pub async fn finish(self) {
+        let cfg =
+            hookline_broker::RabbitConfig::new(hookline_testkit::amqp_url(), self.prefix.clone());
+        if let Ok(broker) = hookline_broker::RabbitBroker::connect(cfg).await {
+            let _ = broker.delete_topology().await;
+            broker.close().await;
+        }
         self.db.drop_db().await;
     }
 }

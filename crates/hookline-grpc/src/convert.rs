@@ -118,3 +118,94 @@ pub fn retry_schedule(
         .map(|(i, d)| from_duration(&format!("{field}.schedule[{i}]"), d))
         .collect()
 }
+
+pub fn event(e: model::Event) -> pb::Event {
+    pb::Event {
+        id: e.id.into_string(),
+        tenant_id: e.tenant_id.into_string(),
+        event_type: e.event_type,
+        payload: e.payload,
+        idempotency_key: e.idempotency_key.unwrap_or_default(),
+        channels: e.channels,
+        created_at: Some(timestamp(e.created_at)),
+    }
+}
+
+pub fn delivery_status(s: model::DeliveryStatus) -> pb::DeliveryStatus {
+    match s {
+        model::DeliveryStatus::Pending => pb::DeliveryStatus::Pending,
+        model::DeliveryStatus::Retrying => pb::DeliveryStatus::Retrying,
+        model::DeliveryStatus::Succeeded => pb::DeliveryStatus::Succeeded,
+        model::DeliveryStatus::Failed => pb::DeliveryStatus::Failed,
+    }
+}
+
+/// A wire status filter; `Unspecified` means every status.
+pub fn from_delivery_status(
+    field: &str,
+    value: i32,
+) -> Result<Option<model::DeliveryStatus>, tonic::Status> {
+    match pb::DeliveryStatus::try_from(value) {
+        Ok(pb::DeliveryStatus::Unspecified) => Ok(None),
+        Ok(pb::DeliveryStatus::Pending) => Ok(Some(model::DeliveryStatus::Pending)),
+        Ok(pb::DeliveryStatus::Retrying) => Ok(Some(model::DeliveryStatus::Retrying)),
+        Ok(pb::DeliveryStatus::Succeeded) => Ok(Some(model::DeliveryStatus::Succeeded)),
+        Ok(pb::DeliveryStatus::Failed) => Ok(Some(model::DeliveryStatus::Failed)),
+        Err(_) => Err(invalid(field, format!("{value} is not a delivery status"))),
+    }
+}
+
+pub fn delivery(d: model::Delivery) -> pb::Delivery {
+    pb::Delivery {
+        id: d.id.into_string(),
+        event_id: d.event_id.into_string(),
+        tenant_id: d.tenant_id.into_string(),
+        subscription_id: d.subscription_id.into_string(),
+        event_type: d.event_type,
+        status: delivery_status(d.status) as i32,
+        attempt_count: d.attempt_count,
+        next_attempt_at: opt_timestamp(d.next_attempt_at),
+        last_attempt_at: opt_timestamp(d.last_attempt_at),
+        last_status_code: d.last_status_code.map(u32::from).unwrap_or(0),
+        last_error: d.last_error.unwrap_or_default(),
+        created_at: Some(timestamp(d.created_at)),
+        updated_at: Some(timestamp(d.updated_at)),
+    }
+}
+
+pub fn error_class(c: model::ErrorClass) -> pb::ErrorClass {
+    match c {
+        model::ErrorClass::Timeout => pb::ErrorClass::Timeout,
+        model::ErrorClass::Connect => pb::ErrorClass::Connect,
+        model::ErrorClass::Dns => pb::ErrorClass::Dns,
+        model::ErrorClass::Tls => pb::ErrorClass::Tls,
+        model::ErrorClass::Body => pb::ErrorClass::Body,
+        model::ErrorClass::Status => pb::ErrorClass::Status,
+        model::ErrorClass::Invalid => pb::ErrorClass::Invalid,
+    }
+}
+
+pub fn attempt(a: model::Attempt) -> pb::Attempt {
+    pb::Attempt {
+        id: a.id.into_string(),
+        delivery_id: a.delivery_id.into_string(),
+        attempt_number: a.attempt_number,
+        started_at: Some(timestamp(a.started_at)),
+        duration_ms: a.duration_ms,
+        status_code: a.status_code.map(u32::from).unwrap_or(0),
+        error_class: a
+            .error_class
+            .map(error_class)
+            .unwrap_or(pb::ErrorClass::Unspecified) as i32,
+        error_message: a.error_message.unwrap_or_default(),
+        response_excerpt: a.response_excerpt,
+    }
+}
+
+/// An optional wire timestamp as an optional time.
+pub fn opt_from_timestamp(
+    field: &str,
+    t: Option<&prost_types::Timestamp>,
+) -> Result<Option<DateTime<Utc>>, tonic::Status> {
+    t.map(|t| from_timestamp(field, t)).transpose()
+}

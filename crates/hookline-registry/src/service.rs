@@ -12,17 +12,16 @@ use hookline_core::signing::{SigningKey, generate_secret};
 use hookline_core::{Id, IdKind, filter, validate};
 use hookline_grpc::auth::generate_token;
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
-use hookline_grpc::{Authenticator, Principal, convert};
+use hookline_grpc::{Authenticator, Principal, convert, page_request};
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::registry_service_server::RegistryService;
 use hookline_store::StoreError;
-use hookline_store::port::{NewApiKey, NewSubscription, Page, PageRequest, RegistryStore};
+use hookline_store::port::{NewApiKey, NewSubscription, Page, RegistryStore};
 use tonic::{Request, Response, Status};
 
 /// Default and longest grace period of a rotated-out secret.
 const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 const MAX_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
-const MAX_PAGE_SIZE: u32 = 1000;
 
 /// The registry's gRPC service.
 #[derive(Clone)]
@@ -80,19 +79,6 @@ impl RegistryApi {
         principal.check_tenant(&sub.tenant_id, "subscription", id.as_str())?;
         Ok(sub)
     }
-}
-
-fn page_request(page_size: u32, page_token: &str) -> Result<PageRequest, Status> {
-    if page_size > MAX_PAGE_SIZE {
-        return Err(invalid(
-            "page_size",
-            format!("is {page_size}; the limit is {MAX_PAGE_SIZE} (0 means 50)"),
-        ));
-    }
-    Ok(PageRequest {
-        after: (!page_token.is_empty()).then(|| page_token.to_string()),
-        limit: page_size,
-    })
 }
 
 fn next_token<T>(page: &Page<T>) -> String {

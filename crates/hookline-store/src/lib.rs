@@ -7,7 +7,10 @@
 pub mod port;
 pub mod postgres;
 
-pub use port::{NewApiKey, NewSubscription, Page, PageRequest, RegistryStore, StoreHealth};
+pub use port::{
+    AttemptOutcome, DeliveryFilter, DeliveryStore, EventFilter, EventStore, InsertOutcome,
+    NewApiKey, NewEvent, NewSubscription, NextStep, Page, PageRequest, RegistryStore, StoreHealth,
+};
 pub use postgres::PgStore;
 
 /// Failures of the store.

@@ -9,8 +9,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hookline_core::Id;
+use hookline_core::job::DeliveryJob;
 use hookline_core::model::{
-    ApiKey, EventType, Subscription, SubscriptionSecret, SubscriptionState, Tenant,
+    ApiKey, Attempt, Delivery, DeliveryStatus, Event, EventType, Subscription, SubscriptionSecret,
+    SubscriptionState, Tenant,
 };
 
 use crate::StoreError;
@@ -91,6 +93,14 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// kept) and returns the stored row.
     async fn update_subscription(&self, sub: &Subscription) -> Result<Subscription, StoreError>;
     async fn delete_subscription(&self, id: &Id) -> Result<(), StoreError>;
+    /// Enables or disables a subscription (by a person, by `410 Gone`, by sustained
+    /// failure), recording why; returns the stored row.
+    async fn set_subscription_state(
+        &self,
+        id: &Id,
+        state: SubscriptionState,
+        reason: Option<&str>,
+    ) -> Result<Subscription, StoreError>;
     /// Every enabled subscription of a tenant; the caller applies filters and channels.
     async fn enabled_subscriptions(&self, tenant_id: &Id) -> Result<Vec<Subscription>, StoreError>;
 
@@ -146,4 +156,156 @@ pub trait RegistryStore: Send + Sync + 'static {
 #[async_trait]
 pub trait StoreHealth: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// An event to store, with the subscriptions that get a delivery of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub event: Event,
+    /// One delivery is created per subscription, in this order.
+    pub subscription_ids: Vec<Id>,
+}
+
+/// What storing one event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// The event was stored with these jobs (first attempts), parallel to the
+    /// subscriptions given; each also sits in the outbox until `confirm_published`.
+    /// A subscription named twice gets one job; one deleted since it was matched gets
+    /// none (rather than failing the publish).
+    Created {
+        event_id: Id,
+        jobs: Vec<DeliveryJob>,
+    },
+    /// The tenant already had an event with this idempotency key: nothing was stored.
+    Duplicate { event_id: Id, deliveries: u32 },
+}
+
+/// Which events to list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventFilter {
+    pub tenant_id: Id,
+    pub event_type: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Events and the outbox of deliveries waiting to be queued.
+///
+/// The outbox holds every delivery that must be in the queue but whose publish is not
+/// confirmed yet: new deliveries, due retries and manual retries. Whoever publishes
+/// confirms; a relay re-publishes what stays unconfirmed (a crash between commit and
+/// publish), so nothing committed is ever stranded.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// One transaction: every event, one `pending` delivery per subscription, and an
+    /// outbox row per delivery. An event whose idempotency key its tenant already used
+    /// creates nothing (also when two publishes race) and reports the original.
+    async fn insert_events(&self, events: &[NewEvent]) -> Result<Vec<InsertOutcome>, StoreError>;
+    /// Removes published deliveries from the outbox.
+    async fn confirm_published(&self, delivery_ids: &[Id]) -> Result<(), StoreError>;
+    /// Leases up to `limit` outbox entries created before `older_than` and not leased by
+    /// someone else, until `lease_until`, and returns their jobs. A lease that runs out
+    /// without `confirm_published` makes the entry leasable again.
+    async fn lease_unpublished(
+        &self,
+        older_than: DateTime<Utc>,
+        limit: u32,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<DeliveryJob>, StoreError>;
+    async fn get_event(&self, id: &Id) -> Result<Event, StoreError>;
+    /// Events newest first; the cursor is the last id.
+    async fn list_events(
+        &self,
+        filter: &EventFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Event>, StoreError>;
+}
+
+/// What happens to a delivery after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextStep {
+    /// The receiver answered 2xx.
+    Succeeded,
+    /// Try again at this time (a `retry_schedule` row).
+    RetryAt(DateTime<Utc>),
+    /// No more attempts: the schedule is spent, the subscription is gone or disabled.
+    Failed { reason: String },
+}
+
+/// The outcome of one attempt, to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptOutcome {
+    pub delivery_id: Id,
+    /// The HTTP attempt, if one was made (none when the subscription was disabled).
+    /// Its `attempt_number` is ignored: the store numbers attempts after the last
+    /// recorded one, so a redelivered job never collides with an earlier record.
+    /// An attempt whose `id` the delivery has recorded already means the same write is
+    /// being retried (say, after a lost commit acknowledgement): the whole outcome is
+    /// skipped, so retrying `record_outcomes` is safe.
+    pub attempt: Option<Attempt>,
+    pub next: NextStep,
+}
+
+/// Which deliveries to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryFilter {
+    pub tenant_id: Option<Id>,
+    pub subscription_id: Option<Id>,
+    pub event_id: Option<Id>,
+    pub status: Option<DeliveryStatus>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Delivery state: attempts, the retry schedule, and manual retries.
+#[async_trait]
+pub trait DeliveryStore: Send + Sync + 'static {
+    /// One transaction for the whole batch: each attempt, the delivery's status and
+    /// counters (`attempt_count`, `last_*`, `next_attempt_at`), and its retry-schedule
+    /// row (upserted for `RetryAt`, removed otherwise). Outcomes of deliveries that no
+    /// longer exist (their subscription was deleted) are skipped.
+    async fn record_outcomes(&self, outcomes: &[AttemptOutcome]) -> Result<(), StoreError>;
+    /// One transaction: takes up to `limit` retry-schedule rows due at `now` (skipping
+    /// rows other replicas hold), moves them to the outbox, marks their deliveries
+    /// `pending`, and returns their jobs (attempt number = attempts so far + 1).
+    async fn promote_due_retries(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<DeliveryJob>, StoreError>;
+    /// The same for chosen deliveries, whatever their state (a manual retry): drops any
+    /// scheduled retry, puts them in the outbox, marks them `pending`.
+    async fn requeue_deliveries(&self, ids: &[Id]) -> Result<Vec<DeliveryJob>, StoreError>;
+    /// Ids of the failed deliveries of a subscription created in `[since, until)`,
+    /// oldest first, at most `limit`.
+    async fn failed_deliveries(
+        &self,
+        subscription_id: &Id,
+        since: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> Result<Vec<Id>, StoreError>;
+    async fn get_delivery(&self, id: &Id) -> Result<Delivery, StoreError>;
+    /// Deliveries newest first; the cursor is the last id.
+    async fn list_deliveries(
+        &self,
+        filter: &DeliveryFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Delivery>, StoreError>;
+    /// Attempts of a delivery, oldest first; the cursor is the last attempt number (a
+    /// cursor that is not one is `NotFound` "page token").
+    async fn list_attempts(
+        &self,
+        delivery_id: &Id,
+        page: &PageRequest,
+    ) -> Result<Page<Attempt>, StoreError>;
+    /// Deliveries whose `updated_at` is after `after`, oldest change first, at most
+    /// `limit` (for following changes as they happen).
+    async fn deliveries_updated_after(
+        &self,
+        filter: &DeliveryFilter,
+        after: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError>;
 }

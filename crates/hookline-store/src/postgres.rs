@@ -3,6 +3,9 @@
 //! Every service of a cluster shares one PostgreSQL database as its source of truth. This
 //! module owns the schema (the embedded migrations in `migrations/postgres`) and implements
 //! the port's traits with plain `sqlx::query` calls, so the crate builds without a database.
+//! The control plane ([`RegistryStore`]) lives here; the data plane, where throughput matters,
+//! in `events` ([`crate::port::EventStore`]: ingest and the outbox) and `deliveries`
+//! ([`crate::port::DeliveryStore`]: attempts, the retry schedule, manual retries).
 //!
 //! Conventions of the mapping:
 //! * ids are stored as their text form (`ten_01J…`, collation "C") and parsed back with their
@@ -125,6 +128,37 @@ macro_rules! api_key_cols {
         "id, name, tenant_id, token_prefix, created_at, revoked_at"
     };
 }
+
+macro_rules! event_cols {
+    () => {
+        "id, tenant_id, event_type, payload, channels, idempotency_key, created_at"
+    };
+}
+
+macro_rules! delivery_cols {
+    () => {
+        "id, event_id, tenant_id, subscription_id, event_type, status, attempt_count, \
+         next_attempt_at, last_attempt_at, last_status_code, last_error, created_at, updated_at"
+    };
+}
+
+macro_rules! attempt_cols {
+    () => {
+        "id, delivery_id, attempt_number, started_at, duration_ms, status_code, error_class, \
+         error_message, response_excerpt"
+    };
+}
+
+/// What a delivery job needs from a delivery row `d` (the payload comes from its event).
+macro_rules! job_cols {
+    () => {
+        "d.id, d.event_id, d.tenant_id, d.subscription_id, d.event_type, d.attempt_count"
+    };
+}
+
+// The data plane's modules come after the column lists so that they can use them.
+mod deliveries;
+mod events;
 
 // ---------------------------------------------------------------------------------------------
 // Row mapping
@@ -327,7 +361,7 @@ fn into_page<T>(mut items: Vec<T>, limit: u32, key: impl Fn(&T) -> String) -> Pa
 /// A violated constraint, by kind and name.
 enum Violation<'a> {
     Unique(&'a str),
-    ForeignKey,
+    ForeignKey(&'a str),
 }
 
 fn violation(err: &sqlx::Error) -> Option<Violation<'_>> {
@@ -335,7 +369,7 @@ fn violation(err: &sqlx::Error) -> Option<Violation<'_>> {
     let constraint = db.constraint().unwrap_or("");
     match db.kind() {
         ErrorKind::UniqueViolation => Some(Violation::Unique(constraint)),
-        ErrorKind::ForeignKeyViolation => Some(Violation::ForeignKey),
+        ErrorKind::ForeignKeyViolation => Some(Violation::ForeignKey(constraint)),
         _ => None,
     }
 }
@@ -347,6 +381,18 @@ fn map_violation(
 ) -> StoreError {
     let mapped = violation(&err).and_then(f);
     mapped.unwrap_or(StoreError::Database(err))
+}
+
+/// The value PostgreSQL names in a violation's detail (`Key (tenant_id)=(ten_…) is not
+/// present in table "tenants".`), to say which of a batch's records was at fault.
+fn violating_value(err: &sqlx::Error) -> Option<String> {
+    let detail = err
+        .as_database_error()?
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?
+        .detail()?;
+    let start = detail.find(")=(")? + 3;
+    let len = detail[start..].find(')')?;
+    Some(detail[start..start + len].to_string())
 }
 
 fn not_found(entity: &'static str, id: impl ToString) -> StoreError {
@@ -387,7 +433,7 @@ impl RegistryStore for PgStore {
                 Violation::Unique(_) => Some(StoreError::Conflict(format!(
                     "tenant {id} already exists; choose another id"
                 ))),
-                Violation::ForeignKey => None,
+                Violation::ForeignKey(_) => None,
             })
         })?;
         Ok(tenant_from_row(&row)?)
@@ -487,7 +533,7 @@ impl RegistryStore for PgStore {
                     "subscription {} already exists; choose another id",
                     new.id
                 ))),
-                Violation::ForeignKey => Some(not_found("tenant", &new.tenant_id)),
+                Violation::ForeignKey(_) => Some(not_found("tenant", &new.tenant_id)),
             })
         })?;
         let subscription = subscription_from_row(&row)?;
@@ -572,6 +618,30 @@ impl RegistryStore for PgStore {
             return Err(not_found("subscription", id));
         }
         Ok(())
+    }
+
+    async fn set_subscription_state(
+        &self,
+        id: &Id,
+        state: SubscriptionState,
+        reason: Option<&str>,
+    ) -> Result<Subscription, StoreError> {
+        // An enabled subscription has no reason to be disabled.
+        let reason = match state {
+            SubscriptionState::Enabled => None,
+            SubscriptionState::Disabled => reason,
+        };
+        let row = sqlx::query(concat!(
+            "UPDATE subscriptions SET state = $2, disabled_reason = $3, updated_at = now() \
+             WHERE id = $1 RETURNING ",
+            subscription_cols!()
+        ))
+        .bind(id.as_str())
+        .bind(state.as_str())
+        .bind(reason)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(subscription_from_row(&found(row, "subscription", id)?)?)
     }
 
     async fn enabled_subscriptions(&self, tenant_id: &Id) -> Result<Vec<Subscription>, StoreError> {
@@ -675,7 +745,7 @@ impl RegistryStore for PgStore {
                 Violation::Unique(_) => Some(StoreError::Conflict(format!(
                     "event type {name:?} already exists; update it instead"
                 ))),
-                Violation::ForeignKey => None,
+                Violation::ForeignKey(_) => None,
             })
         })?;
         Ok(event_type_from_row(&row)?)
@@ -771,7 +841,7 @@ impl RegistryStore for PgStore {
                     "API key {} already exists; choose another id",
                     new.id
                 ))),
-                Violation::ForeignKey => new
+                Violation::ForeignKey(_) => new
                     .tenant_id
                     .as_ref()
                     .map(|tenant| not_found("tenant", tenant)),
@@ -893,7 +963,7 @@ async fn insert_secret(
             Violation::Unique(_) => Some(StoreError::Conflict(format!(
                 "subscription {subscription_id} already has a current secret; rotate it instead"
             ))),
-            Violation::ForeignKey => Some(not_found("subscription", subscription_id)),
+            Violation::ForeignKey(_) => Some(not_found("subscription", subscription_id)),
         })
     })?;
     Ok(())

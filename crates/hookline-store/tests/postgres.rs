@@ -474,7 +474,8 @@ async fn deleting_a_tenant_cascades_to_everything_it_owns() {
             })
             .await
             .expect("key");
-        // The data plane, written directly: the pipeline's own store methods come later.
+        // The data plane, written directly so that this test depends on the schema only
+        // (tests/pipeline.rs checks the same through the store's own methods).
         let event = Id::new(IdKind::Event);
         let delivery = Id::new(IdKind::Delivery);
         sqlx::query(

@@ -28,6 +28,18 @@ pub struct Config {
     pub migrate_on_start: bool,
     /// `text` or `json`.
     pub log_format: String,
+    /// Largest event payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// Most HTTP requests one dispatcher process has in flight.
+    pub dispatcher_concurrency: usize,
+    /// Unacknowledged messages a dispatcher holds per queue.
+    pub dispatcher_prefetch: u16,
+    /// Timeout of one webhook request, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// How often the retry service reads the schedule when nothing was due, in ms.
+    pub retry_poll_interval_ms: u64,
+    /// How old an unconfirmed outbox entry must be before the relay re-publishes it, in ms.
+    pub relay_grace_ms: u64,
     /// A `tracing` filter, like `info` or `hookline=debug,info`.
     pub log: String,
 }
@@ -44,6 +56,12 @@ impl Default for Config {
             migrate_on_start: true,
             log_format: "text".into(),
             log: "info".into(),
+            max_payload_bytes: 1024 * 1024,
+            dispatcher_concurrency: 512,
+            dispatcher_prefetch: 256,
+            request_timeout_ms: 15_000,
+            retry_poll_interval_ms: 500,
+            relay_grace_ms: 10_000,
         }
     }
 }
@@ -101,6 +119,19 @@ impl Config {
         anyhow::ensure!(
             config.database_max_connections >= 1,
             "database_max_connections must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=64 * 1024 * 1024).contains(&config.max_payload_bytes),
+            "max_payload_bytes is {}; allowed: 1 to 67108864 (64 MiB)",
+            config.max_payload_bytes
+        );
+        anyhow::ensure!(
+            config.dispatcher_concurrency >= 1 && config.dispatcher_prefetch >= 1,
+            "dispatcher_concurrency and dispatcher_prefetch must be at least 1"
+        );
+        anyhow::ensure!(
+            config.request_timeout_ms >= 1 && config.retry_poll_interval_ms >= 1,
+            "request_timeout_ms and retry_poll_interval_ms must be at least 1"
         );
         Ok(config)
     }

@@ -2,6 +2,7 @@
 //! prepares the database, `admin` holds the bootstrap commands that need no server.
 
 mod admin_http;
+mod client;
 mod config;
 mod serve;
 mod shutdown;
@@ -25,6 +26,8 @@ struct Cli {
     config: Option<PathBuf>,
     #[command(flatten)]
     overrides: CliOverrides,
+    #[command(flatten)]
+    client: client::ClientArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,14 +36,23 @@ struct Cli {
 enum Command {
     /// Runs Hookline services until SIGTERM or Ctrl-C.
     Serve {
-        /// Which services to run, comma-separated: registry, ingest, dispatcher, retry.
-        #[arg(
-            long,
-            env = "HOOKLINE_SERVICES",
-            default_value = "registry,ingest,dispatcher,retry"
-        )]
+        /// Which services to run, comma-separated, or `all`.
+        #[arg(long, env = "HOOKLINE_SERVICES", default_value = "all")]
         services: String,
     },
+    /// Publishes an event to a running server.
+    Publish(client::PublishArgs),
+    /// Tenants of a running server.
+    #[command(subcommand)]
+    Tenants(client::TenantCommand),
+    /// Subscriptions of a running server.
+    #[command(subcommand)]
+    Subscriptions(client::SubscriptionCommand),
+    /// Deliveries of a running server: inspect, retry, replay.
+    #[command(subcommand)]
+    Deliveries(client::DeliveryCommand),
+    /// Follows deliveries and their outcomes as they happen.
+    Tail(client::TailArgs),
     /// Creates the database if needed and applies every migration.
     Migrate,
     /// Administration that works without a running server.
@@ -85,6 +97,15 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     // ring is the one rustls crypto provider in the build; install it before any TLS use.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Client commands need no server configuration.
+    match cli.command {
+        Command::Publish(args) => return client::publish(&cli.client, args).await,
+        Command::Tenants(cmd) => return client::tenants(&cli.client, cmd).await,
+        Command::Subscriptions(cmd) => return client::subscriptions(&cli.client, cmd).await,
+        Command::Deliveries(cmd) => return client::deliveries(&cli.client, cmd).await,
+        Command::Tail(args) => return client::tail(&cli.client, args).await,
+        _ => {}
+    }
     let config = Config::load(cli.config.as_deref(), &cli.overrides)?;
     config::init_logging(&config)?;
     match cli.command {
@@ -105,5 +126,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{created}");
             Ok(())
         }
+        Command::Publish(_)
+        | Command::Tenants(_)
+        | Command::Subscriptions(_)
+        | Command::Deliveries(_)
+        | Command::Tail(_) => Ok(()),
     }
 }

@@ -4,14 +4,20 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use hookline_broker::Broker;
 use hookline_broker::{RabbitBroker, RabbitConfig};
 use hookline_core::{Id, IdKind};
+use hookline_dispatcher::{Dispatcher, DispatcherConfig};
 use hookline_grpc::{Authenticator, auth, standard};
+use hookline_ingest::{IngestApi, IngestConfig, SubscriptionMatcher};
+use hookline_outbox::{Relay, RelayConfig};
+use hookline_proto::v1 as pb;
 use hookline_registry::RegistryApi;
-use hookline_store::port::{NewApiKey, RegistryStore};
+use hookline_retry::{DeliveryApi, Scheduler, SchedulerConfig};
+use hookline_store::port::{DeliveryStore, EventStore, NewApiKey, RegistryStore};
 use hookline_store::postgres::PgStore;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use sqlx::migrate::MigrateDatabase;
@@ -39,8 +45,6 @@ impl Service {
         Service::Dispatcher,
         Service::Retry,
     ];
-    /// The services this build can run.
-    const AVAILABLE: [Service; 1] = [Service::Registry];
 
     fn name(self) -> &'static str {
         match self {
@@ -58,20 +62,17 @@ impl fmt::Display for Service {
     }
 }
 
-/// Parses `registry,ingest,…`; `all` means every service this build has.
+/// Parses `registry,ingest,…`; `all` means all four.
 pub fn parse_services(list: &str) -> anyhow::Result<BTreeSet<Service>> {
     let mut out = BTreeSet::new();
     for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if raw == "all" {
-            out.extend(Service::AVAILABLE);
+            out.extend(Service::ALL);
             continue;
         }
         let Some(service) = Service::ALL.into_iter().find(|s| s.name() == raw) else {
             bail!("unknown service {raw:?}; allowed: all, registry, ingest, dispatcher, retry");
         };
-        if !Service::AVAILABLE.contains(&service) {
-            bail!("service {service} is not part of this build yet; available: registry");
-        }
         out.insert(service);
     }
     if out.is_empty() {
@@ -176,8 +177,15 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
             .context("cannot connect to RabbitMQ")?,
     );
     let registry_store: Arc<dyn RegistryStore> = store.clone();
+    let event_store: Arc<dyn EventStore> = store.clone();
+    let delivery_store: Arc<dyn DeliveryStore> = store.clone();
     let authenticator = Authenticator::new(registry_store.clone());
-    spawn_cache_invalidation(broker.clone(), authenticator.clone(), shutdown.clone());
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    tasks.push(spawn_cache_invalidation(
+        broker.clone(),
+        authenticator.clone(),
+        shutdown.clone(),
+    ));
 
     let (health_reporter, health_service) = standard::health();
     let mut router = tonic::transport::Server::builder()
@@ -192,8 +200,81 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         );
         router = router.add_service(api.into_server());
         health_reporter
-            .set_serving::<hookline_proto::v1::registry_service_server::RegistryServiceServer<RegistryApi>>()
+            .set_serving::<pb::registry_service_server::RegistryServiceServer<RegistryApi>>()
             .await;
+    }
+    if services.contains(&Service::Ingest) {
+        let matcher = SubscriptionMatcher::new(registry_store.clone());
+        tasks.push(tokio::spawn(
+            matcher.clone().follow(broker.clone(), shutdown.clone()),
+        ));
+        let api = IngestApi::new(
+            IngestConfig {
+                max_payload_bytes: config.max_payload_bytes,
+                ..IngestConfig::default()
+            },
+            event_store.clone(),
+            matcher,
+            broker.clone(),
+            authenticator.clone(),
+        );
+        router = router.add_service(api.into_server());
+        health_reporter
+            .set_serving::<pb::ingest_service_server::IngestServiceServer<IngestApi>>()
+            .await;
+    }
+    if services.contains(&Service::Retry) {
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                poll_interval: Duration::from_millis(config.retry_poll_interval_ms),
+                ..SchedulerConfig::default()
+            },
+            delivery_store.clone(),
+            event_store.clone(),
+            broker.clone(),
+        );
+        tasks.push(tokio::spawn(scheduler.run(shutdown.clone())));
+        let relay = Relay::new(
+            RelayConfig {
+                grace: Duration::from_millis(config.relay_grace_ms),
+                ..RelayConfig::default()
+            },
+            event_store.clone(),
+            broker.clone(),
+        );
+        tasks.push(tokio::spawn(relay.run(shutdown.clone())));
+        let api = DeliveryApi::new(
+            delivery_store.clone(),
+            event_store.clone(),
+            registry_store.clone(),
+            broker.clone(),
+            authenticator.clone(),
+        );
+        router = router.add_service(api.into_server());
+        health_reporter
+            .set_serving::<pb::delivery_service_server::DeliveryServiceServer<DeliveryApi>>()
+            .await;
+    }
+    if services.contains(&Service::Dispatcher) {
+        let dispatcher = Dispatcher::new(
+            DispatcherConfig {
+                concurrency: config.dispatcher_concurrency,
+                prefetch: config.dispatcher_prefetch,
+                request_timeout: Duration::from_millis(config.request_timeout_ms),
+                ..DispatcherConfig::default()
+            },
+            registry_store.clone(),
+            delivery_store.clone(),
+            broker.clone(),
+        )
+        .context("cannot start the dispatcher")?;
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = dispatcher.run(stop.clone()).await {
+                tracing::error!(error = %e, "dispatcher stopped with an error; shutting down");
+                stop.cancel();
+            }
+        }));
     }
 
     let grpc_listener = TcpListener::bind(config.grpc_addr)
@@ -227,6 +308,10 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let grpc_result = grpc.await;
     shutdown.cancel();
     let admin_result = admin.await;
+    // Let the workers finish what they hold (the dispatcher records in-flight outcomes).
+    for task in tasks {
+        let _ = task.await;
+    }
     store.close().await;
     grpc_result.context("gRPC server failed")?;
     admin_result
@@ -242,7 +327,7 @@ fn spawn_cache_invalidation(
     broker: Arc<dyn Broker>,
     auth: Authenticator,
     shutdown: CancellationToken,
-) {
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         use futures::StreamExt;
         let mut changes = match broker.changes().await {
@@ -261,5 +346,5 @@ fn spawn_cache_invalidation(
                 },
             }
         }
-    });
+    })
 }

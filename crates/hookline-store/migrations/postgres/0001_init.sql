@@ -136,7 +136,7 @@ CREATE INDEX events_tenant_id_idx ON events (tenant_id, id);
 -- ListEvents of a tenant filtered by event type.
 CREATE INDEX events_tenant_event_type_idx ON events (tenant_id, event_type, id);
 
--- Rows here are updated on every attempt; leave room on each page for HOT updates.
+-- Rows here are updated on every attempt; leave room on each page for the new row versions.
 CREATE TABLE deliveries (
     id                text COLLATE "C" NOT NULL,
     event_id          text COLLATE "C" NOT NULL,
@@ -175,13 +175,22 @@ CREATE INDEX deliveries_tenant_status_idx ON deliveries (tenant_id, status, id);
 -- so "since" is a range on id). Partial: failed deliveries are few.
 CREATE INDEX deliveries_failed_idx ON deliveries (subscription_id, id)
     WHERE status = 'failed';
+-- Following changes as they happen (WatchDeliveries): `updated_at > $after ORDER BY updated_at`,
+-- of one tenant or of all. Status changes already rule out HOT updates (status is indexed),
+-- so these add an index entry per update, not a lost HOT update.
+CREATE INDEX deliveries_tenant_updated_at_idx ON deliveries (tenant_id, updated_at);
+CREATE INDEX deliveries_updated_at_idx ON deliveries (updated_at);
 
--- Deliveries committed whose queue publish is not yet confirmed. Ingest inserts a row in the
--- same transaction as the delivery and deletes it after the broker confirms; a relay
--- re-publishes rows older than a grace period (crash between commit and publish).
+-- Deliveries committed whose queue publish is not yet confirmed. Ingest (and the retry
+-- scheduler, and manual retries) insert a row in the same transaction as the change and delete
+-- it after the broker confirms; a relay re-publishes rows older than a grace period (crash
+-- between commit and publish), leasing them first so that relays do not publish the same row
+-- at once.
 CREATE TABLE delivery_outbox (
-    delivery_id  text COLLATE "C" NOT NULL,
-    created_at   timestamptz NOT NULL DEFAULT now(),
+    delivery_id   text COLLATE "C" NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    -- A relay's lease: until then no other relay takes the row. NULL: never leased.
+    leased_until  timestamptz NULL,
     CONSTRAINT delivery_outbox_pkey PRIMARY KEY (delivery_id),
     CONSTRAINT delivery_outbox_delivery_fkey FOREIGN KEY (delivery_id)
         REFERENCES deliveries (id) ON DELETE CASCADE
@@ -214,7 +223,8 @@ CREATE TABLE attempts (
 );
 
 -- The durable retry schedule: one row per delivery waiting for its next attempt. Due rows are
--- claimed in batches with FOR UPDATE SKIP LOCKED, re-enqueued, and deleted.
+-- claimed in batches with FOR UPDATE SKIP LOCKED (on their deliveries: every writer locks the
+-- delivery before its schedule row, so no two can deadlock), moved to the outbox, and deleted.
 CREATE TABLE retry_schedule (
     delivery_id     text COLLATE "C" NOT NULL,
     due_at          timestamptz NOT NULL,

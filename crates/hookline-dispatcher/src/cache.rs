@@ -1,0 +1,323 @@
+//! Subscriptions as the dispatcher needs them, without a database read per delivery.
+//!
+//! An entry holds the subscription, its parsed URL, the headers every request to it
+//! carries, its retry policy, and the decoded signing keys of its live secrets. It is
+//! read through the registry port on a miss (one load per subscription even when many
+//! deliveries miss at once), dropped when the registry announces a change of the
+//! subscription or its tenant, dropped wholesale on a `Resync`, and expires after
+//! [`TTL`] as a safety net for a lost announcement. A rotated-out secret stops signing at
+//! its `expires_at` even while its entry is cached.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use hookline_broker::{Broker, ChangeNotice};
+use hookline_core::Id;
+use hookline_core::model::{RegistryChange, Subscription};
+use hookline_core::retry::RetryPolicy;
+use hookline_core::signing::SigningKey;
+use hookline_store::StoreError;
+use hookline_store::port::RegistryStore;
+use reqwest::Url;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+/// How long an entry is trusted without hearing of a change.
+pub(crate) const TTL: Duration = Duration::from_secs(60);
+/// Past this many entries the cache starts over (a bound on memory, not an LRU).
+const MAX_ENTRIES: usize = 100_000;
+
+/// A subscription ready to be delivered to.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    pub(crate) subscription: Subscription,
+    /// The URL, or why it cannot be requested.
+    pub(crate) url: Result<Url, String>,
+    /// The subscription's extra headers plus `content-type` and `user-agent`.
+    pub(crate) headers: HeaderMap,
+    pub(crate) policy: RetryPolicy,
+    /// Decoded keys of the secrets live when the entry was loaded, with their expiry.
+    keys: Vec<(SigningKey, Option<DateTime<Utc>>)>,
+}
+
+impl Endpoint {
+    fn new(
+        subscription: Subscription,
+        keys: Vec<(SigningKey, Option<DateTime<Utc>>)>,
+        user_agent: &HeaderValue,
+    ) -> Self {
+        let mut headers = HeaderMap::with_capacity(subscription.headers.len() + 2);
+        for (name, value) in &subscription.headers {
+            match (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                (Ok(n), Ok(v)) => {
+                    headers.insert(n, v);
+                }
+                _ => tracing::warn!(
+                    subscription_id = %subscription.id,
+                    header = %name,
+                    "skipping an extra header that is not valid HTTP"
+                ),
+            }
+        }
+        // Ours last, so an extra header can never replace them.
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(USER_AGENT, user_agent.clone());
+        let url = Url::parse(&subscription.url).map_err(|e| {
+            format!(
+                "the subscription URL {:?} is not valid: {e}",
+                subscription.url
+            )
+        });
+        let policy = RetryPolicy::from_schedule(subscription.retry_schedule.as_deref());
+        Self {
+            subscription,
+            url,
+            headers,
+            policy,
+            keys,
+        }
+    }
+
+    /// The keys that sign at `now`: every live secret not yet past its `expires_at`.
+    pub(crate) fn keys_at(&self, now: DateTime<Utc>) -> Vec<SigningKey> {
+        self.keys
+            .iter()
+            .filter(|(_, expires_at)| expires_at.is_none_or(|at| at > now))
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+}
+
+/// What the cache knows of a subscription.
+#[derive(Debug, Clone)]
+pub(crate) enum Lookup {
+    Found(Arc<Endpoint>),
+    /// It does not exist (deleted; its deliveries went with it).
+    Gone,
+}
+
+struct Slot {
+    tenant_id: Id,
+    created: Instant,
+    cell: Arc<OnceCell<Lookup>>,
+}
+
+/// The subscription cache, shared by every delivery task.
+pub(crate) struct SubscriptionCache {
+    registry: Arc<dyn RegistryStore>,
+    user_agent: HeaderValue,
+    slots: Mutex<HashMap<Id, Slot>>,
+}
+
+impl SubscriptionCache {
+    pub(crate) fn new(registry: Arc<dyn RegistryStore>, user_agent: HeaderValue) -> Self {
+        Self {
+            registry,
+            user_agent,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The subscription, from the cache or (on a miss) the registry store.
+    pub(crate) async fn get(
+        &self,
+        tenant_id: &Id,
+        subscription_id: &Id,
+    ) -> Result<Lookup, StoreError> {
+        let cell = {
+            let mut slots = self.lock();
+            match slots.get(subscription_id) {
+                Some(slot) if slot.created.elapsed() < TTL => slot.cell.clone(),
+                _ => {
+                    if slots.len() >= MAX_ENTRIES {
+                        slots.clear();
+                    }
+                    let cell = Arc::new(OnceCell::new());
+                    slots.insert(
+                        subscription_id.clone(),
+                        Slot {
+                            tenant_id: tenant_id.clone(),
+                            created: Instant::now(),
+                            cell: cell.clone(),
+                        },
+                    );
+                    cell
+                }
+            }
+        };
+        // Concurrent misses share one load. A load that races an invalidation fills a
+        // cell that is no longer in the map, so it can never install stale data.
+        cell.get_or_try_init(|| self.load(subscription_id))
+            .await
+            .cloned()
+    }
+
+    async fn load(&self, subscription_id: &Id) -> Result<Lookup, StoreError> {
+        let subscription = match self.registry.get_subscription(subscription_id).await {
+            Ok(s) => s,
+            Err(StoreError::NotFound { .. }) => return Ok(Lookup::Gone),
+            Err(e) => return Err(e),
+        };
+        let secrets = self
+            .registry
+            .live_secrets(subscription_id, Utc::now())
+            .await?;
+        let keys = secrets
+            .iter()
+            .filter_map(|s| match SigningKey::from_secret(&s.secret) {
+                Ok(key) => Some((key, s.expires_at)),
+                Err(e) => {
+                    tracing::warn!(%subscription_id, secret_id = %s.id, error = %e, "skipping a secret that cannot be decoded");
+                    None
+                }
+            })
+            .collect();
+        Ok(Lookup::Found(Arc::new(Endpoint::new(
+            subscription,
+            keys,
+            &self.user_agent,
+        ))))
+    }
+
+    pub(crate) fn invalidate_subscription(&self, subscription_id: &Id) {
+        self.lock().remove(subscription_id);
+    }
+
+    pub(crate) fn invalidate_tenant(&self, tenant_id: &Id) {
+        self.lock().retain(|_, slot| slot.tenant_id != *tenant_id);
+    }
+
+    pub(crate) fn invalidate_all(&self) {
+        self.lock().clear();
+    }
+
+    /// Applies one change announcement.
+    pub(crate) fn apply(&self, notice: &ChangeNotice) {
+        match notice {
+            ChangeNotice::Resync => self.invalidate_all(),
+            ChangeNotice::Change(body) => match serde_json::from_slice::<RegistryChange>(body) {
+                Ok(RegistryChange::Subscription {
+                    subscription_id, ..
+                }) => self.invalidate_subscription(&subscription_id),
+                Ok(RegistryChange::Tenant { tenant_id }) => self.invalidate_tenant(&tenant_id),
+                Ok(RegistryChange::ApiKey { .. } | RegistryChange::EventType { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable registry change; dropping the whole subscription cache");
+                    self.invalidate_all();
+                }
+            },
+        }
+    }
+
+    /// Follows the registry's change announcements until `shutdown`.
+    pub(crate) async fn follow(
+        self: Arc<Self>,
+        broker: Arc<dyn Broker>,
+        shutdown: CancellationToken,
+    ) {
+        let mut changes = match broker.changes().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow registry changes; cached subscriptions expire after {TTL:?} instead");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                notice = changes.next() => match notice {
+                    Some(n) => self.apply(&n),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Id, Slot>> {
+        // A poisoned lock only means a thread panicked mid-update; the map is still a
+        // valid cache.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hookline_core::IdKind;
+    use hookline_core::model::SubscriptionState;
+    use hookline_core::signing::generate_secret;
+    use std::collections::BTreeMap;
+
+    fn subscription(url: &str, headers: &[(&str, &str)]) -> Subscription {
+        Subscription {
+            id: Id::new(IdKind::Subscription),
+            tenant_id: Id::new(IdKind::Tenant),
+            url: url.into(),
+            description: String::new(),
+            event_types: vec![],
+            channels: vec![],
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            rate_limit_per_second: None,
+            max_in_flight: None,
+            retry_schedule: None,
+            state: SubscriptionState::Enabled,
+            disabled_reason: None,
+            metadata: BTreeMap::new(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn expired_keys_stop_signing() {
+        let now = Utc::now();
+        let key = |s: &str| SigningKey::from_secret(s).unwrap();
+        let endpoint = Endpoint::new(
+            subscription("https://example.com/hook", &[]),
+            vec![
+                (key(&generate_secret()), None),
+                (
+                    key(&generate_secret()),
+                    Some(now + chrono::Duration::seconds(10)),
+                ),
+            ],
+            &HeaderValue::from_static("Hookline/test"),
+        );
+        assert_eq!(endpoint.keys_at(now).len(), 2);
+        assert_eq!(
+            endpoint.keys_at(now + chrono::Duration::seconds(10)).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn extra_headers_never_replace_ours_and_bad_ones_are_skipped() {
+        let endpoint = Endpoint::new(
+            subscription(
+                "not a url",
+                &[
+                    ("x-team", "billing"),
+                    ("content-type", "text/plain"),
+                    ("bad header", "x"),
+                ],
+            ),
+            vec![],
+            &HeaderValue::from_static("Hookline/test"),
+        );
+        assert_eq!(endpoint.headers["x-team"], "billing");
+        assert_eq!(endpoint.headers[CONTENT_TYPE], "application/json");
+        assert_eq!(endpoint.headers[USER_AGENT], "Hookline/test");
+        assert_eq!(endpoint.headers.len(), 3);
+        assert!(endpoint.url.is_err());
+    }
+}

@@ -1,0 +1,43 @@
+//! The dispatcher's metrics, named once here (through the `metrics` facade; the binary
+//! installs the Prometheus exporter).
+
+use std::time::Duration;
+
+use hookline_store::port::NextStep;
+
+/// Deliveries whose attempt outcome is durable, by `outcome` (succeeded, retrying, failed).
+pub const DELIVERIES_TOTAL: &str = "hookline_deliveries_total";
+/// Time from sending a request to having read its response excerpt.
+pub const ATTEMPT_DURATION_SECONDS: &str = "hookline_attempt_duration_seconds";
+/// Messages being worked on (HTTP request, or waiting for room at the writer).
+pub const IN_FLIGHT: &str = "hookline_dispatcher_in_flight";
+
+pub(crate) fn attempt_finished(duration: Duration) {
+    metrics::histogram!(ATTEMPT_DURATION_SECONDS).record(duration.as_secs_f64());
+}
+
+/// Counts outcomes once they are durable.
+pub(crate) fn outcome_recorded(next: &NextStep) {
+    let outcome = match next {
+        NextStep::Succeeded => "succeeded",
+        NextStep::RetryAt(_) => "retrying",
+        NextStep::Failed { .. } => "failed",
+    };
+    metrics::counter!(DELIVERIES_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// Holds one unit of the in-flight gauge while alive.
+pub(crate) struct InFlight(());
+
+impl InFlight {
+    pub(crate) fn enter() -> Self {
+        metrics::gauge!(IN_FLIGHT).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+    }
+}

@@ -1,0 +1,269 @@
+//! One delivery message, from the queue to an outcome handed to the writer.
+//!
+//! Decode the job, find the subscription, sign, POST, decide what happens next (success,
+//! a retry at a time, or failure), and pass the outcome with its message to the writer,
+//! which acks once the outcome is durable. Everything that can go wrong here is input
+//! or network trouble, so every branch settles the message or hands it on; nothing panics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hookline_broker::{Broker, BrokerError, ReceivedMessage};
+use hookline_core::job::DeliveryJob;
+use hookline_core::model::{Attempt, RegistryChange, SubscriptionState};
+use hookline_core::retry::parse_retry_after;
+use hookline_core::signing::signature_header;
+use hookline_core::{Id, IdKind};
+use hookline_store::port::{AttemptOutcome, NextStep, RegistryStore};
+use reqwest::header::HeaderValue;
+use reqwest::{Client, StatusCode};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::cache::{Endpoint, Lookup, SubscriptionCache};
+use crate::http::{self, Exchange};
+use crate::metrics;
+use crate::writer::Settle;
+
+/// How long to hold a message before putting it back when the registry cannot be read,
+/// so a database outage does not spin messages through the queue.
+const STORE_TROUBLE_PAUSE: Duration = Duration::from_secs(1);
+
+pub(crate) const DISABLED_REASON: &str = "subscription is disabled";
+pub(crate) const GONE_REASON: &str = "endpoint answered 410 Gone";
+
+/// What every delivery task shares.
+pub(crate) struct Worker {
+    pub(crate) client: Client,
+    pub(crate) cache: Arc<SubscriptionCache>,
+    pub(crate) registry: Arc<dyn RegistryStore>,
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) writer: mpsc::Sender<Settle>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Worker {
+    /// Handles one message to the point where it is settled or with the writer.
+    pub(crate) async fn handle(&self, mut message: ReceivedMessage) {
+        let body = std::mem::take(&mut message.body);
+        let job = match DeliveryJob::from_message(&message.headers, body) {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::warn!(error = %e, headers = ?message.headers, "undecodable message; dead-lettering it");
+                settled("dead-letter", message.dead_letter().await);
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "delivery",
+            delivery_id = %job.delivery_id,
+            subscription_id = %job.subscription_id,
+            attempt = job.attempt_number,
+        );
+        self.deliver(job, message).instrument(span).await;
+    }
+
+    async fn deliver(&self, mut job: DeliveryJob, message: ReceivedMessage) {
+        let endpoint = match self.cache.get(&job.tenant_id, &job.subscription_id).await {
+            Ok(Lookup::Found(endpoint)) => endpoint,
+            Ok(Lookup::Gone) => {
+                tracing::debug!("subscription is gone with its deliveries; dropping the message");
+                settled("ack", message.ack().await);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the subscription; putting the message back");
+                tokio::select! {
+                    () = self.shutdown.cancelled() => {}
+                    () = tokio::time::sleep(STORE_TROUBLE_PAUSE) => {}
+                }
+                settled("requeue", message.retry_later().await);
+                return;
+            }
+        };
+
+        if endpoint.subscription.state == SubscriptionState::Disabled {
+            let outcome = AttemptOutcome {
+                delivery_id: job.delivery_id.clone(),
+                attempt: None,
+                next: NextStep::Failed {
+                    reason: DISABLED_REASON.to_owned(),
+                },
+            };
+            self.hand_over(outcome, message).await;
+            return;
+        }
+
+        let started_at = Utc::now();
+        let payload = std::mem::take(&mut job.payload);
+        let exchange = self.attempt(&job, payload, &endpoint, started_at).await;
+        if exchange.sent {
+            metrics::attempt_finished(exchange.duration);
+        }
+        let next = self.decide(&job, &endpoint, &exchange).await;
+        match (&exchange.status, &exchange.error) {
+            (Some(status), _) => tracing::debug!(%status, ?next, "attempt answered"),
+            (None, Some((class, error))) => {
+                tracing::debug!(class = class.as_str(), %error, ?next, "attempt failed")
+            }
+            (None, None) => {}
+        }
+        let outcome = AttemptOutcome {
+            delivery_id: job.delivery_id.clone(),
+            attempt: Some(attempt_record(&job, exchange)),
+            next,
+        };
+        self.hand_over(outcome, message).await;
+    }
+
+    /// Signs and sends one request with `payload` (the job's, moved out of it).
+    async fn attempt(
+        &self,
+        job: &DeliveryJob,
+        payload: Vec<u8>,
+        endpoint: &Endpoint,
+        started_at: DateTime<Utc>,
+    ) -> Exchange {
+        let url = match &endpoint.url {
+            Ok(url) => url.clone(),
+            Err(e) => return Exchange::refused(started_at, e.clone()),
+        };
+        let keys = endpoint.keys_at(started_at);
+        if keys.is_empty() {
+            return Exchange::refused(
+                started_at,
+                "the subscription has no live signing secret".to_owned(),
+            );
+        }
+        let msg_id = job.event_id.to_string();
+        let timestamp = started_at.timestamp();
+        let signature = signature_header(&keys, &msg_id, timestamp, &payload);
+        let mut headers = endpoint.headers.clone();
+        // Ids, digits and base64 are always valid header values; a failure would be a bug,
+        // reported as a refused attempt rather than a panic.
+        match (
+            HeaderValue::from_str(&msg_id),
+            HeaderValue::from_str(&signature),
+        ) {
+            (Ok(id), Ok(sig)) => {
+                headers.insert("webhook-id", id);
+                headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
+                headers.insert("webhook-signature", sig);
+            }
+            _ => {
+                return Exchange::refused(
+                    started_at,
+                    "cannot build the signature headers".to_owned(),
+                );
+            }
+        }
+        http::post(&self.client, url, headers, payload, started_at).await
+    }
+
+    /// What happens to the delivery after this attempt. A 410 also disables the
+    /// subscription.
+    async fn decide(
+        &self,
+        job: &DeliveryJob,
+        endpoint: &Endpoint,
+        exchange: &Exchange,
+    ) -> NextStep {
+        match exchange.status {
+            Some(status) if status.is_success() => return NextStep::Succeeded,
+            Some(StatusCode::GONE) => {
+                self.disable_gone(endpoint).await;
+                return NextStep::Failed {
+                    reason: format!("{GONE_REASON}; subscription disabled"),
+                };
+            }
+            _ => {}
+        }
+        let now = Utc::now();
+        let retry_after = match exchange.status {
+            Some(StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) => exchange
+                .retry_after
+                .as_deref()
+                .and_then(|v| parse_retry_after(v, now)),
+            _ => None,
+        };
+        let next_at =
+            endpoint
+                .policy
+                .next_attempt_at(job.attempt_number, now, retry_after, &mut rand::rng());
+        match next_at {
+            Some(at) => NextStep::RetryAt(at),
+            None => NextStep::Failed {
+                reason: format!("retry schedule spent after {} attempts", job.attempt_number),
+            },
+        }
+    }
+
+    /// Disables a subscription whose endpoint answered 410 Gone and tells every cache.
+    async fn disable_gone(&self, endpoint: &Endpoint) {
+        let sub = &endpoint.subscription;
+        match self
+            .registry
+            .set_subscription_state(&sub.id, SubscriptionState::Disabled, Some(GONE_REASON))
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(subscription_id = %sub.id, url = %sub.url, "endpoint answered 410 Gone; subscription disabled");
+                let change = RegistryChange::Subscription {
+                    tenant_id: sub.tenant_id.clone(),
+                    subscription_id: sub.id.clone(),
+                };
+                match serde_json::to_vec(&change) {
+                    Ok(body) => {
+                        if let Err(e) = self.broker.announce(body).await {
+                            tracing::warn!(error = %e, "cannot announce the disabled subscription; caches expire on their own");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot encode a registry change"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(subscription_id = %sub.id, error = %e, "endpoint answered 410 Gone but the subscription could not be disabled");
+            }
+        }
+        self.cache.invalidate_subscription(&sub.id);
+    }
+
+    /// Passes the outcome to the writer, waiting for room (backpressure).
+    async fn hand_over(&self, outcome: AttemptOutcome, message: ReceivedMessage) {
+        if self.writer.send(Settle { outcome, message }).await.is_err() {
+            // The writer is gone (shutting down): the message is dropped unsettled and
+            // redelivered, so the attempt will be made again.
+            tracing::warn!("outcome writer has stopped; the message will be redelivered");
+        }
+    }
+}
+
+/// The attempt to record.
+fn attempt_record(job: &DeliveryJob, exchange: Exchange) -> Attempt {
+    let (error_class, error_message) = match exchange.error {
+        Some((class, message)) => (Some(class), Some(message)),
+        None => (None, None),
+    };
+    Attempt {
+        id: Id::new(IdKind::Attempt),
+        delivery_id: job.delivery_id.clone(),
+        attempt_number: job.attempt_number,
+        started_at: exchange.started_at,
+        duration_ms: u32::try_from(exchange.duration.as_millis()).unwrap_or(u32::MAX),
+        status_code: exchange.status.map(|s| s.as_u16()),
+        error_class,
+        error_message,
+        response_excerpt: exchange.excerpt,
+    }
+}
+
+/// Logs a settlement that did not reach the broker. A stale delivery (the channel closed
+/// since) is redelivered by the broker and needs nothing more.
+pub(crate) fn settled(what: &str, result: Result<(), BrokerError>) {
+    match result {
+        Ok(()) | Err(BrokerError::StaleDelivery) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot {what} a message; it will be redelivered"),
+    }
+}

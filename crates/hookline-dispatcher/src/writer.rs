@@ -1,0 +1,140 @@
+//! The batching writer: makes attempt outcomes durable, then acks their messages.
+//!
+//! One transaction per batch (up to `write_batch` outcomes, or whatever arrived within
+//! `write_linger` of the first) is where the throughput is: a commit per delivery would
+//! cap the dispatcher at the database's commit rate. A message is acked only after its
+//! outcome is committed. A failing write is retried with backoff for a bounded time;
+//! then the messages are put back on the queue, so nothing is lost (the attempt is made
+//! again). A batch the database refuses outright is written outcome by outcome, so one
+//! bad outcome cannot hold back the others.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::future::join_all;
+use hookline_broker::ReceivedMessage;
+use hookline_store::StoreError;
+use hookline_store::port::{AttemptOutcome, DeliveryStore};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::metrics;
+use crate::worker::settled;
+
+/// How long a failing write is retried before its messages go back to the queue.
+pub(crate) const WRITE_RETRY_TOTAL: Duration = Duration::from_secs(15);
+
+/// An outcome to record and the message to ack once it is.
+pub(crate) struct Settle {
+    pub(crate) outcome: AttemptOutcome,
+    pub(crate) message: ReceivedMessage,
+}
+
+/// Starts the writer. It ends once every sender is dropped and the last batch is
+/// written.
+pub(crate) fn spawn(
+    store: Arc<dyn DeliveryStore>,
+    batch: usize,
+    linger: Duration,
+) -> (mpsc::Sender<Settle>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(batch);
+    let handle = tokio::spawn(run(rx, store, batch, linger));
+    (tx, handle)
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<Settle>,
+    store: Arc<dyn DeliveryStore>,
+    max: usize,
+    linger: Duration,
+) {
+    let mut batch: Vec<Settle> = Vec::with_capacity(max);
+    loop {
+        if rx.recv_many(&mut batch, max).await == 0 {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < max {
+            let room = max - batch.len();
+            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        flush(store.as_ref(), std::mem::take(&mut batch)).await;
+    }
+}
+
+async fn flush(store: &dyn DeliveryStore, batch: Vec<Settle>) {
+    let (outcomes, messages): (Vec<AttemptOutcome>, Vec<ReceivedMessage>) =
+        batch.into_iter().map(|s| (s.outcome, s.message)).unzip();
+    let result = (|| store.record_outcomes(&outcomes))
+        .retry(backoff())
+        .when(is_transient)
+        .notify(|e, delay| {
+            tracing::warn!(error = %e, retry_in = ?delay, outcomes = outcomes.len(), "cannot record attempt outcomes; retrying");
+        })
+        .await;
+    match result {
+        Ok(()) => {
+            outcomes
+                .iter()
+                .for_each(|o| metrics::outcome_recorded(&o.next));
+            ack_all(messages).await;
+        }
+        Err(e) if !is_transient(&e) && outcomes.len() > 1 => {
+            tracing::warn!(error = %e, outcomes = outcomes.len(), "the database refused a batch of outcomes; writing them one by one");
+            for (outcome, message) in outcomes.into_iter().zip(messages) {
+                match store.record_outcomes(std::slice::from_ref(&outcome)).await {
+                    Ok(()) => {
+                        metrics::outcome_recorded(&outcome.next);
+                        settled("ack", message.ack().await);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, delivery_id = %outcome.delivery_id, "cannot record an attempt outcome; putting its message back");
+                        settled("requeue", message.retry_later().await);
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, outcomes = outcomes.len(), "cannot record attempt outcomes; putting their messages back");
+            join_all(messages.into_iter().map(|m| async {
+                settled("requeue", m.retry_later().await);
+            }))
+            .await;
+        }
+    }
+}
+
+async fn ack_all(messages: Vec<ReceivedMessage>) {
+    join_all(messages.into_iter().map(|m| async {
+        settled("ack", m.ack().await);
+    }))
+    .await;
+}
+
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(3))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .with_total_delay(Some(WRITE_RETRY_TOTAL))
+}
+
+/// Whether writing again may succeed: connection and pool trouble, serialization
+/// failures and deadlocks. An error the database reports about the data itself will
+/// not go away.
+fn is_transient(error: &StoreError) -> bool {
+    match error {
+        StoreError::NotFound { .. } | StoreError::Conflict(_) => false,
+        StoreError::Database(e) => match e.as_database_error() {
+            // 40001 serialization_failure, 40P01 deadlock_detected.
+            Some(db) => matches!(db.code().as_deref(), Some("40001" | "40P01")),
+            None => true,
+        },
+    }
+}

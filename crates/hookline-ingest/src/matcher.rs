@@ -1,0 +1,158 @@
+//! Which subscriptions want an event, without a database read per publish.
+//!
+//! The enabled subscriptions of a tenant are cached, read through the storage port on a
+//! miss. A registry change announcement drops the tenant's entry at once (a `Resync`
+//! drops everything), so a new or disabled subscription takes effect as soon as the
+//! announcement arrives; entries also expire after a short time as a safety net.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hookline_broker::{Broker, ChangeNotice};
+use hookline_core::Id;
+use hookline_core::filter::subscription_wants;
+use hookline_core::model::{RegistryChange, Subscription};
+use hookline_store::StoreError;
+use hookline_store::port::RegistryStore;
+use tokio_util::sync::CancellationToken;
+
+const TTL: Duration = Duration::from_secs(30);
+const MAX_TENANTS: usize = 100_000;
+
+/// A tenant as the matcher knows it.
+#[derive(Debug)]
+pub enum TenantSubscriptions {
+    Missing,
+    Present(Vec<Subscription>),
+}
+
+#[derive(Default)]
+struct Cache {
+    /// Bumped on every invalidation, so a load that raced one is not cached.
+    generation: u64,
+    tenants: HashMap<Id, (Instant, Arc<TenantSubscriptions>)>,
+}
+
+#[derive(Clone)]
+pub struct SubscriptionMatcher {
+    registry: Arc<dyn RegistryStore>,
+    cache: Arc<Mutex<Cache>>,
+}
+
+impl SubscriptionMatcher {
+    pub fn new(registry: Arc<dyn RegistryStore>) -> Self {
+        Self {
+            registry,
+            cache: Arc::default(),
+        }
+    }
+
+    /// The tenant's enabled subscriptions, from the cache or the store.
+    pub async fn tenant(&self, tenant_id: &Id) -> Result<Arc<TenantSubscriptions>, StoreError> {
+        let generation = {
+            let cache = self.lock();
+            if let Some((at, subs)) = cache.tenants.get(tenant_id)
+                && at.elapsed() < TTL
+            {
+                return Ok(subs.clone());
+            }
+            cache.generation
+        };
+        let loaded = match self.registry.get_tenant(tenant_id).await {
+            Ok(_) => {
+                TenantSubscriptions::Present(self.registry.enabled_subscriptions(tenant_id).await?)
+            }
+            Err(StoreError::NotFound { .. }) => TenantSubscriptions::Missing,
+            Err(e) => return Err(e),
+        };
+        let loaded = Arc::new(loaded);
+        let mut cache = self.lock();
+        if cache.generation == generation {
+            if cache.tenants.len() >= MAX_TENANTS {
+                cache.tenants.clear();
+            }
+            cache
+                .tenants
+                .insert(tenant_id.clone(), (Instant::now(), loaded.clone()));
+        }
+        Ok(loaded)
+    }
+
+    /// The ids of the subscriptions that want an event; `None` if the tenant is unknown.
+    pub async fn matching(
+        &self,
+        tenant_id: &Id,
+        event_type: &str,
+        channels: &[String],
+    ) -> Result<Option<Vec<Id>>, StoreError> {
+        Ok(match &*self.tenant(tenant_id).await? {
+            TenantSubscriptions::Missing => None,
+            TenantSubscriptions::Present(subs) => Some(
+                subs.iter()
+                    .filter(|s| {
+                        subscription_wants(&s.event_types, &s.channels, event_type, channels)
+                    })
+                    .map(|s| s.id.clone())
+                    .collect(),
+            ),
+        })
+    }
+
+    pub fn invalidate_tenant(&self, tenant_id: &Id) {
+        let mut cache = self.lock();
+        cache.generation += 1;
+        cache.tenants.remove(tenant_id);
+    }
+
+    pub fn invalidate_all(&self) {
+        let mut cache = self.lock();
+        cache.generation += 1;
+        cache.tenants.clear();
+    }
+
+    /// Applies one change announcement.
+    pub fn apply(&self, notice: &ChangeNotice) {
+        match notice {
+            ChangeNotice::Resync => self.invalidate_all(),
+            ChangeNotice::Change(body) => match serde_json::from_slice::<RegistryChange>(body) {
+                Ok(RegistryChange::Tenant { tenant_id })
+                | Ok(RegistryChange::Subscription { tenant_id, .. }) => {
+                    self.invalidate_tenant(&tenant_id)
+                }
+                Ok(RegistryChange::ApiKey { .. }) | Ok(RegistryChange::EventType { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable registry change; dropping the whole cache");
+                    self.invalidate_all();
+                }
+            },
+        }
+    }
+
+    /// Follows the registry's change announcements until `shutdown`.
+    pub async fn follow(self, broker: Arc<dyn Broker>, shutdown: CancellationToken) {
+        let mut changes = match broker.changes().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow registry changes; the subscription cache expires on its own");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                notice = changes.next() => match notice {
+                    Some(n) => self.apply(&n),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // A poisoned lock only means another thread panicked mid-update of a cache;
+        // the data is still a valid cache.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,258 @@
+//! `hookline.v1.IngestService`: validate, authorise, match, store, enqueue.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use hookline_broker::{Broker, QueueName};
+use hookline_core::model::Event;
+use hookline_core::{Id, IdKind, validate};
+use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
+use hookline_grpc::{Authenticator, Principal, convert, page_request};
+use hookline_outbox::publish_jobs;
+use hookline_proto::v1 as pb;
+use hookline_proto::v1::ingest_service_server::IngestService;
+use hookline_store::port::{EventFilter, EventStore, InsertOutcome, NewEvent};
+use tonic::{Request, Response, Status};
+
+use crate::matcher::SubscriptionMatcher;
+
+/// Limits of the write path.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Largest payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// Most events in one `PublishBatch`.
+    pub max_batch: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 1024 * 1024,
+            max_batch: 1000,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct IngestApi {
+    config: IngestConfig,
+    events: Arc<dyn EventStore>,
+    matcher: SubscriptionMatcher,
+    broker: Arc<dyn Broker>,
+    auth: Authenticator,
+}
+
+impl IngestApi {
+    pub fn new(
+        config: IngestConfig,
+        events: Arc<dyn EventStore>,
+        matcher: SubscriptionMatcher,
+        broker: Arc<dyn Broker>,
+        auth: Authenticator,
+    ) -> Self {
+        Self {
+            config,
+            events,
+            matcher,
+            broker,
+            auth,
+        }
+    }
+
+    pub fn into_server(self) -> pb::ingest_service_server::IngestServiceServer<Self> {
+        let limit = self.config.max_payload_bytes * self.config.max_batch.max(1) + 1024 * 1024;
+        pb::ingest_service_server::IngestServiceServer::new(self)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
+    }
+
+    /// Checks one publish request; `prefix` names it inside a batch (`events[3].`).
+    fn check(&self, prefix: &str, req: &pb::PublishRequest) -> Result<Id, Status> {
+        let f = |name: &str| format!("{prefix}{name}");
+        let tenant = Id::parse(IdKind::Tenant, &f("tenant_id"), &req.tenant_id).map_err(from_id)?;
+        validate::event_type(&f("event_type"), &req.event_type).map_err(from_validation)?;
+        validate::json_payload(&f("payload"), &req.payload, self.config.max_payload_bytes)
+            .map_err(from_validation)?;
+        if !req.idempotency_key.is_empty() {
+            validate::idempotency_key(&f("idempotency_key"), &req.idempotency_key)
+                .map_err(from_validation)?;
+        }
+        validate::channels(&f("channels"), &req.channels).map_err(from_validation)?;
+        Ok(tenant)
+    }
+
+    /// Validates, authorises and matches every request, then stores them in one
+    /// transaction and enqueues their deliveries.
+    async fn publish_all(
+        &self,
+        principal: &Principal,
+        requests: Vec<pb::PublishRequest>,
+        batch: bool,
+    ) -> Result<Vec<pb::PublishResponse>, Status> {
+        let mut tenants = Vec::with_capacity(requests.len());
+        for (i, req) in requests.iter().enumerate() {
+            let prefix = if batch {
+                format!("events[{i}].")
+            } else {
+                String::new()
+            };
+            let tenant = self.check(&prefix, req)?;
+            principal.require_tenant(&tenant)?;
+            tenants.push(tenant);
+        }
+        let now = Utc::now();
+        let mut new_events = Vec::with_capacity(requests.len());
+        for (req, tenant_id) in requests.into_iter().zip(tenants) {
+            let Some(subscription_ids) = self
+                .matcher
+                .matching(&tenant_id, &req.event_type, &req.channels)
+                .await
+                .map_err(from_store)?
+            else {
+                return Err(Status::not_found(format!("tenant {tenant_id} not found")));
+            };
+            new_events.push(NewEvent {
+                event: Event {
+                    id: Id::new(IdKind::Event),
+                    tenant_id,
+                    event_type: req.event_type,
+                    payload: req.payload,
+                    channels: req.channels,
+                    idempotency_key: (!req.idempotency_key.is_empty())
+                        .then_some(req.idempotency_key),
+                    created_at: now,
+                },
+                subscription_ids,
+            });
+        }
+        let outcomes = self
+            .events
+            .insert_events(&new_events)
+            .await
+            .map_err(from_store)?;
+
+        let mut responses = Vec::with_capacity(outcomes.len());
+        let mut jobs = Vec::new();
+        for outcome in outcomes {
+            responses.push(match outcome {
+                InsertOutcome::Created {
+                    event_id,
+                    jobs: created,
+                } => {
+                    let count = u32::try_from(created.len()).unwrap_or(u32::MAX);
+                    jobs.extend(created);
+                    pb::PublishResponse {
+                        event_id: event_id.into_string(),
+                        deliveries_created: count,
+                        duplicate: false,
+                    }
+                }
+                InsertOutcome::Duplicate {
+                    event_id,
+                    deliveries,
+                } => pb::PublishResponse {
+                    event_id: event_id.into_string(),
+                    deliveries_created: deliveries,
+                    duplicate: true,
+                },
+            });
+        }
+        let created_events = responses.iter().filter(|r| !r.duplicate).count();
+        metrics::counter!("hookline_events_published_total").increment(created_events as u64);
+        metrics::counter!("hookline_deliveries_created_total").increment(jobs.len() as u64);
+        // The events are committed: from here on the answer is OK whatever happens.
+        // A publish that fails leaves the deliveries in the outbox for the relay.
+        if let Err(e) = publish_jobs(
+            self.broker.as_ref(),
+            self.events.as_ref(),
+            QueueName::Deliveries,
+            &jobs,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, deliveries = jobs.len(), "deliveries committed but not yet queued; the relay will queue them");
+        }
+        Ok(responses)
+    }
+}
+
+#[tonic::async_trait]
+impl IngestService for IngestApi {
+    async fn publish(
+        &self,
+        req: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let principal = self.auth.authenticate(req.metadata()).await?;
+        let mut responses = self
+            .publish_all(&principal, vec![req.into_inner()], false)
+            .await?;
+        let response = responses
+            .pop()
+            .ok_or_else(|| Status::internal("the store answered no outcome for the event"))?;
+        Ok(Response::new(response))
+    }
+
+    async fn publish_batch(
+        &self,
+        req: Request<pb::PublishBatchRequest>,
+    ) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        let principal = self.auth.authenticate(req.metadata()).await?;
+        let events = req.into_inner().events;
+        if events.is_empty() {
+            return Err(invalid("events", "is empty; send 1 to 1000 events"));
+        }
+        if events.len() > self.config.max_batch {
+            return Err(invalid(
+                "events",
+                format!(
+                    "has {} events; the limit is {}",
+                    events.len(),
+                    self.config.max_batch
+                ),
+            ));
+        }
+        let results = self.publish_all(&principal, events, true).await?;
+        Ok(Response::new(pb::PublishBatchResponse { results }))
+    }
+
+    async fn get_event(
+        &self,
+        req: Request<pb::GetEventRequest>,
+    ) -> Result<Response<pb::Event>, Status> {
+        let principal = self.auth.authenticate(req.metadata()).await?;
+        let id = Id::parse(IdKind::Event, "event_id", &req.get_ref().event_id).map_err(from_id)?;
+        let event = self.events.get_event(&id).await.map_err(from_store)?;
+        principal.check_tenant(&event.tenant_id, "event", id.as_str())?;
+        Ok(Response::new(convert::event(event)))
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let principal = self.auth.authenticate(req.metadata()).await?;
+        let req = req.into_inner();
+        let tenant_id = Id::parse(IdKind::Tenant, "tenant_id", &req.tenant_id).map_err(from_id)?;
+        principal.require_tenant(&tenant_id)?;
+        if !req.event_type.is_empty() {
+            validate::event_type("event_type", &req.event_type).map_err(from_validation)?;
+        }
+        let page = page_request(req.page_size, &req.page_token)?;
+        let filter = EventFilter {
+            tenant_id,
+            event_type: (!req.event_type.is_empty()).then_some(req.event_type),
+            since: convert::opt_from_timestamp("since", req.since.as_ref())?,
+            until: convert::opt_from_timestamp("until", req.until.as_ref())?,
+        };
+        let page = self
+            .events
+            .list_events(&filter, &page)
+            .await
+            .map_err(from_store)?;
+        Ok(Response::new(pb::ListEventsResponse {
+            next_page_token: page.next_cursor.unwrap_or_default(),
+            events: page.items.into_iter().map(convert::event).collect(),
+        }))
+    }
+}

@@ -1,0 +1,1463 @@
+//! The data plane of the PostgreSQL adapter (`EventStore`, `DeliveryStore`) against a real
+//! server: each test gets a database of its own.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
+use hookline_core::job::DeliveryJob;
+use hookline_core::model::{
+    Attempt, DeliveryStatus, ErrorClass, Event, SubscriptionSecret, SubscriptionState,
+};
+use hookline_core::{Id, IdKind};
+use hookline_store::{
+    AttemptOutcome, DeliveryFilter, DeliveryStore, EventFilter, EventStore, InsertOutcome,
+    NewEvent, NewSubscription, NextStep, PageRequest, PgStore, RegistryStore, StoreError,
+};
+use hookline_testkit::TestDb;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A migrated store with a pool of `connections` on a fresh database.
+async fn setup(connections: u32) -> (TestDb, PgStore) {
+    let db = TestDb::create().await;
+    let store = PgStore::connect(db.url(), connections)
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    (db, store)
+}
+
+async fn teardown(db: TestDb, store: PgStore) {
+    store.close().await;
+    db.drop_db().await;
+}
+
+async fn tenant(store: &PgStore) -> Id {
+    let id = Id::new(IdKind::Tenant);
+    store
+        .create_tenant(&id, "t", &BTreeMap::new())
+        .await
+        .expect("create tenant");
+    id
+}
+
+async fn subscription(store: &PgStore, tenant_id: &Id) -> Id {
+    let id = Id::new(IdKind::Subscription);
+    store
+        .create_subscription(&NewSubscription {
+            secret: SubscriptionSecret {
+                id: Id::new(IdKind::Secret),
+                subscription_id: id.clone(),
+                secret: "whsec_c2VjcmV0LW9uZS1zZWNyZXQtb25lLXNlY3JldA==".to_string(),
+                created_at: Utc::now(),
+                expires_at: None,
+            },
+            id: id.clone(),
+            tenant_id: tenant_id.clone(),
+            url: "https://receiver.example/hooks".to_string(),
+            description: String::new(),
+            event_types: vec![],
+            channels: vec![],
+            headers: BTreeMap::new(),
+            rate_limit_per_second: None,
+            max_in_flight: None,
+            retry_schedule: None,
+            state: SubscriptionState::Enabled,
+            metadata: BTreeMap::new(),
+        })
+        .await
+        .expect("create subscription");
+    id
+}
+
+fn event(tenant_id: &Id, event_type: &str, key: Option<&str>) -> Event {
+    Event {
+        id: Id::new(IdKind::Event),
+        tenant_id: tenant_id.clone(),
+        event_type: event_type.to_string(),
+        payload: format!(r#"{{"type":"{event_type}","n":1}}"#).into_bytes(),
+        channels: vec![],
+        idempotency_key: key.map(str::to_string),
+        created_at: Utc::now(),
+    }
+}
+
+fn new_event(tenant_id: &Id, key: Option<&str>, subs: &[&Id]) -> NewEvent {
+    NewEvent {
+        event: event(tenant_id, "invoice.paid", key),
+        subscription_ids: subs.iter().map(|s| (*s).clone()).collect(),
+    }
+}
+
+/// Inserts one event and returns its jobs.
+async fn publish(store: &PgStore, tenant_id: &Id, subs: &[&Id]) -> Vec<DeliveryJob> {
+    let outcomes = store
+        .insert_events(&[new_event(tenant_id, None, subs)])
+        .await
+        .expect("insert");
+    match outcomes.into_iter().next() {
+        Some(InsertOutcome::Created { jobs, .. }) => jobs,
+        other => panic!("expected Created, got {other:?}"),
+    }
+}
+
+fn attempt(delivery_id: &Id, status: Option<u16>, error: Option<&str>) -> Attempt {
+    Attempt {
+        id: Id::new(IdKind::Attempt),
+        delivery_id: delivery_id.clone(),
+        attempt_number: 1,
+        started_at: Utc::now(),
+        duration_ms: 12,
+        status_code: status,
+        error_class: match (status, error) {
+            (_, Some(_)) => Some(ErrorClass::Timeout),
+            (Some(200..=299), None) => None,
+            (Some(_), None) => Some(ErrorClass::Status),
+            (None, None) => None,
+        },
+        error_message: error.map(str::to_string),
+        response_excerpt: b"nope".to_vec(),
+    }
+}
+
+fn outcome(delivery_id: &Id, attempt: Option<Attempt>, next: NextStep) -> AttemptOutcome {
+    AttemptOutcome {
+        delivery_id: delivery_id.clone(),
+        attempt,
+        next,
+    }
+}
+
+async fn count(store: &PgStore, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+        .fetch_one(store.pool())
+        .await
+        .expect("count")
+}
+
+async fn outbox(store: &PgStore) -> HashSet<String> {
+    sqlx::query_scalar("SELECT delivery_id FROM delivery_outbox")
+        .fetch_all(store.pool())
+        .await
+        .expect("outbox")
+        .into_iter()
+        .collect()
+}
+
+/// The retry-schedule row of a delivery: (due_at, attempt_number).
+async fn schedule(store: &PgStore, delivery_id: &Id) -> Option<(DateTime<Utc>, i32)> {
+    sqlx::query_as("SELECT due_at, attempt_number FROM retry_schedule WHERE delivery_id = $1")
+        .bind(delivery_id.as_str())
+        .fetch_optional(store.pool())
+        .await
+        .expect("schedule")
+}
+
+fn page(after: Option<String>, limit: u32) -> PageRequest {
+    PageRequest { after, limit }
+}
+
+/// PostgreSQL keeps microseconds.
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
+}
+
+fn ids(jobs: &[DeliveryJob]) -> Vec<Id> {
+    jobs.iter().map(|j| j.delivery_id.clone()).collect()
+}
+
+/// Ids in id order. Ids made within one millisecond are not in creation order, so tests
+/// that list by id compare against this.
+fn sorted(mut ids: Vec<Id>) -> Vec<Id> {
+    ids.sort();
+    ids
+}
+
+/// Ids newest first (descending id order).
+fn desc(ids: Vec<Id>) -> Vec<Id> {
+    let mut ids = sorted(ids);
+    ids.reverse();
+    ids
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events and the outbox
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn insert_events_stores_events_deliveries_and_outbox_and_returns_jobs() {
+    let (db, store) = setup(3).await;
+    let t = tenant(&store).await;
+    let (s1, s2) = (
+        subscription(&store, &t).await,
+        subscription(&store, &t).await,
+    );
+    let gone = Id::new(IdKind::Subscription);
+
+    let mut first = new_event(&t, None, &[&s1, &s2, &s1]);
+    first.event.channels = vec!["eu".to_string(), "b\"q".to_string()];
+    let second = new_event(&t, Some("k-1"), &[&gone, &s2]);
+    let third = new_event(&t, None, &[]);
+    let batch = vec![first.clone(), second.clone(), third.clone()];
+    let outcomes = store.insert_events(&batch).await.expect("insert");
+    assert_eq!(outcomes.len(), 3);
+
+    let InsertOutcome::Created { event_id, jobs } = &outcomes[0] else {
+        panic!("{:?}", outcomes[0]);
+    };
+    assert_eq!(event_id, &first.event.id);
+    // Parallel to the subscriptions given, each subscription once.
+    assert_eq!(
+        jobs.iter().map(|j| &j.subscription_id).collect::<Vec<_>>(),
+        vec![&s1, &s2]
+    );
+    for job in jobs {
+        assert!(job.delivery_id.as_str().starts_with("dlv_"));
+        assert_eq!(job.event_id, first.event.id);
+        assert_eq!(job.tenant_id, t);
+        assert_eq!(job.event_type, "invoice.paid");
+        assert_eq!(job.attempt_number, 1);
+        assert_eq!(job.payload, first.event.payload);
+    }
+    // A subscription deleted since it was matched gets no delivery.
+    let InsertOutcome::Created { jobs: jobs2, .. } = &outcomes[1] else {
+        panic!("{:?}", outcomes[1]);
+    };
+    assert_eq!(
+        jobs2.iter().map(|j| &j.subscription_id).collect::<Vec<_>>(),
+        vec![&s2]
+    );
+    assert!(matches!(&outcomes[2], InsertOutcome::Created { jobs, .. } if jobs.is_empty()));
+
+    assert_eq!(count(&store, "events").await, 3);
+    assert_eq!(count(&store, "deliveries").await, 3);
+    let all_jobs: Vec<Id> = jobs
+        .iter()
+        .chain(jobs2)
+        .map(|j| j.delivery_id.clone())
+        .collect();
+    let expected: HashSet<String> = all_jobs.iter().map(|i| i.to_string()).collect();
+    assert_eq!(outbox(&store).await, expected);
+
+    // The event reads back byte for byte.
+    let stored = store.get_event(&first.event.id).await.expect("get event");
+    let mut want = first.event.clone();
+    want.created_at = micros(want.created_at);
+    assert_eq!(stored, want);
+    let stored = store.get_event(&second.event.id).await.expect("get event");
+    assert_eq!(stored.idempotency_key.as_deref(), Some("k-1"));
+
+    // Deliveries start pending with no attempt.
+    let d = store
+        .get_delivery(&jobs[0].delivery_id)
+        .await
+        .expect("delivery");
+    assert_eq!(d.status, DeliveryStatus::Pending);
+    assert_eq!(d.attempt_count, 0);
+    assert_eq!(d.event_id, first.event.id);
+    assert_eq!(d.subscription_id, s1);
+    assert_eq!(d.tenant_id, t);
+    assert_eq!(d.event_type, "invoice.paid");
+    assert_eq!(
+        (
+            d.next_attempt_at,
+            d.last_attempt_at,
+            d.last_status_code,
+            d.last_error
+        ),
+        (None, None, None, None)
+    );
+
+    // An unknown tenant is reported, and nothing of the batch is stored.
+    let stranger = Id::new(IdKind::Tenant);
+    let err = store
+        .insert_events(&[new_event(&t, None, &[&s1]), new_event(&stranger, None, &[])])
+        .await
+        .expect_err("unknown tenant");
+    assert!(
+        matches!(&err, StoreError::NotFound { entity: "tenant", id } if id == stranger.as_str()),
+        "{err}"
+    );
+    assert_eq!(count(&store, "events").await, 3);
+    assert_eq!(count(&store, "deliveries").await, 3);
+    // So is an event id used twice.
+    let err = store
+        .insert_events(&[first.clone()])
+        .await
+        .expect_err("same event id");
+    assert!(
+        matches!(&err, StoreError::Conflict(m) if m.contains(first.event.id.as_str())),
+        "{err}"
+    );
+    assert!(store.insert_events(&[]).await.expect("empty").is_empty());
+
+    let err = store
+        .get_event(&Id::new(IdKind::Event))
+        .await
+        .expect_err("missing");
+    assert!(
+        matches!(
+            err,
+            StoreError::NotFound {
+                entity: "event",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    teardown(db, store).await;
+}
+
+#[tokio::test]
+async fn idempotency_keys_report_the_original_event_sequentially_and_within_a_batch() {
+    let (db, store) = setup(3).await;
+    let t = tenant(&store).await;
+    let other = tenant(&store).await;
+    let (s1, s2) = (
+        subscription(&store, &t).await,
+        subscription(&store, &t).await,
+    );
+    let s3 = subscription(&store, &other).await;
+
+    let original = new_event(&t, Some("order-1"), &[&s1, &s2]);
+    let outcomes = store
+        .insert_events(std::slice::from_ref(&original))
+        .await
+        .expect("insert");
+    assert!(matches!(&outcomes[0], InsertOutcome::Created { jobs, .. } if jobs.len() == 2));
+
+    // Sequential repeat: nothing stored, the original reported with its deliveries.
+    let repeat = new_event(&t, Some("order-1"), &[&s1]);
+    let outcomes = store.insert_events(&[repeat]).await.expect("repeat");
+    assert_eq!(
+        outcomes,
+        vec![InsertOutcome::Duplicate {
+            event_id: original.event.id.clone(),
+            deliveries: 2
+        }]
+    );
+
+    // Within one batch: the second use of a new key repeats the first; a repeat of a stored
+    // key repeats the stored event; another tenant's same key is its own.
+    let a = new_event(&t, Some("order-2"), &[&s1]);
+    let b = new_event(&t, Some("order-2"), &[&s1, &s2]);
+    let c = new_event(&t, Some("order-1"), &[&s2]);
+    let d = new_event(&other, Some("order-2"), &[&s3]);
+    let e = new_event(&t, Some("order-1"), &[]);
+    let f = new_event(&t, None, &[&s2]);
+    let outcomes = store
+        .insert_events(&[a.clone(), b, c, d.clone(), e, f.clone()])
+        .await
+        .expect("batch");
+    assert!(
+        matches!(&outcomes[0], InsertOutcome::Created { event_id, jobs } if event_id == &a.event.id && jobs.len() == 1)
+    );
+    assert_eq!(
+        outcomes[1],
+        InsertOutcome::Duplicate {
+            event_id: a.event.id.clone(),
+            deliveries: 1
+        }
+    );
+    for i in [2, 4] {
+        assert_eq!(
+            outcomes[i],
+            InsertOutcome::Duplicate {
+                event_id: original.event.id.clone(),
+                deliveries: 2
+            }
+        );
+    }
+    assert!(
+        matches!(&outcomes[3], InsertOutcome::Created { event_id, jobs } if event_id == &d.event.id && jobs.len() == 1)
+    );
+    assert!(
+        matches!(&outcomes[5], InsertOutcome::Created { event_id, .. } if event_id == &f.event.id)
+    );
+    assert_eq!(count(&store, "events").await, 4);
+    assert_eq!(count(&store, "deliveries").await, 2 + 1 + 1 + 1);
+    assert_eq!(count(&store, "delivery_outbox").await, 5);
+    teardown(db, store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_publishes_with_one_key_store_one_event() {
+    let (db, store) = setup(8).await;
+    let t = tenant(&store).await;
+    let (s1, s2) = (
+        subscription(&store, &t).await,
+        subscription(&store, &t).await,
+    );
+    let store = Arc::new(store);
+
+    for round in 0..5 {
+        let key = format!("race-{round}");
+        let barrier = Arc::new(tokio::sync::Barrier::new(8));
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                let main = new_event(&t, Some(&key), &[&s1, &s2]);
+                // Another shared key, before or after: batches overlap in two keys.
+                let side = new_event(&t, Some(&format!("{key}-side")), &[&s1]);
+                let (batch, main_at) = if i % 2 == 0 {
+                    (vec![main, side], 0)
+                } else {
+                    (vec![side, main], 1)
+                };
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    (store.insert_events(&batch).await, main_at)
+                })
+            })
+            .collect();
+        let mut created = 0;
+        let mut reported = HashSet::new();
+        for task in tasks {
+            let (outcomes, main_at) = task.await.expect("task");
+            let outcomes = outcomes.expect("insert");
+            match &outcomes[main_at] {
+                InsertOutcome::Created { event_id, jobs } => {
+                    created += 1;
+                    assert_eq!(jobs.len(), 2);
+                    reported.insert(event_id.clone());
+                }
+                InsertOutcome::Duplicate {
+                    event_id,
+                    deliveries,
+                } => {
+                    assert_eq!(*deliveries, 2);
+                    reported.insert(event_id.clone());
+                }
+            }
+        }
+        assert_eq!(created, 1, "round {round}");
+        assert_eq!(reported.len(), 1, "every publish names the same event");
+    }
+    assert_eq!(count(&store, "events").await, 10);
+    assert_eq!(count(&store, "deliveries").await, 5 * 3);
+    let store = Arc::into_inner(store).expect("sole owner");
+    teardown(db, store).await;
+}
+
+#[tokio::test]
+async fn the_outbox_is_confirmed_and_leased_exclusively() {
+    let (db, store) = setup(3).await;
+    let t = tenant(&store).await;
+    let s = subscription(&store, &t).await;
+    let jobs: Vec<DeliveryJob> = {
+        let mut all = Vec::new();
+        for _ in 0..4 {
+            all.extend(publish(&store, &t, &[&s]).await);
+        }
+        all
+    };
+    assert_eq!(count(&store, "delivery_outbox").await, 4);
+
+    // Confirmed entries leave the outbox; unknown ids are no error.
+    store
+        .confirm_published(&[jobs[0].delivery_id.clone(), Id::new(IdKind::Delivery)])
+        .await
+        .expect("confirm");
+    store.confirm_published(&[]).await.expect("confirm none");
+    assert_eq!(count(&store, "delivery_outbox").await, 3);
+
+    // Too young for the relay.
+    let now = Utc::now();
+    let later = now + TimeDelta::hours(1);
+    let leased = store
+        .lease_unpublished(now - TimeDelta::hours(1), 10, later)
+        .await
+        .expect("lease");
+    assert!(leased.is_empty());
+
+    // Oldest first, at most `limit`, and each entry to one lease holder only.
+    let cutoff = Utc::now() + TimeDelta::seconds(1);
+    let first = store
+        .lease_unpublished(cutoff, 2, later)
+        .await
+        .expect("lease");
+    assert_eq!(ids(&first), ids(&jobs[1..3]));
+    assert_eq!(first, jobs[1..3].to_vec(), "the same jobs as at insert");
+    let second = store
+        .lease_unpublished(cutoff, 10, later)
+        .await
+        .expect("lease");
+    assert_eq!(ids(&second), ids(&jobs[3..4]));
+    assert!(
+        store
+            .lease_unpublished(cutoff, 10, later)
+            .await
+            .expect("lease")
+            .is_empty(),
+        "everything is leased"
+    );
+
+    // An expired lease makes the entry leasable again.
+    sqlx::query("UPDATE delivery_outbox SET leased_until = now() - interval '1 second'")
+        .execute(store.pool())
+        .await
+        .expect("expire leases");
+    let again = store
+        .lease_unpublished(cutoff, 10, later)
+        .await
+        .expect("lease");
+    assert_eq!(ids(&again), ids(&jobs[1..4]));
+
+    // A job leased after an attempt carries the next attempt number.
+    store
+        .record_outcomes(&[outcome(
+            &jobs[1].delivery_id,
+            Some(attempt(&jobs[1].delivery_id, Some(500), None)),
+            NextStep::RetryAt(Utc::now()),
+        )])
+        .await
+        .expect("record");
+    let expired = Utc::now() - TimeDelta::seconds(1);
+    let leased = store
+        .lease_unpublished(cutoff, 10, expired)
+        .await
+        .expect("lease");
+    assert!(leased.is_empty(), "still leased until `later`");
+    sqlx::query("UPDATE delivery_outbox SET leased_until = NULL")
+        .execute(store.pool())
+        .await
+        .expect("clear leases");
+    let leased = store
+        .lease_unpublished(cutoff, 1, expired)
+        .await
+        .expect("lease");
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].delivery_id, jobs[1].delivery_id);
+    assert_eq!(leased[0].attempt_number, 2);
+
+    store
+        .confirm_published(&ids(&jobs))
+        .await
+        .expect("confirm all");
+    assert_eq!(count(&store, "delivery_outbox").await, 0);
+    teardown(db, store).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outcomes and the retry schedule
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn outcomes_number_attempts_and_move_deliveries_through_their_states() {
+    let (db, store) = setup(3).await;
+    let t = tenant(&store).await;
+    let s = subscription(&store, &t).await;
+    let jobs = publish(&store, &t, &[&s]).await;
+    let d = &jobs[0].delivery_id;
+
+    // 1: HTTP 500, retry later.
+    let due1 = micros(Utc::now() + TimeDelta::minutes(5));
+    let a1 = attempt(d, Some(500), None);
+    store
+        .record_outcomes(&[outcome(d, Some(a1.clone()), NextStep::RetryAt(due1))])
+        .await
+        .expect("record 1");
+    let got = store.get_delivery(d).await.expect("get");
+    assert_eq!(got.status, DeliveryStatus::Retrying);
+    assert_eq!(got.attempt_count, 1);
+    assert_eq!(got.next_attempt_at, Some(due1));
+    assert_eq!(got.last_attempt_at, Some(micros(a1.started_at)));
+    assert_eq!(got.last_status_code, Some(500));
+    assert_eq!(got.last_error.as_deref(), Some("HTTP 500"));
+    assert_eq!(schedule(&store, d).await, Some((due1, 2)));
+
+    // 2: a timeout, retry later again: the schedule row moves.
+    let due2 = micros(Utc::now() + TimeDelta::minutes(30));
+    let a2 = attempt(d, None, Some("timed out after 15 s"));
+    store
+        .record_outcomes(&[outcome(d, Some(a2.clone()), NextStep::RetryAt(due2))])
+        .await
+        .expect("record 2");
+    let got = store.get_delivery(d).await.expect("get");
+    assert_eq!(got.attempt_count, 2);
+    assert_eq!(got.last_status_code, None);
+    assert_eq!(got.last_error.as_deref(), Some("timed out after 15 s"));
+    assert_eq!(schedule(&store, d).await, Some((due2, 3)));
+
+    // The same write again (a retried batch): recorded once.
+    store
+        .record_outcomes(&[outcome(d, Some(a2.clone()), NextStep::RetryAt(due2))])
+        .await
+        .expect("record 2 again");
+    assert_eq!(store.get_delivery(d).await.expect("get").attempt_count, 2);
+
+    // 3: a redelivered job reports attempt 2 again: it is recorded as 3. Failed.
+    let mut a3 = attempt(d, Some(503), None);
+    a3.attempt_number = 2;
+    store
+        .record_outcomes(&[outcome(
+            d,
+            Some(a3.clone()),
+            NextStep::Failed {
+                reason: "retry schedule spent".to_string(),
+            },
+        )])
+        .await
+        .expect("record 3");
+    let got = store.get_delivery(d).await.expect("get");
+    assert_eq!(got.status, DeliveryStatus::Failed);
+    assert_eq!(got.attempt_count, 3);
+    assert_eq!(got.next_attempt_at, None);
+    assert_eq!(got.last_error.as_deref(), Some("HTTP 503"));
+    assert_eq!(schedule(&store, d).await, None);
+    assert!(got.updated_at >= got.created_at);
+
+    let attempts = store
+        .list_attempts(d, &page(None, 0))
+        .await
+        .expect("attempts");
+    assert_eq!(
+        attempts
+            .items
+            .iter()
+            .map(|a| (a.attempt_number, a.id.clone()))
+            .collect::<Vec<_>>(),
+        vec![(1, a1.id.clone()), (2, a2.id.clone()), (3, a3.id.clone())]
+    );
+    let mut want = a2.clone();
+    want.attempt_number = 2;
+    want.started_at = micros(want.started_at);
+    assert_eq!(attempts.items[1], want);
+    assert_eq!(attempts.next_cursor, None);
+
+    // Pages of attempts: the cursor is the last number.
+    let p1 = store.list_attempts(d, &page(None, 2)).await.expect("p1");
+    assert_eq!(p1.items.len(), 2);
+    assert_eq!(p1.next_cursor.as_deref(), Some("2"));
+    let p2 = store
+        .list_attempts(d, &page(p1.next_cursor, 2))
+        .await
+        .expect("p2");
+    assert_eq!(p2.items.len(), 1);
+    assert_eq!(p2.items[0].attempt_number, 3);
+    assert_eq!(p2.next_cursor, None);
+    let err = store
+        .list_attempts(d, &page(Some("x".to_string()), 2))
+        .await
+        .expect_err("bad cursor");
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+    teardown(db, store).await;
+}
+
+#[tokio::test]
+async fn a_batch_of_outcomes_applies_in_order_and_skips_deliveries_that_are_gone() {
+    let (db, store) = setup(3).await;
+    let t = tenant(&store).await;
+    let (s1, s2) = (
+        subscription(&store, &t).await,
+        subscription(&store, &t).await,
+    );
+    let jobs = publish(&store, &t, &[&s1, &s2]).await;
+    let more = publish(&store, &t, &[&s1]).await;
+    let (ok, twice, disabled) = (
+        &jobs[0].delivery_id,
+        &jobs[1].delivery_id,
+        &more[0].delivery_id,
+    );
+    let ghost = Id::new(IdKind::Delivery);
+
+    let soon = micros(Utc::now() + TimeDelta::seconds(5));
+    store
+        .record_outcomes(&[
+            outcome(ok, Some(attempt(ok, Some(204), None)), NextStep::Succeeded),
+            outcome(
+                twice,
+                Some(attempt(twice, None, Some("connection refused"))),
+                NextStep::RetryAt(soon),
+            ),
+            outcome(
+                &ghost,
+                Some(attempt(&ghost, Some(200), None)),
+                NextStep::Succeeded,
+            ),
+            outcome(
+                twice,
+                Some(attempt(twice, Some(200), None)),
+                NextStep::Succeeded,
+            ),
+            outcome(
+                disabled,
+                None,
+                NextStep::Failed {
+                    reason: "subscription disabled".to_string(),
+                },
+            ),
+        ])
+        .await
+        .expect("record");
+
+    let got = store.get_delivery(ok).await.expect("get");
+    assert_eq!(got.status, DeliveryStatus::Succeeded);
+    assert_eq!(got.attempt_count, 1);
+    assert_eq!(got.last_status_code, Some(204));
+    assert_eq!(got.last_error, None);
+    assert_eq!(schedule(&store, ok).await, None);
+
+    let got = store.get_delivery(twice).await.expect("get");
+    assert_eq!(
+        got.status,
+        DeliveryStatus::Succeeded,
+        "the last outcome wins"
+    );
+    assert_eq!(got.attempt_count, 2);
+    assert_eq!(got.next_attempt_at, None);
+    assert_eq!(got.last_status_code, Some(200));
+    assert_eq!(got.last_error, None);
+    assert_eq!(schedule(&store, twice).await, None);
+    let numbers: Vec<u32> = store
+        .list_attempts(twice, &page(None, 0))
+        .await
+        .expect("attempts")
+        .items
+        .iter()
+        .map(|a| a.attempt_number)
+        .collect();
+    assert_eq!(numbers, vec![1, 2]);
+
+    // No attempt was made: no attempt counted, the reason recorded.
+    let got = store.get_delivery(disabled).await.expect("get");
+    assert_eq!(got.status, DeliveryStatus::Failed);
+    assert_eq!(got.attempt_count, 0);
+    assert_eq!(got.last_attempt_at, None);
+    assert_eq!(got.last_error.as_deref(), Some("subscription disabled"));
+    assert_eq!(count(&store, "attempts").await, 3);
+
+    // A batch of nothing but deliveries that are gone is no error.
+    store
+        .record_outcomes(&[outcome(&ghost, None, NextStep::Succeeded)])
+        .await
+        .expect("all gone");
+    store.record_outcomes(&[]).await.expect("empty");
+    teardown(db, store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_never_give_two_attempts_one_number() {
+    let (db, store) = setup(6).await;
+    let t = tenant(&store).await;
+    let s = subscription(&store, &t).await;
+    let jobs = publish(&store, &t, &[&s]).await;
+    let d = jobs[0].delivery_id.clone();
+    let other = publish(&store, &t, &[&s]).await[0].delivery_id.clone();
+    let store = Arc::new(store);
+
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let (store, d, other) = (store.clone(), d.clone(), other.clone());
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    // Batches that share deliveries, in either order.
+                    let (x, y) = if i % 2 == 0 {
+                        (&d, &other)
+                    } else {
+                        (&other, &d)
+                    };
+                    store
+                        .record_outcomes(&[
+                            outcome(
+                                x,
+                                Some(attempt(x, Some(500), None)),
+                                NextStep::RetryAt(Utc::now()),
+                            ),
+                            outcome(
+                                y,
+                                Some(attempt(y, Some(500), None)),
+                                NextStep::RetryAt(Utc::now()),
+                            ),
+                        ])
+                        .await
+                        .expect("record");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    for id in [&d, &other] {
+        let numbers: Vec<u32> = store
+            .list_attempts(id, &page(None, 100))
+            .await
+            .expect("attempts")
+            .items
+            .iter()
+            .map(|a| a.attempt_number)
+            .collect();
+        assert_eq!(numbers, (1..=30).collect::<Vec<_>>());
+        assert_eq!(store.get_delivery(id).await.expect("get").attempt_count, 30);
+        assert_eq!(schedule(&store, id).await.map(|(_, n)| n), Some(31));
+    }
+    let store = Arc::into_inner(store).expect("sole owner");
+    teardown(db, store).await;
+}
+
+#[tokio::test]
+async fn due_retries_are_promoted_to_the_outbox_once() {
+    let (db, store) = setup(3).await;
+    let t = tenant(&store).await;
+    let s = subscription(&store, &t).await;
+    let jobs = publish(&store, &t, &[&s]).await;
+    let more = publish(&store, &t, &[&s]).await;
+    let future = publish(&store, &t, &[&s]).await;
+    store.confirm_published(&ids(&jobs)).await.expect("confirm");
+    store.confirm_published(&ids(&more)).await.expect("confirm");
+    store
+        .confirm_published(&ids(&future))
+        .await
+        .expect("confirm");
+    let now = Utc::now();
+    let (early, late) = (&jobs[0].delivery_id, &more[0].delivery_id);
+    store
+        .record_outcomes(&[
+            outcome(
+                late,
+                Some(attempt(late, Some(500), None)),
+                NextStep::RetryAt(now - TimeDelta::seconds(1)),
+            ),
+            outcome(
+                early,
+                Some(attempt(early, Some(500), None)),
+                NextStep::RetryAt(now - TimeDelta::seconds(10)),
+            ),
+            outcome(
+                &future[0].delivery_id,
+                Some(attempt(&future[0].delivery_id, Some(500), None)),
+                NextStep::RetryAt(now + TimeDelta::hours(1)),
+            ),
+        ])
+        .await
+        .expect("record");
+    assert_eq!(count(&store, "retry_schedule").await, 3);
+
+    // Most due first, at most `limit`.
+    let first = store.promote_due_retries(now, 1).await.expect("promote");
+    assert_eq!(ids(&first), vec![early.clone()]);
+    let job = &first[0];
+    assert_eq!(job.attempt_number, 2);
+    assert_eq!(job.payload, jobs[0].payload);
+    assert_eq!(job.event_id, jobs[0].event_id);
+    assert_eq!(job.subscription_id, s);
+    let rest = store.promote_due_retries(now, 10).await.expect("promote");
+    assert_eq!(ids(&rest), vec![late.clone()]);
+    assert!(
+        store
+            .promote_due_retries(now, 10)
+            .await
+            .expect("promote")
+            .is_empty(),
+        "not due yet"
+    );
+    assert!(
+        store
+            .promote_due_retries(now, 0)
+            .await
+            .expect("zero")
+            .is_empty()
+    );
+
+    for id in [early, late] {
+        let got = store.get_delivery(id).await.expect("get");
+        assert_eq!(got.status, DeliveryStatus::Pending);
+        assert_eq!(got.next_attempt_at, None);
+        assert_eq!(got.attempt_count, 1);
+        assert_eq!(schedule(&store, id).await, None);
+    }
+    assert_eq!(
+        outbox(&store).await,
+        HashSet::from([early.to_string(), late.to_string()])
+    );
+    assert!(schedule(&store, &future[0].delivery_id).await.is_some());
+    teardown(db, store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_promoters_never_return_the_same_delivery() {
+    let (db, store) = setup(6).await;
+    let t = tenant(&store).await;
+    let s = subscription(&store, &t).await;
+    let batch: Vec<NewEvent> = (0..200).map(|_| new_event(&t, None, &[&s])).collect();
+    let mut all = Vec::new();
+    for outcome in store.insert_events(&batch).await.expect("insert") {
+        match outcome {
+            InsertOutcome::Created { jobs, .. } => all.extend(ids(&jobs)),
+            other => panic!("{other:?}"),
+        }
+    }
+    store.confirm_published(&all).await.expect("confirm");
+    let due = Utc::now() - TimeDelta::seconds(1);
+    let outcomes: Vec<AttemptOutcome> = all
+        .iter()
+        .map(|d| outcome(d, Some(attempt(d, Some(500), None)), NextStep::RetryAt(due)))
+        .collect();
+    store.record_outcomes(&outcomes).await.expect("record");
+    assert_eq!(count(&store, "retry_schedule").await, 200);
+
+    let store = Arc::new(store);
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let jobs = store
+                        .promote_due_retries(Utc::now(), 7)
+                        .await
+                        .expect("promote");
+                    if jobs.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(ids(&jobs));
+                }
+            })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for task in tasks {
+        for id in task.await.expect("task") {
+            total += 1;
+            assert!(seen.insert(id.clone()), "{id} promoted twice");
+        }
+    }
+    // A promoter may stop early when the others hold every remaining row; sweep up.
+    for id in ids(&store
+        .promote_due_retries(Utc::now(), 1000)
+        .await
+        .expect("sweep"))
+    {
+        total += 1;
+        assert!(seen.insert(id.clone()), "{id} promoted twice");
+    }
+    assert_eq!(total, 200);
+    assert_eq!(count(&store, "retry_schedule").await, 0);
+    assert_eq!(count(&store, "delivery_outbox").await, 200);
+    let store = Arc::into_inner(store).expect("sole owner");
+    teardown(db, store).await;
+}
+
+#[tokio::test]
+async fn failed_deliveries_are_found_and_requeued() {
+    let (db, store) = setup(3).await;
+    let t = tenant(&store).await;
+    let (s, other_sub) = (
+        subscription(&store, &t).await,
+        subscription(&store, &t).await,
+    );
+    let start = Utc::now() - TimeDelta::seconds(1);
+    let mut failed = Vec::new();
+    for _ in 0..3 {
+        let jobs = publish(&store, &t, &[&s, &other_sub]).await;
+        for job in &jobs {
+            store
+                .record_outcomes(&[outcome(
+                    &job.delivery_id,
+                    Some(attempt(&job.delivery_id, Some(500), None)),
+                    NextStep::Failed {
+                        reason: "retry schedule spent".to_string(),
+                    },
+                )])
+                .await
+                .expect("fail");
+        }
+        failed.push(jobs[0].delivery_id.clone());
+        store.confirm_published(&ids(&jobs)).await.expect("confirm");
+    }
+    let retrying = publish(&store, &t, &[&s]).await[0].delivery_id.clone();
+    store
+        .confirm_published(std::slice::from_ref(&retrying))
+        .await
+        .expect("confirm");
+    store
+        .record_outcomes(&[outcome(
+            &retrying,
+            Some(attempt(&retrying, Some(500), None)),
+            NextStep::RetryAt(Utc::now() + TimeDelta::hours(1)),
+        )])
+        .await
+        .expect("retrying");
+
+    // Oldest (id) first, only this subscription's, only failed ones, within the window.
+    let found = store
+        .failed_deliveries(&s, start, None, 10)
+        .await
+        .expect("failed");
+    assert_eq!(found, sorted(failed.clone()));
+    let found = store
+        .failed_deliveries(&s, start, None, 2)
+        .await
+        .expect("failed");
+    assert_eq!(found, sorted(failed.clone())[..2].to_vec());
+    let created = store
+        .get_delivery(&failed[1])
+        .await
+        .expect("get")
+        .created_at;
+    let found = store
+        .failed_deliveries(&s, created, None, 10)
+        .await
+        .expect("since");
+    assert_eq!(found, sorted(failed[1..].to_vec()));
+    let found = store
+        .failed_deliveries(&s, start, Some(created), 10)
+        .await
+        .expect("until");
+    assert_eq!(found, failed[..1].to_vec());
+    assert!(
+        store
+            .failed_deliveries(&s, Utc::now() + TimeDelta::hours(1), None, 10)
+            .await
+            .expect("future")
+            .is_empty()
+    );
+
+    // An unknown id among them: nothing changes.
+    let ghost = Id::new(IdKind::Delivery);
+    let err = store
+        .requeue_deliveries(&[failed[0].clone(), ghost.clone(), Id::new(IdKind::Delivery)])
+        .await
+        .expect_err("unknown");
+    assert!(
+        matches!(&err, StoreError::NotFound { entity: "delivery", id } if id == ghost.as_str()),
+        "{err}"
+    );
+    assert_eq!(
+        store.get_delivery(&failed[0]).await.expect("get").status,
+        DeliveryStatus::Failed
+    );
+    assert_eq!(count(&store, "delivery_outbox").await, 0);
+
+    // A manual retry: back to pending, into the outbox, any schedule dropped.
+    let asked = vec![failed[1].clone(), retrying.clone(), failed[1].clone()];
+    let jobs = store.requeue_deliveries(&asked).await.expect("requeue");
+    assert_eq!(ids(&jobs), vec![failed[1].clone(), retrying.clone()]);
+    assert!(jobs.iter().all(|j| j.attempt_number == 2));
+    for id in [&failed[1], &retrying] {
+        let got = store.get_delivery(id).await.expect("get");
+        assert_eq!(got.status, DeliveryStatus::Pending);
+        assert_eq!(got.next_attempt_at, None);
+        assert_eq!(schedule(&store, id).await, None);
+    }
+    assert_eq!(
+        outbox(&store).await,
+        HashSet::from([failed[1].to_string(), retrying.to_string()])
+    );
+    // Requeued deliveries are no longer failed.
+    let found = store
+        .failed_deliveries(&s, start, None, 10)
+        .await
+        .expect("failed");
+    assert_eq!(found, sorted(vec![failed[0].clone(), failed[2].clone()]));
+    assert!(
+        store
+            .requeue_deliveries(&[])
+            .await
+            .expect("none")
+            .is_empty()
+    );
+    teardown(db, store).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listings
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn events_are_listed_newest_first_with_filters_and_pages() {
+    let (db, store) = setup(3).await;
+    let t = tenant(&store).await;
+    let other = tenant(&store).await;
+    let base = Utc::now() - TimeDelta::hours(1);
+    let mut batch = Vec::new();
+    for i in 0..5 {
+        let mut e = event(
+            &t,
+            if i % 2 == 0 {
+                "invoice.paid"
+            } else {
+                "user.created"
+            },
+            None,
+        );
+        e.created_at = base + TimeDelta::minutes(i);
+        batch.push(NewEvent {
+            event: e,
+            subscription_ids: vec![],
+        });
+    }
+    batch.push(NewEvent {
+        event: event(&other, "invoice.paid", None),
+        subscription_ids: vec![],
+    });
+    store.insert_events(&batch).await.expect("insert");
+    let mine: Vec<Id> = batch[..5].iter().map(|e| e.event.id.clone()).collect();
+    let filter = EventFilter {
+        tenant_id: t.clone(),
+        event_type: None,
+        since: None,
+        until: None,
+    };
+
+    let all = store
+        .list_events(&filter, &page(None, 0))
+        .await
+        .expect("list");
+    let newest_first = desc(mine.clone());
+    assert_eq!(
+        all.items.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        newest_first
+    );
+    assert_eq!(all.next_cursor, None);
+
+    // Pages of two.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let p = store
+            .list_events(&filter, &page(cursor, 2))
+            .await
+            .expect("page");
+        assert!(p.items.len() <= 2);
+        seen.extend(p.items.iter().map(|e| e.id.clone()));
+        match p.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, newest_first);
+
+    // By type, and by time.
+    let by_type = EventFilter {
+        event_type: Some("user.created".to_string()),
+        ..filter.clone()
+    };
+    let got = store
+        .list_events(&by_type, &page(None, 0))
+        .await
+        .expect("type");
+    assert_eq!(
+        got.items.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        desc(vec![mine[3].clone(), mine[1].clone()])
+    );
+    let window = EventFilter {
+        since: Some(base + TimeDelta::minutes(1)),
+        until: Some(base + TimeDelta::minutes(3)),
+        ..filter.clone()
+    };
+    let got = store
+        .list_events(&window, &page(None, 0))
+        .await
+        .expect("window");
+    assert_eq!(
+        got.items.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        desc(vec![mine[2].clone(), mine[1].clone()])
+    );
+    teardown(db, store).await;
+}
+
+#[tokio::test]
+async fn deliveries_are_listed_with_filters_and_followed_by_update_time() {
+    let (db, store) = setup(3).await;
+    let t = tenant(&store).await;
+    let other = tenant(&store).await;
+    let (s1, s2) = (
+        subscription(&store, &t).await,
+        subscription(&store, &t).await,
+    );
+    let s3 = subscription(&store, &other).await;
+    let a = publish(&store, &t, &[&s1, &s2]).await;
+    let b = publish(&store, &t, &[&s1]).await;
+    let c = publish(&store, &other, &[&s3]).await;
+    let all_t: Vec<Id> = a.iter().chain(&b).map(|j| j.delivery_id.clone()).collect();
+
+    let newest_first = desc(all_t.clone());
+    let list = |f: DeliveryFilter| {
+        let store = &store;
+        async move {
+            store
+                .list_deliveries(&f, &page(None, 0))
+                .await
+                .expect("list")
+                .items
+                .into_iter()
+                .map(|d| d.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    let of_tenant = DeliveryFilter {
+        tenant_id: Some(t.clone()),
+        ..Default::default()
+    };
+    assert_eq!(list(of_tenant.clone()).await, newest_first);
+    assert_eq!(
+        list(DeliveryFilter::default()).await.len(),
+        4,
+        "no filter: every tenant"
+    );
+    let want = desc(vec![a[0].delivery_id.clone(), b[0].delivery_id.clone()]);
+    assert_eq!(
+        list(DeliveryFilter {
+            subscription_id: Some(s1.clone()),
+            ..Default::default()
+        })
+        .await,
+        want
+    );
+    let want = desc(ids(&a));
+    assert_eq!(
+        list(DeliveryFilter {
+            event_id: Some(a[0].event_id.clone()),
+            ..Default::default()
+        })
+        .await,
+        want
+    );
+    assert_eq!(
+        list(DeliveryFilter {
+            tenant_id: Some(other.clone()),
+            ..Default::default()
+        })
+        .await,
+        ids(&c)
+    );
+
+    // Pages of one.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let p = store
+            .list_deliveries(&of_tenant, &page(cursor, 1))
+            .await
+            .expect("page");
+        seen.extend(p.items.iter().map(|d| d.id.clone()));
+        match p.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, newest_first);
+
+    // Changes after a time, oldest change first.
+    let before = store
+        .get_delivery(&b[0].delivery_id)
+        .await
+        .expect("get")
+        .updated_at;
+    let changed = store
+        .deliveries_updated_after(&of_tenant, before, 100)
+        .await
+        .expect("changes");
+    assert!(changed.is_empty(), "{changed:?}");
+    for d in [&b[0].delivery_id, &a[1].delivery_id] {
+        store
+            .record_outcomes(&[outcome(
+                d,
+                Some(attempt(d, Some(200), None)),
+                NextStep::Succeeded,
+            )])
+            .await
+            .expect("record");
+    }
+    let changed = store
+        .deliveries_updated_after(&of_tenant, before, 100)
+        .await
+        .expect("changes");
+    assert_eq!(
+        changed.iter().map(|d| d.id.clone()).collect::<Vec<_>>(),
+        vec![b[0].delivery_id.clone(), a[1].delivery_id.clone()]
+    );
+    assert!(changed[0].updated_at <= changed[1].updated_at);
+    let changed = store
+        .deliveries_updated_after(&of_tenant, before, 1)
+        .await
+        .expect("limited");
+    assert_eq!(changed.len(), 1);
+    let changed = store
+        .deliveries_updated_after(
+            &DeliveryFilter {
+                tenant_id: Some(other.clone()),
+                ..Default::default()
+            },
+            before,
+            100,
+        )
+        .await
+        .expect("other tenant");
+    assert_eq!(
+        changed.into_iter().map(|d| d.id).collect::<Vec<_>>(),
+        ids(&c),
+        "published after `before`, untouched since"
+    );
+
+    // By status.
+    let want = desc(vec![b[0].delivery_id.clone(), a[1].delivery_id.clone()]);
+    assert_eq!(
+        list(DeliveryFilter {
+            tenant_id: Some(t.clone()),
+            status: Some(DeliveryStatus::Succeeded),
+            ..Default::default()
+        })
+        .await,
+        want
+    );
+    assert_eq!(
+        list(DeliveryFilter {
+            tenant_id: Some(t.clone()),
+            status: Some(DeliveryStatus::Pending),
+            ..Default::default()
+        })
+        .await,
+        vec![a[0].delivery_id.clone()]
+    );
+    // By creation time.
+    let future = Utc::now() + TimeDelta::hours(1);
+    assert!(
+        list(DeliveryFilter {
+            since: Some(future),
+            ..Default::default()
+        })
+        .await
+        .is_empty()
+    );
+    assert_eq!(
+        list(DeliveryFilter {
+            tenant_id: Some(t.clone()),
+            until: Some(future),
+            ..Default::default()
+        })
+        .await
+        .len(),
+        3
+    );
+
+    let err = store
+        .get_delivery(&Id::new(IdKind::Delivery))
+        .await
+        .expect_err("missing");
+    assert!(
+        matches!(
+            err,
+            StoreError::NotFound {
+                entity: "delivery",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    teardown(db, store).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The registry's side
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn deleting_subscriptions_and_tenants_cascades_through_the_pipeline() {
+    let (db, store) = setup(3).await;
+    let t = tenant(&store).await;
+    let (s1, s2) = (
+        subscription(&store, &t).await,
+        subscription(&store, &t).await,
+    );
+    let jobs = publish(&store, &t, &[&s1, &s2]).await;
+    let outcomes: Vec<AttemptOutcome> = jobs
+        .iter()
+        .map(|j| {
+            outcome(
+                &j.delivery_id,
+                Some(attempt(&j.delivery_id, Some(500), None)),
+                NextStep::RetryAt(Utc::now() + TimeDelta::hours(1)),
+            )
+        })
+        .collect();
+    store.record_outcomes(&outcomes).await.expect("record");
+    for table in [
+        "deliveries",
+        "delivery_outbox",
+        "attempts",
+        "retry_schedule",
+    ] {
+        assert_eq!(count(&store, table).await, 2, "{table}");
+    }
+
+    // A subscription takes its deliveries (and everything of theirs); the event stays.
+    store.delete_subscription(&s1).await.expect("delete");
+    for table in [
+        "deliveries",
+        "delivery_outbox",
+        "attempts",
+        "retry_schedule",
+    ] {
+        assert_eq!(count(&store, table).await, 1, "{table}");
+    }
+    assert_eq!(count(&store, "events").await, 1);
+    // Its outcomes arriving late are skipped; the other one's is recorded already.
+    store
+        .record_outcomes(&outcomes)
+        .await
+        .expect("record after delete");
+    assert_eq!(count(&store, "attempts").await, 1);
+
+    // A tenant takes everything.
+    store.delete_tenant(&t).await.expect("delete tenant");
+    for table in [
+        "events",
+        "deliveries",
+        "delivery_outbox",
+        "attempts",
+        "retry_schedule",
+    ] {
+        assert_eq!(count(&store, table).await, 0, "{table}");
+    }
+    teardown(db, store).await;
+}
+
+#[tokio::test]
+async fn subscriptions_are_disabled_with_a_reason_and_enabled_again() {
+    let (db, store) = setup(2).await;
+    let t = tenant(&store).await;
+    let s = subscription(&store, &t).await;
+    let before = store.get_subscription(&s).await.expect("get");
+
+    let disabled = store
+        .set_subscription_state(&s, SubscriptionState::Disabled, Some("410 Gone"))
+        .await
+        .expect("disable");
+    assert_eq!(disabled.state, SubscriptionState::Disabled);
+    assert_eq!(disabled.disabled_reason.as_deref(), Some("410 Gone"));
+    assert!(disabled.updated_at >= before.updated_at);
+    assert_eq!(disabled.url, before.url);
+    assert!(
+        store
+            .enabled_subscriptions(&t)
+            .await
+            .expect("enabled")
+            .is_empty()
+    );
+    assert_eq!(store.get_subscription(&s).await.expect("get"), disabled);
+
+    let enabled = store
+        .set_subscription_state(&s, SubscriptionState::Enabled, Some("ignored"))
+        .await
+        .expect("enable");
+    assert_eq!(enabled.state, SubscriptionState::Enabled);
+    assert_eq!(enabled.disabled_reason, None);
+
+    let missing = Id::new(IdKind::Subscription);
+    let err = store
+        .set_subscription_state(&missing, SubscriptionState::Disabled, None)
+        .await
+        .expect_err("missing");
+    assert!(
+        matches!(&err, StoreError::NotFound { entity: "subscription", id } if id == missing.as_str()),
+        "{err}"
+    );
+    teardown(db, store).await;
+}

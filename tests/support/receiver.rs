@@ -1,0 +1,198 @@
+//! A real local HTTP receiver for end-to-end tests: each endpoint has a behaviour
+//! (answer 200, fail some times, hang, 410, 429 with Retry-After) and checks every
+//! request it gets with the `standardwebhooks` crate.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use tokio::sync::Notify;
+
+/// How an endpoint answers.
+#[derive(Debug, Clone)]
+pub enum Behavior {
+    Ok,
+    /// Answers `status` this many times, then 200.
+    FailTimes(u32, u16),
+    /// Always answers this status.
+    Always(u16),
+    /// Hangs this many times (longer than any test timeout), then 200.
+    HangTimes(u32),
+    /// 429 with `Retry-After: secs` this many times, then 200.
+    TooManyTimes(u32, u64),
+}
+
+/// One request as received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub endpoint: String,
+    pub at: Instant,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    /// Whether the `standardwebhooks` crate accepted the signature.
+    pub verified: bool,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+#[derive(Default)]
+struct Endpoint {
+    behavior: Option<Behavior>,
+    secret: Option<String>,
+    calls: u32,
+}
+
+#[derive(Default)]
+struct Inner {
+    endpoints: Mutex<HashMap<String, Endpoint>>,
+    received: Mutex<Vec<Received>>,
+    notify: Notify,
+}
+
+#[derive(Clone)]
+pub struct Receiver {
+    inner: Arc<Inner>,
+    base: String,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let inner = Arc::new(Inner::default());
+        let app = Router::new()
+            .route("/hook/{name}", post(handle))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().expect("receiver address");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Receiver {
+            inner,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// The URL of endpoint `name`, which answers as `behavior`.
+    pub fn endpoint(&self, name: &str, behavior: Behavior) -> String {
+        self.set_behavior(name, behavior);
+        format!("{}/hook/{name}", self.base)
+    }
+
+    pub fn set_behavior(&self, name: &str, behavior: Behavior) {
+        let mut eps = self.inner.endpoints.lock().unwrap();
+        let ep = eps.entry(name.to_string()).or_default();
+        ep.behavior = Some(behavior);
+        ep.calls = 0;
+    }
+
+    /// The secret requests to `name` must be signed with.
+    pub fn set_secret(&self, name: &str, secret: &str) {
+        let mut eps = self.inner.endpoints.lock().unwrap();
+        eps.entry(name.to_string()).or_default().secret = Some(secret.to_string());
+    }
+
+    pub fn received(&self, name: &str) -> Vec<Received> {
+        self.inner
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.endpoint == name)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `cond` holds for the requests to `name`, or panics after `within`.
+    pub async fn wait_for(
+        &self,
+        name: &str,
+        within: Duration,
+        what: &str,
+        cond: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.inner.notify.notified();
+            let got = self.received(name);
+            if cond(&got) {
+                return got;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!(
+                    "timed out after {within:?} waiting for {what} at {name}; got {} requests",
+                    got.len()
+                );
+            }
+        }
+    }
+}
+
+async fn handle(
+    State(inner): State<Arc<Inner>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (behavior, secret, call) = {
+        let mut eps = inner.endpoints.lock().unwrap();
+        let ep = eps.entry(name.clone()).or_default();
+        ep.calls += 1;
+        (
+            ep.behavior.clone().unwrap_or(Behavior::Ok),
+            ep.secret.clone(),
+            ep.calls,
+        )
+    };
+    let verified = secret.is_some_and(|s| {
+        standardwebhooks::Webhook::new(&s)
+            .and_then(|wh| wh.verify(&body, &headers))
+            .is_ok()
+    });
+    inner.received.lock().unwrap().push(Received {
+        endpoint: name,
+        at: Instant::now(),
+        headers,
+        body: body.to_vec(),
+        verified,
+    });
+    inner.notify.notify_waiters();
+    match behavior {
+        Behavior::Ok => (StatusCode::OK, "ok").into_response(),
+        Behavior::FailTimes(n, status) if call <= n => status_response(status),
+        Behavior::FailTimes(..) => (StatusCode::OK, "ok").into_response(),
+        Behavior::Always(status) => status_response(status),
+        Behavior::HangTimes(n) if call <= n => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::OK.into_response()
+        }
+        Behavior::HangTimes(_) => (StatusCode::OK, "ok").into_response(),
+        Behavior::TooManyTimes(n, secs) if call <= n => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", secs.to_string())],
+            "slow down",
+        )
+            .into_response(),
+        Behavior::TooManyTimes(..) => (StatusCode::OK, "ok").into_response(),
+    }
+}
+
+fn status_response(status: u16) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (code, format!("receiver says {status}")).into_response()
+}

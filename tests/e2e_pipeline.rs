@@ -784,7 +784,9 @@ async fn a_delivery_committed_but_never_queued_is_relayed() {
     let sub = p.subscribe("stranded", Behavior::Ok, &[], &[]).await;
     // What a crash between the commit and the queue publish leaves behind: the event
     // and its delivery in the database, and nothing in the queue.
-    let store = hookline_store::PgStore::connect(p.env.db.url(), 2).await.unwrap();
+    let store = hookline_store::PgStore::connect(p.env.db.url(), 2)
+        .await
+        .unwrap();
     let event_id = Id::new(IdKind::Event);
     let outcome = store
         .insert_events(&[NewEvent {

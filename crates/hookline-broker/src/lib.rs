@@ -5,9 +5,9 @@
 //! due, and the registry announces changes so that caches drop stale entries.
 //! All of that goes through the [`Broker`] trait defined here, which knows
 //! nothing of AMQP: the cluster adapter ([`RabbitBroker`], RabbitMQ through
-//! lapin) and a future in-process adapter (a durable queue stored in SQLite,
-//! for the one-process mode) both implement it, and the services never see
-//! which one they talk to.
+//! lapin) and the embedded adapter ([`EmbeddedBroker`], a durable queue kept
+//! in the SQLite database of the one-process mode) both implement it, and the
+//! services never see which one they talk to.
 //!
 //! Delivery is at-least-once. A consumer settles every [`ReceivedMessage`]
 //! exactly once: [`ack`](ReceivedMessage::ack) when its outcome is durable,
@@ -35,6 +35,7 @@
 //! # }
 //! ```
 
+mod embedded;
 mod rabbit;
 mod reconnect;
 mod topology;
@@ -48,6 +49,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::Stream;
 
+pub use embedded::{EmbeddedBroker, EmbeddedConfig};
 pub use rabbit::{RabbitBroker, RabbitConfig};
 
 /// The work queues of the pipeline.

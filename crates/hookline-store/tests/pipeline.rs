@@ -606,7 +606,10 @@ async fn outcomes_number_attempts_and_move_deliveries_through_their_states() {
     assert_eq!(got.status, DeliveryStatus::Failed);
     assert_eq!(got.attempt_count, 3);
     assert_eq!(got.next_attempt_at, None);
-    assert_eq!(got.last_error.as_deref(), Some("HTTP 503"));
+    assert_eq!(
+        got.last_error.as_deref(),
+        Some("retry schedule spent (last attempt: HTTP 503)")
+    );
     assert_eq!(schedule(&store, d).await, None);
     assert!(got.updated_at >= got.created_at);
 

@@ -11,7 +11,7 @@ use hookline_proto::v1::delivery_service_client::DeliveryServiceClient;
 use hookline_proto::v1::ingest_service_client::IngestServiceClient;
 use hookline_proto::v1::registry_service_client::RegistryServiceClient;
 use support::receiver::{Behavior, Receiver};
-use support::{Env, Server, authed};
+use support::{Backend, Env, Server, authed};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -30,8 +30,8 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    async fn start(settings: &[(&str, &str)]) -> Pipeline {
-        let env = Env::new().await;
+    async fn start(backend: Backend, settings: &[(&str, &str)]) -> Pipeline {
+        let env = Env::with(backend).await;
         let admin = env.admin_key().await;
         let mut all = vec![
             ("HOOKLINE_RETRY_POLL_INTERVAL_MS", "50"),
@@ -208,9 +208,8 @@ impl Pipeline {
     }
 }
 
-#[tokio::test]
-async fn a_publish_reaches_its_subscriber_signed_and_byte_exact() {
-    let mut p = Pipeline::start(&[]).await;
+async fn a_publish_reaches_its_subscriber_signed_and_byte_exact(backend: Backend) {
+    let mut p = Pipeline::start(backend, &[]).await;
     p.subscribe("a", Behavior::Ok, &[], &[]).await;
     // Odd spacing, key order and an integer beyond f64 precision must survive untouched.
     let payload = br#"{ "z": 1,  "big": 123456789012345678901234567890, "a" : [ "x" ] }"#;
@@ -248,9 +247,8 @@ async fn a_publish_reaches_its_subscriber_signed_and_byte_exact() {
     p.finish().await;
 }
 
-#[tokio::test]
-async fn fan_out_reaches_exactly_the_matching_subscriptions() {
-    let mut p = Pipeline::start(&[]).await;
+async fn fan_out_reaches_exactly_the_matching_subscriptions(backend: Backend) {
+    let mut p = Pipeline::start(backend, &[]).await;
     p.subscribe("exact", Behavior::Ok, &["invoice.paid"], &[])
         .await;
     p.subscribe("wild", Behavior::Ok, &["invoice.*"], &[]).await;
@@ -289,9 +287,8 @@ async fn fan_out_reaches_exactly_the_matching_subscriptions() {
     p.finish().await;
 }
 
-#[tokio::test]
-async fn a_batch_of_1000_events_is_delivered_in_full() {
-    let mut p = Pipeline::start(&[]).await;
+async fn a_batch_of_1000_events_is_delivered_in_full(backend: Backend) {
+    let mut p = Pipeline::start(backend, &[]).await;
     p.subscribe("bulk", Behavior::Ok, &[], &[]).await;
     let events: Vec<_> = (0..1000)
         .map(|i| p.event("order.created", format!("{{\"n\":{i}}}").as_bytes()))
@@ -327,9 +324,8 @@ async fn a_batch_of_1000_events_is_delivered_in_full() {
     p.finish().await;
 }
 
-#[tokio::test]
-async fn a_receiver_failing_twice_gets_three_attempts_and_one_success() {
-    let mut p = Pipeline::start(&[]).await;
+async fn a_receiver_failing_twice_gets_three_attempts_and_one_success(backend: Backend) {
+    let mut p = Pipeline::start(backend, &[]).await;
     let sub = p
         .subscribe("flaky", Behavior::FailTimes(2, 500), &[], &[100, 100, 100])
         .await;
@@ -366,9 +362,8 @@ async fn a_receiver_failing_twice_gets_three_attempts_and_one_success() {
     p.finish().await;
 }
 
-#[tokio::test]
-async fn a_spent_schedule_fails_the_delivery_and_retry_or_replay_delivers_it() {
-    let mut p = Pipeline::start(&[]).await;
+async fn a_spent_schedule_fails_the_delivery_and_retry_or_replay_delivers_it(backend: Backend) {
+    let mut p = Pipeline::start(backend, &[]).await;
     let sub = p
         .subscribe("down", Behavior::Always(503), &[], &[50, 50])
         .await;
@@ -426,9 +421,8 @@ async fn a_spent_schedule_fails_the_delivery_and_retry_or_replay_delivers_it() {
     p.finish().await;
 }
 
-#[tokio::test]
-async fn a_hanging_receiver_is_recorded_as_a_timeout_and_retried() {
-    let mut p = Pipeline::start(&[("HOOKLINE_REQUEST_TIMEOUT_MS", "500")]).await;
+async fn a_hanging_receiver_is_recorded_as_a_timeout_and_retried(backend: Backend) {
+    let mut p = Pipeline::start(backend, &[("HOOKLINE_REQUEST_TIMEOUT_MS", "500")]).await;
     let sub = p
         .subscribe("slow", Behavior::HangTimes(1), &[], &[100])
         .await;
@@ -442,9 +436,8 @@ async fn a_hanging_receiver_is_recorded_as_a_timeout_and_retried() {
     p.finish().await;
 }
 
-#[tokio::test]
-async fn gone_disables_the_subscription_and_retry_after_delays_the_next_attempt() {
-    let mut p = Pipeline::start(&[]).await;
+async fn gone_disables_the_subscription_and_retry_after_delays_the_next_attempt(backend: Backend) {
+    let mut p = Pipeline::start(backend, &[]).await;
     let gone = p
         .subscribe("gone", Behavior::Always(410), &["a.gone"], &[50, 50])
         .await;
@@ -491,9 +484,8 @@ async fn gone_disables_the_subscription_and_retry_after_delays_the_next_attempt(
     p.finish().await;
 }
 
-#[tokio::test]
-async fn a_repeated_idempotent_publish_creates_one_event_also_when_racing() {
-    let mut p = Pipeline::start(&[]).await;
+async fn a_repeated_idempotent_publish_creates_one_event_also_when_racing(backend: Backend) {
+    let mut p = Pipeline::start(backend, &[]).await;
     let sub_a = p.subscribe("ia", Behavior::Ok, &[], &[]).await;
     let sub_b = p.subscribe("ib", Behavior::Ok, &[], &[]).await;
     let mut req = p.event("invoice.paid", b"{}");
@@ -537,9 +529,8 @@ async fn a_repeated_idempotent_publish_creates_one_event_also_when_racing() {
     p.finish().await;
 }
 
-#[tokio::test]
-async fn bad_publishes_are_refused_clearly_and_nothing_is_stored_or_delivered() {
-    let mut p = Pipeline::start(&[("HOOKLINE_MAX_PAYLOAD_BYTES", "1024")]).await;
+async fn bad_publishes_are_refused_clearly_and_nothing_is_stored_or_delivered(backend: Backend) {
+    let mut p = Pipeline::start(backend, &[("HOOKLINE_MAX_PAYLOAD_BYTES", "1024")]).await;
     p.subscribe("never", Behavior::Ok, &[], &[]).await;
     let cases: Vec<(pb::PublishRequest, Code, &str)> = vec![
         (
@@ -664,10 +655,9 @@ async fn cli(p: &Pipeline, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[tokio::test]
-async fn the_cli_publishes_tails_and_shows_every_attempt() {
+async fn the_cli_publishes_tails_and_shows_every_attempt(backend: Backend) {
     use tokio::io::AsyncBufReadExt;
-    let p = Pipeline::start(&[]).await;
+    let p = Pipeline::start(backend, &[]).await;
     let url = p.receiver.endpoint("cli", Behavior::FailTimes(1, 502));
     let created: serde_json::Value = serde_json::from_str(
         &cli(
@@ -776,17 +766,14 @@ async fn the_cli_publishes_tails_and_shows_every_attempt() {
     p.finish().await;
 }
 
-#[tokio::test]
-async fn a_delivery_committed_but_never_queued_is_relayed() {
+async fn a_delivery_committed_but_never_queued_is_relayed(backend: Backend) {
     use hookline_core::{Id, IdKind};
-    use hookline_store::port::{EventStore, InsertOutcome, NewEvent};
-    let mut p = Pipeline::start(&[("HOOKLINE_RELAY_GRACE_MS", "200")]).await;
+    use hookline_store::port::{InsertOutcome, NewEvent};
+    let mut p = Pipeline::start(backend, &[("HOOKLINE_RELAY_GRACE_MS", "200")]).await;
     let sub = p.subscribe("stranded", Behavior::Ok, &[], &[]).await;
     // What a crash between the commit and the queue publish leaves behind: the event
     // and its delivery in the database, and nothing in the queue.
-    let store = hookline_store::PgStore::connect(p.env.db.url(), 2)
-        .await
-        .unwrap();
+    let store = p.env.event_store().await;
     let event_id = Id::new(IdKind::Event);
     let outcome = store
         .insert_events(&[NewEvent {
@@ -804,7 +791,7 @@ async fn a_delivery_committed_but_never_queued_is_relayed() {
         .await
         .unwrap();
     assert!(matches!(&outcome[0], InsertOutcome::Created { jobs, .. } if jobs.len() == 1));
-    store.close().await;
+    drop(store);
 
     let got = p
         .receiver
@@ -814,3 +801,36 @@ async fn a_delivery_committed_but_never_queued_is_relayed() {
     assert!(got[0].verified);
     p.finish().await;
 }
+
+/// Every test body above runs on both backends: PostgreSQL + RabbitMQ, and embedded
+/// (SQLite + the in-process queue).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod distributed {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Distributed).await
+            })*
+        }
+        mod embedded {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Embedded).await
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    a_publish_reaches_its_subscriber_signed_and_byte_exact,
+    fan_out_reaches_exactly_the_matching_subscriptions,
+    a_batch_of_1000_events_is_delivered_in_full,
+    a_receiver_failing_twice_gets_three_attempts_and_one_success,
+    a_spent_schedule_fails_the_delivery_and_retry_or_replay_delivers_it,
+    a_hanging_receiver_is_recorded_as_a_timeout_and_retried,
+    gone_disables_the_subscription_and_retry_after_delays_the_next_attempt,
+    a_repeated_idempotent_publish_creates_one_event_also_when_racing,
+    bad_publishes_are_refused_clearly_and_nothing_is_stored_or_delivered,
+    the_cli_publishes_tails_and_shows_every_attempt,
+    a_delivery_committed_but_never_queued_is_relayed,
+);

@@ -14,30 +14,78 @@ use tokio::process::{Child, Command};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hookline");
 
-/// A database and queue prefix for one test; every process of the test shares them.
+/// Which backends a test runs Hookline on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// PostgreSQL and RabbitMQ.
+    Distributed,
+    /// SQLite and the in-process queue under a data directory.
+    Embedded,
+}
+
+/// A database (or data directory) and queue prefix for one test; every process of the
+/// test shares them.
 pub struct Env {
-    pub db: TestDb,
+    pub backend: Backend,
+    pub db: Option<TestDb>,
+    pub data_dir: std::path::PathBuf,
     pub prefix: String,
 }
 
 impl Env {
+    /// PostgreSQL and RabbitMQ.
     pub async fn new() -> Self {
+        Self::with(Backend::Distributed).await
+    }
+
+    pub async fn with(backend: Backend) -> Self {
+        let db = match backend {
+            Backend::Distributed => Some(TestDb::create().await),
+            Backend::Embedded => None,
+        };
         Env {
-            db: TestDb::create().await,
+            backend,
+            db,
+            data_dir: std::env::temp_dir().join(hookline_testkit::unique_name("hookline-e2e-")),
             prefix: hookline_testkit::unique_name("test_e2e_"),
         }
     }
 
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(BIN);
-        cmd.env("HOOKLINE_DATABASE_URL", self.db.url())
-            .env("HOOKLINE_AMQP_URL", hookline_testkit::amqp_url())
+        match &self.db {
+            Some(db) => {
+                cmd.env("HOOKLINE_DATABASE_URL", db.url())
+                    .env("HOOKLINE_AMQP_URL", hookline_testkit::amqp_url());
+            }
+            None => {
+                cmd.env_remove("HOOKLINE_DATABASE_URL")
+                    .env_remove("HOOKLINE_AMQP_URL");
+            }
+        }
+        cmd.env("HOOKLINE_DATA_DIR", &self.data_dir)
             .env("HOOKLINE_QUEUE_PREFIX", &self.prefix)
             .env("HOOKLINE_DATABASE_MAX_CONNECTIONS", "4")
             .env("HOOKLINE_LOG", "warn")
             .env_remove("HOOKLINE_CONFIG")
             .kill_on_drop(true);
         cmd
+    }
+
+    /// The event store of the test's backend, opened beside the server.
+    pub async fn event_store(&self) -> std::sync::Arc<dyn hookline_store::port::EventStore> {
+        match &self.db {
+            Some(db) => std::sync::Arc::new(
+                hookline_store::PgStore::connect(db.url(), 2)
+                    .await
+                    .expect("connect to the test database"),
+            ),
+            None => std::sync::Arc::new(
+                hookline_store::SqliteStore::open(&self.data_dir.join("hookline.db"))
+                    .await
+                    .expect("open the embedded database"),
+            ),
+        }
     }
 
     /// Runs `hookline admin create-key` and returns the token it printed.
@@ -110,15 +158,20 @@ impl Env {
         }
     }
 
-    /// Drops the test's database and its queues and exchanges.
+    /// Drops the test's database and its queues and exchanges, or its data directory.
     pub async fn finish(self) {
-        let cfg =
-            hookline_broker::RabbitConfig::new(hookline_testkit::amqp_url(), self.prefix.clone());
-        if let Ok(broker) = hookline_broker::RabbitBroker::connect(cfg).await {
-            let _ = broker.delete_topology().await;
-            broker.close().await;
+        if let Some(db) = self.db {
+            let cfg = hookline_broker::RabbitConfig::new(
+                hookline_testkit::amqp_url(),
+                self.prefix.clone(),
+            );
+            if let Ok(broker) = hookline_broker::RabbitBroker::connect(cfg).await {
+                let _ = broker.delete_topology().await;
+                broker.close().await;
+            }
+            db.drop_db().await;
         }
-        self.db.drop_db().await;
+        let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
 

@@ -26,6 +26,11 @@ pub enum Behavior {
     HangTimes(u32),
     /// 429 with `Retry-After: secs` this many times, then 200.
     TooManyTimes(u32, u64),
+    /// Answers `status` to the first request of every `n`-th new `webhook-id`, 200
+    /// otherwise.
+    FailFirstOfEvery(u32, u16),
+    /// Answers 200 after this many milliseconds.
+    Slow(u64),
 }
 
 /// One request as received.
@@ -54,6 +59,7 @@ struct Endpoint {
     behavior: Option<Behavior>,
     secret: Option<String>,
     calls: u32,
+    seen_events: std::collections::HashSet<String>,
 }
 
 #[derive(Default)]
@@ -149,14 +155,22 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (behavior, secret, call) = {
+    let webhook_id = headers
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let (behavior, secret, call, first_of_event) = {
         let mut eps = inner.endpoints.lock().unwrap();
         let ep = eps.entry(name.clone()).or_default();
         ep.calls += 1;
+        let first = ep.seen_events.insert(webhook_id)
+            && u32::try_from(ep.seen_events.len()).unwrap_or(0) % fail_every(&ep.behavior) == 0;
         (
             ep.behavior.clone().unwrap_or(Behavior::Ok),
             ep.secret.clone(),
             ep.calls,
+            first,
         )
     };
     let verified = secret.is_some_and(|s| {
@@ -189,6 +203,19 @@ async fn handle(
         )
             .into_response(),
         Behavior::TooManyTimes(..) => (StatusCode::OK, "ok").into_response(),
+        Behavior::FailFirstOfEvery(_, status) if first_of_event => status_response(status),
+        Behavior::FailFirstOfEvery(..) => (StatusCode::OK, "ok").into_response(),
+        Behavior::Slow(ms) => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            (StatusCode::OK, "ok").into_response()
+        }
+    }
+}
+
+fn fail_every(behavior: &Option<Behavior>) -> u32 {
+    match behavior {
+        Some(Behavior::FailFirstOfEvery(n, _)) => (*n).max(1),
+        _ => 1,
     }
 }
 

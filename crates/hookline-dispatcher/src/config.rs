@@ -4,9 +4,15 @@
 use std::time::Duration;
 
 /// How a dispatcher works. `Default` suits a laptop and a modest cluster node alike.
+///
+/// The per-subscription limits (`default_max_in_flight`, the subscription's own
+/// `max_in_flight` and `rate_limit_per_second`) and the circuit breaker are kept per
+/// dispatcher process: with several replicas, a subscription may see up to one
+/// `max_in_flight` (and one rate) per replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DispatcherConfig {
-    /// Most HTTP requests in flight at once (over every subscription).
+    /// Most HTTP requests in flight at once (over every subscription): the process-wide
+    /// cap, taken after a subscription's own slot.
     pub concurrency: usize,
     /// Most unsettled messages per queue (AMQP prefetch).
     pub prefetch: u16,
@@ -18,6 +24,26 @@ pub struct DispatcherConfig {
     pub write_batch: usize,
     /// How long the first outcome of a batch waits for company before it is written.
     pub write_linger: Duration,
+    /// Most requests in flight to one subscription that sets no `max_in_flight` of its
+    /// own. A message for a subscription at its limit is deferred (see `defer_delay`),
+    /// never held, so one slow endpoint cannot take the whole process.
+    pub default_max_in_flight: u32,
+    /// How long a message for a subscription at its in-flight limit may wait in the
+    /// process for a slot to free before it is deferred. A fast endpoint frees slots
+    /// within milliseconds, and waiting that long is far cheaper than a deferral (a
+    /// database write, a trip through the retry schedule, and a second or more of
+    /// latency): a burst of a few times the limit then goes through without one. The
+    /// wait is skipped when the subscription's requests are slow enough that no slot is
+    /// likely to free in time (a hanging endpoint), so it costs a hanging endpoint
+    /// nothing once its first requests have ended. Zero defers at once.
+    pub in_flight_wait: Duration,
+    /// How far a delivery is put off when its subscription is at its in-flight limit,
+    /// jittered by ±20% so deferred deliveries do not come back together; when the
+    /// subscription already has deferred deliveries, later ones are spaced at the pace
+    /// it frees slots (at most 60 s ahead).
+    pub defer_delay: Duration,
+    /// The per-subscription circuit breaker.
+    pub circuit: CircuitConfig,
 }
 
 impl Default for DispatcherConfig {
@@ -29,6 +55,56 @@ impl Default for DispatcherConfig {
             user_agent: format!("Hookline/{}", env!("CARGO_PKG_VERSION")),
             write_batch: 256,
             write_linger: Duration::from_millis(5),
+            default_max_in_flight: 64,
+            in_flight_wait: Duration::from_millis(50),
+            defer_delay: Duration::from_secs(1),
+            circuit: CircuitConfig::default(),
+        }
+    }
+}
+
+/// When a subscription's circuit opens and for how long.
+///
+/// A failure is a request that got no answer (timeout, refused or reset connection, DNS,
+/// TLS) or a 5xx answer; any other answer (2xx, 3xx, 4xx including 429) is a success
+/// for the breaker, since the endpoint is up. While the circuit is open, deliveries to
+/// the subscription are deferred without a request; after the cool-down one probe
+/// request goes through (half-open): success closes the circuit, failure opens it again
+/// for twice the cool-down, up to `max_cool_down`. The state lives in the dispatcher
+/// process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitConfig {
+    /// Consecutive failures that open the circuit; 0 turns this trigger off.
+    pub failure_threshold: u32,
+    /// Share of failed requests, in percent, within one `window` of at least
+    /// `min_requests` requests, that opens the circuit; 0 turns this trigger off.
+    pub failure_ratio_percent: u8,
+    /// Fewest requests in a window before the failure ratio counts.
+    pub min_requests: u32,
+    /// The length of the window the failure ratio is counted over.
+    pub window: Duration,
+    /// How long the circuit stays open the first time.
+    pub cool_down: Duration,
+    /// The longest cool-down, however often the probe fails.
+    pub max_cool_down: Duration,
+}
+
+impl CircuitConfig {
+    /// Whether either trigger is on.
+    pub fn enabled(&self) -> bool {
+        self.failure_threshold > 0 || self.failure_ratio_percent > 0
+    }
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 10,
+            failure_ratio_percent: 50,
+            min_requests: 20,
+            window: Duration::from_secs(30),
+            cool_down: Duration::from_secs(30),
+            max_cool_down: Duration::from_secs(600),
         }
     }
 }

@@ -6,17 +6,28 @@
 //! records the attempt together with what happens next (success, a retry at a time, or
 //! failure) through a batching writer that acks each message only once its outcome is
 //! committed. Subscriptions come from a cache kept fresh by the registry's change
-//! announcements. It keeps no state of its own: add replicas to add throughput.
+//! announcements.
+//!
+//! Before a request takes one of the process-wide `concurrency` permits it must be
+//! admitted for its subscription: circuit breaker, in-flight limit, rate limit
+//! ([`limits`]). A message that is not admitted is deferred (recorded as a retry at a
+//! time, without an attempt, and acked) rather than held, so a hanging endpoint holds
+//! its own `max_in_flight` requests (and, for a few milliseconds each, the messages
+//! waiting for one of them), and healthy endpoints keep the rest of the process. That
+//! admission state (and the circuit breaker's) is per process; everything durable is in
+//! the store: add replicas to add throughput.
 //!
 //! ```text
-//! deliveries ─┐                    ┌─ semaphore (concurrency) ─┐
-//!             ├─ consume(prefetch) ┤  decode · cache · sign ·   ├─▶ writer ─ record_outcomes ─▶ ack
-//! retries ────┘                    └─ POST · decide ────────────┘   (batch | linger)
+//! deliveries ─┐                    ┌─ decode · cache · admit ─┬─ defer (no attempt) ──┐
+//!             ├─ consume(prefetch) ┤  (circuit · in flight ·  │                       ├─▶ writer ─ record_outcomes ─▶ ack
+//! retries ────┘                    └─  rate) ──▶ permit (concurrency) · sign · POST ──┘   (batch | linger)
 //! ```
 
 mod cache;
+mod circuit;
 mod config;
 mod http;
+mod limits;
 pub mod metrics;
 mod worker;
 mod writer;
@@ -32,9 +43,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use config::DispatcherConfig;
+pub use config::{CircuitConfig, DispatcherConfig};
 
 use crate::cache::SubscriptionCache;
+use crate::limits::Limits;
 use crate::worker::Worker;
 
 /// Extra time, beyond the request timeout, that in-flight deliveries get at shutdown.
@@ -101,6 +113,36 @@ impl Dispatcher {
                 "request_timeout must be longer than zero".into(),
             ));
         }
+        if cfg.default_max_in_flight == 0 {
+            return Err(DispatcherError::InvalidConfig(
+                "default_max_in_flight must be at least 1".into(),
+            ));
+        }
+        if cfg.defer_delay.is_zero() {
+            return Err(DispatcherError::InvalidConfig(
+                "defer_delay must be longer than zero".into(),
+            ));
+        }
+        let circuit = &cfg.circuit;
+        if circuit.failure_ratio_percent > 100 {
+            return Err(DispatcherError::InvalidConfig(format!(
+                "circuit.failure_ratio_percent must be between 0 and 100, got {}",
+                circuit.failure_ratio_percent
+            )));
+        }
+        if circuit.enabled()
+            && (circuit.cool_down.is_zero() || circuit.max_cool_down < circuit.cool_down)
+        {
+            return Err(DispatcherError::InvalidConfig(format!(
+                "circuit.cool_down must be longer than zero and at most circuit.max_cool_down, got {:?} and {:?}",
+                circuit.cool_down, circuit.max_cool_down
+            )));
+        }
+        if circuit.failure_ratio_percent > 0 && circuit.window.is_zero() {
+            return Err(DispatcherError::InvalidConfig(
+                "circuit.window must be longer than zero".into(),
+            ));
+        }
         let user_agent = HeaderValue::from_str(&cfg.user_agent).map_err(|_| {
             DispatcherError::InvalidConfig(format!(
                 "user_agent {:?} is not a valid HTTP header value",
@@ -156,28 +198,26 @@ impl Dispatcher {
             broker,
             writer: writer_tx,
             shutdown: shutdown.clone(),
+            limits: Limits::new(&cfg),
+            permits: Arc::new(Semaphore::new(cfg.concurrency)),
         });
         tracing::info!(
             concurrency = cfg.concurrency,
             prefetch = cfg.prefetch,
+            default_max_in_flight = cfg.default_max_in_flight,
             "dispatcher consuming deliveries and retries"
         );
 
-        let permits = Arc::new(Semaphore::new(cfg.concurrency));
+        // Every message gets its task at once: the broker's prefetch bounds how many are
+        // unsettled (and so how many tasks exist), and a task waits for a process-wide
+        // permit only after its subscription admitted it, so a subscription at its limit
+        // never stops the consumer or holds a permit.
         let mut tasks = JoinSet::new();
         let mut broker_closed = false;
         loop {
             while let Some(done) = tasks.try_join_next() {
                 report_task_end(done);
             }
-            let permit = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break, // never closed; stop rather than spin
-                },
-            };
             let message = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -194,7 +234,6 @@ impl Dispatcher {
             tasks.spawn(async move {
                 worker.handle(message).await;
                 drop(in_flight);
-                drop(permit);
             });
         }
 

@@ -5,12 +5,21 @@ use std::time::Duration;
 
 use hookline_store::port::NextStep;
 
+use crate::limits::DeferReason;
+
 /// Deliveries whose attempt outcome is durable, by `outcome` (succeeded, retrying, failed).
 pub const DELIVERIES_TOTAL: &str = "hookline_deliveries_total";
 /// Time from sending a request to having read its response excerpt.
 pub const ATTEMPT_DURATION_SECONDS: &str = "hookline_attempt_duration_seconds";
-/// Messages being worked on (HTTP request, or waiting for room at the writer).
+/// Messages being worked on (admission, HTTP request, or waiting for room at the writer).
 pub const IN_FLIGHT: &str = "hookline_dispatcher_in_flight";
+/// Deliveries put off without a request, once durable, by `reason` (`in_flight`,
+/// `rate_limit`, `circuit_open`).
+pub const DEFERRED_TOTAL: &str = "hookline_deliveries_deferred_total";
+/// Subscriptions whose circuit is open or half-open in this dispatcher. A count, not a
+/// gauge per subscription: subscription ids as labels would not scale. Which ones are
+/// open is in the logs (`circuit opened`, `circuit closed`, with `subscription_id`).
+pub const CIRCUITS_OPEN: &str = "hookline_circuits_open";
 
 pub(crate) fn attempt_finished(duration: Duration) {
     metrics::histogram!(ATTEMPT_DURATION_SECONDS).record(duration.as_secs_f64());
@@ -24,6 +33,15 @@ pub(crate) fn outcome_recorded(next: &NextStep) {
         NextStep::Failed { .. } => "failed",
     };
     metrics::counter!(DELIVERIES_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// Counts a deferral once it is durable.
+pub(crate) fn deferral_recorded(reason: DeferReason) {
+    metrics::counter!(DEFERRED_TOTAL, "reason" => reason.as_str()).increment(1);
+}
+
+pub(crate) fn circuits_open(count: i64) {
+    metrics::gauge!(CIRCUITS_OPEN).set(count.max(0) as f64);
 }
 
 /// Holds one unit of the in-flight gauge while alive.

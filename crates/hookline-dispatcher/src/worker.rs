@@ -1,9 +1,13 @@
 //! One delivery message, from the queue to an outcome handed to the writer.
 //!
-//! Decode the job, find the subscription, sign, POST, decide what happens next (success,
+//! Decode the job, find the subscription, get it admitted for its subscription
+//! (circuit, in-flight slot, rate: [`crate::limits`]) and then a process-wide permit,
+//! sign, POST, tell the circuit breaker how it went, decide what happens next (success,
 //! a retry at a time, or failure), and pass the outcome with its message to the writer,
-//! which acks once the outcome is durable. Everything that can go wrong here is input
-//! or network trouble, so every branch settles the message or hands it on; nothing panics.
+//! which acks once the outcome is durable. A message that is not admitted is deferred
+//! the same way: an outcome with no attempt and a retry time. Everything that can go
+//! wrong here is input or network trouble, so every branch settles the message or hands
+//! it on; nothing panics.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,19 +15,21 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use hookline_broker::{Broker, BrokerError, ReceivedMessage};
 use hookline_core::job::DeliveryJob;
-use hookline_core::model::{Attempt, RegistryChange, SubscriptionState};
+use hookline_core::model::{Attempt, ErrorClass, RegistryChange, SubscriptionState};
 use hookline_core::retry::parse_retry_after;
 use hookline_core::signing::signature_header;
 use hookline_core::{Id, IdKind};
 use hookline_store::port::{AttemptOutcome, NextStep, RegistryStore};
 use reqwest::header::HeaderValue;
 use reqwest::{Client, StatusCode};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::cache::{Endpoint, Lookup, SubscriptionCache};
+use crate::circuit::Health;
 use crate::http::{self, Exchange};
+use crate::limits::{Decision, DeferReason, Limits};
 use crate::metrics;
 use crate::writer::Settle;
 
@@ -42,6 +48,10 @@ pub(crate) struct Worker {
     pub(crate) broker: Arc<dyn Broker>,
     pub(crate) writer: mpsc::Sender<Settle>,
     pub(crate) shutdown: CancellationToken,
+    /// Per-subscription admission, taken before a permit.
+    pub(crate) limits: Limits,
+    /// The process-wide cap on requests in flight (`concurrency`).
+    pub(crate) permits: Arc<Semaphore>,
 }
 
 impl Worker {
@@ -92,13 +102,51 @@ impl Worker {
                     reason: DISABLED_REASON.to_owned(),
                 },
             };
-            self.hand_over(outcome, message).await;
+            self.hand_over(outcome, message, None).await;
             return;
         }
+
+        // The subscription's own gates first, so a message that cannot go never holds
+        // a process-wide permit.
+        let ticket = match self
+            .limits
+            .admit(&endpoint.subscription, &self.shutdown)
+            .await
+        {
+            Decision::Go(ticket) => ticket,
+            Decision::Defer { reason, at } => {
+                tracing::debug!(reason = reason.as_str(), %at, "delivery deferred");
+                self.defer(&job, reason, at, message).await;
+                return;
+            }
+            Decision::Stopped => {
+                settled("requeue", message.retry_later().await);
+                return;
+            }
+        };
+        let permit = tokio::select! {
+            biased;
+            permit = self.permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                // Never closed; put the message back rather than send without a permit.
+                Err(_) => {
+                    drop(ticket);
+                    settled("requeue", message.retry_later().await);
+                    return;
+                }
+            },
+            () = self.shutdown.cancelled() => {
+                drop(ticket);
+                settled("requeue", message.retry_later().await);
+                return;
+            }
+        };
 
         let started_at = Utc::now();
         let payload = std::mem::take(&mut job.payload);
         let exchange = self.attempt(&job, payload, &endpoint, started_at).await;
+        ticket.finish(health(&exchange));
+        drop(permit);
         if exchange.sent {
             metrics::attempt_finished(exchange.duration);
         }
@@ -115,7 +163,24 @@ impl Worker {
             attempt: Some(attempt_record(&job, exchange)),
             next,
         };
-        self.hand_over(outcome, message).await;
+        self.hand_over(outcome, message, None).await;
+    }
+
+    /// Puts the delivery off until `at` without an attempt: the retry scheduler queues
+    /// it again then, with the same attempt number.
+    async fn defer(
+        &self,
+        job: &DeliveryJob,
+        reason: DeferReason,
+        at: DateTime<Utc>,
+        message: ReceivedMessage,
+    ) {
+        let outcome = AttemptOutcome {
+            delivery_id: job.delivery_id.clone(),
+            attempt: None,
+            next: NextStep::RetryAt(at),
+        };
+        self.hand_over(outcome, message, Some(reason)).await;
     }
 
     /// Signs and sends one request with `payload` (the job's, moved out of it).
@@ -231,12 +296,35 @@ impl Worker {
     }
 
     /// Passes the outcome to the writer, waiting for room (backpressure).
-    async fn hand_over(&self, outcome: AttemptOutcome, message: ReceivedMessage) {
-        if self.writer.send(Settle { outcome, message }).await.is_err() {
+    async fn hand_over(
+        &self,
+        outcome: AttemptOutcome,
+        message: ReceivedMessage,
+        deferred: Option<DeferReason>,
+    ) {
+        let settle = Settle {
+            outcome,
+            message,
+            deferred,
+        };
+        if self.writer.send(settle).await.is_err() {
             // The writer is gone (shutting down): the message is dropped unsettled and
             // redelivered, so the attempt will be made again.
             tracing::warn!("outcome writer has stopped; the message will be redelivered");
         }
+    }
+}
+
+/// What an exchange says about the endpoint's health, for the circuit breaker: a 5xx or
+/// no answer at all is down; any other answer is up (the endpoint is there, and a 429 has
+/// `Retry-After` for its own purposes); an attempt refused before sending says nothing.
+fn health(exchange: &Exchange) -> Health {
+    match (exchange.status, &exchange.error) {
+        (Some(status), _) if status.is_server_error() => Health::Down,
+        (Some(_), _) => Health::Up,
+        (None, Some((ErrorClass::Invalid, _))) => Health::Unknown,
+        (None, _) if exchange.sent => Health::Down,
+        (None, _) => Health::Unknown,
     }
 }
 

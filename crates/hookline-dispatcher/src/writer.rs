@@ -6,7 +6,8 @@
 //! outcome is committed. A failing write is retried with backoff for a bounded time;
 //! then the messages are put back on the queue, so nothing is lost (the attempt is made
 //! again). A batch the database refuses outright is written outcome by outcome, so one
-//! bad outcome cannot hold back the others.
+//! bad outcome cannot hold back the others. Deferrals (no attempt, a retry at a time)
+//! travel the same way and are counted apart from delivery outcomes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use hookline_store::port::{AttemptOutcome, DeliveryStore};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::limits::DeferReason;
 use crate::metrics;
 use crate::worker::settled;
 
@@ -29,6 +31,17 @@ pub(crate) const WRITE_RETRY_TOTAL: Duration = Duration::from_secs(15);
 pub(crate) struct Settle {
     pub(crate) outcome: AttemptOutcome,
     pub(crate) message: ReceivedMessage,
+    /// Set when the outcome is a deferral (no attempt, a retry at a time), for the
+    /// metrics: a deferral is not a delivery outcome.
+    pub(crate) deferred: Option<DeferReason>,
+}
+
+/// Counts one outcome once it is durable.
+fn count(outcome: &AttemptOutcome, deferred: Option<DeferReason>) {
+    match deferred {
+        Some(reason) => metrics::deferral_recorded(reason),
+        None => metrics::outcome_recorded(&outcome.next),
+    }
 }
 
 /// Starts the writer. It ends once every sender is dropped and the last batch is
@@ -67,8 +80,14 @@ async fn run(
 }
 
 async fn flush(store: &dyn DeliveryStore, batch: Vec<Settle>) {
-    let (outcomes, messages): (Vec<AttemptOutcome>, Vec<ReceivedMessage>) =
-        batch.into_iter().map(|s| (s.outcome, s.message)).unzip();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut messages = Vec::with_capacity(batch.len());
+    let mut deferrals = Vec::with_capacity(batch.len());
+    for s in batch {
+        outcomes.push(s.outcome);
+        messages.push(s.message);
+        deferrals.push(s.deferred);
+    }
     let result = (|| store.record_outcomes(&outcomes))
         .retry(backoff())
         .when(is_transient)
@@ -80,15 +99,17 @@ async fn flush(store: &dyn DeliveryStore, batch: Vec<Settle>) {
         Ok(()) => {
             outcomes
                 .iter()
-                .for_each(|o| metrics::outcome_recorded(&o.next));
+                .zip(&deferrals)
+                .for_each(|(o, d)| count(o, *d));
             ack_all(messages).await;
         }
         Err(e) if !is_transient(&e) && outcomes.len() > 1 => {
             tracing::warn!(error = %e, outcomes = outcomes.len(), "the database refused a batch of outcomes; writing them one by one");
-            for (outcome, message) in outcomes.into_iter().zip(messages) {
+            for ((outcome, message), deferred) in outcomes.into_iter().zip(messages).zip(deferrals)
+            {
                 match store.record_outcomes(std::slice::from_ref(&outcome)).await {
                     Ok(()) => {
-                        metrics::outcome_recorded(&outcome.next);
+                        count(&outcome, deferred);
                         settled("ack", message.ack().await);
                     }
                     Err(e) => {

@@ -6,12 +6,14 @@
 
 pub mod port;
 pub mod postgres;
+pub mod sqlite;
 
 pub use port::{
     AttemptOutcome, DeliveryFilter, DeliveryStore, EventFilter, EventStore, InsertOutcome,
     NewApiKey, NewEvent, NewSubscription, NextStep, Page, PageRequest, RegistryStore, StoreHealth,
 };
 pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
 
 /// Failures of the store.
 #[derive(Debug, thiserror::Error)]

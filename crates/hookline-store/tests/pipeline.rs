@@ -1,5 +1,10 @@
-//! The data plane of the PostgreSQL adapter (`EventStore`, `DeliveryStore`) against a real
-//! server: each test gets a database of its own.
+//! The data plane of the storage port (`EventStore`, `DeliveryStore`), run against both
+//! adapters: each case is one body, tested on a PostgreSQL database of its own
+//! (`case::postgres`) and on a SQLite file of its own (`case::sqlite`). Races run on both:
+//! PostgreSQL settles them with row locks, SQLite with its single writer, and either way
+//! an idempotency key yields one event and a due retry is promoted once.
+
+mod support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -11,31 +16,33 @@ use hookline_core::model::{
 };
 use hookline_core::{Id, IdKind};
 use hookline_store::{
-    AttemptOutcome, DeliveryFilter, DeliveryStore, EventFilter, EventStore, InsertOutcome,
-    NewEvent, NewSubscription, NextStep, PageRequest, PgStore, RegistryStore, StoreError,
+    AttemptOutcome, DeliveryFilter, EventFilter, InsertOutcome, NewEvent, NewSubscription,
+    NextStep, PageRequest, StoreError,
 };
-use hookline_testkit::TestDb;
+use support::{Backend, Fixture, Store};
+
+on_both_backends! {
+    current_thread insert_events_stores_events_deliveries_and_outbox_and_returns_jobs(3);
+    current_thread idempotency_keys_report_the_original_event_sequentially_and_within_a_batch(3);
+    multi_thread racing_publishes_with_one_key_store_one_event(8);
+    current_thread the_outbox_is_confirmed_and_leased_exclusively(3);
+    current_thread outcomes_number_attempts_and_move_deliveries_through_their_states(3);
+    current_thread a_batch_of_outcomes_applies_in_order_and_skips_deliveries_that_are_gone(3);
+    multi_thread concurrent_writers_never_give_two_attempts_one_number(6);
+    current_thread due_retries_are_promoted_to_the_outbox_once(3);
+    multi_thread concurrent_promoters_never_return_the_same_delivery(6);
+    current_thread failed_deliveries_are_found_and_requeued(3);
+    current_thread events_are_listed_newest_first_with_filters_and_pages(3);
+    current_thread deliveries_are_listed_with_filters_and_followed_by_update_time(3);
+    current_thread deleting_subscriptions_and_tenants_cascades_through_the_pipeline(3);
+    current_thread subscriptions_are_disabled_with_a_reason_and_enabled_again(2);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A migrated store with a pool of `connections` on a fresh database.
-async fn setup(connections: u32) -> (TestDb, PgStore) {
-    let db = TestDb::create().await;
-    let store = PgStore::connect(db.url(), connections)
-        .await
-        .expect("connect");
-    store.migrate().await.expect("migrate");
-    (db, store)
-}
-
-async fn teardown(db: TestDb, store: PgStore) {
-    store.close().await;
-    db.drop_db().await;
-}
-
-async fn tenant(store: &PgStore) -> Id {
+async fn tenant(store: &dyn Store) -> Id {
     let id = Id::new(IdKind::Tenant);
     store
         .create_tenant(&id, "t", &BTreeMap::new())
@@ -44,7 +51,7 @@ async fn tenant(store: &PgStore) -> Id {
     id
 }
 
-async fn subscription(store: &PgStore, tenant_id: &Id) -> Id {
+async fn subscription(store: &dyn Store, tenant_id: &Id) -> Id {
     let id = Id::new(IdKind::Subscription);
     store
         .create_subscription(&NewSubscription {
@@ -93,7 +100,7 @@ fn new_event(tenant_id: &Id, key: Option<&str>, subs: &[&Id]) -> NewEvent {
 }
 
 /// Inserts one event and returns its jobs.
-async fn publish(store: &PgStore, tenant_id: &Id, subs: &[&Id]) -> Vec<DeliveryJob> {
+async fn publish(store: &dyn Store, tenant_id: &Id, subs: &[&Id]) -> Vec<DeliveryJob> {
     let outcomes = store
         .insert_events(&[new_event(tenant_id, None, subs)])
         .await
@@ -131,36 +138,11 @@ fn outcome(delivery_id: &Id, attempt: Option<Attempt>, next: NextStep) -> Attemp
     }
 }
 
-async fn count(store: &PgStore, table: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
-        .fetch_one(store.pool())
-        .await
-        .expect("count")
-}
-
-async fn outbox(store: &PgStore) -> HashSet<String> {
-    sqlx::query_scalar("SELECT delivery_id FROM delivery_outbox")
-        .fetch_all(store.pool())
-        .await
-        .expect("outbox")
-        .into_iter()
-        .collect()
-}
-
-/// The retry-schedule row of a delivery: (due_at, attempt_number).
-async fn schedule(store: &PgStore, delivery_id: &Id) -> Option<(DateTime<Utc>, i32)> {
-    sqlx::query_as("SELECT due_at, attempt_number FROM retry_schedule WHERE delivery_id = $1")
-        .bind(delivery_id.as_str())
-        .fetch_optional(store.pool())
-        .await
-        .expect("schedule")
-}
-
 fn page(after: Option<String>, limit: u32) -> PageRequest {
     PageRequest { after, limit }
 }
 
-/// PostgreSQL keeps microseconds.
+/// Both adapters keep microseconds.
 fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
     t.trunc_subsecs(6)
 }
@@ -187,14 +169,10 @@ fn desc(ids: Vec<Id>) -> Vec<Id> {
 // Events and the outbox
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn insert_events_stores_events_deliveries_and_outbox_and_returns_jobs() {
-    let (db, store) = setup(3).await;
-    let t = tenant(&store).await;
-    let (s1, s2) = (
-        subscription(&store, &t).await,
-        subscription(&store, &t).await,
-    );
+async fn insert_events_stores_events_deliveries_and_outbox_and_returns_jobs(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let (s1, s2) = (subscription(store, &t).await, subscription(store, &t).await);
     let gone = Id::new(IdKind::Subscription);
 
     let mut first = new_event(&t, None, &[&s1, &s2, &s1]);
@@ -232,15 +210,15 @@ async fn insert_events_stores_events_deliveries_and_outbox_and_returns_jobs() {
     );
     assert!(matches!(&outcomes[2], InsertOutcome::Created { jobs, .. } if jobs.is_empty()));
 
-    assert_eq!(count(&store, "events").await, 3);
-    assert_eq!(count(&store, "deliveries").await, 3);
+    assert_eq!(fx.count("events").await, 3);
+    assert_eq!(fx.count("deliveries").await, 3);
     let all_jobs: Vec<Id> = jobs
         .iter()
         .chain(jobs2)
         .map(|j| j.delivery_id.clone())
         .collect();
     let expected: HashSet<String> = all_jobs.iter().map(|i| i.to_string()).collect();
-    assert_eq!(outbox(&store).await, expected);
+    assert_eq!(fx.outbox().await, expected);
 
     // The event reads back byte for byte.
     let stored = store.get_event(&first.event.id).await.expect("get event");
@@ -281,8 +259,8 @@ async fn insert_events_stores_events_deliveries_and_outbox_and_returns_jobs() {
         matches!(&err, StoreError::NotFound { entity: "tenant", id } if id == stranger.as_str()),
         "{err}"
     );
-    assert_eq!(count(&store, "events").await, 3);
-    assert_eq!(count(&store, "deliveries").await, 3);
+    assert_eq!(fx.count("events").await, 3);
+    assert_eq!(fx.count("deliveries").await, 3);
     // So is an event id used twice.
     let err = store
         .insert_events(&[first.clone()])
@@ -308,19 +286,14 @@ async fn insert_events_stores_events_deliveries_and_outbox_and_returns_jobs() {
         ),
         "{err}"
     );
-    teardown(db, store).await;
 }
 
-#[tokio::test]
-async fn idempotency_keys_report_the_original_event_sequentially_and_within_a_batch() {
-    let (db, store) = setup(3).await;
-    let t = tenant(&store).await;
-    let other = tenant(&store).await;
-    let (s1, s2) = (
-        subscription(&store, &t).await,
-        subscription(&store, &t).await,
-    );
-    let s3 = subscription(&store, &other).await;
+async fn idempotency_keys_report_the_original_event_sequentially_and_within_a_batch(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let other = tenant(store).await;
+    let (s1, s2) = (subscription(store, &t).await, subscription(store, &t).await);
+    let s3 = subscription(store, &other).await;
 
     let original = new_event(&t, Some("order-1"), &[&s1, &s2]);
     let outcomes = store
@@ -377,21 +350,16 @@ async fn idempotency_keys_report_the_original_event_sequentially_and_within_a_ba
     assert!(
         matches!(&outcomes[5], InsertOutcome::Created { event_id, .. } if event_id == &f.event.id)
     );
-    assert_eq!(count(&store, "events").await, 4);
-    assert_eq!(count(&store, "deliveries").await, 2 + 1 + 1 + 1);
-    assert_eq!(count(&store, "delivery_outbox").await, 5);
-    teardown(db, store).await;
+    assert_eq!(fx.count("events").await, 4);
+    assert_eq!(fx.count("deliveries").await, 2 + 1 + 1 + 1);
+    assert_eq!(fx.count("delivery_outbox").await, 5);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_publishes_with_one_key_store_one_event() {
-    let (db, store) = setup(8).await;
-    let t = tenant(&store).await;
-    let (s1, s2) = (
-        subscription(&store, &t).await,
-        subscription(&store, &t).await,
-    );
-    let store = Arc::new(store);
+async fn racing_publishes_with_one_key_store_one_event(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let (s1, s2) = (subscription(store, &t).await, subscription(store, &t).await);
+    let store = fx.shared();
 
     for round in 0..5 {
         let key = format!("race-{round}");
@@ -436,25 +404,23 @@ async fn racing_publishes_with_one_key_store_one_event() {
         assert_eq!(created, 1, "round {round}");
         assert_eq!(reported.len(), 1, "every publish names the same event");
     }
-    assert_eq!(count(&store, "events").await, 10);
-    assert_eq!(count(&store, "deliveries").await, 5 * 3);
-    let store = Arc::into_inner(store).expect("sole owner");
-    teardown(db, store).await;
+    assert_eq!(fx.count("events").await, 10);
+    assert_eq!(fx.count("deliveries").await, 5 * 3);
+    drop(store);
 }
 
-#[tokio::test]
-async fn the_outbox_is_confirmed_and_leased_exclusively() {
-    let (db, store) = setup(3).await;
-    let t = tenant(&store).await;
-    let s = subscription(&store, &t).await;
+async fn the_outbox_is_confirmed_and_leased_exclusively(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let s = subscription(store, &t).await;
     let jobs: Vec<DeliveryJob> = {
         let mut all = Vec::new();
         for _ in 0..4 {
-            all.extend(publish(&store, &t, &[&s]).await);
+            all.extend(publish(store, &t, &[&s]).await);
         }
         all
     };
-    assert_eq!(count(&store, "delivery_outbox").await, 4);
+    assert_eq!(fx.count("delivery_outbox").await, 4);
 
     // Confirmed entries leave the outbox; unknown ids are no error.
     store
@@ -462,7 +428,7 @@ async fn the_outbox_is_confirmed_and_leased_exclusively() {
         .await
         .expect("confirm");
     store.confirm_published(&[]).await.expect("confirm none");
-    assert_eq!(count(&store, "delivery_outbox").await, 3);
+    assert_eq!(fx.count("delivery_outbox").await, 3);
 
     // Too young for the relay.
     let now = Utc::now();
@@ -496,10 +462,13 @@ async fn the_outbox_is_confirmed_and_leased_exclusively() {
     );
 
     // An expired lease makes the entry leasable again.
-    sqlx::query("UPDATE delivery_outbox SET leased_until = now() - interval '1 second'")
-        .execute(store.pool())
-        .await
-        .expect("expire leases");
+    fx.execute(
+        "UPDATE delivery_outbox SET leased_until = now() - interval '1 second'",
+        "UPDATE delivery_outbox \
+         SET leased_until = CAST(unixepoch('subsec') * 1000000 AS INTEGER) - 1000000",
+        &[],
+    )
+    .await;
     let again = store
         .lease_unpublished(cutoff, 10, later)
         .await
@@ -521,10 +490,8 @@ async fn the_outbox_is_confirmed_and_leased_exclusively() {
         .await
         .expect("lease");
     assert!(leased.is_empty(), "still leased until `later`");
-    sqlx::query("UPDATE delivery_outbox SET leased_until = NULL")
-        .execute(store.pool())
-        .await
-        .expect("clear leases");
+    let clear = "UPDATE delivery_outbox SET leased_until = NULL";
+    fx.execute(clear, clear, &[]).await;
     let leased = store
         .lease_unpublished(cutoff, 1, expired)
         .await
@@ -537,20 +504,18 @@ async fn the_outbox_is_confirmed_and_leased_exclusively() {
         .confirm_published(&ids(&jobs))
         .await
         .expect("confirm all");
-    assert_eq!(count(&store, "delivery_outbox").await, 0);
-    teardown(db, store).await;
+    assert_eq!(fx.count("delivery_outbox").await, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Outcomes and the retry schedule
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn outcomes_number_attempts_and_move_deliveries_through_their_states() {
-    let (db, store) = setup(3).await;
-    let t = tenant(&store).await;
-    let s = subscription(&store, &t).await;
-    let jobs = publish(&store, &t, &[&s]).await;
+async fn outcomes_number_attempts_and_move_deliveries_through_their_states(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let s = subscription(store, &t).await;
+    let jobs = publish(store, &t, &[&s]).await;
     let d = &jobs[0].delivery_id;
 
     // 1: HTTP 500, retry later.
@@ -567,7 +532,7 @@ async fn outcomes_number_attempts_and_move_deliveries_through_their_states() {
     assert_eq!(got.last_attempt_at, Some(micros(a1.started_at)));
     assert_eq!(got.last_status_code, Some(500));
     assert_eq!(got.last_error.as_deref(), Some("HTTP 500"));
-    assert_eq!(schedule(&store, d).await, Some((due1, 2)));
+    assert_eq!(fx.schedule(d).await, Some((due1, 2)));
 
     // 2: a timeout, retry later again: the schedule row moves.
     let due2 = micros(Utc::now() + TimeDelta::minutes(30));
@@ -580,7 +545,7 @@ async fn outcomes_number_attempts_and_move_deliveries_through_their_states() {
     assert_eq!(got.attempt_count, 2);
     assert_eq!(got.last_status_code, None);
     assert_eq!(got.last_error.as_deref(), Some("timed out after 15 s"));
-    assert_eq!(schedule(&store, d).await, Some((due2, 3)));
+    assert_eq!(fx.schedule(d).await, Some((due2, 3)));
 
     // The same write again (a retried batch): recorded once.
     store
@@ -610,7 +575,7 @@ async fn outcomes_number_attempts_and_move_deliveries_through_their_states() {
         got.last_error.as_deref(),
         Some("retry schedule spent (last attempt: HTTP 503)")
     );
-    assert_eq!(schedule(&store, d).await, None);
+    assert_eq!(fx.schedule(d).await, None);
     assert!(got.updated_at >= got.created_at);
 
     let attempts = store
@@ -647,19 +612,14 @@ async fn outcomes_number_attempts_and_move_deliveries_through_their_states() {
         .await
         .expect_err("bad cursor");
     assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
-    teardown(db, store).await;
 }
 
-#[tokio::test]
-async fn a_batch_of_outcomes_applies_in_order_and_skips_deliveries_that_are_gone() {
-    let (db, store) = setup(3).await;
-    let t = tenant(&store).await;
-    let (s1, s2) = (
-        subscription(&store, &t).await,
-        subscription(&store, &t).await,
-    );
-    let jobs = publish(&store, &t, &[&s1, &s2]).await;
-    let more = publish(&store, &t, &[&s1]).await;
+async fn a_batch_of_outcomes_applies_in_order_and_skips_deliveries_that_are_gone(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let (s1, s2) = (subscription(store, &t).await, subscription(store, &t).await);
+    let jobs = publish(store, &t, &[&s1, &s2]).await;
+    let more = publish(store, &t, &[&s1]).await;
     let (ok, twice, disabled) = (
         &jobs[0].delivery_id,
         &jobs[1].delivery_id,
@@ -702,7 +662,7 @@ async fn a_batch_of_outcomes_applies_in_order_and_skips_deliveries_that_are_gone
     assert_eq!(got.attempt_count, 1);
     assert_eq!(got.last_status_code, Some(204));
     assert_eq!(got.last_error, None);
-    assert_eq!(schedule(&store, ok).await, None);
+    assert_eq!(fx.schedule(ok).await, None);
 
     let got = store.get_delivery(twice).await.expect("get");
     assert_eq!(
@@ -714,7 +674,7 @@ async fn a_batch_of_outcomes_applies_in_order_and_skips_deliveries_that_are_gone
     assert_eq!(got.next_attempt_at, None);
     assert_eq!(got.last_status_code, Some(200));
     assert_eq!(got.last_error, None);
-    assert_eq!(schedule(&store, twice).await, None);
+    assert_eq!(fx.schedule(twice).await, None);
     let numbers: Vec<u32> = store
         .list_attempts(twice, &page(None, 0))
         .await
@@ -731,7 +691,7 @@ async fn a_batch_of_outcomes_applies_in_order_and_skips_deliveries_that_are_gone
     assert_eq!(got.attempt_count, 0);
     assert_eq!(got.last_attempt_at, None);
     assert_eq!(got.last_error.as_deref(), Some("subscription disabled"));
-    assert_eq!(count(&store, "attempts").await, 3);
+    assert_eq!(fx.count("attempts").await, 3);
 
     // A batch of nothing but deliveries that are gone is no error.
     store
@@ -739,18 +699,16 @@ async fn a_batch_of_outcomes_applies_in_order_and_skips_deliveries_that_are_gone
         .await
         .expect("all gone");
     store.record_outcomes(&[]).await.expect("empty");
-    teardown(db, store).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_writers_never_give_two_attempts_one_number() {
-    let (db, store) = setup(6).await;
-    let t = tenant(&store).await;
-    let s = subscription(&store, &t).await;
-    let jobs = publish(&store, &t, &[&s]).await;
+async fn concurrent_writers_never_give_two_attempts_one_number(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let s = subscription(store, &t).await;
+    let jobs = publish(store, &t, &[&s]).await;
     let d = jobs[0].delivery_id.clone();
-    let other = publish(&store, &t, &[&s]).await[0].delivery_id.clone();
-    let store = Arc::new(store);
+    let other = publish(store, &t, &[&s]).await[0].delivery_id.clone();
+    let store = fx.shared();
 
     let tasks: Vec<_> = (0..6)
         .map(|i| {
@@ -796,20 +754,18 @@ async fn concurrent_writers_never_give_two_attempts_one_number() {
             .collect();
         assert_eq!(numbers, (1..=30).collect::<Vec<_>>());
         assert_eq!(store.get_delivery(id).await.expect("get").attempt_count, 30);
-        assert_eq!(schedule(&store, id).await.map(|(_, n)| n), Some(31));
+        assert_eq!(fx.schedule(id).await.map(|(_, n)| n), Some(31));
     }
-    let store = Arc::into_inner(store).expect("sole owner");
-    teardown(db, store).await;
+    drop(store);
 }
 
-#[tokio::test]
-async fn due_retries_are_promoted_to_the_outbox_once() {
-    let (db, store) = setup(3).await;
-    let t = tenant(&store).await;
-    let s = subscription(&store, &t).await;
-    let jobs = publish(&store, &t, &[&s]).await;
-    let more = publish(&store, &t, &[&s]).await;
-    let future = publish(&store, &t, &[&s]).await;
+async fn due_retries_are_promoted_to_the_outbox_once(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let s = subscription(store, &t).await;
+    let jobs = publish(store, &t, &[&s]).await;
+    let more = publish(store, &t, &[&s]).await;
+    let future = publish(store, &t, &[&s]).await;
     store.confirm_published(&ids(&jobs)).await.expect("confirm");
     store.confirm_published(&ids(&more)).await.expect("confirm");
     store
@@ -838,7 +794,7 @@ async fn due_retries_are_promoted_to_the_outbox_once() {
         ])
         .await
         .expect("record");
-    assert_eq!(count(&store, "retry_schedule").await, 3);
+    assert_eq!(fx.count("retry_schedule").await, 3);
 
     // Most due first, at most `limit`.
     let first = store.promote_due_retries(now, 1).await.expect("promote");
@@ -871,21 +827,19 @@ async fn due_retries_are_promoted_to_the_outbox_once() {
         assert_eq!(got.status, DeliveryStatus::Pending);
         assert_eq!(got.next_attempt_at, None);
         assert_eq!(got.attempt_count, 1);
-        assert_eq!(schedule(&store, id).await, None);
+        assert_eq!(fx.schedule(id).await, None);
     }
     assert_eq!(
-        outbox(&store).await,
+        fx.outbox().await,
         HashSet::from([early.to_string(), late.to_string()])
     );
-    assert!(schedule(&store, &future[0].delivery_id).await.is_some());
-    teardown(db, store).await;
+    assert!(fx.schedule(&future[0].delivery_id).await.is_some());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_promoters_never_return_the_same_delivery() {
-    let (db, store) = setup(6).await;
-    let t = tenant(&store).await;
-    let s = subscription(&store, &t).await;
+async fn concurrent_promoters_never_return_the_same_delivery(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let s = subscription(store, &t).await;
     let batch: Vec<NewEvent> = (0..200).map(|_| new_event(&t, None, &[&s])).collect();
     let mut all = Vec::new();
     for outcome in store.insert_events(&batch).await.expect("insert") {
@@ -901,12 +855,12 @@ async fn concurrent_promoters_never_return_the_same_delivery() {
         .map(|d| outcome(d, Some(attempt(d, Some(500), None)), NextStep::RetryAt(due)))
         .collect();
     store.record_outcomes(&outcomes).await.expect("record");
-    assert_eq!(count(&store, "retry_schedule").await, 200);
+    assert_eq!(fx.count("retry_schedule").await, 200);
 
-    let store = Arc::new(store);
+    let store = fx.shared();
     let tasks: Vec<_> = (0..4)
         .map(|_| {
-            let store = store.clone();
+            let store = fx.shared();
             tokio::spawn(async move {
                 let mut mine = Vec::new();
                 loop {
@@ -940,24 +894,19 @@ async fn concurrent_promoters_never_return_the_same_delivery() {
         assert!(seen.insert(id.clone()), "{id} promoted twice");
     }
     assert_eq!(total, 200);
-    assert_eq!(count(&store, "retry_schedule").await, 0);
-    assert_eq!(count(&store, "delivery_outbox").await, 200);
-    let store = Arc::into_inner(store).expect("sole owner");
-    teardown(db, store).await;
+    assert_eq!(fx.count("retry_schedule").await, 0);
+    assert_eq!(fx.count("delivery_outbox").await, 200);
+    drop(store);
 }
 
-#[tokio::test]
-async fn failed_deliveries_are_found_and_requeued() {
-    let (db, store) = setup(3).await;
-    let t = tenant(&store).await;
-    let (s, other_sub) = (
-        subscription(&store, &t).await,
-        subscription(&store, &t).await,
-    );
+async fn failed_deliveries_are_found_and_requeued(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let (s, other_sub) = (subscription(store, &t).await, subscription(store, &t).await);
     let start = Utc::now() - TimeDelta::seconds(1);
     let mut failed = Vec::new();
     for _ in 0..3 {
-        let jobs = publish(&store, &t, &[&s, &other_sub]).await;
+        let jobs = publish(store, &t, &[&s, &other_sub]).await;
         for job in &jobs {
             store
                 .record_outcomes(&[outcome(
@@ -973,7 +922,7 @@ async fn failed_deliveries_are_found_and_requeued() {
         failed.push(jobs[0].delivery_id.clone());
         store.confirm_published(&ids(&jobs)).await.expect("confirm");
     }
-    let retrying = publish(&store, &t, &[&s]).await[0].delivery_id.clone();
+    let retrying = publish(store, &t, &[&s]).await[0].delivery_id.clone();
     store
         .confirm_published(std::slice::from_ref(&retrying))
         .await
@@ -1035,7 +984,7 @@ async fn failed_deliveries_are_found_and_requeued() {
         store.get_delivery(&failed[0]).await.expect("get").status,
         DeliveryStatus::Failed
     );
-    assert_eq!(count(&store, "delivery_outbox").await, 0);
+    assert_eq!(fx.count("delivery_outbox").await, 0);
 
     // A manual retry: back to pending, into the outbox, any schedule dropped.
     let asked = vec![failed[1].clone(), retrying.clone(), failed[1].clone()];
@@ -1046,10 +995,10 @@ async fn failed_deliveries_are_found_and_requeued() {
         let got = store.get_delivery(id).await.expect("get");
         assert_eq!(got.status, DeliveryStatus::Pending);
         assert_eq!(got.next_attempt_at, None);
-        assert_eq!(schedule(&store, id).await, None);
+        assert_eq!(fx.schedule(id).await, None);
     }
     assert_eq!(
-        outbox(&store).await,
+        fx.outbox().await,
         HashSet::from([failed[1].to_string(), retrying.to_string()])
     );
     // Requeued deliveries are no longer failed.
@@ -1065,18 +1014,16 @@ async fn failed_deliveries_are_found_and_requeued() {
             .expect("none")
             .is_empty()
     );
-    teardown(db, store).await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Listings
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn events_are_listed_newest_first_with_filters_and_pages() {
-    let (db, store) = setup(3).await;
-    let t = tenant(&store).await;
-    let other = tenant(&store).await;
+async fn events_are_listed_newest_first_with_filters_and_pages(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let other = tenant(store).await;
     let base = Utc::now() - TimeDelta::hours(1);
     let mut batch = Vec::new();
     for i in 0..5 {
@@ -1162,22 +1109,17 @@ async fn events_are_listed_newest_first_with_filters_and_pages() {
         got.items.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
         desc(vec![mine[2].clone(), mine[1].clone()])
     );
-    teardown(db, store).await;
 }
 
-#[tokio::test]
-async fn deliveries_are_listed_with_filters_and_followed_by_update_time() {
-    let (db, store) = setup(3).await;
-    let t = tenant(&store).await;
-    let other = tenant(&store).await;
-    let (s1, s2) = (
-        subscription(&store, &t).await,
-        subscription(&store, &t).await,
-    );
-    let s3 = subscription(&store, &other).await;
-    let a = publish(&store, &t, &[&s1, &s2]).await;
-    let b = publish(&store, &t, &[&s1]).await;
-    let c = publish(&store, &other, &[&s3]).await;
+async fn deliveries_are_listed_with_filters_and_followed_by_update_time(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let other = tenant(store).await;
+    let (s1, s2) = (subscription(store, &t).await, subscription(store, &t).await);
+    let s3 = subscription(store, &other).await;
+    let a = publish(store, &t, &[&s1, &s2]).await;
+    let b = publish(store, &t, &[&s1]).await;
+    let c = publish(store, &other, &[&s3]).await;
     let all_t: Vec<Id> = a.iter().chain(&b).map(|j| j.delivery_id.clone()).collect();
 
     let newest_first = desc(all_t.clone());
@@ -1354,22 +1296,17 @@ async fn deliveries_are_listed_with_filters_and_followed_by_update_time() {
         ),
         "{err}"
     );
-    teardown(db, store).await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // The registry's side
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn deleting_subscriptions_and_tenants_cascades_through_the_pipeline() {
-    let (db, store) = setup(3).await;
-    let t = tenant(&store).await;
-    let (s1, s2) = (
-        subscription(&store, &t).await,
-        subscription(&store, &t).await,
-    );
-    let jobs = publish(&store, &t, &[&s1, &s2]).await;
+async fn deleting_subscriptions_and_tenants_cascades_through_the_pipeline(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let (s1, s2) = (subscription(store, &t).await, subscription(store, &t).await);
+    let jobs = publish(store, &t, &[&s1, &s2]).await;
     let outcomes: Vec<AttemptOutcome> = jobs
         .iter()
         .map(|j| {
@@ -1387,7 +1324,7 @@ async fn deleting_subscriptions_and_tenants_cascades_through_the_pipeline() {
         "attempts",
         "retry_schedule",
     ] {
-        assert_eq!(count(&store, table).await, 2, "{table}");
+        assert_eq!(fx.count(table).await, 2, "{table}");
     }
 
     // A subscription takes its deliveries (and everything of theirs); the event stays.
@@ -1398,15 +1335,15 @@ async fn deleting_subscriptions_and_tenants_cascades_through_the_pipeline() {
         "attempts",
         "retry_schedule",
     ] {
-        assert_eq!(count(&store, table).await, 1, "{table}");
+        assert_eq!(fx.count(table).await, 1, "{table}");
     }
-    assert_eq!(count(&store, "events").await, 1);
+    assert_eq!(fx.count("events").await, 1);
     // Its outcomes arriving late are skipped; the other one's is recorded already.
     store
         .record_outcomes(&outcomes)
         .await
         .expect("record after delete");
-    assert_eq!(count(&store, "attempts").await, 1);
+    assert_eq!(fx.count("attempts").await, 1);
 
     // A tenant takes everything.
     store.delete_tenant(&t).await.expect("delete tenant");
@@ -1417,16 +1354,14 @@ async fn deleting_subscriptions_and_tenants_cascades_through_the_pipeline() {
         "attempts",
         "retry_schedule",
     ] {
-        assert_eq!(count(&store, table).await, 0, "{table}");
+        assert_eq!(fx.count(table).await, 0, "{table}");
     }
-    teardown(db, store).await;
 }
 
-#[tokio::test]
-async fn subscriptions_are_disabled_with_a_reason_and_enabled_again() {
-    let (db, store) = setup(2).await;
-    let t = tenant(&store).await;
-    let s = subscription(&store, &t).await;
+async fn subscriptions_are_disabled_with_a_reason_and_enabled_again(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let s = subscription(store, &t).await;
     let before = store.get_subscription(&s).await.expect("get");
 
     let disabled = store
@@ -1462,5 +1397,4 @@ async fn subscriptions_are_disabled_with_a_reason_and_enabled_again() {
         matches!(&err, StoreError::NotFound { entity: "subscription", id } if id == missing.as_str()),
         "{err}"
     );
-    teardown(db, store).await;
 }

@@ -2,7 +2,7 @@
 //! `HOOKLINE_*` environment variables, then flags — each overriding the one before.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use figment::Figment;
@@ -12,12 +12,17 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
-    /// PostgreSQL URL. Use `sslmode=disable` on loopback.
-    pub database_url: String,
+    /// PostgreSQL URL (use `sslmode=disable` on loopback). With `amqp_url`, selects the
+    /// distributed backends; with neither, Hookline runs embedded under `data_dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
     /// Connections in this process's database pool.
     pub database_max_connections: u32,
-    /// RabbitMQ URL.
-    pub amqp_url: String,
+    /// RabbitMQ URL; see `database_url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_url: Option<String>,
+    /// Where the embedded backends keep their SQLite database.
+    pub data_dir: PathBuf,
     /// Prefix of every queue and exchange name.
     pub queue_prefix: String,
     /// Where the gRPC API listens (every service of this process on one port).
@@ -47,9 +52,10 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            database_url: "postgres://postgres@127.0.0.1:5432/hookline?sslmode=disable".into(),
+            database_url: None,
             database_max_connections: 10,
-            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            amqp_url: None,
+            data_dir: PathBuf::from("hookline-data"),
             queue_prefix: "hookline".into(),
             grpc_addr: ([127, 0, 0, 1], 50051).into(),
             admin_addr: ([127, 0, 0, 1], 9090).into(),
@@ -77,6 +83,10 @@ pub struct CliOverrides {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub amqp_url: Option<String>,
+    /// Data directory of the embedded backends [env: HOOKLINE_DATA_DIR]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
     /// Prefix of queue and exchange names [env: HOOKLINE_QUEUE_PREFIX]
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -2,6 +2,7 @@
 //! prepares the database, `admin` holds the bootstrap commands that need no server.
 
 mod admin_http;
+mod backends;
 mod client;
 mod config;
 mod serve;
@@ -9,7 +10,6 @@ mod shutdown;
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{CliOverrides, Config};
@@ -58,6 +58,8 @@ enum Command {
     /// Administration that works without a running server.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Benchmarks a spawned or running server end to end (see `hookline bench --list`).
+    Bench(hookline_bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -104,6 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Subscriptions(cmd) => return client::subscriptions(&cli.client, cmd).await,
         Command::Deliveries(cmd) => return client::deliveries(&cli.client, cmd).await,
         Command::Tail(args) => return client::tail(&cli.client, args).await,
+        Command::Bench(args) => return Ok(hookline_bench::run(args).await?),
         _ => {}
     }
     let config = Config::load(cli.config.as_deref(), &cli.overrides)?;
@@ -114,15 +117,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve::serve(config, services).await
         }
         Command::Migrate => {
-            let store = serve::connect_store(&config).await?;
-            store.migrate().await.context("applying migrations")?;
+            let mode = backends::Mode::from_config(&config)?;
+            let (store, _) = backends::open_store(&mode, &config).await?;
+            store.migrate().await?;
+            store.close().await;
             println!("migrations applied");
             Ok(())
         }
         Command::Admin(AdminCommand::CreateKey { name, tenant }) => {
-            let store = serve::connect_store(&config).await?;
-            store.migrate().await.context("applying migrations")?;
-            let created = serve::create_key(&store, &name, tenant.as_deref()).await?;
+            let mode = backends::Mode::from_config(&config)?;
+            let (store, _) = backends::open_store(&mode, &config).await?;
+            store.migrate().await?;
+            let created =
+                serve::create_key(store.registry().as_ref(), &name, tenant.as_deref()).await;
+            store.close().await;
+            let created = created?;
             println!("{created}");
             Ok(())
         }
@@ -130,6 +139,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::Tenants(_)
         | Command::Subscriptions(_)
         | Command::Deliveries(_)
-        | Command::Tail(_) => Ok(()),
+        | Command::Tail(_)
+        | Command::Bench(_) => Ok(()),
     }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use hookline_broker::Broker;
-use hookline_broker::{RabbitBroker, RabbitConfig};
 use hookline_core::{Id, IdKind};
 use hookline_dispatcher::{Dispatcher, DispatcherConfig};
 use hookline_grpc::{Authenticator, auth, standard};
@@ -17,15 +16,14 @@ use hookline_outbox::{Relay, RelayConfig};
 use hookline_proto::v1 as pb;
 use hookline_registry::RegistryApi;
 use hookline_retry::{DeliveryApi, Scheduler, SchedulerConfig};
-use hookline_store::port::{DeliveryStore, EventStore, NewApiKey, RegistryStore};
-use hookline_store::postgres::PgStore;
+use hookline_store::port::{NewApiKey, RegistryStore};
 use metrics_exporter_prometheus::PrometheusBuilder;
-use sqlx::migrate::MigrateDatabase;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin_http::{self, AdminState};
+use crate::backends::{self, Mode};
 use crate::config::Config;
 use crate::shutdown;
 
@@ -39,7 +37,7 @@ pub enum Service {
 }
 
 impl Service {
-    const ALL: [Service; 4] = [
+    pub const ALL: [Service; 4] = [
         Service::Registry,
         Service::Ingest,
         Service::Dispatcher,
@@ -81,37 +79,9 @@ pub fn parse_services(list: &str) -> anyhow::Result<BTreeSet<Service>> {
     Ok(out)
 }
 
-/// Connects to PostgreSQL, creating the database when it does not exist yet.
-pub async fn connect_store(config: &Config) -> anyhow::Result<PgStore> {
-    let url = &config.database_url;
-    let exists = sqlx::Postgres::database_exists(url)
-        .await
-        .with_context(|| format!("cannot reach PostgreSQL at {}", redact(url)))?;
-    if !exists {
-        sqlx::Postgres::create_database(url)
-            .await
-            .with_context(|| format!("cannot create the database of {}", redact(url)))?;
-        tracing::info!("created database");
-    }
-    PgStore::connect(url, config.database_max_connections)
-        .await
-        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// Creates an API key and describes it, token included, for printing once.
 pub async fn create_key(
-    store: &PgStore,
+    store: &dyn RegistryStore,
     name: &str,
     tenant: Option<&str>,
 ) -> anyhow::Result<String> {
@@ -157,12 +127,13 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let shutdown = CancellationToken::new();
     shutdown::on_signal(shutdown.clone());
 
-    let store = Arc::new(connect_store(&config).await?);
-    if config.migrate_on_start {
-        store.migrate().await.context("applying migrations")?;
+    let mode = Mode::from_config(&config)?;
+    mode.check_services(&services)?;
+    let (store, fresh) = backends::open_store(&mode, &config).await?;
+    if config.migrate_on_start || matches!(mode, Mode::Embedded { .. }) {
+        store.migrate().await?;
     }
-    let mut rabbit = RabbitConfig::new(&config.amqp_url, &config.queue_prefix);
-    rabbit.connection_name = format!(
+    let connection_name = format!(
         "hookline:{}:{}",
         config.queue_prefix,
         services
@@ -171,14 +142,10 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
             .collect::<Vec<_>>()
             .join("+")
     );
-    let broker: Arc<dyn Broker> = Arc::new(
-        RabbitBroker::connect(rabbit)
-            .await
-            .context("cannot connect to RabbitMQ")?,
-    );
-    let registry_store: Arc<dyn RegistryStore> = store.clone();
-    let event_store: Arc<dyn EventStore> = store.clone();
-    let delivery_store: Arc<dyn DeliveryStore> = store.clone();
+    let broker = backends::open_broker(&mode, &config, &store, connection_name).await?;
+    let registry_store = store.registry();
+    let event_store = store.events();
+    let delivery_store = store.deliveries();
     let authenticator = Authenticator::new(registry_store.clone());
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     tasks.push(spawn_cache_invalidation(
@@ -290,12 +257,19 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     println!("hookline: grpc listening on {grpc_addr}");
     println!("hookline: admin listening on {admin_addr}");
     println!("hookline: services {}", names.join(","));
+    if let Mode::Embedded { data_dir } = &mode {
+        println!("hookline: embedded backends in {}", data_dir.display());
+        if fresh {
+            let key = create_key(registry_store.as_ref(), "admin", None).await?;
+            println!("{}", first_start_banner(grpc_addr, admin_addr, &key));
+        }
+    }
     tracing::info!(%grpc_addr, %admin_addr, services = ?names, "serving");
 
     let admin = tokio::spawn(admin_http::serve(
         admin_listener,
         AdminState {
-            store: store.clone(),
+            store: store.health(),
             broker: broker.clone(),
             metrics,
         },
@@ -347,4 +321,37 @@ fn spawn_cache_invalidation(
             }
         }
     })
+}
+
+/// What a newcomer sees on the first start of an embedded Hookline: where everything
+/// listens, the admin key (shown this once), and commands to paste.
+fn first_start_banner(
+    grpc: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    key_description: &str,
+) -> String {
+    let token = key_description
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    format!(
+        r#"
+Hookline is running (embedded: every service in this process, state in SQLite).
+  gRPC API (registry, ingest, deliveries): {grpc}   reflection on: grpcurl -plaintext {grpc} list
+  admin HTTP: http://{admin}/healthz  /readyz  /metrics
+
+First start: an admin API key was created. It is shown only now; keep it:
+  {token}
+
+Try it (in another terminal, with a receiver listening on http://127.0.0.1:8000/webhook):
+  export HOOKLINE_SERVER=http://{grpc} HOOKLINE_TOKEN={token}
+  hookline tenants create --name acme                                   # prints ten_…
+  hookline subscriptions create --tenant ten_… --url http://127.0.0.1:8000/webhook --event-type 'invoice.*'
+  hookline publish --tenant ten_… --type invoice.paid --data '{{"amount": 42}}'
+  hookline tail --tenant ten_…
+(`hookline` is `cargo run --release -p hookline --` from a checkout.)
+"#
+    )
 }

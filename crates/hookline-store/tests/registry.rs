@@ -1,4 +1,8 @@
-//! The PostgreSQL adapter against a real server: each test gets a database of its own.
+//! The control plane of the storage port (`RegistryStore`, `StoreHealth`, the schema),
+//! run against both adapters: each case is one body, tested on a PostgreSQL database of its
+//! own (`case::postgres`) and on a SQLite file of its own (`case::sqlite`).
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -6,22 +10,18 @@ use std::time::Duration;
 use chrono::{TimeDelta, Utc};
 use hookline_core::model::{SubscriptionSecret, SubscriptionState};
 use hookline_core::{Id, IdKind};
-use hookline_store::{
-    NewApiKey, NewSubscription, PageRequest, PgStore, RegistryStore, StoreError, StoreHealth,
-};
-use hookline_testkit::TestDb;
+use hookline_store::{NewApiKey, NewSubscription, PageRequest, StoreError};
+use support::{Backend, Fixture, Store};
 
-/// A migrated store on a fresh database. Call `teardown` at the end of the test.
-async fn setup() -> (TestDb, PgStore) {
-    let db = TestDb::create().await;
-    let store = PgStore::connect(db.url(), 5).await.expect("connect");
-    store.migrate().await.expect("migrate");
-    (db, store)
-}
-
-async fn teardown(db: TestDb, store: PgStore) {
-    store.close().await;
-    db.drop_db().await;
+on_both_backends! {
+    current_thread migrations_apply_twice_and_the_store_answers_pings(5);
+    current_thread tenants_crud_and_pagination_across_pages(5);
+    current_thread subscriptions_create_get_list_update_delete(5);
+    current_thread rotate_secret_keeps_the_old_one_live_until_it_expires(5);
+    current_thread deleting_a_tenant_cascades_to_everything_it_owns(5);
+    current_thread api_keys_create_find_list_revoke(5);
+    current_thread event_types_catalogue(5);
+    current_thread oversized_numbers_are_refused_not_truncated(5);
 }
 
 fn meta(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -68,7 +68,7 @@ fn new_subscription(tenant_id: &Id) -> NewSubscription {
     }
 }
 
-async fn tenant(store: &PgStore, name: &str) -> Id {
+async fn tenant(store: &dyn Store, name: &str) -> Id {
     let id = Id::new(IdKind::Tenant);
     store
         .create_tenant(&id, name, &BTreeMap::new())
@@ -77,25 +77,12 @@ async fn tenant(store: &PgStore, name: &str) -> Id {
     id
 }
 
-async fn count(store: &PgStore, table: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
-        .fetch_one(store.pool())
-        .await
-        .expect("count")
-}
+async fn migrations_apply_twice_and_the_store_answers_pings(fx: &Fixture) {
+    let store = fx.store();
+    fx.migrate().await.expect("second migrate is a no-op");
+    fx.migrate_from_another_pool().await;
 
-#[tokio::test]
-async fn migrations_apply_twice_and_the_store_answers_pings() {
-    let (db, store) = setup().await;
-    store.migrate().await.expect("second migrate is a no-op");
-    let other = PgStore::connect(db.url(), 1).await.expect("connect");
-    other.migrate().await.expect("migrate from another pool");
-    other.close().await;
-
-    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-        .fetch_one(store.pool())
-        .await
-        .expect("count migrations");
+    let applied = fx.applied_migrations().await;
     assert_eq!(applied, 1);
     for table in [
         "tenants",
@@ -109,15 +96,13 @@ async fn migrations_apply_twice_and_the_store_answers_pings() {
         "attempts",
         "retry_schedule",
     ] {
-        assert_eq!(count(&store, table).await, 0, "{table}");
+        assert_eq!(fx.count(table).await, 0, "{table}");
     }
     store.ping().await.expect("ping");
-    teardown(db, store).await;
 }
 
-#[tokio::test]
-async fn tenants_crud_and_pagination_across_pages() {
-    let (db, store) = setup().await;
+async fn tenants_crud_and_pagination_across_pages(fx: &Fixture) {
+    let store = fx.store();
 
     let id = Id::new(IdKind::Tenant);
     let created = store
@@ -157,7 +142,7 @@ async fn tenants_crud_and_pagination_across_pages() {
 
     let mut all = vec![id.clone()];
     for i in 0..6 {
-        all.push(tenant(&store, &format!("t{i}")).await);
+        all.push(tenant(store, &format!("t{i}")).await);
     }
     all.sort();
 
@@ -199,14 +184,12 @@ async fn tenants_crud_and_pagination_across_pages() {
             "{err}"
         );
     }
-    teardown(db, store).await;
 }
 
-#[tokio::test]
-async fn subscriptions_create_get_list_update_delete() {
-    let (db, store) = setup().await;
-    let t1 = tenant(&store, "one").await;
-    let t2 = tenant(&store, "two").await;
+async fn subscriptions_create_get_list_update_delete(fx: &Fixture) {
+    let store = fx.store();
+    let t1 = tenant(store, "one").await;
+    let t2 = tenant(store, "two").await;
 
     let new = new_subscription(&t1);
     let sub = store.create_subscription(&new).await.expect("create");
@@ -249,7 +232,7 @@ async fn subscriptions_create_get_list_update_delete() {
         matches!(&err, StoreError::NotFound { entity: "tenant", id } if id == ghost.as_str()),
         "{err}"
     );
-    assert_eq!(count(&store, "subscription_secrets").await, 1);
+    assert_eq!(fx.count("subscription_secrets").await, 1);
 
     // No limits and the default schedule round-trip as None.
     let mut plain = new_subscription(&t1);
@@ -333,7 +316,7 @@ async fn subscriptions_create_get_list_update_delete() {
 
     // Delete takes its secrets with it.
     store.delete_subscription(&sub.id).await.expect("delete");
-    assert_eq!(count(&store, "subscription_secrets").await, 2);
+    assert_eq!(fx.count("subscription_secrets").await, 2);
     let missing = Id::new(IdKind::Subscription);
     let mut ghost_sub = updated.clone();
     ghost_sub.id = missing.clone();
@@ -366,13 +349,11 @@ async fn subscriptions_create_get_list_update_delete() {
             "{err}"
         );
     }
-    teardown(db, store).await;
 }
 
-#[tokio::test]
-async fn rotate_secret_keeps_the_old_one_live_until_it_expires() {
-    let (db, store) = setup().await;
-    let t = tenant(&store, "t").await;
+async fn rotate_secret_keeps_the_old_one_live_until_it_expires(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store, "t").await;
     let new = new_subscription(&t);
     let sub = store.create_subscription(&new).await.expect("create");
     let before = store.get_subscription(&sub.id).await.expect("get");
@@ -450,14 +431,12 @@ async fn rotate_secret_keeps_the_old_one_live_until_it_expires() {
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
     let live_after = store.live_secrets(&sub.id, Utc::now()).await.expect("live");
     assert_eq!(live_after, live);
-    teardown(db, store).await;
 }
 
-#[tokio::test]
-async fn deleting_a_tenant_cascades_to_everything_it_owns() {
-    let (db, store) = setup().await;
-    let doomed = tenant(&store, "doomed").await;
-    let kept = tenant(&store, "kept").await;
+async fn deleting_a_tenant_cascades_to_everything_it_owns(fx: &Fixture) {
+    let store = fx.store();
+    let doomed = tenant(store, "doomed").await;
+    let kept = tenant(store, "kept").await;
 
     for t in [&doomed, &kept] {
         let sub = store
@@ -478,48 +457,45 @@ async fn deleting_a_tenant_cascades_to_everything_it_owns() {
         // (tests/pipeline.rs checks the same through the store's own methods).
         let event = Id::new(IdKind::Event);
         let delivery = Id::new(IdKind::Delivery);
-        sqlx::query(
+        fx.execute(
             "INSERT INTO events (id, tenant_id, event_type, payload, channels) \
              VALUES ($1, $2, 'invoice.paid', '\\x7b7d'::bytea, '{}')",
+            "INSERT INTO events (id, tenant_id, event_type, payload, channels) \
+             VALUES ($1, $2, 'invoice.paid', x'7b7d', '[]')",
+            &[event.as_str(), t.as_str()],
         )
-        .bind(event.as_str())
-        .bind(t.as_str())
-        .execute(store.pool())
-        .await
-        .expect("event");
-        sqlx::query(
-            "INSERT INTO deliveries (id, event_id, tenant_id, subscription_id, event_type) \
-             VALUES ($1, $2, $3, $4, 'invoice.paid')",
+        .await;
+        let sql = "INSERT INTO deliveries (id, event_id, tenant_id, subscription_id, event_type) \
+                   VALUES ($1, $2, $3, $4, 'invoice.paid')";
+        fx.execute(
+            sql,
+            sql,
+            &[
+                delivery.as_str(),
+                event.as_str(),
+                t.as_str(),
+                sub.id.as_str(),
+            ],
         )
-        .bind(delivery.as_str())
-        .bind(event.as_str())
-        .bind(t.as_str())
-        .bind(sub.id.as_str())
-        .execute(store.pool())
-        .await
-        .expect("delivery");
-        sqlx::query("INSERT INTO delivery_outbox (delivery_id) VALUES ($1)")
-            .bind(delivery.as_str())
-            .execute(store.pool())
-            .await
-            .expect("outbox");
-        sqlx::query(
+        .await;
+        let sql = "INSERT INTO delivery_outbox (delivery_id) VALUES ($1)";
+        fx.execute(sql, sql, &[delivery.as_str()]).await;
+        fx.execute(
             "INSERT INTO attempts (id, delivery_id, attempt_number, started_at, duration_ms, \
              status_code) VALUES ($1, $2, 1, now(), 12, 500)",
+            "INSERT INTO attempts (id, delivery_id, attempt_number, started_at, duration_ms, \
+             status_code) VALUES ($1, $2, 1, 1700000000000000, 12, 500)",
+            &[Id::new(IdKind::Attempt).as_str(), delivery.as_str()],
         )
-        .bind(Id::new(IdKind::Attempt).as_str())
-        .bind(delivery.as_str())
-        .execute(store.pool())
-        .await
-        .expect("attempt");
-        sqlx::query(
+        .await;
+        fx.execute(
             "INSERT INTO retry_schedule (delivery_id, due_at, attempt_number) \
              VALUES ($1, now(), 2)",
+            "INSERT INTO retry_schedule (delivery_id, due_at, attempt_number) \
+             VALUES ($1, 1700000000000000, 2)",
+            &[delivery.as_str()],
         )
-        .bind(delivery.as_str())
-        .execute(store.pool())
-        .await
-        .expect("retry");
+        .await;
     }
 
     store.delete_tenant(&doomed).await.expect("delete");
@@ -535,13 +511,12 @@ async fn deleting_a_tenant_cascades_to_everything_it_owns() {
         "retry_schedule",
     ] {
         assert_eq!(
-            count(&store, table).await,
+            fx.count(table).await,
             1,
             "{table}: only the kept tenant's row"
         );
     }
     assert_eq!(store.get_tenant(&kept).await.expect("kept").id, kept);
-    teardown(db, store).await;
 }
 
 fn new_key(tenant_id: Option<&Id>, hash_byte: u8) -> NewApiKey {
@@ -554,10 +529,9 @@ fn new_key(tenant_id: Option<&Id>, hash_byte: u8) -> NewApiKey {
     }
 }
 
-#[tokio::test]
-async fn api_keys_create_find_list_revoke() {
-    let (db, store) = setup().await;
-    let t = tenant(&store, "t").await;
+async fn api_keys_create_find_list_revoke(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store, "t").await;
 
     let admin = store
         .create_api_key(&new_key(None, 1))
@@ -579,12 +553,7 @@ async fn api_keys_create_find_list_revoke() {
         store.find_api_key_by_hash(&[2; 32]).await.expect("find"),
         scoped
     );
-    let used: Option<chrono::DateTime<Utc>> =
-        sqlx::query_scalar("SELECT last_used_at FROM api_keys WHERE id = $1")
-            .bind(admin.id.as_str())
-            .fetch_one(store.pool())
-            .await
-            .expect("last used");
+    let used = fx.last_used_at(&admin.id).await;
     assert!(used.is_some(), "finding a key records its use");
     let err = store
         .find_api_key_by_hash(&[9; 32])
@@ -691,12 +660,10 @@ async fn api_keys_create_find_list_revoke() {
             "{err}"
         );
     }
-    teardown(db, store).await;
 }
 
-#[tokio::test]
-async fn event_types_catalogue() {
-    let (db, store) = setup().await;
+async fn event_types_catalogue(fx: &Fixture) {
+    let store = fx.store();
 
     let paid = store
         .create_event_type(
@@ -813,17 +780,14 @@ async fn event_types_catalogue() {
             "{err}"
         );
     }
-    teardown(db, store).await;
 }
 
-#[tokio::test]
-async fn oversized_numbers_are_refused_not_truncated() {
-    let (db, store) = setup().await;
-    let t = tenant(&store, "t").await;
+async fn oversized_numbers_are_refused_not_truncated(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store, "t").await;
     let mut new = new_subscription(&t);
     new.rate_limit_per_second = Some(u32::MAX);
     let err = store.create_subscription(&new).await.expect_err("too big");
     assert!(err.to_string().contains("rate_limit_per_second"), "{err}");
-    assert_eq!(count(&store, "subscriptions").await, 0);
-    teardown(db, store).await;
+    assert_eq!(fx.count("subscriptions").await, 0);
 }

@@ -1,0 +1,526 @@
+//! What a run measures: a `hookline serve` the bench starts itself, or a running server.
+//!
+//! Spawned (the default): the bench runs this very binary (`current_exe`) as
+//! `hookline serve --services all` on free ports, passing its whole environment through,
+//! so `HOOKLINE_*` settings apply to the server under test exactly as they would to a
+//! server started by hand. For a clean run it gives the server fresh storage: with a
+//! PostgreSQL URL a new database `hookline_bench_<ulid>` on that server, always a new
+//! queue prefix `bench_<ulid>`, and with no database URL (the embedded backends) a fresh
+//! temporary directory as working directory and `HOOKLINE_DATA_DIR`. `hookline admin create-key` with the same
+//! environment makes the API key. Afterwards the server is stopped with SIGTERM and,
+//! unless `--keep`, the database is dropped, the queues deleted and the directory removed.
+//!
+//! `--server URL --token T`: a running server or cluster; the bench makes its own tenant
+//! and deletes it afterwards unless `--keep`. Process figures only for `--pid`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use hookline_proto::v1 as pb;
+use hookline_proto::v1::registry_service_client::RegistryServiceClient;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use ulid::Ulid;
+use url::Url;
+
+use crate::procstat::Watched;
+use crate::{BenchError, BenchOptions};
+
+/// How long `hookline serve` may take to listen and be ready.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long it may take to stop after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A server to benchmark.
+pub struct Target {
+    /// `http://host:port` of the gRPC API.
+    pub grpc: String,
+    /// An admin API key.
+    pub token: String,
+    /// Processes whose CPU and memory are reported.
+    pub processes: Vec<Watched>,
+    /// `spawned` or `server`.
+    pub kind: &'static str,
+    /// The storage and broker the server uses, for people (no credentials).
+    pub backend: String,
+    spawned: Option<Spawned>,
+}
+
+struct Spawned {
+    /// None until `hookline serve` started.
+    child: Option<Child>,
+    fresh_db: Option<FreshDb>,
+    fresh_queues: Option<(String, String)>,
+    workdir: Option<PathBuf>,
+    /// Queues under a fresh prefix on a broker the bench was not told about.
+    unmanaged_prefix: Option<String>,
+}
+
+struct FreshDb {
+    /// The `postgres` maintenance database of the same server.
+    admin_url: String,
+    name: String,
+}
+
+impl Target {
+    /// Spawns a server or connects to `--server`, as the flags say.
+    pub async fn start(args: &BenchOptions) -> Result<Target, BenchError> {
+        if args.spawn || args.server.is_empty() {
+            spawn(args).await
+        } else {
+            remote(args)
+        }
+    }
+
+    /// Stops a spawned server and removes what the run made, unless `cleanup` is false.
+    /// Returns notes for people; cleanup problems are notes, not errors.
+    pub async fn finish(&mut self, cleanup: bool, tenant: Option<&str>) -> Vec<String> {
+        let mut notes = Vec::new();
+        let Some(sp) = self.spawned.as_mut() else {
+            if let (true, Some(tenant)) = (cleanup, tenant) {
+                match delete_tenant(&self.grpc, &self.token, tenant).await {
+                    Ok(()) => {}
+                    Err(e) => notes.push(format!("could not delete tenant {tenant}: {e}")),
+                }
+            } else if let Some(tenant) = tenant {
+                notes.push(format!("kept tenant {tenant}"));
+            }
+            return notes;
+        };
+        if let Some(child) = sp.child.as_mut() {
+            stop_child(child, &mut notes).await;
+        }
+        if let Some(db) = &sp.fresh_db {
+            if cleanup {
+                if let Err(e) = drop_database(&db.admin_url, &db.name).await {
+                    notes.push(format!("could not drop database {}: {e}", db.name));
+                }
+            } else {
+                notes.push(format!("kept database {}", db.name));
+            }
+        }
+        if let Some((amqp, prefix)) = &sp.fresh_queues {
+            if cleanup {
+                if let Err(e) = delete_queues(amqp, prefix).await {
+                    notes.push(format!(
+                        "could not delete the queues of prefix {prefix}: {e}"
+                    ));
+                }
+            } else {
+                notes.push(format!("kept the queues of prefix {prefix}"));
+            }
+        }
+        if let Some(prefix) = &sp.unmanaged_prefix {
+            notes.push(format!(
+                "queues of prefix {prefix} may remain on the server's default broker; set HOOKLINE_AMQP_URL so that the bench deletes them"
+            ));
+        }
+        if let Some(dir) = &sp.workdir {
+            if cleanup {
+                if let Err(e) = std::fs::remove_dir_all(dir) {
+                    notes.push(format!("could not remove {}: {e}", dir.display()));
+                }
+            } else {
+                notes.push(format!(
+                    "kept the server's working directory {}",
+                    dir.display()
+                ));
+            }
+        }
+        notes
+    }
+}
+
+fn remote(args: &BenchOptions) -> Result<Target, BenchError> {
+    let Some(token) = args.token.clone() else {
+        return Err(BenchError::Usage(
+            "--server needs an admin API key: pass --token or set HOOKLINE_TOKEN".into(),
+        ));
+    };
+    Ok(Target {
+        grpc: args.server.clone(),
+        token,
+        processes: watched_pids(&args.pids),
+        kind: "server",
+        backend: format!("running server at {}", args.server),
+        spawned: None,
+    })
+}
+
+fn watched_pids(pids: &[u32]) -> Vec<Watched> {
+    pids.iter()
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or_else(|_| "?".into());
+            Watched {
+                label: format!("pid {pid} ({comm})"),
+                pid: *pid,
+            }
+        })
+        .collect()
+}
+
+/// `host:port/db` of a URL, without credentials.
+fn describe_url(url: &Url) -> String {
+    format!(
+        "{}:{}{}",
+        url.host_str().unwrap_or("?"),
+        url.port().map(|p| p.to_string()).unwrap_or_default(),
+        url.path()
+    )
+}
+
+async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| BenchError::io("finding the hookline binary (current_exe)", e))?;
+    let id = Ulid::new().to_string().to_lowercase();
+    let fresh = !args.no_fresh;
+    let mut env: Vec<(&str, String)> = Vec::new();
+    let mut backend = Vec::new();
+    let mut fresh_db = None;
+    let mut workdir = None;
+    match &args.database_url {
+        Some(raw) => {
+            let url = Url::parse(raw).ok();
+            match url.filter(|u| fresh && matches!(u.scheme(), "postgres" | "postgresql")) {
+                Some(url) => {
+                    let name = format!("hookline_bench_{id}");
+                    let (mut db, mut admin) = (url.clone(), url);
+                    db.set_path(&format!("/{name}"));
+                    admin.set_path("/postgres");
+                    backend.push(format!("PostgreSQL {} (fresh)", describe_url(&db)));
+                    env.push(("HOOKLINE_DATABASE_URL", db.to_string()));
+                    fresh_db = Some(FreshDb {
+                        admin_url: admin.to_string(),
+                        name,
+                    });
+                }
+                None => {
+                    backend.push(match Url::parse(raw) {
+                        Ok(u) => format!("database {} {}", u.scheme(), describe_url(&u)),
+                        Err(_) => "the configured database".into(),
+                    });
+                    env.push(("HOOKLINE_DATABASE_URL", raw.clone()));
+                }
+            }
+        }
+        None => {
+            backend.push("the server's default storage (HOOKLINE_DATABASE_URL not set)".into());
+            if fresh {
+                // The embedded backends keep their files in HOOKLINE_DATA_DIR (by default
+                // relative to the working directory): a fresh directory is fresh storage.
+                let dir = std::env::temp_dir().join(format!("hookline_bench_{id}"));
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| BenchError::io(format!("creating {}", dir.display()), e))?;
+                env.push(("HOOKLINE_DATA_DIR", dir.join("data").display().to_string()));
+                workdir = Some(dir);
+            }
+        }
+    }
+    let mut fresh_queues = None;
+    let mut unmanaged_prefix = None;
+    if let Some(amqp) = &args.amqp_url {
+        env.push(("HOOKLINE_AMQP_URL", amqp.clone()));
+    }
+    if fresh {
+        let prefix = format!("bench_{id}");
+        env.push(("HOOKLINE_QUEUE_PREFIX", prefix.clone()));
+        match &args.amqp_url {
+            Some(amqp) => {
+                backend.push(match Url::parse(amqp) {
+                    Ok(u) => format!("RabbitMQ {} prefix {prefix} (fresh)", describe_url(&u)),
+                    Err(_) => format!("RabbitMQ prefix {prefix} (fresh)"),
+                });
+                fresh_queues = Some((amqp.clone(), prefix));
+            }
+            None if args.database_url.is_some() => {
+                backend.push(format!("the server's default broker, prefix {prefix}"));
+                unmanaged_prefix = Some(prefix);
+            }
+            None => backend.push(format!("the server's default broker, prefix {prefix}")),
+        }
+    } else {
+        backend.push("the configured queue prefix".into());
+    }
+    if let Some(config) = &args.config {
+        env.push(("HOOKLINE_CONFIG", config.display().to_string()));
+    }
+    if std::env::var_os("HOOKLINE_LOG").is_none() {
+        env.push(("HOOKLINE_LOG", "warn".into()));
+    }
+    if args.database_url.is_none() {
+        eprintln!(
+            "hookline bench: HOOKLINE_DATABASE_URL is not set: the spawned server uses its built-in default storage, in the fresh working directory {}",
+            workdir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|| "(--no-fresh: the current one)".into())
+        );
+    }
+
+    let command = |sub: &[&str]| {
+        let mut cmd = Command::new(&exe);
+        cmd.args(sub)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(dir) = &workdir {
+            cmd.current_dir(dir);
+        }
+        cmd
+    };
+    let started = async {
+        let token = create_key(command(&[
+            "admin",
+            "create-key",
+            "--name",
+            "hookline-bench",
+        ]))
+        .await?;
+        let mut serve = command(&[
+            "serve",
+            "--services",
+            "all",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ]);
+        serve.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let child = serve
+            .spawn()
+            .map_err(|e| BenchError::io(format!("starting {} serve", exe.display()), e))?;
+        Ok::<_, BenchError>((token, child))
+    }
+    .await;
+    let mut spawned = Spawned {
+        child: None,
+        fresh_db,
+        fresh_queues,
+        workdir,
+        unmanaged_prefix,
+    };
+    let (token, child) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            let mut t = Target {
+                grpc: String::new(),
+                token: String::new(),
+                processes: Vec::new(),
+                kind: "spawned",
+                backend: String::new(),
+                spawned: Some(spawned),
+            };
+            for note in t.finish(true, None).await {
+                eprintln!("hookline bench: {note}");
+            }
+            return Err(e);
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    spawned.child = Some(child);
+    let mut target = Target {
+        grpc: String::new(),
+        token,
+        processes: std::iter::once(Watched {
+            label: format!("hookline serve (pid {pid})"),
+            pid,
+        })
+        .chain(watched_pids(&args.pids))
+        .collect(),
+        kind: "spawned",
+        backend: backend.join(", "),
+        spawned: Some(spawned),
+    };
+    match wait_listening(target.spawned.as_mut().and_then(|s| s.child.as_mut())).await {
+        Ok(grpc) => {
+            target.grpc = grpc;
+            Ok(target)
+        }
+        Err(e) => {
+            for note in target.finish(true, None).await {
+                eprintln!("hookline bench: {note}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Runs `hookline admin create-key` and returns the token it printed.
+async fn create_key(mut cmd: Command) -> Result<String, BenchError> {
+    let out = tokio::time::timeout(START_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| BenchError::Server("`hookline admin create-key` took over 60 s".into()))?
+        .map_err(|e| BenchError::io("running `hookline admin create-key`", e))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(BenchError::Server(format!(
+            "`hookline admin create-key` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    stdout
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with("hl_"))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            BenchError::Server(format!(
+                "`hookline admin create-key` printed no token: {stdout:?}"
+            ))
+        })
+}
+
+/// Reads the server's `listening on` lines, then waits for `/readyz`; returns the gRPC URL.
+async fn wait_listening(child: Option<&mut Child>) -> Result<String, BenchError> {
+    let Some(child) = child else {
+        return Err(BenchError::Server("no server process".into()));
+    };
+    let Some(stdout) = child.stdout.take() else {
+        return Err(BenchError::Server(
+            "the server's stdout is not piped".into(),
+        ));
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut grpc, mut admin) = (None, None);
+    let read = async {
+        while grpc.is_none() || admin.is_none() {
+            match lines.next_line().await {
+                Ok(Some(line)) => {
+                    if let Some(a) = line.strip_prefix("hookline: grpc listening on ") {
+                        grpc = Some(a.trim().to_string());
+                    }
+                    if let Some(a) = line.strip_prefix("hookline: admin listening on ") {
+                        admin = Some(a.trim().to_string());
+                    }
+                }
+                Ok(None) => {
+                    return Err(BenchError::Server(
+                        "`hookline serve` exited before listening (its errors are above)".into(),
+                    ));
+                }
+                Err(e) => return Err(BenchError::io("reading the server's stdout", e)),
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(START_TIMEOUT, read)
+        .await
+        .map_err(|_| BenchError::Server("`hookline serve` did not listen within 60 s".into()))??;
+    // Keep draining stdout so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (Some(grpc), Some(admin)) = (grpc, admin) else {
+        return Err(BenchError::Server(
+            "`hookline serve` printed no addresses".into(),
+        ));
+    };
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        if http_status(&admin, "/readyz").await == Some(200) {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BenchError::Server(format!(
+                "`hookline serve` was not ready (http://{admin}/readyz) within 60 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(format!("http://{grpc}"))
+}
+
+/// The status code of a plain HTTP/1.1 GET, or None if there was no answer.
+async fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let get = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        stream.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        text.split(' ').nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), get)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// SIGTERM, then a kill if the server has not stopped within [`STOP_TIMEOUT`].
+async fn stop_child(child: &mut Child, notes: &mut Vec<String>) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill(2) with a pid of our own child that has not been reaped yet (it
+        // is reaped only through `child`), so the pid cannot have been reused.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
+        Ok(Ok(status)) if status.success() => {}
+        Ok(Ok(status)) => notes.push(format!("`hookline serve` exited with {status}")),
+        Ok(Err(e)) => notes.push(format!("waiting for `hookline serve`: {e}")),
+        Err(_) => {
+            notes.push(format!(
+                "`hookline serve` did not stop within {} s of SIGTERM; killed",
+                STOP_TIMEOUT.as_secs()
+            ));
+            let _ = child.kill().await;
+        }
+    }
+}
+
+async fn drop_database(admin_url: &str, name: &str) -> Result<(), String> {
+    use sqlx::{Connection, Executor};
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .map_err(|e| e.to_string())?;
+    // The name is ours (`hookline_bench_` + lowercase ULID), so quoting is enough.
+    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+    let result = conn.execute(sqlx::AssertSqlSafe(sql)).await;
+    let _ = conn.close().await;
+    result.map(|_| ()).map_err(|e| e.to_string())
+}
+
+async fn delete_queues(amqp_url: &str, prefix: &str) -> Result<(), String> {
+    let work = async {
+        let cfg = hookline_broker::RabbitConfig::new(amqp_url, prefix);
+        let broker = hookline_broker::RabbitBroker::connect(cfg)
+            .await
+            .map_err(|e| e.to_string())?;
+        let result = broker.delete_topology().await.map_err(|e| e.to_string());
+        broker.close().await;
+        result
+    };
+    tokio::time::timeout(Duration::from_secs(30), work)
+        .await
+        .map_err(|_| "timed out after 30 s".to_string())?
+}
+
+async fn delete_tenant(grpc: &str, token: &str, tenant: &str) -> Result<(), String> {
+    let auth = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "the API key cannot go in a header".to_string())?;
+    let work = async {
+        let channel = crate::connect(grpc).await.map_err(|e| e.to_string())?;
+        RegistryServiceClient::new(channel)
+            .delete_tenant(crate::authed(
+                pb::DeleteTenantRequest {
+                    tenant_id: tenant.to_string(),
+                },
+                &auth,
+            ))
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    };
+    tokio::time::timeout(Duration::from_secs(120), work)
+        .await
+        .map_err(|_| "timed out after 120 s".to_string())?
+}

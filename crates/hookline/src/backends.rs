@@ -1,0 +1,221 @@
+//! Which storage and queue the process runs on, decided from the configuration.
+//!
+//! No database and no broker configured: the embedded backends, SQLite and the
+//! in-process durable queue in the same SQLite file under `data_dir`, for one process
+//! running every service. Both `database_url` and `amqp_url` set: PostgreSQL and
+//! RabbitMQ, for any set of services in any number of processes. Anything in between is
+//! refused with a message that says what to set. Everything above this module sees only
+//! the storage and queue ports.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use hookline_broker::{Broker, EmbeddedBroker, EmbeddedConfig, RabbitBroker, RabbitConfig};
+use hookline_store::port::{DeliveryStore, EventStore, RegistryStore, StoreHealth};
+use hookline_store::{PgStore, SqliteStore};
+use sqlx::migrate::MigrateDatabase;
+
+use crate::config::Config;
+use crate::serve::Service;
+
+/// The file of the embedded database inside the data directory.
+const SQLITE_FILE: &str = "hookline.db";
+
+/// Where state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// SQLite and the in-process queue under this directory.
+    Embedded { data_dir: PathBuf },
+    /// PostgreSQL and RabbitMQ.
+    Distributed {
+        database_url: String,
+        amqp_url: String,
+    },
+}
+
+impl Mode {
+    /// The mode the configuration asks for, or why it is inconsistent.
+    pub fn from_config(config: &Config) -> anyhow::Result<Mode> {
+        let db = config.database_url.as_deref().filter(|s| !s.is_empty());
+        let amqp = config.amqp_url.as_deref().filter(|s| !s.is_empty());
+        match (db, amqp) {
+            (None, None) => Ok(Mode::Embedded {
+                data_dir: config.data_dir.clone(),
+            }),
+            (Some(database_url), Some(amqp_url)) => Ok(Mode::Distributed {
+                database_url: database_url.to_string(),
+                amqp_url: amqp_url.to_string(),
+            }),
+            (Some(_), None) => bail!(
+                "HOOKLINE_DATABASE_URL is set but HOOKLINE_AMQP_URL is not: the distributed \
+                 backends need both (PostgreSQL and RabbitMQ). Set HOOKLINE_AMQP_URL=amqp://…, \
+                 or unset HOOKLINE_DATABASE_URL to run embedded on SQLite under data_dir"
+            ),
+            (None, Some(_)) => bail!(
+                "HOOKLINE_AMQP_URL is set but HOOKLINE_DATABASE_URL is not: the distributed \
+                 backends need both (PostgreSQL and RabbitMQ). Set \
+                 HOOKLINE_DATABASE_URL=postgres://…, or unset HOOKLINE_AMQP_URL to run \
+                 embedded on SQLite under data_dir"
+            ),
+        }
+    }
+
+    /// Refuses a partial set of services on the embedded backends.
+    pub fn check_services(&self, services: &BTreeSet<Service>) -> anyhow::Result<()> {
+        if matches!(self, Mode::Embedded { .. }) && services.len() < Service::ALL.len() {
+            let names: Vec<_> = services.iter().map(|s| s.to_string()).collect();
+            bail!(
+                "--services {} needs the distributed backends: the embedded backends (SQLite \
+                 and an in-process queue) live inside one process, so services running alone \
+                 could not reach each other's queue. Run all four services (the default), or \
+                 set HOOKLINE_DATABASE_URL=postgres://… and HOOKLINE_AMQP_URL=amqp://… to run \
+                 services in separate processes",
+                names.join(",")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The store of either backend, behind every storage port.
+pub enum AnyStore {
+    Postgres(Arc<PgStore>),
+    Sqlite(Arc<SqliteStore>),
+}
+
+impl AnyStore {
+    pub fn registry(&self) -> Arc<dyn RegistryStore> {
+        match self {
+            AnyStore::Postgres(s) => s.clone(),
+            AnyStore::Sqlite(s) => s.clone(),
+        }
+    }
+    pub fn events(&self) -> Arc<dyn EventStore> {
+        match self {
+            AnyStore::Postgres(s) => s.clone(),
+            AnyStore::Sqlite(s) => s.clone(),
+        }
+    }
+    pub fn deliveries(&self) -> Arc<dyn DeliveryStore> {
+        match self {
+            AnyStore::Postgres(s) => s.clone(),
+            AnyStore::Sqlite(s) => s.clone(),
+        }
+    }
+    pub fn health(&self) -> Arc<dyn StoreHealth> {
+        match self {
+            AnyStore::Postgres(s) => s.clone(),
+            AnyStore::Sqlite(s) => s.clone(),
+        }
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        match self {
+            AnyStore::Postgres(s) => s.migrate().await,
+            AnyStore::Sqlite(s) => s.migrate().await,
+        }
+        .context("applying migrations")
+    }
+
+    pub async fn close(&self) {
+        match self {
+            AnyStore::Postgres(s) => s.close().await,
+            AnyStore::Sqlite(s) => s.close().await,
+        }
+    }
+}
+
+/// Opens the store of `mode` (creating the PostgreSQL database or the data directory
+/// when missing). Returns whether the store is brand new (embedded: the file did not
+/// exist yet).
+pub async fn open_store(mode: &Mode, config: &Config) -> anyhow::Result<(AnyStore, bool)> {
+    match mode {
+        Mode::Distributed { database_url, .. } => {
+            let exists = sqlx::Postgres::database_exists(database_url)
+                .await
+                .with_context(|| format!("cannot reach PostgreSQL at {}", redact(database_url)))?;
+            if !exists {
+                sqlx::Postgres::create_database(database_url)
+                    .await
+                    .with_context(|| {
+                        format!("cannot create the database of {}", redact(database_url))
+                    })?;
+                tracing::info!("created database");
+            }
+            let store = PgStore::connect(database_url, config.database_max_connections)
+                .await
+                .with_context(|| {
+                    format!("cannot connect to PostgreSQL at {}", redact(database_url))
+                })?;
+            Ok((AnyStore::Postgres(Arc::new(store)), !exists))
+        }
+        Mode::Embedded { data_dir } => {
+            let file = prepare_data_dir(data_dir)?;
+            let fresh = !file.exists();
+            let store = SqliteStore::open(&file)
+                .await
+                .with_context(|| format!("cannot open the embedded database {}", file.display()))?;
+            Ok((AnyStore::Sqlite(Arc::new(store)), fresh))
+        }
+    }
+}
+
+/// Creates the data directory if needed and checks it is writable; returns the path of
+/// the database file.
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}; choose another with --data-dir or HOOKLINE_DATA_DIR",
+            dir.display()
+        )
+    })?;
+    let probe = dir.join(".hookline-write-test");
+    std::fs::write(&probe, b"ok").with_context(|| {
+        format!(
+            "the data directory {} is not writable; choose another with --data-dir or HOOKLINE_DATA_DIR",
+            dir.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(dir.join(SQLITE_FILE))
+}
+
+/// Connects the queue of `mode`; the embedded queue shares the SQLite store's file.
+pub async fn open_broker(
+    mode: &Mode,
+    config: &Config,
+    store: &AnyStore,
+    connection_name: String,
+) -> anyhow::Result<Arc<dyn Broker>> {
+    match (mode, store) {
+        (Mode::Distributed { amqp_url, .. }, _) => {
+            let mut rabbit = RabbitConfig::new(amqp_url.clone(), config.queue_prefix.clone());
+            rabbit.connection_name = connection_name;
+            Ok(Arc::new(RabbitBroker::connect(rabbit).await.with_context(
+                || format!("cannot connect to RabbitMQ at {}", redact(amqp_url)),
+            )?))
+        }
+        (Mode::Embedded { .. }, AnyStore::Sqlite(sqlite)) => Ok(Arc::new(
+            EmbeddedBroker::open(sqlite.pool().clone(), EmbeddedConfig::default())
+                .await
+                .context("cannot open the embedded queue")?,
+        )),
+        (Mode::Embedded { .. }, AnyStore::Postgres(_)) => {
+            bail!("the embedded queue needs the embedded (SQLite) store")
+        }
+    }
+}
+
+/// A URL with its password hidden, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}

@@ -787,6 +787,7 @@ async fn a_delivery_committed_but_never_queued_is_relayed(backend: Backend) {
                 created_at: chrono::Utc::now(),
             },
             subscription_ids: vec![Id::parse(IdKind::Subscription, "sub", &sub).unwrap()],
+            traceparent: None,
         }])
         .await
         .unwrap();

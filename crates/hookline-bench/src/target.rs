@@ -4,10 +4,10 @@
 //! `hookline serve --services all` on free ports, passing its whole environment through,
 //! so `HOOKLINE_*` settings apply to the server under test exactly as they would to a
 //! server started by hand. For a clean run it gives the server fresh storage: with a
-//! PostgreSQL URL a new database `hookline_bench_<ulid>` on that server, always a new
-//! queue prefix `bench_<ulid>`, and with no database URL (the embedded backends) a fresh
-//! temporary directory as working directory and `HOOKLINE_DATA_DIR`. `hookline admin create-key` with the same
-//! environment makes the API key. Afterwards the server is stopped with SIGTERM and,
+//! PostgreSQL URL a new database `hookline_bench_<ulid>` on that server, with a RabbitMQ
+//! URL a new queue prefix `bench_<ulid>`, and with neither (the embedded backends) a fresh
+//! temporary directory as working directory and `HOOKLINE_DATA_DIR`. `hookline admin
+//! create-key` with the same environment makes the API key. Afterwards the server is stopped with SIGTERM and,
 //! unless `--keep`, the database is dropped, the queues deleted and the directory removed.
 //!
 //! `--server URL --token T`: a running server or cluster; the bench makes its own tenant
@@ -53,8 +53,6 @@ struct Spawned {
     fresh_db: Option<FreshDb>,
     fresh_queues: Option<(String, String)>,
     workdir: Option<PathBuf>,
-    /// Queues under a fresh prefix on a broker the bench was not told about.
-    unmanaged_prefix: Option<String>,
 }
 
 struct FreshDb {
@@ -110,11 +108,6 @@ impl Target {
             } else {
                 notes.push(format!("kept the queues of prefix {prefix}"));
             }
-        }
-        if let Some(prefix) = &sp.unmanaged_prefix {
-            notes.push(format!(
-                "queues of prefix {prefix} may remain on the server's default broker; set HOOKLINE_AMQP_URL so that the bench deletes them"
-            ));
         }
         if let Some(dir) = &sp.workdir {
             if cleanup {
@@ -207,57 +200,41 @@ async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
             }
         }
         None => {
-            backend.push("the server's default storage (HOOKLINE_DATABASE_URL not set)".into());
             if fresh {
                 // The embedded backends keep their files in HOOKLINE_DATA_DIR (by default
                 // relative to the working directory): a fresh directory is fresh storage.
                 let dir = std::env::temp_dir().join(format!("hookline_bench_{id}"));
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| BenchError::io(format!("creating {}", dir.display()), e))?;
-                env.push(("HOOKLINE_DATA_DIR", dir.join("data").display().to_string()));
+                let data = dir.join("data");
+                backend.push(format!("embedded backends in {} (fresh)", data.display()));
+                env.push(("HOOKLINE_DATA_DIR", data.display().to_string()));
                 workdir = Some(dir);
+            } else if args.amqp_url.is_none() {
+                backend.push("embedded backends in the server's data_dir".into());
             }
         }
     }
     let mut fresh_queues = None;
-    let mut unmanaged_prefix = None;
     if let Some(amqp) = &args.amqp_url {
         env.push(("HOOKLINE_AMQP_URL", amqp.clone()));
-    }
-    if fresh {
-        let prefix = format!("bench_{id}");
-        env.push(("HOOKLINE_QUEUE_PREFIX", prefix.clone()));
-        match &args.amqp_url {
-            Some(amqp) => {
-                backend.push(match Url::parse(amqp) {
-                    Ok(u) => format!("RabbitMQ {} prefix {prefix} (fresh)", describe_url(&u)),
-                    Err(_) => format!("RabbitMQ prefix {prefix} (fresh)"),
-                });
-                fresh_queues = Some((amqp.clone(), prefix));
-            }
-            None if args.database_url.is_some() => {
-                backend.push(format!("the server's default broker, prefix {prefix}"));
-                unmanaged_prefix = Some(prefix);
-            }
-            None => backend.push(format!("the server's default broker, prefix {prefix}")),
+        if fresh {
+            let prefix = format!("bench_{id}");
+            env.push(("HOOKLINE_QUEUE_PREFIX", prefix.clone()));
+            backend.push(match Url::parse(amqp) {
+                Ok(u) => format!("RabbitMQ {} prefix {prefix} (fresh)", describe_url(&u)),
+                Err(_) => format!("RabbitMQ prefix {prefix} (fresh)"),
+            });
+            fresh_queues = Some((amqp.clone(), prefix));
+        } else {
+            backend.push("RabbitMQ with the configured queue prefix".into());
         }
-    } else {
-        backend.push("the configured queue prefix".into());
     }
     if let Some(config) = &args.config {
         env.push(("HOOKLINE_CONFIG", config.display().to_string()));
     }
     if std::env::var_os("HOOKLINE_LOG").is_none() {
         env.push(("HOOKLINE_LOG", "warn".into()));
-    }
-    if args.database_url.is_none() {
-        eprintln!(
-            "hookline bench: HOOKLINE_DATABASE_URL is not set: the spawned server uses its built-in default storage, in the fresh working directory {}",
-            workdir
-                .as_ref()
-                .map(|d| d.display().to_string())
-                .unwrap_or_else(|| "(--no-fresh: the current one)".into())
-        );
     }
 
     let command = |sub: &[&str]| {
@@ -300,7 +277,6 @@ async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
         fresh_db,
         fresh_queues,
         workdir,
-        unmanaged_prefix,
     };
     let (token, child) = match started {
         Ok(v) => v,

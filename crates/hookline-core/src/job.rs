@@ -3,6 +3,12 @@
 //! The body is the event payload exactly as published; everything else rides in message
 //! headers. The dispatcher therefore needs no database read per delivery for the event
 //! (the subscription comes from its cache).
+//!
+//! A job may also carry the W3C `traceparent` of the publish that created its delivery
+//! (stored with the delivery, so jobs rebuilt from the database for retries carry it too),
+//! in the standard `traceparent` header where tracing tools expect it. The outbox may
+//! replace that header with a later span of the same trace; the dispatcher makes a first
+//! attempt a child of it and links a retry to it.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +28,8 @@ pub struct DeliveryJob {
     pub attempt_number: u32,
     /// The event payload exactly as published.
     pub payload: Vec<u8>,
+    /// The W3C `traceparent` of the publish that created the delivery, when it was traced.
+    pub traceparent: Option<String>,
 }
 
 pub const H_DELIVERY: &str = "hl-delivery-id";
@@ -30,6 +38,8 @@ pub const H_TENANT: &str = "hl-tenant-id";
 pub const H_SUBSCRIPTION: &str = "hl-subscription-id";
 pub const H_EVENT_TYPE: &str = "hl-event-type";
 pub const H_ATTEMPT: &str = "hl-attempt";
+/// The W3C trace context header (lower case, as RabbitMQ tooling and OpenTelemetry use it).
+pub const H_TRACEPARENT: &str = "traceparent";
 
 /// Why a queue message is not a delivery job (it goes to the dead-letter queue).
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -39,14 +49,18 @@ pub struct JobError(pub String);
 impl DeliveryJob {
     /// The message headers of this job.
     pub fn headers(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
+        let mut headers = BTreeMap::from([
             (H_DELIVERY.to_string(), self.delivery_id.to_string()),
             (H_EVENT.to_string(), self.event_id.to_string()),
             (H_TENANT.to_string(), self.tenant_id.to_string()),
             (H_SUBSCRIPTION.to_string(), self.subscription_id.to_string()),
             (H_EVENT_TYPE.to_string(), self.event_type.clone()),
             (H_ATTEMPT.to_string(), self.attempt_number.to_string()),
-        ])
+        ]);
+        if let Some(traceparent) = &self.traceparent {
+            headers.insert(H_TRACEPARENT.to_string(), traceparent.clone());
+        }
+        headers
     }
 
     /// Reads a job back from message headers and body.
@@ -72,6 +86,12 @@ impl DeliveryJob {
                 .parse()
                 .map_err(|_| JobError(format!("header {H_ATTEMPT} is not a number")))?,
             payload: body,
+            // Optional, and only ever handed to the trace propagator, which ignores a
+            // malformed value: an empty one is as good as none.
+            traceparent: headers
+                .get(H_TRACEPARENT)
+                .filter(|v| !v.is_empty())
+                .cloned(),
         })
     }
 }
@@ -90,9 +110,21 @@ mod tests {
             event_type: "invoice.paid".into(),
             attempt_number: 3,
             payload: br#"{"a":1}"#.to_vec(),
+            traceparent: None,
         };
-        let back = DeliveryJob::from_message(&job.headers(), job.payload.clone()).unwrap();
+        let headers = job.headers();
+        assert!(!headers.contains_key(H_TRACEPARENT));
+        let back = DeliveryJob::from_message(&headers, job.payload.clone()).unwrap();
         assert_eq!(back, job);
+
+        let traced = DeliveryJob {
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            ..job
+        };
+        let headers = traced.headers();
+        assert_eq!(headers.get(H_TRACEPARENT), traced.traceparent.as_ref());
+        let back = DeliveryJob::from_message(&headers, traced.payload.clone()).unwrap();
+        assert_eq!(back, traced);
     }
 
     #[test]

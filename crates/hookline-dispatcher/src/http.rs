@@ -4,6 +4,13 @@
 //! body when the receiver answered, or an [`ErrorClass`] and a message when it did not.
 //! Transport errors are classified by walking the error's `source()` chain, because
 //! reqwest reports DNS and TLS failures as connect errors with the cause further down.
+//!
+//! Each POST is an `http.attempt` client span with OpenTelemetry's HTTP attributes
+//! (`http.request.method`, `url.full` with credentials dropped and query values redacted,
+//! `server.*`, `http.response.status_code`, `error.type`). It is a `DEBUG` span: unless an
+//! exporter or a debug log filter wants it, it is disabled at its call site and free.
+//! No trace context is sent to the receiver: its endpoint is outside the system, and
+//! Hookline's trace ids are none of its business.
 
 use std::error::Error as StdError;
 use std::time::{Duration, Instant};
@@ -12,6 +19,8 @@ use chrono::{DateTime, Utc};
 use hookline_core::model::{ErrorClass, RESPONSE_EXCERPT_LIMIT};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Client, StatusCode, Url};
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 /// Longest error message an attempt keeps.
 const ERROR_MESSAGE_LIMIT: usize = 1024;
@@ -66,8 +75,86 @@ impl Exchange {
     }
 }
 
-/// POSTs `body` to `url` and reads at most [`RESPONSE_EXCERPT_LIMIT`] bytes of the answer.
+/// POSTs `body` to `url` and reads at most [`RESPONSE_EXCERPT_LIMIT`] bytes of the answer,
+/// in an `http.attempt` span.
 pub(crate) async fn post(
+    client: &Client,
+    url: Url,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    started_at: DateTime<Utc>,
+) -> Exchange {
+    let span = tracing::debug_span!(
+        "http.attempt",
+        otel.kind = "client",
+        otel.status_code = Empty,
+        http.request.method = "POST",
+        url.full = Empty,
+        server.address = Empty,
+        server.port = Empty,
+        http.response.status_code = Empty,
+        error.type = Empty,
+    );
+    if !span.is_disabled() {
+        span.record("url.full", traced_url(&url).as_str());
+        if let Some(host) = url.host_str() {
+            span.record("server.address", host);
+        }
+        if let Some(port) = url.port_or_known_default() {
+            span.record("server.port", port);
+        }
+    }
+    let exchange = exchange(client, url, headers, body, started_at)
+        .instrument(span.clone())
+        .await;
+    if !span.is_disabled() {
+        record(&span, &exchange);
+    }
+    exchange
+}
+
+/// What the attempt came to, on its span. A failed attempt's `error.type` is the status
+/// code when the receiver answered, or the error class when it did not.
+fn record(span: &tracing::Span, exchange: &Exchange) {
+    if let Some(status) = exchange.status {
+        span.record("http.response.status_code", status.as_u16());
+    }
+    let Some((class, _)) = &exchange.error else {
+        return;
+    };
+    match exchange.status {
+        Some(status) => span.record("error.type", status.as_str()),
+        None => span.record("error.type", class.as_str()),
+    };
+    span.record("otel.status_code", "ERROR");
+}
+
+/// The URL as a trace may show it: no user name or password, no fragment, and every query
+/// value replaced by `REDACTED` (webhook URLs often carry a token in the query).
+fn traced_url(url: &Url) -> String {
+    if url.query().is_none()
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.fragment().is_none()
+    {
+        return url.to_string();
+    }
+    let mut shown = url.clone();
+    // Fails only for URLs that cannot have credentials, which then have none to drop.
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_fragment(None);
+    if url.query().is_some() {
+        let keys: Vec<String> = url.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        shown
+            .query_pairs_mut()
+            .clear()
+            .extend_pairs(keys.iter().map(|k| (k.as_str(), "REDACTED")));
+    }
+    shown.to_string()
+}
+
+async fn exchange(
     client: &Client,
     url: Url,
     headers: HeaderMap,
@@ -359,6 +446,17 @@ mod tests {
             exchange.error.as_ref().map(|e| e.0),
             Some(ErrorClass::Dns),
             "{exchange:?}"
+        );
+    }
+
+    #[test]
+    fn traced_urls_hide_credentials_and_query_values() {
+        let plain = Url::parse("https://example.com:8443/hooks/a").unwrap();
+        assert_eq!(traced_url(&plain), "https://example.com:8443/hooks/a");
+        let secret = Url::parse("https://u:p@example.com/h?token=abc&x=1#frag").unwrap();
+        assert_eq!(
+            traced_url(&secret),
+            "https://example.com/h?token=REDACTED&x=REDACTED"
         );
     }
 

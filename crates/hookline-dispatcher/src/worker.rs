@@ -8,6 +8,13 @@
 //! the same way: an outcome with no attempt and a retry time. Everything that can go
 //! wrong here is input or network trouble, so every branch settles the message or hands
 //! it on; nothing panics.
+//!
+//! Each message is handled in a `dispatcher.deliver` span that lives until its outcome is
+//! durable and the message settled (the writer holds it). When spans are exported, a first
+//! attempt continues the trace its message headers carry (the publish's), so one trace
+//! runs from `Publish` to the receiver's answer; a later attempt starts a trace of its
+//! own with a link to that one, so a delivery retried for a day does not keep one trace
+//! open. The request itself is the `http.attempt` span ([`crate::http`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +32,7 @@ use reqwest::{Client, StatusCode};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::cache::{Endpoint, Lookup, SubscriptionCache};
 use crate::circuit::Health;
@@ -67,11 +75,18 @@ impl Worker {
             }
         };
         let span = tracing::info_span!(
-            "delivery",
+            parent: None,
+            "dispatcher.deliver",
+            otel.kind = "consumer",
+            otel.status_code = Empty,
             delivery_id = %job.delivery_id,
             subscription_id = %job.subscription_id,
             attempt = job.attempt_number,
+            outcome = Empty,
         );
+        if hookline_telemetry::exporting() {
+            connect_trace(&span, &job, &message);
+        }
         self.deliver(job, message).instrument(span).await;
     }
 
@@ -80,11 +95,13 @@ impl Worker {
             Ok(Lookup::Found(endpoint)) => endpoint,
             Ok(Lookup::Gone) => {
                 tracing::debug!("subscription is gone with its deliveries; dropping the message");
+                record_outcome("dropped");
                 settled("ack", message.ack().await);
                 return;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the subscription; putting the message back");
+                record_outcome("requeued");
                 tokio::select! {
                     () = self.shutdown.cancelled() => {}
                     () = tokio::time::sleep(STORE_TROUBLE_PAUSE) => {}
@@ -120,6 +137,7 @@ impl Worker {
                 return;
             }
             Decision::Stopped => {
+                record_outcome("requeued");
                 settled("requeue", message.retry_later().await);
                 return;
             }
@@ -131,12 +149,14 @@ impl Worker {
                 // Never closed; put the message back rather than send without a permit.
                 Err(_) => {
                     drop(ticket);
+                    record_outcome("requeued");
                     settled("requeue", message.retry_later().await);
                     return;
                 }
             },
             () = self.shutdown.cancelled() => {
                 drop(ticket);
+                record_outcome("requeued");
                 settled("requeue", message.retry_later().await);
                 return;
             }
@@ -302,10 +322,21 @@ impl Worker {
         message: ReceivedMessage,
         deferred: Option<DeferReason>,
     ) {
+        let span = tracing::Span::current();
+        record_outcome(match (&outcome.next, deferred) {
+            (_, Some(_)) => "deferred",
+            (NextStep::Succeeded, None) => "succeeded",
+            (NextStep::RetryAt(_), None) => "retry",
+            (NextStep::Failed { .. }, None) => "failed",
+        });
+        if matches!(outcome.next, NextStep::Failed { .. }) {
+            span.record("otel.status_code", "ERROR");
+        }
         let settle = Settle {
             outcome,
             message,
             deferred,
+            span,
         };
         if self.writer.send(settle).await.is_err() {
             // The writer is gone (shutting down): the message is dropped unsettled and
@@ -313,6 +344,26 @@ impl Worker {
             tracing::warn!("outcome writer has stopped; the message will be redelivered");
         }
     }
+}
+
+/// Connects a delivery's span to the trace its message carries: the parent of a first
+/// attempt, a link from a later one. Also the attributes that only the trace wants.
+fn connect_trace(span: &tracing::Span, job: &DeliveryJob, message: &ReceivedMessage) {
+    let origin = hookline_telemetry::extract(&message.headers);
+    if job.attempt_number <= 1 {
+        hookline_telemetry::set_parent(span, origin);
+    } else {
+        hookline_telemetry::link_to(span, &origin);
+    }
+    hookline_telemetry::set_attribute(span, "messaging.operation.type", "process");
+    hookline_telemetry::set_attribute(span, "event_id", job.event_id.to_string());
+    hookline_telemetry::set_attribute(span, "tenant_id", job.tenant_id.to_string());
+    hookline_telemetry::set_attribute(span, "event_type", job.event_type.clone());
+}
+
+/// Records what became of the delivery on its span.
+fn record_outcome(outcome: &'static str) {
+    tracing::Span::current().record("outcome", outcome);
 }
 
 /// What an exchange says about the endpoint's health, for the circuit breaker: a 5xx or

@@ -8,6 +8,10 @@
 //! again). A batch the database refuses outright is written outcome by outcome, so one
 //! bad outcome cannot hold back the others. Deferrals (no attempt, a retry at a time)
 //! travel the same way and are counted apart from delivery outcomes.
+//!
+//! Each outcome travels with its delivery's span, which ends once the message is settled,
+//! so a delivery's trace covers the time until its outcome is durable. A batch is written
+//! in a `dispatcher.record_outcomes` span linked to the deliveries it records.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +23,7 @@ use hookline_store::StoreError;
 use hookline_store::port::{AttemptOutcome, DeliveryStore};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use crate::limits::DeferReason;
 use crate::metrics;
@@ -34,6 +39,8 @@ pub(crate) struct Settle {
     /// Set when the outcome is a deferral (no attempt, a retry at a time), for the
     /// metrics: a deferral is not a delivery outcome.
     pub(crate) deferred: Option<DeferReason>,
+    /// The delivery's span, closed when this is dropped (after the message is settled).
+    pub(crate) span: tracing::Span,
 }
 
 /// Counts one outcome once it is durable.
@@ -79,14 +86,31 @@ async fn run(
     }
 }
 
+/// Most links from a batch's span to its deliveries (the SDK's default limit).
+const MAX_BATCH_LINKS: usize = 128;
+
 async fn flush(store: &dyn DeliveryStore, batch: Vec<Settle>) {
+    let span = tracing::debug_span!(
+        parent: None,
+        "dispatcher.record_outcomes",
+        outcomes = batch.len(),
+        otel.status_code = tracing::field::Empty,
+    );
+    hookline_telemetry::link_spans(&span, batch.iter().map(|s| &s.span), MAX_BATCH_LINKS);
+    write(store, batch).instrument(span).await;
+}
+
+async fn write(store: &dyn DeliveryStore, batch: Vec<Settle>) {
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut messages = Vec::with_capacity(batch.len());
     let mut deferrals = Vec::with_capacity(batch.len());
+    // Dropped at the end, once every message is settled: that ends the delivery spans.
+    let mut spans = Vec::with_capacity(batch.len());
     for s in batch {
         outcomes.push(s.outcome);
         messages.push(s.message);
         deferrals.push(s.deferred);
+        spans.push(s.span);
     }
     let result = (|| store.record_outcomes(&outcomes))
         .retry(backoff())
@@ -105,7 +129,11 @@ async fn flush(store: &dyn DeliveryStore, batch: Vec<Settle>) {
         }
         Err(e) if !is_transient(&e) && outcomes.len() > 1 => {
             tracing::warn!(error = %e, outcomes = outcomes.len(), "the database refused a batch of outcomes; writing them one by one");
-            for ((outcome, message), deferred) in outcomes.into_iter().zip(messages).zip(deferrals)
+            for (((outcome, message), deferred), span) in outcomes
+                .into_iter()
+                .zip(messages)
+                .zip(deferrals)
+                .zip(&spans)
             {
                 match store.record_outcomes(std::slice::from_ref(&outcome)).await {
                     Ok(()) => {
@@ -114,6 +142,7 @@ async fn flush(store: &dyn DeliveryStore, batch: Vec<Settle>) {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, delivery_id = %outcome.delivery_id, "cannot record an attempt outcome; putting its message back");
+                        requeued(span);
                         settled("requeue", message.retry_later().await);
                     }
                 }
@@ -121,12 +150,22 @@ async fn flush(store: &dyn DeliveryStore, batch: Vec<Settle>) {
         }
         Err(e) => {
             tracing::error!(error = %e, outcomes = outcomes.len(), "cannot record attempt outcomes; putting their messages back");
+            tracing::Span::current().record("otel.status_code", "ERROR");
+            spans.iter().for_each(requeued);
             join_all(messages.into_iter().map(|m| async {
                 settled("requeue", m.retry_later().await);
             }))
             .await;
         }
     }
+    drop(spans);
+}
+
+/// Marks a delivery whose outcome could not be written: its message goes back to the
+/// queue and the attempt will be made again.
+fn requeued(span: &tracing::Span) {
+    span.record("outcome", "requeued");
+    span.record("otel.status_code", "ERROR");
 }
 
 async fn ack_all(messages: Vec<ReceivedMessage>) {

@@ -5,6 +5,7 @@
 //! store each event with one delivery per match in one transaction, then publish the
 //! deliveries with publisher confirms. `GetEvent` and `ListEvents` read events back.
 
+mod batcher;
 mod matcher;
 mod service;
 

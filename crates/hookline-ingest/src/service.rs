@@ -1,4 +1,10 @@
 //! `hookline.v1.IngestService`: validate, authorise, match, store, enqueue.
+//!
+//! Each `Publish`/`PublishBatch` runs in an `ingest.publish` span, continuing the trace
+//! the caller sent in its gRPC metadata (W3C `traceparent`) if any. Its `traceparent` is
+//! stored with every delivery the call creates, and the outbox's `queue.publish` span
+//! inside it puts the trace context into each queue message, so a dispatcher's attempt
+//! continues the same trace and a later retry can link back to it.
 
 use std::sync::Arc;
 
@@ -9,10 +15,14 @@ use hookline_core::{Id, IdKind, validate};
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
 use hookline_grpc::{Authenticator, Principal, convert, page_request};
 use hookline_outbox::publish_jobs;
+
+use crate::batcher::PublishBatcher;
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::ingest_service_server::IngestService;
 use hookline_store::port::{EventFilter, EventStore, InsertOutcome, NewEvent};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::matcher::SubscriptionMatcher;
 
@@ -38,6 +48,8 @@ impl Default for IngestConfig {
 pub struct IngestApi {
     config: IngestConfig,
     events: Arc<dyn EventStore>,
+    /// Group-commits the inserts of concurrent calls.
+    writer: PublishBatcher,
     matcher: SubscriptionMatcher,
     broker: Arc<dyn Broker>,
     auth: Authenticator,
@@ -53,6 +65,7 @@ impl IngestApi {
     ) -> Self {
         Self {
             config,
+            writer: PublishBatcher::spawn(events.clone()),
             events,
             matcher,
             broker,
@@ -101,6 +114,10 @@ impl IngestApi {
             principal.require_tenant(&tenant)?;
             tenants.push(tenant);
         }
+        let span = tracing::Span::current();
+        record_subject(&span, &requests);
+        // One context for the whole call: where every delivery it creates comes from.
+        let traceparent = hookline_telemetry::traceparent_of(&span);
         let now = Utc::now();
         let mut new_events = Vec::with_capacity(requests.len());
         for (req, tenant_id) in requests.into_iter().zip(tenants) {
@@ -124,11 +141,17 @@ impl IngestApi {
                     created_at: now,
                 },
                 subscription_ids,
+                traceparent: traceparent.clone(),
             });
         }
+        let event_count = new_events.len();
         let outcomes = self
-            .events
-            .insert_events(&new_events)
+            .writer
+            .insert(new_events)
+            .instrument(tracing::debug_span!(
+                "store.insert_events",
+                events = event_count
+            ))
             .await
             .map_err(from_store)?;
 
@@ -159,6 +182,8 @@ impl IngestApi {
             });
         }
         let created_events = responses.iter().filter(|r| !r.duplicate).count();
+        span.record("deliveries_created", jobs.len());
+        span.record("duplicates", responses.len() - created_events);
         metrics::counter!("hookline_events_published_total").increment(created_events as u64);
         metrics::counter!("hookline_deliveries_created_total").increment(jobs.len() as u64);
         // The events are committed: from here on the answer is OK whatever happens.
@@ -177,43 +202,123 @@ impl IngestApi {
     }
 }
 
+/// The span of one publish call: a server span continuing the caller's trace. Tenant,
+/// event type and outcome counts are recorded as they become known.
+fn publish_span(
+    method: &'static str,
+    events: usize,
+    metadata: &tonic::metadata::MetadataMap,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "ingest.publish",
+        otel.kind = "server",
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        rpc.system = "grpc",
+        rpc.service = "hookline.v1.IngestService",
+        rpc.method = method,
+        rpc.grpc.status_code = Empty,
+        events,
+        tenant_id = Empty,
+        event_type = Empty,
+        deliveries_created = Empty,
+        duplicates = Empty,
+    );
+    hookline_telemetry::set_parent(&span, hookline_telemetry::extract_grpc(metadata));
+    span
+}
+
+/// The tenant and event type of the call, when every event of it shares them.
+fn record_subject(span: &tracing::Span, requests: &[pb::PublishRequest]) {
+    if span.is_disabled() {
+        return;
+    }
+    let Some(first) = requests.first() else {
+        return;
+    };
+    if requests.iter().all(|r| r.tenant_id == first.tenant_id) {
+        span.record("tenant_id", first.tenant_id.as_str());
+    }
+    if requests.iter().all(|r| r.event_type == first.event_type) {
+        span.record("event_type", first.event_type.as_str());
+    }
+}
+
+/// Runs a call and records its gRPC status on its span; as OpenTelemetry's conventions
+/// have it for a server, only codes that mean the server failed mark the span an error
+/// (a caller's invalid argument is not).
+async fn traced<T>(
+    span: &tracing::Span,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let result = call.await;
+    let code = result.as_ref().err().map_or(Code::Ok, Status::code);
+    span.record("rpc.grpc.status_code", code as i32);
+    if let Err(status) = &result
+        && matches!(
+            code,
+            Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+        )
+    {
+        span.record("otel.status_code", "ERROR");
+        span.record("otel.status_description", status.message());
+    }
+    result
+}
+
 #[tonic::async_trait]
 impl IngestService for IngestApi {
     async fn publish(
         &self,
         req: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let principal = self.auth.authenticate(req.metadata()).await?;
-        let mut responses = self
-            .publish_all(&principal, vec![req.into_inner()], false)
-            .await?;
-        let response = responses
-            .pop()
-            .ok_or_else(|| Status::internal("the store answered no outcome for the event"))?;
-        Ok(Response::new(response))
+        let span = publish_span("Publish", 1, req.metadata());
+        traced(&span, async {
+            let principal = self.auth.authenticate(req.metadata()).await?;
+            let mut responses = self
+                .publish_all(&principal, vec![req.into_inner()], false)
+                .await?;
+            let response = responses
+                .pop()
+                .ok_or_else(|| Status::internal("the store answered no outcome for the event"))?;
+            Ok(Response::new(response))
+        })
+        .instrument(span.clone())
+        .await
     }
 
     async fn publish_batch(
         &self,
         req: Request<pb::PublishBatchRequest>,
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
-        let principal = self.auth.authenticate(req.metadata()).await?;
-        let events = req.into_inner().events;
-        if events.is_empty() {
-            return Err(invalid("events", "is empty; send 1 to 1000 events"));
-        }
-        if events.len() > self.config.max_batch {
-            return Err(invalid(
-                "events",
-                format!(
-                    "has {} events; the limit is {}",
-                    events.len(),
-                    self.config.max_batch
-                ),
-            ));
-        }
-        let results = self.publish_all(&principal, events, true).await?;
-        Ok(Response::new(pb::PublishBatchResponse { results }))
+        let span = publish_span("PublishBatch", req.get_ref().events.len(), req.metadata());
+        traced(&span, async {
+            let principal = self.auth.authenticate(req.metadata()).await?;
+            let events = req.into_inner().events;
+            if events.is_empty() {
+                return Err(invalid("events", "is empty; send 1 to 1000 events"));
+            }
+            if events.len() > self.config.max_batch {
+                return Err(invalid(
+                    "events",
+                    format!(
+                        "has {} events; the limit is {}",
+                        events.len(),
+                        self.config.max_batch
+                    ),
+                ));
+            }
+            let results = self.publish_all(&principal, events, true).await?;
+            Ok(Response::new(pb::PublishBatchResponse { results }))
+        })
+        .instrument(span.clone())
+        .await
     }
 
     async fn get_event(

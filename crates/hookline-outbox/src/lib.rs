@@ -6,7 +6,15 @@
 //! [`Relay`] finds the entry after a grace period and publishes it again, so a committed
 //! delivery is never stranded. Duplicates are possible (at-least-once); receivers
 //! deduplicate on `webhook-id`.
+//!
+//! Publishing runs in a `queue.publish` span and writes the trace context into each
+//! message's headers, so the dispatcher continues the trace. A job carries the
+//! `traceparent` stored with its delivery; the current span replaces it only when it is of
+//! the same trace (ingest publishing what it just stored). A relay or retry round runs in
+//! a trace of its own and leaves the stored one in place: the dispatcher then continues
+//! (first attempt) or links to (retry) the publish's trace, not the round's.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +24,9 @@ use hookline_core::Id;
 use hookline_core::job::DeliveryJob;
 use hookline_store::StoreError;
 use hookline_store::port::EventStore;
+use hookline_telemetry::{TRACEPARENT, trace_id_of};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -26,11 +36,26 @@ pub enum OutboxError {
     Store(#[from] StoreError),
 }
 
-/// The queue message of a job.
-pub fn job_message(job: &DeliveryJob) -> OutgoingMessage {
+/// The queue message of a job. `trace` is the context of the publishing span as
+/// headers (see [`hookline_telemetry::inject_current`]; empty when not tracing): it
+/// replaces the job's stored `traceparent` when it continues the same trace, or when the
+/// job has none.
+pub fn job_message(job: &DeliveryJob, trace: &BTreeMap<String, String>) -> OutgoingMessage {
+    let mut headers = job.headers();
+    if let Some(current) = trace.get(TRACEPARENT) {
+        let same_trace = match job.traceparent.as_deref() {
+            None => true,
+            Some(stored) => {
+                trace_id_of(stored).is_some() && trace_id_of(stored) == trace_id_of(current)
+            }
+        };
+        if same_trace {
+            headers.extend(trace.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
     OutgoingMessage {
         body: job.payload.clone(),
-        headers: job.headers(),
+        headers,
     }
 }
 
@@ -45,12 +70,27 @@ pub async fn publish_jobs(
     if jobs.is_empty() {
         return Ok(());
     }
-    broker
-        .publish(queue, jobs.iter().map(job_message).collect())
-        .await?;
-    let ids: Vec<Id> = jobs.iter().map(|j| j.delivery_id.clone()).collect();
-    store.confirm_published(&ids).await?;
-    Ok(())
+    let span = tracing::debug_span!(
+        "queue.publish",
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.operation.type = "send",
+        messaging.destination.name = queue.as_str(),
+        messaging.batch.message_count = jobs.len(),
+    );
+    async {
+        let trace = hookline_telemetry::inject_current();
+        let messages = jobs.iter().map(|j| job_message(j, &trace)).collect();
+        broker.publish(queue, messages).await?;
+        let ids: Vec<Id> = jobs.iter().map(|j| j.delivery_id.clone()).collect();
+        store.confirm_published(&ids).await?;
+        Ok(())
+    }
+    .instrument(span.clone())
+    .await
+    .inspect_err(|_: &OutboxError| {
+        span.record("otel.status_code", "ERROR");
+    })
 }
 
 /// Settings of the relay.
@@ -108,6 +148,13 @@ impl Relay {
         if jobs.is_empty() {
             return Ok(0);
         }
+        // A round that found work is a trace of its own; each job keeps the context of
+        // the publish that created it.
+        let span = tracing::info_span!(parent: None, "outbox.relay", deliveries = jobs.len());
+        self.republish(jobs).instrument(span).await
+    }
+
+    async fn republish(&self, jobs: Vec<DeliveryJob>) -> Result<usize, OutboxError> {
         tracing::warn!(
             count = jobs.len(),
             "re-publishing deliveries whose publish was never confirmed"
@@ -151,5 +198,64 @@ impl Relay {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hookline_core::IdKind;
+    use hookline_core::job::H_TRACEPARENT;
+
+    use super::*;
+
+    const STORED: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const SAME_TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01";
+    const OTHER_TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-2222222222222222-01";
+
+    fn job(traceparent: Option<&str>) -> DeliveryJob {
+        DeliveryJob {
+            delivery_id: Id::new(IdKind::Delivery),
+            event_id: Id::new(IdKind::Event),
+            tenant_id: Id::new(IdKind::Tenant),
+            subscription_id: Id::new(IdKind::Subscription),
+            event_type: "invoice.paid".into(),
+            attempt_number: 1,
+            payload: b"{}".to_vec(),
+            traceparent: traceparent.map(str::to_owned),
+        }
+    }
+
+    fn trace(traceparent: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (TRACEPARENT.to_owned(), traceparent.to_owned()),
+            ("tracestate".to_owned(), "k=v".to_owned()),
+        ])
+    }
+
+    fn header(m: &OutgoingMessage) -> Option<&str> {
+        m.headers.get(H_TRACEPARENT).map(String::as_str)
+    }
+
+    #[test]
+    fn the_publishing_span_continues_its_own_trace_only() {
+        // Not tracing: the stored context, or none.
+        assert_eq!(
+            header(&job_message(&job(Some(STORED)), &BTreeMap::new())),
+            Some(STORED)
+        );
+        assert_eq!(header(&job_message(&job(None), &BTreeMap::new())), None);
+        // Ingest publishing what it stored: the later span of the same trace.
+        let m = job_message(&job(Some(STORED)), &trace(SAME_TRACE));
+        assert_eq!(header(&m), Some(SAME_TRACE));
+        assert_eq!(m.headers.get("tracestate").map(String::as_str), Some("k=v"));
+        // A retry round of another trace: the publish's context stays.
+        let m = job_message(&job(Some(STORED)), &trace(OTHER_TRACE));
+        assert_eq!(header(&m), Some(STORED));
+        assert!(!m.headers.contains_key("tracestate"));
+        // A job that had none gets the publisher's.
+        assert_eq!(
+            header(&job_message(&job(None), &trace(OTHER_TRACE))),
+            Some(OTHER_TRACE)
+        );
     }
 }

@@ -1,4 +1,9 @@
 //! Moves due retries from the durable schedule into the queue.
+//!
+//! A round that finds due retries runs in a `retry.enqueue` span of its own trace. The
+//! jobs keep the `traceparent` stored with their deliveries (the outbox does not replace
+//! it with this round's), so each retry's dispatcher span links to the trace of the
+//! publish it retries rather than to this round.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +13,7 @@ use hookline_broker::{Broker, QueueName};
 use hookline_outbox::{OutboxError, publish_jobs};
 use hookline_store::port::{DeliveryStore, EventStore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -58,12 +64,14 @@ impl Scheduler {
         if jobs.is_empty() {
             return Ok(0);
         }
+        let span = tracing::info_span!(parent: None, "retry.enqueue", retries = jobs.len());
         publish_jobs(
             self.broker.as_ref(),
             self.events.as_ref(),
             QueueName::Retries,
             &jobs,
         )
+        .instrument(span)
         .await?;
         metrics::counter!("hookline_retries_enqueued_total").increment(jobs.len() as u64);
         Ok(jobs.len())

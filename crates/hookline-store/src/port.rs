@@ -152,10 +152,25 @@ pub trait RegistryStore: Send + Sync + 'static {
     async fn revoke_api_key(&self, id: &Id) -> Result<ApiKey, StoreError>;
 }
 
-/// Liveness of the backing database, for `/readyz`.
+/// Figures the admin port exports as gauges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PipelineStats {
+    /// Deliveries waiting in the retry schedule.
+    pub retry_backlog: u64,
+    /// The earliest due time in the retry schedule.
+    pub oldest_due_retry: Option<DateTime<Utc>>,
+    /// Deliveries committed but not yet confirmed in the queue.
+    pub outbox: u64,
+    pub subscriptions_enabled: u64,
+    pub subscriptions_disabled: u64,
+}
+
+/// Liveness and size of the backing database, for `/readyz` and `/metrics`.
 #[async_trait]
 pub trait StoreHealth: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
+    /// A few counts; cheap enough to read every few seconds.
+    async fn stats(&self) -> Result<PipelineStats, StoreError>;
 }
 
 /// An event to store, with the subscriptions that get a delivery of it.
@@ -164,6 +179,9 @@ pub struct NewEvent {
     pub event: Event,
     /// One delivery is created per subscription, in this order.
     pub subscription_ids: Vec<Id>,
+    /// The W3C `traceparent` of the publish, stored with each delivery so that every job
+    /// of it (first attempt, retries, relayed) can be connected to the publish's trace.
+    pub traceparent: Option<String>,
 }
 
 /// What storing one event did.

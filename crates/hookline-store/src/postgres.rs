@@ -152,7 +152,8 @@ macro_rules! attempt_cols {
 /// What a delivery job needs from a delivery row `d` (the payload comes from its event).
 macro_rules! job_cols {
     () => {
-        "d.id, d.event_id, d.tenant_id, d.subscription_id, d.event_type, d.attempt_count"
+        "d.id, d.event_id, d.tenant_id, d.subscription_id, d.event_type, d.attempt_count, \
+         d.traceparent"
     };
 }
 
@@ -934,6 +935,28 @@ impl StoreHealth for PgStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn stats(&self) -> Result<crate::port::PipelineStats, StoreError> {
+        let row = sqlx::query(
+            "SELECT (SELECT count(*) FROM retry_schedule) AS backlog, \
+                    (SELECT min(due_at) FROM retry_schedule) AS oldest, \
+                    (SELECT count(*) FROM delivery_outbox) AS outbox, \
+                    (SELECT count(*) FROM subscriptions WHERE state = 'enabled') AS enabled, \
+                    (SELECT count(*) FROM subscriptions WHERE state = 'disabled') AS disabled",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let count = |name: &str| -> Result<u64, StoreError> {
+            Ok(u64::try_from(row.try_get::<i64, _>(name)?).unwrap_or(0))
+        };
+        Ok(crate::port::PipelineStats {
+            retry_backlog: count("backlog")?,
+            oldest_due_retry: row.try_get("oldest")?,
+            outbox: count("outbox")?,
+            subscriptions_enabled: count("enabled")?,
+            subscriptions_disabled: count("disabled")?,
+        })
     }
 }
 

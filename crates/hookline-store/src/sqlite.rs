@@ -310,7 +310,7 @@ macro_rules! attempt_cols {
 macro_rules! jobs_of_ids {
     () => {
         "SELECT d.id, d.event_id, d.tenant_id, d.subscription_id, d.event_type, \
-         d.attempt_count, e.payload \
+         d.attempt_count, d.traceparent, e.payload \
          FROM json_each(?1) AS k CROSS JOIN deliveries AS d ON d.id = k.value \
          JOIN events AS e ON e.id = d.event_id"
     };
@@ -1243,6 +1243,29 @@ impl StoreHealth for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
+    }
+
+    async fn stats(&self) -> Result<crate::port::PipelineStats, StoreError> {
+        let row = sqlx::query(
+            "SELECT (SELECT count(*) FROM retry_schedule) AS backlog, \
+                    (SELECT min(due_at) FROM retry_schedule) AS oldest, \
+                    (SELECT count(*) FROM delivery_outbox) AS outbox, \
+                    (SELECT count(*) FROM subscriptions WHERE state = 'enabled') AS enabled, \
+                    (SELECT count(*) FROM subscriptions WHERE state = 'disabled') AS disabled",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        let count = |name: &str| -> Result<u64, StoreError> {
+            Ok(u64::try_from(row.try_get::<i64, _>(name)?).unwrap_or(0))
+        };
+        let oldest: Option<i64> = row.try_get("oldest")?;
+        Ok(crate::port::PipelineStats {
+            retry_backlog: count("backlog")?,
+            oldest_due_retry: oldest.map(|m| from_micros("due_at", m)).transpose()?,
+            outbox: count("outbox")?,
+            subscriptions_enabled: count("enabled")?,
+            subscriptions_disabled: count("disabled")?,
+        })
     }
 }
 

@@ -36,6 +36,7 @@ on_both_backends! {
     current_thread deliveries_are_listed_with_filters_and_followed_by_update_time(3);
     current_thread deleting_subscriptions_and_tenants_cascades_through_the_pipeline(3);
     current_thread subscriptions_are_disabled_with_a_reason_and_enabled_again(2);
+    current_thread the_traceparent_of_a_publish_comes_back_with_every_job_of_its_deliveries(2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -96,6 +97,7 @@ fn new_event(tenant_id: &Id, key: Option<&str>, subs: &[&Id]) -> NewEvent {
     NewEvent {
         event: event(tenant_id, "invoice.paid", key),
         subscription_ids: subs.iter().map(|s| (*s).clone()).collect(),
+        traceparent: None,
     }
 }
 
@@ -1040,11 +1042,13 @@ async fn events_are_listed_newest_first_with_filters_and_pages(fx: &Fixture) {
         batch.push(NewEvent {
             event: e,
             subscription_ids: vec![],
+            traceparent: None,
         });
     }
     batch.push(NewEvent {
         event: event(&other, "invoice.paid", None),
         subscription_ids: vec![],
+        traceparent: None,
     });
     store.insert_events(&batch).await.expect("insert");
     let mine: Vec<Id> = batch[..5].iter().map(|e| e.event.id.clone()).collect();
@@ -1397,4 +1401,81 @@ async fn subscriptions_are_disabled_with_a_reason_and_enabled_again(fx: &Fixture
         matches!(&err, StoreError::NotFound { entity: "subscription", id } if id == missing.as_str()),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trace context
+// ---------------------------------------------------------------------------------------------
+
+/// The `traceparent` stored with a publish's deliveries is on their first jobs and on every
+/// job rebuilt from the database later: relayed, promoted from the retry schedule, requeued
+/// by hand. A publish without one gives jobs without one.
+async fn the_traceparent_of_a_publish_comes_back_with_every_job_of_its_deliveries(fx: &Fixture) {
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let store = fx.store();
+    let t = tenant(store).await;
+    let (s1, s2) = (subscription(store, &t).await, subscription(store, &t).await);
+    let traced = NewEvent {
+        traceparent: Some(TRACEPARENT.to_string()),
+        ..new_event(&t, None, &[&s1, &s2])
+    };
+    let plain = new_event(&t, None, &[&s1]);
+    let outcomes = store.insert_events(&[traced, plain]).await.expect("insert");
+    let jobs_of = |o: &InsertOutcome| match o {
+        InsertOutcome::Created { jobs, .. } => jobs.clone(),
+        other => panic!("expected Created, got {other:?}"),
+    };
+    let (traced_jobs, plain_jobs) = (jobs_of(&outcomes[0]), jobs_of(&outcomes[1]));
+    assert_eq!(traced_jobs.len(), 2);
+    for job in &traced_jobs {
+        assert_eq!(job.traceparent.as_deref(), Some(TRACEPARENT));
+    }
+    assert_eq!(plain_jobs[0].traceparent, None);
+
+    // Relayed: what the outbox still holds, rebuilt from the rows.
+    let now = Utc::now();
+    let leased = store
+        .lease_unpublished(now + TimeDelta::seconds(1), 10, now + TimeDelta::hours(1))
+        .await
+        .expect("lease");
+    assert_eq!(leased.len(), 3);
+    for job in &leased {
+        let want = traced_jobs
+            .iter()
+            .any(|j| j.delivery_id == job.delivery_id)
+            .then_some(TRACEPARENT);
+        assert_eq!(job.traceparent.as_deref(), want, "{job:?}");
+    }
+    let all: Vec<Id> = leased.iter().map(|j| j.delivery_id.clone()).collect();
+    store.confirm_published(&all).await.expect("confirm");
+
+    // Promoted from the retry schedule after a failed attempt.
+    let first = &traced_jobs[0].delivery_id;
+    store
+        .record_outcomes(&[outcome(
+            first,
+            Some(attempt(first, Some(500), None)),
+            NextStep::RetryAt(now - TimeDelta::seconds(1)),
+        )])
+        .await
+        .expect("record");
+    let promoted = store
+        .promote_due_retries(Utc::now(), 10)
+        .await
+        .expect("promote");
+    assert_eq!(promoted.len(), 1);
+    assert_eq!(promoted[0].attempt_number, 2);
+    assert_eq!(promoted[0].traceparent.as_deref(), Some(TRACEPARENT));
+
+    // Requeued by hand, with and without one.
+    let requeued = store
+        .requeue_deliveries(&[
+            traced_jobs[1].delivery_id.clone(),
+            plain_jobs[0].delivery_id.clone(),
+        ])
+        .await
+        .expect("requeue");
+    assert_eq!(requeued.len(), 2);
+    assert_eq!(requeued[0].traceparent.as_deref(), Some(TRACEPARENT));
+    assert_eq!(requeued[1].traceparent, None);
 }

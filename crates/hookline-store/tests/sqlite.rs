@@ -86,6 +86,7 @@ fn new_event(tenant_id: &Id, key: Option<&str>, subs: &[&Id]) -> NewEvent {
             created_at: Utc::now(),
         },
         subscription_ids: subs.iter().map(|s| (*s).clone()).collect(),
+        traceparent: None,
     }
 }
 

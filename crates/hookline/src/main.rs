@@ -110,7 +110,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => {}
     }
     let config = Config::load(cli.config.as_deref(), &cli.overrides)?;
-    config::init_logging(&config)?;
+    // Logs, and traces when OTEL_EXPORTER_OTLP_ENDPOINT is set. Held to the end of `run`,
+    // after the services have stopped, so dropping it exports the last spans.
+    let _telemetry = hookline_telemetry::init(&config.log, config.log_format == "json")?;
     match cli.command {
         Command::Serve { services } => {
             let services = serve::parse_services(&services)?;

@@ -17,7 +17,7 @@ use hookline_proto::v1 as pb;
 use hookline_registry::RegistryApi;
 use hookline_retry::{DeliveryApi, Scheduler, SchedulerConfig};
 use hookline_store::port::{NewApiKey, RegistryStore};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -120,6 +120,13 @@ pub async fn create_key(
 
 pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Result<()> {
     let metrics = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
+        )
+        .context("invalid histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     metrics::gauge!("hookline_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -266,6 +273,11 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     }
     tracing::info!(%grpc_addr, %admin_addr, services = ?names, "serving");
 
+    tasks.push(tokio::spawn(report_gauges(
+        store.health(),
+        broker.clone(),
+        shutdown.clone(),
+    )));
     let admin = tokio::spawn(admin_http::serve(
         admin_listener,
         AdminState {
@@ -354,4 +366,45 @@ Try it (in another terminal, with a receiver listening on http://127.0.0.1:8000/
 (`hookline` is `cargo run --release -p hookline --` from a checkout.)
 "#
     )
+}
+
+/// How often the gauges of queue depth, retry backlog and subscription states are read.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps the gauges that need a query fresh: queue depths, the retry backlog and the
+/// age of its oldest due entry, the outbox, and subscriptions by state.
+async fn report_gauges(
+    store: Arc<dyn hookline_store::port::StoreHealth>,
+    broker: Arc<dyn Broker>,
+    shutdown: CancellationToken,
+) {
+    use hookline_broker::QueueName;
+    loop {
+        for queue in QueueName::ALL {
+            if let Ok(depth) = broker.queue_depth(queue).await {
+                metrics::gauge!("hookline_queue_depth", "queue" => queue.as_str())
+                    .set(depth as f64);
+            }
+        }
+        match store.stats().await {
+            Ok(stats) => {
+                metrics::gauge!("hookline_retry_backlog").set(stats.retry_backlog as f64);
+                let overdue = stats
+                    .oldest_due_retry
+                    .map(|due| (chrono::Utc::now() - due).num_milliseconds().max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                metrics::gauge!("hookline_retry_oldest_due_age_seconds").set(overdue);
+                metrics::gauge!("hookline_outbox_pending").set(stats.outbox as f64);
+                metrics::gauge!("hookline_subscriptions", "state" => "enabled")
+                    .set(stats.subscriptions_enabled as f64);
+                metrics::gauge!("hookline_subscriptions", "state" => "disabled")
+                    .set(stats.subscriptions_disabled as f64);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read store statistics"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+        }
+    }
 }

@@ -382,6 +382,7 @@ impl Harness {
                     created_at: Utc::now(),
                 },
                 subscription_ids: vec![sub.clone()],
+                traceparent: None,
             }])
             .await
             .expect("insert event");
@@ -423,6 +424,7 @@ impl Harness {
                     created_at: Utc::now(),
                 },
                 subscription_ids: vec![subs[i % subs.len()].clone()],
+                traceparent: None,
             })
             .collect();
         let outcomes = self

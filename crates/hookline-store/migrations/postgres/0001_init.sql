@@ -151,6 +151,9 @@ CREATE TABLE deliveries (
     last_attempt_at   timestamptz NULL,
     last_status_code  integer NULL,
     last_error        text NULL,
+    -- W3C traceparent of the publish that created the delivery (when it was traced):
+    -- jobs rebuilt from this row for retries link their spans to that trace.
+    traceparent       text NULL,
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT deliveries_pkey PRIMARY KEY (id),

@@ -173,6 +173,9 @@ CREATE TABLE deliveries (
     last_attempt_at   INTEGER NULL,
     last_status_code  INTEGER NULL,
     last_error        TEXT NULL,
+    -- W3C traceparent of the publish that created the delivery (when it was traced):
+    -- jobs rebuilt from this row for retries link their spans to that trace.
+    traceparent       TEXT NULL,
     created_at        INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000000 AS INTEGER)),
     updated_at        INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000000 AS INTEGER)),
     CONSTRAINT deliveries_pkey PRIMARY KEY (id),

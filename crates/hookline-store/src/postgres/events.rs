@@ -62,6 +62,7 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<DeliveryJob, sqlx::Error> {
         event_type: row.try_get("event_type")?,
         attempt_number: get_count(row, "attempt_count")?.saturating_add(1),
         payload: row.try_get("payload")?,
+        traceparent: row.try_get("traceparent")?,
     })
 }
 
@@ -93,10 +94,10 @@ inserted_events AS (
     RETURNING id
 ),
 inserted_deliveries AS (
-    INSERT INTO deliveries (id, event_id, tenant_id, subscription_id, event_type)
-    SELECT v.id, v.event_id, v.tenant_id, v.subscription_id, v.event_type
-    FROM unnest($8::text[], $9::text[], $10::text[], $11::text[], $12::text[])
-            AS v(id, event_id, tenant_id, subscription_id, event_type)
+    INSERT INTO deliveries (id, event_id, tenant_id, subscription_id, event_type, traceparent)
+    SELECT v.id, v.event_id, v.tenant_id, v.subscription_id, v.event_type, v.traceparent
+    FROM unnest($8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[])
+            AS v(id, event_id, tenant_id, subscription_id, event_type, traceparent)
         JOIN inserted_events e ON e.id = v.event_id
         JOIN subscriptions s ON s.id = v.subscription_id
     FOR KEY SHARE OF s
@@ -211,8 +212,10 @@ impl EventStore for PgStore {
         let mut d_tenants = Vec::new();
         let mut d_subs = Vec::new();
         let mut d_types = Vec::new();
+        let mut d_traces = Vec::new();
         for &i in &order {
             let e = &events[i].event;
+            let traceparent = events[i].traceparent.as_deref();
             ids.push(e.id.as_str());
             tenants.push(e.tenant_id.as_str());
             types.push(e.event_type.as_str());
@@ -227,6 +230,7 @@ impl EventStore for PgStore {
                     d_tenants.push(e.tenant_id.as_str());
                     d_subs.push(s.as_str());
                     d_types.push(e.event_type.as_str());
+                    d_traces.push(traceparent);
                 }
             }
         }
@@ -244,6 +248,7 @@ impl EventStore for PgStore {
             .bind(&d_tenants)
             .bind(&d_subs)
             .bind(&d_types)
+            .bind(&d_traces)
             .fetch_all(&self.pool)
             .await
             .map_err(|e| insert_error(e, events))?;
@@ -322,6 +327,7 @@ impl EventStore for PgStore {
                                 event_type: e.event_type.clone(),
                                 attempt_number: 1,
                                 payload: e.payload.clone(),
+                                traceparent: new.traceparent.clone(),
                             })
                             .collect(),
                     }

@@ -57,6 +57,7 @@ pub(super) fn job_from_row(row: &SqliteRow) -> Result<DeliveryJob, sqlx::Error> 
         event_type: row.try_get("event_type")?,
         attempt_number: get_u32(row, "attempt_count")?.saturating_add(1),
         payload: row.try_get("payload")?,
+        traceparent: row.try_get("traceparent")?,
     })
 }
 
@@ -110,8 +111,8 @@ static INSERT_EVENTS: BulkInsert = BulkInsert::new(
 
 static INSERT_DELIVERIES: BulkInsert = BulkInsert::new(
     "INSERT INTO deliveries (id, event_id, tenant_id, subscription_id, event_type, created_at, \
-     updated_at) VALUES ",
-    "(?, ?, ?, ?, ?, ?, ?)",
+     updated_at, traceparent) VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?)",
     "",
 );
 
@@ -162,6 +163,7 @@ struct DeliveryRow<'a> {
     id: &'a str,
     event: &'a Event,
     subscription_id: &'a str,
+    traceparent: Option<&'a str>,
 }
 
 /// The id of a batch's event that collides with a stored one (or with another of the batch),
@@ -260,30 +262,31 @@ impl EventStore for SqliteStore {
 
         // The events to insert (not repeating a stored key), and their deliveries to
         // subscriptions that still exist.
-        let inserted: Vec<(&Event, &Vec<(Id, Id)>)> = events
+        let inserted: Vec<(&NewEvent, &Vec<(Id, Id)>)> = events
             .iter()
             .zip(&plans)
             .filter_map(|(new, plan)| match plan {
                 Plan::Insert(deliveries) if !repeats_stored_key(&new.event) => {
-                    Some((&new.event, deliveries))
+                    Some((new, deliveries))
                 }
                 _ => None,
             })
             .collect();
         let delivery_rows: Vec<DeliveryRow<'_>> = inserted
             .iter()
-            .flat_map(|(event, ds)| {
+            .flat_map(|(new, ds)| {
                 ds.iter()
                     .filter(|(_, s)| live_subscriptions.contains(s.as_str()))
                     .map(|(d, s)| DeliveryRow {
                         id: d.as_str(),
-                        event,
+                        event: &new.event,
                         subscription_id: s.as_str(),
+                        traceparent: new.traceparent.as_deref(),
                     })
             })
             .collect();
 
-        let event_rows: Vec<&Event> = inserted.iter().map(|(e, _)| *e).collect();
+        let event_rows: Vec<&Event> = inserted.iter().map(|(new, _)| &new.event).collect();
         if let Err(err) = INSERT_EVENTS
             .run(&mut tx, &event_rows, |q, e| {
                 q.bind(e.id.as_str())
@@ -313,6 +316,7 @@ impl EventStore for SqliteStore {
                     .bind(d.event.event_type.as_str())
                     .bind(now)
                     .bind(now)
+                    .bind(d.traceparent)
             })
             .await
             .map_err(|e| {
@@ -366,6 +370,7 @@ impl EventStore for SqliteStore {
                             event_type: e.event_type.clone(),
                             attempt_number: 1,
                             payload: e.payload.clone(),
+                            traceparent: new.traceparent.clone(),
                         })
                         .collect(),
                 },

@@ -14,7 +14,7 @@ use hookline_core::model::Event;
 use hookline_core::{Id, IdKind, validate};
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
 use hookline_grpc::{Authenticator, Principal, convert, page_request};
-use hookline_outbox::publish_jobs;
+use hookline_outbox::{Confirmer, publish_jobs_batched};
 
 use crate::batcher::PublishBatcher;
 use hookline_proto::v1 as pb;
@@ -50,6 +50,8 @@ pub struct IngestApi {
     events: Arc<dyn EventStore>,
     /// Group-commits the inserts of concurrent calls.
     writer: PublishBatcher,
+    /// Clears the outbox of published deliveries in batches.
+    confirmer: Confirmer,
     matcher: SubscriptionMatcher,
     broker: Arc<dyn Broker>,
     auth: Authenticator,
@@ -66,6 +68,7 @@ impl IngestApi {
         Self {
             config,
             writer: PublishBatcher::spawn(events.clone()),
+            confirmer: Confirmer::spawn(events.clone()),
             events,
             matcher,
             broker,
@@ -188,9 +191,9 @@ impl IngestApi {
         metrics::counter!("hookline_deliveries_created_total").increment(jobs.len() as u64);
         // The events are committed: from here on the answer is OK whatever happens.
         // A publish that fails leaves the deliveries in the outbox for the relay.
-        if let Err(e) = publish_jobs(
+        if let Err(e) = publish_jobs_batched(
             self.broker.as_ref(),
-            self.events.as_ref(),
+            &self.confirmer,
             QueueName::Deliveries,
             &jobs,
         )

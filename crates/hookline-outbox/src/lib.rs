@@ -67,6 +67,34 @@ pub async fn publish_jobs(
     queue: QueueName,
     jobs: &[DeliveryJob],
 ) -> Result<(), OutboxError> {
+    publish_traced(broker, queue, jobs, Clear::Now(store)).await
+}
+
+/// Like [`publish_jobs`], but the outbox rows are removed later, in batches, by
+/// `confirmer`: the hot path saves one transaction per call. If the process stops before
+/// the batch is written, the relay publishes those deliveries again (a duplicate, never
+/// a loss).
+pub async fn publish_jobs_batched(
+    broker: &dyn Broker,
+    confirmer: &Confirmer,
+    queue: QueueName,
+    jobs: &[DeliveryJob],
+) -> Result<(), OutboxError> {
+    publish_traced(broker, queue, jobs, Clear::Batched(confirmer)).await
+}
+
+/// How published jobs leave the outbox.
+enum Clear<'a> {
+    Now(&'a dyn EventStore),
+    Batched(&'a Confirmer),
+}
+
+async fn publish_traced(
+    broker: &dyn Broker,
+    queue: QueueName,
+    jobs: &[DeliveryJob],
+    clear: Clear<'_>,
+) -> Result<(), OutboxError> {
     if jobs.is_empty() {
         return Ok(());
     }
@@ -83,7 +111,10 @@ pub async fn publish_jobs(
         let messages = jobs.iter().map(|j| job_message(j, &trace)).collect();
         broker.publish(queue, messages).await?;
         let ids: Vec<Id> = jobs.iter().map(|j| j.delivery_id.clone()).collect();
-        store.confirm_published(&ids).await?;
+        match clear {
+            Clear::Now(store) => store.confirm_published(&ids).await?,
+            Clear::Batched(confirmer) => confirmer.confirm(ids).await,
+        }
         Ok(())
     }
     .instrument(span.clone())
@@ -91,6 +122,46 @@ pub async fn publish_jobs(
     .inspect_err(|_: &OutboxError| {
         span.record("otel.status_code", "ERROR");
     })
+}
+
+/// Most outbox rows removed in one statement.
+const CONFIRM_BATCH: usize = 5000;
+
+/// Removes published deliveries from the outbox in batches, in the background: all
+/// the confirmations that arrive while one DELETE runs go into the next.
+#[derive(Clone)]
+pub struct Confirmer {
+    tx: tokio::sync::mpsc::Sender<Vec<Id>>,
+}
+
+impl Confirmer {
+    /// Starts the background task; it ends when every clone is dropped.
+    pub fn spawn(store: Arc<dyn EventStore>) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Id>>(1024);
+        tokio::spawn(async move {
+            while let Some(mut ids) = rx.recv().await {
+                while ids.len() < CONFIRM_BATCH {
+                    match rx.try_recv() {
+                        Ok(more) => ids.extend(more),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = store.confirm_published(&ids).await {
+                    tracing::warn!(error = %e, deliveries = ids.len(), "outbox rows not cleared; the relay will publish these deliveries again");
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Queues `ids` for removal from the outbox.
+    pub async fn confirm(&self, ids: Vec<Id>) {
+        if self.tx.send(ids).await.is_err() {
+            tracing::warn!(
+                "outbox confirmer stopped; the relay will publish these deliveries again"
+            );
+        }
+    }
 }
 
 /// Settings of the relay.

@@ -2,6 +2,7 @@
 //! real PostgreSQL and RabbitMQ, publishing over gRPC, and a real local HTTP receiver
 //! that verifies every request with the `standardwebhooks` crate.
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -801,25 +802,6 @@ async fn a_delivery_committed_but_never_queued_is_relayed(backend: Backend) {
     assert_eq!(got[0].header("webhook-id"), event_id.as_str());
     assert!(got[0].verified);
     p.finish().await;
-}
-
-/// Every test body above runs on both backends: PostgreSQL + RabbitMQ, and embedded
-/// (SQLite + the in-process queue).
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod distributed {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Distributed).await
-            })*
-        }
-        mod embedded {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Embedded).await
-            })*
-        }
-    };
 }
 
 on_both_backends!(

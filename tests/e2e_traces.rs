@@ -7,6 +7,7 @@
 //! to the publish. Waits are on deadlines (the collector and the receiver notify), never
 //! on sleeps.
 
+#[macro_use]
 mod support;
 
 use std::collections::BTreeMap;
@@ -469,23 +470,6 @@ async fn buffered_spans_are_exported_at_shutdown(backend: Backend) {
             find(spans, "http.attempt", TRACE_ID, |_| true).map(|_| ())
         })
         .await;
-}
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod distributed {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Distributed).await
-            })*
-        }
-        mod embedded {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Embedded).await
-            })*
-        }
-    };
 }
 
 on_both_backends!(

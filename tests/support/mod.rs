@@ -5,6 +5,26 @@
 
 pub mod receiver;
 
+/// Turns `async fn name(backend: Backend)` test bodies into one `#[tokio::test]` per
+/// backend: `distributed::name` (PostgreSQL + RabbitMQ) and `embedded::name`.
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod distributed {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Distributed).await
+            })*
+        }
+        mod embedded {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Embedded).await
+            })*
+        }
+    };
+}
+
 use std::process::Stdio;
 use std::time::Duration;
 

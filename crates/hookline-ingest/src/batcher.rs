@@ -67,37 +67,46 @@ async fn run(mut rx: mpsc::Receiver<Request>, store: Arc<dyn EventStore>) {
                 Err(_) => break,
             }
         }
-        let outcomes = store_group(store.as_ref(), &group).await;
+        let (events_of, replies): (Vec<_>, Vec<_>) =
+            group.into_iter().map(|r| (r.events, r.reply)).unzip();
+        let outcomes = store_group(store.as_ref(), events_of).await;
         metrics::histogram!("hookline_ingest_group_events").record(events as f64);
-        for (request, outcome) in group.into_iter().zip(outcomes) {
-            let _ = request.reply.send(outcome);
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            let _ = reply.send(outcome);
         }
     }
 }
 
 /// Stores a group in one transaction. If that fails and the group has several
-/// callers, each is stored alone, so one caller's failure is not everyone's.
+/// callers, each is stored alone, so one caller's failure is not everyone's. The events
+/// are moved, never copied: payloads can be large.
 async fn store_group(
     store: &dyn EventStore,
-    group: &[Request],
+    group: Vec<Vec<NewEvent>>,
 ) -> Vec<Result<Vec<InsertOutcome>, StoreError>> {
-    if group.len() > 1 {
-        let all: Vec<NewEvent> = group
-            .iter()
-            .flat_map(|r| r.events.iter().cloned())
-            .collect();
-        if let Ok(mut outcomes) = store.insert_events(&all).await {
-            let mut split = Vec::with_capacity(group.len());
-            for r in group {
-                let rest = outcomes.split_off(r.events.len().min(outcomes.len()));
-                split.push(Ok(std::mem::replace(&mut outcomes, rest)));
-            }
-            return split;
+    let counts: Vec<usize> = group.iter().map(Vec::len).collect();
+    let mut all: Vec<NewEvent> = group.into_iter().flatten().collect();
+    if counts.len() > 1 {
+        match store.insert_events(&all).await {
+            Ok(outcomes) => return split_by(outcomes, &counts).into_iter().map(Ok).collect(),
+            Err(e) => tracing::debug!(error = %e, "group insert failed; storing each call alone"),
         }
     }
-    let mut results = Vec::with_capacity(group.len());
-    for r in group {
-        results.push(store.insert_events(&r.events).await);
+    let mut results = Vec::with_capacity(counts.len());
+    for count in counts {
+        let rest = all.split_off(count.min(all.len()));
+        let own = std::mem::replace(&mut all, rest);
+        results.push(store.insert_events(&own).await);
     }
     results
+}
+
+/// Cuts `items` into consecutive runs of the given lengths.
+fn split_by<T>(mut items: Vec<T>, counts: &[usize]) -> Vec<Vec<T>> {
+    let mut out = Vec::with_capacity(counts.len());
+    for &count in counts {
+        let rest = items.split_off(count.min(items.len()));
+        out.push(std::mem::replace(&mut items, rest));
+    }
+    out
 }

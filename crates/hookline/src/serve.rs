@@ -79,12 +79,28 @@ pub fn parse_services(list: &str) -> anyhow::Result<BTreeSet<Service>> {
     Ok(out)
 }
 
-/// Creates an API key and describes it, token included, for printing once.
+/// An API key just created, with the token that is shown only this once.
+pub struct CreatedKey {
+    pub description: String,
+    pub token: String,
+}
+
+impl fmt::Display for CreatedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "created API key {}; the token is shown only now:\n{}",
+            self.description, self.token
+        )
+    }
+}
+
+/// Creates an API key (an admin key without `tenant`).
 pub async fn create_key(
     store: &dyn RegistryStore,
     name: &str,
     tenant: Option<&str>,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<CreatedKey> {
     hookline_core::validate::name("--name", name)?;
     let tenant_id = match tenant {
         Some(t) => {
@@ -112,10 +128,10 @@ pub async fn create_key(
         .tenant_id
         .map(|t| format!("tenant {t}"))
         .unwrap_or_else(|| "admin".into());
-    Ok(format!(
-        "created API key {} ({scope}); the token is shown only now:\n{}",
-        key.id, token.token
-    ))
+    Ok(CreatedKey {
+        description: format!("{} ({scope})", key.id),
+        token: token.token,
+    })
 }
 
 pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Result<()> {
@@ -268,7 +284,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         println!("hookline: embedded backends in {}", data_dir.display());
         if fresh {
             let key = create_key(registry_store.as_ref(), "admin", None).await?;
-            println!("{}", first_start_banner(grpc_addr, admin_addr, &key));
+            println!("{}", first_start_banner(grpc_addr, admin_addr, &key.token));
         }
     }
     tracing::info!(%grpc_addr, %admin_addr, services = ?names, "serving");
@@ -340,14 +356,8 @@ fn spawn_cache_invalidation(
 fn first_start_banner(
     grpc: std::net::SocketAddr,
     admin: std::net::SocketAddr,
-    key_description: &str,
+    token: &str,
 ) -> String {
-    let token = key_description
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
     format!(
         r#"
 Hookline is running (embedded: every service in this process, state in SQLite).

@@ -108,8 +108,23 @@ impl Env {
         }
     }
 
-    /// Runs `hookline admin create-key` and returns the token it printed.
+    /// Runs `hookline admin create-key` and returns the token it printed. On the embedded
+    /// backends `hookline migrate` creates the data directory first (`create-key` never
+    /// creates one).
     pub async fn admin_key(&self) -> String {
+        if self.backend == Backend::Embedded {
+            let out = self
+                .command()
+                .arg("migrate")
+                .output()
+                .await
+                .expect("run hookline migrate");
+            assert!(
+                out.status.success(),
+                "migrate failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let out = self
             .command()
             .args(["admin", "create-key", "--name", "e2e"])
@@ -137,11 +152,22 @@ impl Env {
 
     /// `hookline serve` with extra `HOOKLINE_*` settings.
     pub async fn serve_with(&self, services: &str, settings: &[(&str, &str)]) -> Server {
+        self.serve_on(services, "127.0.0.1:0", settings).await
+    }
+
+    /// `hookline serve` with its gRPC API on `grpc_addr` (a fixed port lets a restarted
+    /// server be found where clients left it).
+    pub async fn serve_on(
+        &self,
+        services: &str,
+        grpc_addr: &str,
+        settings: &[(&str, &str)],
+    ) -> Server {
         let mut cmd = self.command();
         cmd.envs(settings.iter().copied());
         let mut child = cmd
             .args(["serve", "--services", services])
-            .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args(["--grpc-addr", grpc_addr, "--admin-addr", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

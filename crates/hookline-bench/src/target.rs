@@ -6,8 +6,8 @@
 //! server started by hand. For a clean run it gives the server fresh storage: with a
 //! PostgreSQL URL a new database `hookline_bench_<ulid>` on that server, with a RabbitMQ
 //! URL a new queue prefix `bench_<ulid>`, and with neither (the embedded backends) a fresh
-//! temporary directory as working directory and `HOOKLINE_DATA_DIR`. `hookline admin
-//! create-key` with the same environment makes the API key. Afterwards the server is stopped with SIGTERM and,
+//! temporary directory as working directory and `HOOKLINE_DATA_DIR`. `hookline migrate`
+//! then `hookline admin create-key` with the same environment make the API key. Afterwards the server is stopped with SIGTERM and,
 //! unless `--keep`, the database is dropped, the queues deleted and the directory removed.
 //!
 //! `--server URL --token T`: a running server or cluster; the bench makes its own tenant
@@ -249,6 +249,8 @@ async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
         cmd
     };
     let started = async {
+        // `admin create-key` needs an existing store; `migrate` makes it.
+        run_once(command(&["migrate"]), "hookline migrate").await?;
         let token = create_key(command(&[
             "admin",
             "create-key",
@@ -324,20 +326,25 @@ async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
     }
 }
 
-/// Runs `hookline admin create-key` and returns the token it printed.
-async fn create_key(mut cmd: Command) -> Result<String, BenchError> {
+/// Runs a one-shot `hookline` command (`what`, for messages); returns its stdout.
+async fn run_once(mut cmd: Command, what: &str) -> Result<String, BenchError> {
     let out = tokio::time::timeout(START_TIMEOUT, cmd.output())
         .await
-        .map_err(|_| BenchError::Server("`hookline admin create-key` took over 60 s".into()))?
-        .map_err(|e| BenchError::io("running `hookline admin create-key`", e))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        .map_err(|_| BenchError::Server(format!("`{what}` took over 60 s")))?
+        .map_err(|e| BenchError::io(format!("running `{what}`"), e))?;
     if !out.status.success() {
         return Err(BenchError::Server(format!(
-            "`hookline admin create-key` failed ({}): {}",
+            "`{what}` failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `hookline admin create-key` and returns the token it printed.
+async fn create_key(cmd: Command) -> Result<String, BenchError> {
+    let stdout = run_once(cmd, "hookline admin create-key").await?;
     stdout
         .lines()
         .rev()

@@ -44,6 +44,11 @@ pub struct DispatcherConfig {
     pub defer_delay: Duration,
     /// The per-subscription circuit breaker.
     pub circuit: CircuitConfig,
+    /// At shutdown, how long in-flight deliveries may take to finish before they are
+    /// abandoned (their messages go back to the queue, unacknowledged, and are delivered
+    /// again). Their outcomes then get [`OUTCOME_FLUSH`](crate::OUTCOME_FLUSH) more to be
+    /// written. Keep the sum under the platform's grace period (Kubernetes: 30 s).
+    pub shutdown_drain: Duration,
 }
 
 impl Default for DispatcherConfig {
@@ -59,6 +64,7 @@ impl Default for DispatcherConfig {
             in_flight_wait: Duration::from_millis(50),
             defer_delay: Duration::from_secs(1),
             circuit: CircuitConfig::default(),
+            shutdown_drain: Duration::from_secs(10),
         }
     }
 }

@@ -49,8 +49,10 @@ use crate::cache::SubscriptionCache;
 use crate::limits::Limits;
 use crate::worker::Worker;
 
-/// Extra time, beyond the request timeout, that in-flight deliveries get at shutdown.
-const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
+/// How long, at shutdown, the outcomes of drained deliveries get to be written (after
+/// [`DispatcherConfig::shutdown_drain`]); what is not written by then is not acked, so
+/// the broker delivers it again.
+pub const OUTCOME_FLUSH: Duration = Duration::from_secs(5);
 
 /// Why a dispatcher cannot start or stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -163,9 +165,9 @@ impl Dispatcher {
     }
 
     /// Consumes `deliveries` and `retries` until `shutdown` is cancelled, then stops
-    /// taking messages, lets in-flight deliveries finish (for at most the request timeout
-    /// and a margin), writes and acks their outcomes, and returns. Anything left unacked
-    /// is redelivered by the broker.
+    /// taking messages, lets in-flight deliveries finish (for at most
+    /// [`DispatcherConfig::shutdown_drain`]), writes and acks their outcomes (for at most
+    /// [`OUTCOME_FLUSH`]), and returns. Anything left unacked is redelivered by the broker.
     ///
     /// Fails at start if a queue cannot be consumed, and with
     /// [`DispatcherError::BrokerClosed`] if the broker shuts down underneath it.
@@ -241,7 +243,7 @@ impl Dispatcher {
             in_flight = tasks.len(),
             "dispatcher stopping; finishing in-flight deliveries"
         );
-        let grace = cfg.request_timeout + SHUTDOWN_MARGIN;
+        let grace = cfg.shutdown_drain;
         let drained = tokio::time::timeout(grace, async {
             while let Some(done) = tasks.join_next().await {
                 report_task_end(done);
@@ -259,7 +261,7 @@ impl Dispatcher {
         // holds and ends.
         drop(worker);
         let mut writer = writer;
-        if tokio::time::timeout(writer::WRITE_RETRY_TOTAL + SHUTDOWN_MARGIN, &mut writer)
+        if tokio::time::timeout(OUTCOME_FLUSH, &mut writer)
             .await
             .is_err()
         {

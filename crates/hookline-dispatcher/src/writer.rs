@@ -30,7 +30,7 @@ use crate::metrics;
 use crate::worker::settled;
 
 /// How long a failing write is retried before its messages go back to the queue.
-pub(crate) const WRITE_RETRY_TOTAL: Duration = Duration::from_secs(15);
+const WRITE_RETRY_TOTAL: Duration = Duration::from_secs(15);
 
 /// An outcome to record and the message to ack once it is.
 pub(crate) struct Settle {

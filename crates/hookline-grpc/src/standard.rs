@@ -1,7 +1,8 @@
 //! The gRPC services every Hookline server mounts beside its own: health
 //! (`grpc.health.v1`) and server reflection (v1 and v1alpha, for grpcurl and friends).
 
-use tonic_health::server::{HealthReporter, health_reporter};
+pub use tonic_health::server::HealthReporter;
+use tonic_health::server::health_reporter;
 
 /// The health service and its reporter.
 pub fn health() -> (

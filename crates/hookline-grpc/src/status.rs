@@ -30,3 +30,17 @@ pub fn from_id(e: IdError) -> Status {
 pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
 }
+
+/// The message of the `UNAVAILABLE` status that ends every open stream when a server
+/// stops, so a client can tell a planned stop (reconnect) from a broken connection.
+pub const SHUTTING_DOWN: &str = "server shutting down";
+
+/// `UNAVAILABLE: server shutting down`: the last item of every stream open at a stop.
+pub fn shutting_down() -> Status {
+    Status::unavailable(SHUTTING_DOWN)
+}
+
+/// Whether `status` is a stopping server's planned end of a stream.
+pub fn is_shutting_down(status: &Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.message() == SHUTTING_DOWN
+}

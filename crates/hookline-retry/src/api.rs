@@ -9,13 +9,14 @@ use chrono::Utc;
 use hookline_broker::{Broker, QueueName};
 use hookline_core::model::Delivery;
 use hookline_core::{Id, IdKind};
-use hookline_grpc::status::{from_id, from_store, invalid};
+use hookline_grpc::status::{from_id, from_store, invalid, shutting_down};
 use hookline_grpc::{Authenticator, Principal, convert, page_request};
 use hookline_outbox::publish_jobs;
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::delivery_service_server::DeliveryService;
 use hookline_store::port::{DeliveryFilter, DeliveryStore, EventStore, PageRequest, RegistryStore};
 use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 /// Most deliveries one `ReplayFailed` queues.
@@ -34,6 +35,8 @@ pub struct DeliveryApi {
     registry: Arc<dyn RegistryStore>,
     broker: Arc<dyn Broker>,
     auth: Authenticator,
+    /// Ends every open watch when cancelled (the server is stopping).
+    shutdown: CancellationToken,
 }
 
 impl DeliveryApi {
@@ -50,7 +53,15 @@ impl DeliveryApi {
             registry,
             broker,
             auth,
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Ends every open `WatchDeliveries` stream with `UNAVAILABLE: server shutting down`
+    /// when `shutdown` is cancelled, so a graceful stop never waits on a watching client.
+    pub fn ending_streams_on(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     pub fn into_server(self) -> pb::delivery_service_server::DeliveryServiceServer<Self> {
@@ -324,8 +335,22 @@ impl DeliveryService for DeliveryApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
+        Ok(Response::new(until_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(rx),
+            self.shutdown.clone(),
         )))
     }
+}
+
+/// `updates` until `shutdown` fires, then a last `UNAVAILABLE: server shutting down`.
+/// Dropping `updates` closes its channel, which stops the task feeding it.
+fn until_shutdown(
+    updates: impl Stream<Item = Result<pb::Delivery, Status>> + Send + 'static,
+    shutdown: CancellationToken,
+) -> WatchStream {
+    use futures::StreamExt;
+    let stopped = shutdown.clone();
+    let last = futures::stream::once(async move { stopped.is_cancelled() })
+        .filter_map(|stopped| async move { stopped.then(shutting_down).map(Err) });
+    Box::pin(updates.take_until(shutdown.cancelled_owned()).chain(last))
 }

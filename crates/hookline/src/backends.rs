@@ -127,10 +127,9 @@ impl AnyStore {
     }
 }
 
-/// Opens the store of `mode` (creating the PostgreSQL database or the data directory
-/// when missing). Returns whether the store is brand new (embedded: the file did not
-/// exist yet).
-pub async fn open_store(mode: &Mode, config: &Config) -> anyhow::Result<(AnyStore, bool)> {
+/// Opens the store of `mode`, creating the PostgreSQL database or the data directory
+/// when missing (`serve`, `migrate`).
+pub async fn open_store(mode: &Mode, config: &Config) -> anyhow::Result<AnyStore> {
     match mode {
         Mode::Distributed { database_url, .. } => {
             let exists = sqlx::Postgres::database_exists(database_url)
@@ -149,17 +148,44 @@ pub async fn open_store(mode: &Mode, config: &Config) -> anyhow::Result<(AnyStor
                 .with_context(|| {
                     format!("cannot connect to PostgreSQL at {}", redact(database_url))
                 })?;
-            Ok((AnyStore::Postgres(Arc::new(store)), !exists))
+            Ok(AnyStore::Postgres(Arc::new(store)))
         }
         Mode::Embedded { data_dir } => {
             let file = prepare_data_dir(data_dir)?;
-            let fresh = !file.exists();
-            let store = SqliteStore::open(&file)
-                .await
-                .with_context(|| format!("cannot open the embedded database {}", file.display()))?;
-            Ok((AnyStore::Sqlite(Arc::new(store)), fresh))
+            open_sqlite(&file).await
         }
     }
+}
+
+/// Opens the store of `mode` only if it already exists (`admin create-key`): an embedded
+/// data directory that is not there is named, with how to point at the right one, and
+/// never created.
+pub async fn open_existing_store(mode: &Mode, config: &Config) -> anyhow::Result<AnyStore> {
+    let Mode::Embedded { data_dir } = mode else {
+        return open_store(mode, config).await;
+    };
+    let file = data_dir.join(SQLITE_FILE);
+    if !file.is_file() {
+        let shown = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.clone());
+        bail!(
+            "no Hookline data directory at {} (looked for {}); nothing was created. Point at \
+             the directory your `hookline serve` uses with --data-dir <dir> or \
+             HOOKLINE_DATA_DIR=<dir> (a relative path starts from the current directory), \
+             or set HOOKLINE_DATABASE_URL and HOOKLINE_AMQP_URL for a PostgreSQL \
+             installation. A new installation gets its first admin key from the first \
+             `hookline serve`",
+            shown.display(),
+            shown.join(SQLITE_FILE).display()
+        );
+    }
+    open_sqlite(&file).await
+}
+
+async fn open_sqlite(file: &Path) -> anyhow::Result<AnyStore> {
+    let store = SqliteStore::open(file)
+        .await
+        .with_context(|| format!("cannot open the embedded database {}", file.display()))?;
+    Ok(AnyStore::Sqlite(Arc::new(store)))
 }
 
 /// Creates the data directory if needed and checks it is writable; returns the path of

@@ -1,6 +1,6 @@
-//! The client commands: `hookline publish`, `tenants`, `subscriptions`, `deliveries` and
-//! `tail` talk to a running server over the public gRPC API. Tables for people, `--json`
-//! (one JSON document, or one per line for `tail`) for scripts.
+//! The client commands: `hookline publish`, `tenants`, `subscriptions`, `deliveries` (and
+//! `tail`, in its own module) talk to a running server over the public gRPC API. Tables
+//! for people, `--json` (one JSON document, or one per line for `tail`) for scripts.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -119,22 +119,13 @@ pub struct PublishArgs {
     pub channels: Vec<String>,
 }
 
-/// `hookline tail`.
-#[derive(Debug, Args)]
-pub struct TailArgs {
-    #[arg(long)]
-    pub tenant: Option<String>,
-    #[arg(long)]
-    pub subscription: Option<String>,
-}
-
-struct Client {
+pub(crate) struct Client {
     args: ClientArgs,
     channel: Channel,
 }
 
 impl Client {
-    async fn connect(args: &ClientArgs) -> anyhow::Result<Self> {
+    pub(crate) async fn connect(args: &ClientArgs) -> anyhow::Result<Self> {
         let channel = Channel::from_shared(args.server.clone())
             .with_context(|| {
                 format!(
@@ -152,7 +143,7 @@ impl Client {
         })
     }
 
-    fn request<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
+    pub(crate) fn request<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
         let mut req = tonic::Request::new(msg);
         let token = self
             .args
@@ -174,13 +165,13 @@ impl Client {
     fn ingest(&self) -> IngestServiceClient<Channel> {
         IngestServiceClient::new(self.channel.clone())
     }
-    fn deliveries(&self) -> DeliveryServiceClient<Channel> {
+    pub(crate) fn deliveries(&self) -> DeliveryServiceClient<Channel> {
         DeliveryServiceClient::new(self.channel.clone())
     }
 }
 
 /// A gRPC error as a one-line message.
-fn rpc(e: tonic::Status) -> anyhow::Error {
+pub(crate) fn rpc(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", e.code(), e.message())
 }
 
@@ -441,7 +432,7 @@ fn parse_status(s: &str) -> anyhow::Result<pb::DeliveryStatus> {
     })
 }
 
-fn delivery_json(d: &pb::Delivery) -> Value {
+pub(crate) fn delivery_json(d: &pb::Delivery) -> Value {
     json!({
         "id": d.id,
         "event_id": d.event_id,
@@ -459,7 +450,7 @@ fn delivery_json(d: &pb::Delivery) -> Value {
     })
 }
 
-fn delivery_row(d: &pb::Delivery) -> Vec<String> {
+pub(crate) fn delivery_row(d: &pb::Delivery) -> Vec<String> {
     let last = match (d.last_status_code, d.last_error.as_str()) {
         (0, "") => String::new(),
         (0, e) => e.to_string(),
@@ -642,41 +633,7 @@ pub async fn deliveries(args: &ClientArgs, cmd: DeliveryCommand) -> anyhow::Resu
     Ok(())
 }
 
-pub async fn tail(args: &ClientArgs, t: TailArgs) -> anyhow::Result<()> {
-    let client = Client::connect(args).await?;
-    let mut stream = client
-        .deliveries()
-        .watch_deliveries(client.request(pb::WatchDeliveriesRequest {
-            tenant_id: t.tenant.unwrap_or_default(),
-            subscription_id: t.subscription.unwrap_or_default(),
-        })?)
-        .await
-        .map_err(rpc)?
-        .into_inner();
-    if !args.json {
-        eprintln!("following deliveries; Ctrl-C to stop");
-    }
-    while let Some(d) = stream.message().await.map_err(rpc)? {
-        if args.json {
-            println!("{}", delivery_json(&d));
-        } else {
-            let row = delivery_row(&d);
-            println!(
-                "{}  {:<9}  attempt {:<2}  {:<5}  {}  {}  {}",
-                ts(d.updated_at.as_ref()),
-                row[1],
-                row[2],
-                row[3],
-                d.event_type,
-                d.id,
-                d.subscription_id
-            );
-        }
-    }
-    Ok(())
-}
-
-fn ts(t: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn ts(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_default()

@@ -47,6 +47,13 @@ pub struct Config {
     pub relay_grace_ms: u64,
     /// A `tracing` filter, like `info` or `hookline=debug,info`.
     pub log: String,
+
+    // --- Shutdown (lifecycle) ---
+    /// At SIGTERM/Ctrl-C, how long in-flight deliveries may take to finish, in seconds;
+    /// the process exits at most a few seconds after (outcomes written, connections
+    /// closed). Keep it under the platform's grace period (Kubernetes: 30 s). A second
+    /// signal exits at once.
+    pub shutdown_drain_secs: u64,
 }
 
 impl Default for Config {
@@ -68,6 +75,7 @@ impl Default for Config {
             request_timeout_ms: 15_000,
             retry_poll_interval_ms: 500,
             relay_grace_ms: 10_000,
+            shutdown_drain_secs: 10,
         }
     }
 }
@@ -143,6 +151,14 @@ impl Config {
             config.request_timeout_ms >= 1 && config.retry_poll_interval_ms >= 1,
             "request_timeout_ms and retry_poll_interval_ms must be at least 1"
         );
+        anyhow::ensure!(
+            config.shutdown_drain_secs <= MAX_SHUTDOWN_DRAIN_SECS,
+            "shutdown_drain_secs is {}; allowed: 0 to {MAX_SHUTDOWN_DRAIN_SECS}",
+            config.shutdown_drain_secs
+        );
         Ok(config)
     }
 }
+
+/// The longest shutdown drain accepted: a stop should not take more than minutes.
+const MAX_SHUTDOWN_DRAIN_SECS: u64 = 600;

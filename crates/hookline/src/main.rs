@@ -5,8 +5,10 @@ mod admin_http;
 mod backends;
 mod client;
 mod config;
+mod keys;
 mod serve;
 mod shutdown;
+mod tail;
 
 use std::path::PathBuf;
 
@@ -52,7 +54,7 @@ enum Command {
     #[command(subcommand)]
     Deliveries(client::DeliveryCommand),
     /// Follows deliveries and their outcomes as they happen.
-    Tail(client::TailArgs),
+    Tail(tail::TailArgs),
     /// Creates the database if needed and applies every migration.
     Migrate,
     /// Administration that works without a running server.
@@ -87,7 +89,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Whatever is still running past a bounded stop must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -105,7 +110,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tenants(cmd) => return client::tenants(&cli.client, cmd).await,
         Command::Subscriptions(cmd) => return client::subscriptions(&cli.client, cmd).await,
         Command::Deliveries(cmd) => return client::deliveries(&cli.client, cmd).await,
-        Command::Tail(args) => return client::tail(&cli.client, args).await,
+        Command::Tail(args) => return tail::tail(&cli.client, args).await,
         Command::Bench(args) => return Ok(hookline_bench::run(args).await?),
         _ => {}
     }
@@ -120,7 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let mode = backends::Mode::from_config(&config)?;
-            let (store, _) = backends::open_store(&mode, &config).await?;
+            let store = backends::open_store(&mode, &config).await?;
             store.migrate().await?;
             store.close().await;
             println!("migrations applied");
@@ -128,10 +133,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Admin(AdminCommand::CreateKey { name, tenant }) => {
             let mode = backends::Mode::from_config(&config)?;
-            let (store, _) = backends::open_store(&mode, &config).await?;
+            // A key in a store no server uses would be a lost key: never create one.
+            let store = backends::open_existing_store(&mode, &config).await?;
             store.migrate().await?;
             let created =
-                serve::create_key(store.registry().as_ref(), &name, tenant.as_deref()).await;
+                keys::create_key(store.registry().as_ref(), &name, tenant.as_deref()).await;
             store.close().await;
             let created = created?;
             println!("{created}");

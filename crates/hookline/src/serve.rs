@@ -1,30 +1,34 @@
-//! Composition: builds the adapters, starts the requested services on one gRPC port and
-//! the admin HTTP port, and stops them all on SIGTERM.
+//! Composition: binds the ports, builds the adapters, starts the requested services on
+//! one gRPC port and the admin HTTP port, and stops them all on SIGTERM (`shutdown`).
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use hookline_broker::Broker;
-use hookline_core::{Id, IdKind};
 use hookline_dispatcher::{Dispatcher, DispatcherConfig};
-use hookline_grpc::{Authenticator, auth, standard};
+use hookline_grpc::Authenticator;
+use hookline_grpc::standard::{self, HealthReporter};
 use hookline_ingest::{IngestApi, IngestConfig, SubscriptionMatcher};
 use hookline_outbox::{Relay, RelayConfig};
 use hookline_proto::v1 as pb;
 use hookline_registry::RegistryApi;
 use hookline_retry::{DeliveryApi, Scheduler, SchedulerConfig};
-use hookline_store::port::{NewApiKey, RegistryStore};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use hookline_store::port::RegistryStore;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Router;
 
 use crate::admin_http::{self, AdminState};
-use crate::backends::{self, Mode};
+use crate::backends::{self, AnyStore, Mode};
 use crate::config::Config;
+use crate::keys::{self, Endpoints};
 use crate::shutdown;
 
 /// The services one process can run.
@@ -79,63 +83,138 @@ pub fn parse_services(list: &str) -> anyhow::Result<BTreeSet<Service>> {
     Ok(out)
 }
 
-/// An API key just created, with the token that is shown only this once.
-pub struct CreatedKey {
-    pub description: String,
-    pub token: String,
+/// Runs `services` until SIGTERM or Ctrl-C, then stops within the drain bound.
+///
+/// The ports come first: a port in use fails the start before anything is created or
+/// opened (no data directory, no database, no queue consumer, no admin key). The first
+/// admin key of an embedded installation is made last, once the servers are up.
+pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Result<()> {
+    let mode = Mode::from_config(&config)?;
+    mode.check_services(&services)?;
+    let listeners = Listeners::bind(&config).await?;
+    let metrics = install_metrics()?;
+    let drain = Duration::from_secs(config.shutdown_drain_secs);
+    let shutdown = CancellationToken::new();
+    shutdown::on_signal(shutdown.clone(), drain);
+
+    let store = backends::open_store(&mode, &config).await?;
+    if config.migrate_on_start || matches!(mode, Mode::Embedded { .. }) {
+        store.migrate().await?;
+    }
+    let broker =
+        backends::open_broker(&mode, &config, &store, connection_name(&config, &services)).await?;
+    let wiring = Wiring {
+        config: &config,
+        store: &store,
+        broker: broker.clone(),
+        auth: Authenticator::new(store.registry()),
+        shutdown: shutdown.clone(),
+    };
+    let mut tasks = vec![spawn_cache_invalidation(
+        broker.clone(),
+        wiring.auth.clone(),
+        shutdown.clone(),
+    )];
+    let router = wiring.start_services(&services, &mut tasks).await?;
+    tasks.push(tokio::spawn(report_gauges(
+        store.health(),
+        broker.clone(),
+        shutdown.clone(),
+    )));
+    let admin_state = AdminState {
+        store: store.health(),
+        broker,
+        metrics,
+    };
+    let running = listeners.serve(router, admin_state, &shutdown)?;
+    announce_start(&running.at, &services, &mode, store.registry().as_ref()).await?;
+    shutdown::stop_within(
+        drain + STOP_MARGIN,
+        running.servers,
+        tasks,
+        &store,
+        &shutdown,
+    )
+    .await
 }
 
-impl fmt::Display for CreatedKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "created API key {}; the token is shown only now:\n{}",
-            self.description, self.token
-        )
+/// How long, beyond the drain, stopping may take (outcomes written, connections and
+/// the store closed) before the process exits anyway.
+const STOP_MARGIN: Duration = Duration::from_secs(10);
+
+/// The bound ports, before anything else exists.
+struct Listeners {
+    grpc: TcpListener,
+    admin: TcpListener,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> anyhow::Result<Self> {
+        Ok(Self {
+            grpc: bind(
+                config.grpc_addr,
+                "gRPC",
+                "--grpc-addr",
+                "HOOKLINE_GRPC_ADDR",
+            )
+            .await?,
+            admin: bind(
+                config.admin_addr,
+                "admin HTTP",
+                "--admin-addr",
+                "HOOKLINE_ADMIN_ADDR",
+            )
+            .await?,
+        })
+    }
+
+    /// Starts serving gRPC and admin HTTP on the bound ports until `shutdown`.
+    fn serve(
+        self,
+        router: Router,
+        admin: AdminState,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Running> {
+        let at = Endpoints {
+            grpc: self.grpc.local_addr()?,
+            admin: self.admin.local_addr()?,
+        };
+        let admin = tokio::spawn(admin_http::serve(self.admin, admin, shutdown.clone()));
+        let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(self.grpc),
+            shutdown.clone().cancelled_owned(),
+        ));
+        Ok(Running {
+            at,
+            servers: shutdown::Servers { grpc, admin },
+        })
     }
 }
 
-/// Creates an API key (an admin key without `tenant`).
-pub async fn create_key(
-    store: &dyn RegistryStore,
-    name: &str,
-    tenant: Option<&str>,
-) -> anyhow::Result<CreatedKey> {
-    hookline_core::validate::name("--name", name)?;
-    let tenant_id = match tenant {
-        Some(t) => {
-            let id = Id::parse(IdKind::Tenant, "--tenant", t)?;
-            store
-                .get_tenant(&id)
-                .await
-                .with_context(|| format!("tenant {id}"))?;
-            Some(id)
-        }
-        None => None,
-    };
-    let token = auth::generate_token();
-    let key = store
-        .create_api_key(&NewApiKey {
-            id: Id::new(IdKind::ApiKey),
-            name: name.to_string(),
-            tenant_id,
-            token_prefix: token.prefix,
-            token_hash: token.hash,
-        })
-        .await
-        .context("storing the key")?;
-    let scope = key
-        .tenant_id
-        .map(|t| format!("tenant {t}"))
-        .unwrap_or_else(|| "admin".into());
-    Ok(CreatedKey {
-        description: format!("{} ({scope})", key.id),
-        token: token.token,
+/// The servers, started.
+struct Running {
+    at: Endpoints,
+    servers: shutdown::Servers,
+}
+
+/// Binds `addr`, or says what holds it and how to choose another.
+async fn bind(addr: SocketAddr, what: &str, flag: &str, env: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let why = if e.kind() == std::io::ErrorKind::AddrInUse {
+            "the address is already in use (another Hookline, or another program?)".to_string()
+        } else {
+            e.to_string()
+        };
+        anyhow::anyhow!(
+            "cannot listen for {what} on {addr}: {why}. Stop what holds it, or choose another \
+             address with {flag} or {env}. Nothing was created or opened"
+        )
     })
 }
 
-pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Result<()> {
-    let metrics = PrometheusBuilder::new()
+/// Installs the Prometheus recorder `/metrics` renders.
+fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".into()),
             &[
@@ -146,181 +225,186 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     metrics::gauge!("hookline_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
 
-    let shutdown = CancellationToken::new();
-    shutdown::on_signal(shutdown.clone());
+/// The broker connection's name: the queue prefix and the services of this process.
+fn connection_name(config: &Config, services: &BTreeSet<Service>) -> String {
+    let names: Vec<_> = services.iter().map(|s| s.name()).collect();
+    format!("hookline:{}:{}", config.queue_prefix, names.join("+"))
+}
 
-    let mode = Mode::from_config(&config)?;
-    mode.check_services(&services)?;
-    let (store, fresh) = backends::open_store(&mode, &config).await?;
-    if config.migrate_on_start || matches!(mode, Mode::Embedded { .. }) {
-        store.migrate().await?;
+/// What the services of one process are built from.
+struct Wiring<'a> {
+    config: &'a Config,
+    store: &'a AnyStore,
+    broker: Arc<dyn Broker>,
+    auth: Authenticator,
+    shutdown: CancellationToken,
+}
+
+impl Wiring<'_> {
+    /// Mounts the gRPC services of `services` (with health and reflection) and spawns
+    /// their background tasks into `tasks`.
+    async fn start_services(
+        &self,
+        services: &BTreeSet<Service>,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) -> anyhow::Result<Router> {
+        let (health, health_service) = standard::health();
+        let mut router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(standard::reflection_v1()?)
+            .add_service(standard::reflection_v1alpha()?);
+        if services.contains(&Service::Registry) {
+            router = self.registry(router, &health).await;
+        }
+        if services.contains(&Service::Ingest) {
+            router = self.ingest(router, &health, tasks).await;
+        }
+        if services.contains(&Service::Retry) {
+            router = self.retry(router, &health, tasks).await;
+        }
+        if services.contains(&Service::Dispatcher) {
+            tasks.push(self.dispatcher()?);
+        }
+        Ok(router)
     }
-    let connection_name = format!(
-        "hookline:{}:{}",
-        config.queue_prefix,
-        services
-            .iter()
-            .map(|s| s.name())
-            .collect::<Vec<_>>()
-            .join("+")
-    );
-    let broker = backends::open_broker(&mode, &config, &store, connection_name).await?;
-    let registry_store = store.registry();
-    let event_store = store.events();
-    let delivery_store = store.deliveries();
-    let authenticator = Authenticator::new(registry_store.clone());
-    let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    tasks.push(spawn_cache_invalidation(
-        broker.clone(),
-        authenticator.clone(),
-        shutdown.clone(),
-    ));
 
-    let (health_reporter, health_service) = standard::health();
-    let mut router = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(standard::reflection_v1()?)
-        .add_service(standard::reflection_v1alpha()?);
-    if services.contains(&Service::Registry) {
+    async fn registry(&self, router: Router, health: &HealthReporter) -> Router {
         let api = RegistryApi::new(
-            registry_store.clone(),
-            broker.clone(),
-            authenticator.clone(),
+            self.store.registry(),
+            self.broker.clone(),
+            self.auth.clone(),
         );
-        router = router.add_service(api.into_server());
-        health_reporter
+        health
             .set_serving::<pb::registry_service_server::RegistryServiceServer<RegistryApi>>()
             .await;
+        router.add_service(api.into_server())
     }
-    if services.contains(&Service::Ingest) {
-        let matcher = SubscriptionMatcher::new(registry_store.clone());
+
+    async fn ingest(
+        &self,
+        router: Router,
+        health: &HealthReporter,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) -> Router {
+        let matcher = SubscriptionMatcher::new(self.store.registry());
         tasks.push(tokio::spawn(
-            matcher.clone().follow(broker.clone(), shutdown.clone()),
+            matcher
+                .clone()
+                .follow(self.broker.clone(), self.shutdown.clone()),
         ));
         let api = IngestApi::new(
             IngestConfig {
-                max_payload_bytes: config.max_payload_bytes,
+                max_payload_bytes: self.config.max_payload_bytes,
                 ..IngestConfig::default()
             },
-            event_store.clone(),
+            self.store.events(),
             matcher,
-            broker.clone(),
-            authenticator.clone(),
+            self.broker.clone(),
+            self.auth.clone(),
         );
-        router = router.add_service(api.into_server());
-        health_reporter
+        health
             .set_serving::<pb::ingest_service_server::IngestServiceServer<IngestApi>>()
             .await;
+        router.add_service(api.into_server())
     }
-    if services.contains(&Service::Retry) {
+
+    async fn retry(
+        &self,
+        router: Router,
+        health: &HealthReporter,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) -> Router {
+        let (config, store) = (self.config, self.store);
         let scheduler = Scheduler::new(
             SchedulerConfig {
                 poll_interval: Duration::from_millis(config.retry_poll_interval_ms),
                 ..SchedulerConfig::default()
             },
-            delivery_store.clone(),
-            event_store.clone(),
-            broker.clone(),
+            store.deliveries(),
+            store.events(),
+            self.broker.clone(),
         );
-        tasks.push(tokio::spawn(scheduler.run(shutdown.clone())));
+        tasks.push(tokio::spawn(scheduler.run(self.shutdown.clone())));
         let relay = Relay::new(
             RelayConfig {
                 grace: Duration::from_millis(config.relay_grace_ms),
                 ..RelayConfig::default()
             },
-            event_store.clone(),
-            broker.clone(),
+            store.events(),
+            self.broker.clone(),
         );
-        tasks.push(tokio::spawn(relay.run(shutdown.clone())));
+        tasks.push(tokio::spawn(relay.run(self.shutdown.clone())));
         let api = DeliveryApi::new(
-            delivery_store.clone(),
-            event_store.clone(),
-            registry_store.clone(),
-            broker.clone(),
-            authenticator.clone(),
-        );
-        router = router.add_service(api.into_server());
-        health_reporter
+            store.deliveries(),
+            store.events(),
+            store.registry(),
+            self.broker.clone(),
+            self.auth.clone(),
+        )
+        .ending_streams_on(self.shutdown.clone());
+        health
             .set_serving::<pb::delivery_service_server::DeliveryServiceServer<DeliveryApi>>()
             .await;
+        router.add_service(api.into_server())
     }
-    if services.contains(&Service::Dispatcher) {
+
+    fn dispatcher(&self) -> anyhow::Result<JoinHandle<()>> {
+        let config = self.config;
         let dispatcher = Dispatcher::new(
             DispatcherConfig {
                 concurrency: config.dispatcher_concurrency,
                 prefetch: config.dispatcher_prefetch,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
+                shutdown_drain: Duration::from_secs(config.shutdown_drain_secs),
                 ..DispatcherConfig::default()
             },
-            registry_store.clone(),
-            delivery_store.clone(),
-            broker.clone(),
+            self.store.registry(),
+            self.store.deliveries(),
+            self.broker.clone(),
         )
         .context("cannot start the dispatcher")?;
-        let stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
+        let stop = self.shutdown.clone();
+        Ok(tokio::spawn(async move {
             if let Err(e) = dispatcher.run(stop.clone()).await {
                 tracing::error!(error = %e, "dispatcher stopped with an error; shutting down");
                 stop.cancel();
             }
-        }));
+        }))
     }
+}
 
-    let grpc_listener = TcpListener::bind(config.grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_addr))?;
-    let admin_listener = TcpListener::bind(config.admin_addr)
-        .await
-        .with_context(|| format!("cannot listen for admin HTTP on {}", config.admin_addr))?;
-    let grpc_addr = grpc_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
+/// Prints where the servers listen (machine-readable lines: tests and scripts read the
+/// bound ports from them) and, on an embedded installation's first start, the admin key.
+async fn announce_start(
+    at: &Endpoints,
+    services: &BTreeSet<Service>,
+    mode: &Mode,
+    registry: &dyn RegistryStore,
+) -> anyhow::Result<()> {
     let names: Vec<_> = services.iter().map(|s| s.name()).collect();
-    // Machine-readable lines: tests and scripts read the bound ports from here.
-    println!("hookline: grpc listening on {grpc_addr}");
-    println!("hookline: admin listening on {admin_addr}");
-    println!("hookline: services {}", names.join(","));
-    if let Mode::Embedded { data_dir } = &mode {
-        println!("hookline: embedded backends in {}", data_dir.display());
-        if fresh {
-            let key = create_key(registry_store.as_ref(), "admin", None).await?;
-            println!("{}", first_start_banner(grpc_addr, admin_addr, &key.token));
-        }
+    announce(&format!("hookline: grpc listening on {}", at.grpc));
+    announce(&format!("hookline: admin listening on {}", at.admin));
+    announce(&format!("hookline: services {}", names.join(",")));
+    if let Mode::Embedded { data_dir } = mode {
+        announce(&format!(
+            "hookline: embedded backends in {}",
+            data_dir.display()
+        ));
+        keys::show_first_admin_key(registry, data_dir, at).await?;
     }
-    tracing::info!(%grpc_addr, %admin_addr, services = ?names, "serving");
-
-    tasks.push(tokio::spawn(report_gauges(
-        store.health(),
-        broker.clone(),
-        shutdown.clone(),
-    )));
-    let admin = tokio::spawn(admin_http::serve(
-        admin_listener,
-        AdminState {
-            store: store.health(),
-            broker: broker.clone(),
-            metrics,
-        },
-        shutdown.clone(),
-    ));
-    let grpc = router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(grpc_listener),
-        shutdown.clone().cancelled_owned(),
-    );
-    let grpc_result = grpc.await;
-    shutdown.cancel();
-    let admin_result = admin.await;
-    // Let the workers finish what they hold (the dispatcher records in-flight outcomes).
-    for task in tasks {
-        let _ = task.await;
-    }
-    store.close().await;
-    grpc_result.context("gRPC server failed")?;
-    admin_result
-        .context("admin server task failed")?
-        .context("admin server failed")?;
-    tracing::info!("stopped");
+    tracing::info!(grpc_addr = %at.grpc, admin_addr = %at.admin, services = ?names, "serving");
     Ok(())
+}
+
+/// Writes `text` and a newline on stdout, flushed; false when stdout is gone (a closed
+/// pipe), which never stops the server.
+pub fn announce(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
 }
 
 /// Drops cached API-key lookups when the registry announces a change (or after a
@@ -349,33 +433,6 @@ fn spawn_cache_invalidation(
             }
         }
     })
-}
-
-/// What a newcomer sees on the first start of an embedded Hookline: where everything
-/// listens, the admin key (shown this once), and commands to paste.
-fn first_start_banner(
-    grpc: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    token: &str,
-) -> String {
-    format!(
-        r#"
-Hookline is running (embedded: every service in this process, state in SQLite).
-  gRPC API (registry, ingest, deliveries): {grpc}   reflection on: grpcurl -plaintext {grpc} list
-  admin HTTP: http://{admin}/healthz  /readyz  /metrics
-
-First start: an admin API key was created. It is shown only now; keep it:
-  {token}
-
-Try it (in another terminal, with a receiver listening on http://127.0.0.1:8000/webhook):
-  export HOOKLINE_SERVER=http://{grpc} HOOKLINE_TOKEN={token}
-  hookline tenants create --name acme                                   # prints ten_…
-  hookline subscriptions create --tenant ten_… --url http://127.0.0.1:8000/webhook --event-type 'invoice.*'
-  hookline publish --tenant ten_… --type invoice.paid --data '{{"amount": 42}}'
-  hookline tail --tenant ten_…
-(`hookline` is `cargo run --release -p hookline --` from a checkout.)
-"#
-    )
 }
 
 /// How often the gauges of queue depth, retry backlog and subscription states are read.

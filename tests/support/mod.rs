@@ -113,30 +113,9 @@ impl Env {
     /// creates one).
     pub async fn admin_key(&self) -> String {
         if self.backend == Backend::Embedded {
-            let out = self
-                .command()
-                .arg("migrate")
-                .output()
-                .await
-                .expect("run hookline migrate");
-            assert!(
-                out.status.success(),
-                "migrate failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            self.run_ok(&["migrate"]).await;
         }
-        let out = self
-            .command()
-            .args(["admin", "create-key", "--name", "e2e"])
-            .output()
-            .await
-            .expect("run hookline admin create-key");
-        assert!(
-            out.status.success(),
-            "create-key failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = self.run_ok(&["admin", "create-key", "--name", "e2e"]).await;
         stdout
             .lines()
             .rev()
@@ -144,6 +123,22 @@ impl Env {
             .unwrap_or_else(|| panic!("no token in {stdout:?}"))
             .trim()
             .to_string()
+    }
+
+    /// Runs `hookline <args>` to its end, requires success, and returns its stdout.
+    pub async fn run_ok(&self, args: &[&str]) -> String {
+        let out = self
+            .command()
+            .args(args)
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("run hookline {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "hookline {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub async fn serve(&self, services: &str) -> Server {

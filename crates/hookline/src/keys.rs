@@ -218,3 +218,80 @@ Try it (in another terminal, with a receiver listening on http://127.0.0.1:8000/
 "#
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hookline_store::SqliteStore;
+
+    async fn installation() -> (SqliteStore, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("hookline-keys-{}", Id::new(IdKind::ApiKey)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = SqliteStore::open(&dir.join("hookline.db")).await.unwrap();
+        store.migrate().await.unwrap();
+        (store, dir)
+    }
+
+    fn endpoints() -> Endpoints {
+        Endpoints {
+            grpc: ([127, 0, 0, 1], 50051).into(),
+            admin: ([127, 0, 0, 1], 9090).into(),
+        }
+    }
+
+    async fn live_admin_keys(store: &SqliteStore) -> Vec<Id> {
+        let page = PageRequest {
+            after: None,
+            limit: 100,
+        };
+        let keys = store.list_api_keys(None, &page).await.unwrap().items;
+        keys.into_iter()
+            .filter(|k| k.revoked_at.is_none())
+            .map(|k| k.id)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_key_created_but_never_shown_is_revoked_and_replaced() {
+        let (store, dir) = installation().await;
+        // A start that died between creating the key and printing it.
+        let unshown = Id::new(IdKind::ApiKey);
+        Marker(dir.join(FIRST_KEY_MARKER))
+            .write(&format!("pending {unshown}"))
+            .unwrap();
+        store_key(&store, unshown.clone(), FIRST_KEY_NAME, None)
+            .await
+            .unwrap();
+
+        show_first_admin_key(&store, &dir, &endpoints())
+            .await
+            .unwrap();
+        let live = live_admin_keys(&store).await;
+        assert_eq!(live.len(), 1);
+        assert_ne!(live[0], unshown, "the unshown key is revoked");
+        let marker = std::fs::read_to_string(dir.join(FIRST_KEY_MARKER)).unwrap();
+        assert_eq!(marker.trim(), SHOWN);
+
+        // Shown once: later starts make no key.
+        show_first_admin_key(&store, &dir, &endpoints())
+            .await
+            .unwrap();
+        assert_eq!(live_admin_keys(&store).await, live);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn an_installation_with_admin_keys_gets_no_first_key() {
+        let (store, dir) = installation().await;
+        let own = create_key(&store, "ops", None).await.unwrap();
+        show_first_admin_key(&store, &dir, &endpoints())
+            .await
+            .unwrap();
+        assert_eq!(live_admin_keys(&store).await, vec![own.id]);
+        let marker = std::fs::read_to_string(dir.join(FIRST_KEY_MARKER)).unwrap();
+        assert_eq!(marker.trim(), SHOWN);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -127,15 +127,20 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         metrics,
     };
     let running = listeners.serve(router, admin_state, &shutdown)?;
-    announce_start(&running.at, &services, &mode, store.registry().as_ref()).await?;
-    shutdown::stop_within(
+    let started = announce_start(&running.at, &services, &mode, store.registry().as_ref()).await;
+    if started.is_err() {
+        // Stop what runs in good order, then report why.
+        shutdown.cancel();
+    }
+    let stopped = shutdown::stop_within(
         drain + STOP_MARGIN,
         running.servers,
         tasks,
         &store,
         &shutdown,
     )
-    .await
+    .await;
+    started.and(stopped)
 }
 
 /// How long, beyond the drain, stopping may take (outcomes written, connections and

@@ -137,13 +137,24 @@ impl Env {
 
     /// `hookline serve` with extra `HOOKLINE_*` settings.
     pub async fn serve_with(&self, services: &str, settings: &[(&str, &str)]) -> Server {
+        self.serve_logging(services, settings, Stdio::inherit())
+            .await
+    }
+
+    /// `hookline serve` with extra settings and its stderr (the logs) sent to `stderr`.
+    pub async fn serve_logging(
+        &self,
+        services: &str,
+        settings: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Server {
         let mut cmd = self.command();
         cmd.envs(settings.iter().copied());
         let mut child = cmd
             .args(["serve", "--services", services])
             .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn hookline serve");
         let stdout = child.stdout.take().expect("stdout");

@@ -129,8 +129,9 @@ impl Drop for TelemetryGuard {
 
 /// Installs the process's `tracing` subscriber: logs to stderr filtered by `log_filter`
 /// (an `EnvFilter` directive such as `info` or `hookline=debug,info`), as JSON lines when
-/// `json`, and the OTLP span export when OpenTelemetry's variables configure one. Sets
-/// the global propagator to W3C Trace Context.
+/// `json` (text otherwise, coloured only when stderr is a terminal), and the OTLP span
+/// export when OpenTelemetry's variables configure one. Sets the global propagator to
+/// W3C Trace Context.
 ///
 /// With an exporter this must run inside a Tokio runtime (the gRPC channel is created on
 /// it) and the runtime must outlive the returned guard.
@@ -146,8 +147,11 @@ pub fn init(log_filter: &str, json: bool) -> Result<TelemetryGuard, TelemetryErr
             .with_filter(filter)
             .boxed()
     } else {
+        // Colour codes only for a person at a terminal: a file, a pipe or a log collector
+        // gets plain text.
         fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_filter(filter)
             .boxed()
     };

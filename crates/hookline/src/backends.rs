@@ -127,12 +127,51 @@ impl AnyStore {
     }
 }
 
-/// Opens the store of `mode` (creating the PostgreSQL database or the data directory
+/// Where the store lives: all that commands touching only the database (`migrate`,
+/// `admin create-key`) need to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreAt {
+    /// PostgreSQL at this URL.
+    Postgres(String),
+    /// SQLite under this data directory.
+    Sqlite(PathBuf),
+}
+
+impl StoreAt {
+    /// The store the configuration names, without asking for a broker: the database URL
+    /// when set (the broker URL may be absent), otherwise the embedded data directory.
+    pub fn from_config(config: &Config) -> anyhow::Result<StoreAt> {
+        let db = config.database_url.as_deref().filter(|s| !s.is_empty());
+        let amqp = config.amqp_url.as_deref().filter(|s| !s.is_empty());
+        match (db, amqp) {
+            (Some(url), _) => Ok(StoreAt::Postgres(url.to_string())),
+            (None, None) => Ok(StoreAt::Sqlite(config.data_dir.clone())),
+            (None, Some(_)) => bail!(
+                "HOOKLINE_AMQP_URL is set but HOOKLINE_DATABASE_URL is not: this command works \
+                 on the database only. Set HOOKLINE_DATABASE_URL=postgres://… for the \
+                 distributed backends, or unset HOOKLINE_AMQP_URL to use the embedded \
+                 database under data_dir"
+            ),
+        }
+    }
+}
+
+impl Mode {
+    /// Where this mode's store lives.
+    pub fn store(&self) -> StoreAt {
+        match self {
+            Mode::Distributed { database_url, .. } => StoreAt::Postgres(database_url.clone()),
+            Mode::Embedded { data_dir } => StoreAt::Sqlite(data_dir.clone()),
+        }
+    }
+}
+
+/// Opens the store at `at` (creating the PostgreSQL database or the data directory
 /// when missing). Returns whether the store is brand new (embedded: the file did not
 /// exist yet).
-pub async fn open_store(mode: &Mode, config: &Config) -> anyhow::Result<(AnyStore, bool)> {
-    match mode {
-        Mode::Distributed { database_url, .. } => {
+pub async fn open_store(at: &StoreAt, config: &Config) -> anyhow::Result<(AnyStore, bool)> {
+    match at {
+        StoreAt::Postgres(database_url) => {
             let exists = sqlx::Postgres::database_exists(database_url)
                 .await
                 .with_context(|| format!("cannot reach PostgreSQL at {}", redact(database_url)))?;
@@ -151,7 +190,7 @@ pub async fn open_store(mode: &Mode, config: &Config) -> anyhow::Result<(AnyStor
                 })?;
             Ok((AnyStore::Postgres(Arc::new(store)), !exists))
         }
-        Mode::Embedded { data_dir } => {
+        StoreAt::Sqlite(data_dir) => {
             let file = prepare_data_dir(data_dir)?;
             let fresh = !file.exists();
             let store = SqliteStore::open(&file)
@@ -208,14 +247,49 @@ pub async fn open_broker(
     }
 }
 
-/// A URL with its password hidden, for messages.
+/// A URL with its password hidden, for messages: `postgres://user:***@host/db`. A URL
+/// without a password (or without any user) is returned as it is.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority.rfind('@').map(|at| (at, &authority[..at])) {
+        Some((at, userinfo)) if userinfo.contains(':') => {
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
+            format!(
+                "{}{user}:***{}",
+                &url[..scheme_end],
+                &url[scheme_end + at..]
+            )
         }
         _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_only_a_password_that_is_there() {
+        assert_eq!(
+            redact("postgres://postgres:s3cret@db:5432/hl"),
+            "postgres://postgres:***@db:5432/hl"
+        );
+        assert_eq!(
+            redact("postgres://postgres@127.0.0.1:5432/hl"),
+            "postgres://postgres@127.0.0.1:5432/hl"
+        );
+        assert_eq!(
+            redact("amqp://127.0.0.1:5672/%2f"),
+            "amqp://127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact("postgres://u:p@h/db?application_name=a@b"),
+            "postgres://u:***@h/db?application_name=a@b"
+        );
+        assert_eq!(redact("not a url"), "not a url");
     }
 }

@@ -5,6 +5,8 @@ mod admin_http;
 mod backends;
 mod client;
 mod config;
+mod elsewhere;
+mod metrics_catalog;
 mod serve;
 mod shutdown;
 
@@ -119,16 +121,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve::serve(config, services).await
         }
         Command::Migrate => {
-            let mode = backends::Mode::from_config(&config)?;
-            let (store, _) = backends::open_store(&mode, &config).await?;
+            let at = backends::StoreAt::from_config(&config)?;
+            let (store, _) = backends::open_store(&at, &config).await?;
             store.migrate().await?;
             store.close().await;
             println!("migrations applied");
             Ok(())
         }
         Command::Admin(AdminCommand::CreateKey { name, tenant }) => {
-            let mode = backends::Mode::from_config(&config)?;
-            let (store, _) = backends::open_store(&mode, &config).await?;
+            let at = backends::StoreAt::from_config(&config)?;
+            let (store, _) = backends::open_store(&at, &config).await?;
             store.migrate().await?;
             let created =
                 serve::create_key(store.registry().as_ref(), &name, tenant.as_deref()).await;

@@ -26,6 +26,7 @@ use crate::admin_http::{self, AdminState};
 use crate::backends::{self, Mode};
 use crate::config::Config;
 use crate::shutdown;
+use crate::{elsewhere, metrics_catalog};
 
 /// The services one process can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -145,6 +146,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         .context("invalid histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
+    metrics_catalog::describe_all();
     metrics::gauge!("hookline_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
     let shutdown = CancellationToken::new();
@@ -152,7 +154,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
 
     let mode = Mode::from_config(&config)?;
     mode.check_services(&services)?;
-    let (store, fresh) = backends::open_store(&mode, &config).await?;
+    let (store, fresh) = backends::open_store(&mode.store(), &config).await?;
     if config.migrate_on_start || matches!(mode, Mode::Embedded { .. }) {
         store.migrate().await?;
     }
@@ -267,6 +269,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         }));
     }
 
+    let router = elsewhere::add_fallbacks(router, &services);
     let grpc_listener = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_addr))?;
@@ -288,6 +291,9 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         }
     }
     tracing::info!(%grpc_addr, %admin_addr, services = ?names, "serving");
+    if let Some(note) = elsewhere::missing_services_note(&services) {
+        tracing::info!("{note}");
+    }
 
     tasks.push(tokio::spawn(report_gauges(
         store.health(),

@@ -2,6 +2,7 @@
 //! the database, a process that runs part of the cluster (its log, and its answer to calls
 //! for services it does not run), a refused broker login, and logs written to a file.
 
+#[macro_use]
 mod support;
 
 use std::process::{Output, Stdio};

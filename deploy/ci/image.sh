@@ -12,8 +12,9 @@
 #      event delivered.
 #
 #   deploy/ci/image.sh        # HOOKLINE_BIN=… to package another build (default: release)
-#   HOOKLINE_IMAGE=localhost/hookline:dev (default) names the image it leaves behind;
-#   push it with `podman push localhost/hookline:dev docker://REGISTRY/hookline:TAG`.
+#   HOOKLINE_IMAGE=… names the image it leaves behind (default localhost/hookline:VERSION,
+#   the chart's default image); push it with
+#   `podman push localhost/hookline:0.1.0 docker://REGISTRY/hookline:0.1.0`.
 #
 # Needs buildah, podman and runc (Debian packages; .ci/run installs them). On this
 # machine podman needs --cgroup-manager=cgroupfs --runtime runc and ulimits it may set.
@@ -22,14 +23,15 @@ cd "$(dirname "$0")/../.."
 source deploy/ci/lib.sh
 started=$SECONDS
 
-IMAGE=${HOOKLINE_IMAGE:-localhost/hookline:dev}
 PODMAN=(podman --cgroup-manager=cgroupfs --runtime runc)
 RUN=("${PODMAN[@]}" run --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network host)
 for tool in buildah podman runc; do
   command -v $tool >/dev/null || die "$tool is missing: apt-get install buildah podman runc"
 done
 hookline_bin
-ensure_pyyaml # deliver.py needs only the standard library; chart_run.py shares its folder
+version=$("$HOOKLINE_BIN" --version | awk '{print $2}')
+# The chart's default image (image.repository localhost/hookline, tag = appVersion).
+IMAGE=${HOOKLINE_IMAGE:-localhost/hookline:$version}
 
 step "build $IMAGE from scratch with $HOOKLINE_BIN"
 root=$WORK/rootfs
@@ -44,10 +46,12 @@ printf 'root:x:0:\nhookline:x:10001:\n' >"$root/etc/group"
 printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
 chmod 1777 "$root/tmp"
 chown 10001:10001 "$root/var/lib/hookline" && chmod 0750 "$root/var/lib/hookline"
-version=$("$HOOKLINE_BIN" --version | awk '{print $2}')
 ctr=$(buildah from scratch)
 on_exit buildah rm "$ctr" ">/dev/null 2>&1"
-buildah copy --quiet "$ctr" "$root" / >/dev/null
+# Copied through a mount, which keeps ownership and modes (buildah copy makes all root's).
+mnt=$(buildah mount "$ctr")
+cp -a "$root/." "$mnt/"
+buildah umount "$ctr" >/dev/null
 buildah config \
   --entrypoint '["hookline"]' --cmd serve \
   --env PATH=/usr/local/bin --env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
@@ -64,7 +68,7 @@ printf '   %s: %s, %s libraries\n' "$IMAGE" \
   "$(find "$root" -name '*.so*' | wc -l)"
 
 name=hookline-ci-$$
-on_exit "${PODMAN[@]}" rm -f -t 5 "$name-emb" "$name-dist" '>/dev/null 2>&1'
+on_exit "${PODMAN[@]}" rm --force --ignore -t 5 "$name-emb" "$name-dist" '>/dev/null 2>&1'
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_ready() { # container, admin port
   for _ in $(seq 1 240); do

@@ -97,9 +97,9 @@ drop_database_and_queues() { # database, queue prefix
   psql -h 127.0.0.1 -U postgres -qAtc "drop database if exists \"$1\" with (force)" >/dev/null 2>&1 || true
   command -v rabbitmqctl >/dev/null || return 0
   rabbitmqctl -q list_queues name 2>/dev/null | grep "^$2\." | while read -r q; do
-    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+    rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true
   done
   rabbitmqctl -q list_exchanges name 2>/dev/null | grep "^$2\." | while read -r x; do
-    rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$x\">>), false, <<\"ci\">>)." >/dev/null 2>&1 || true
+    rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$x\">>), false, <<\"ci\">>)." </dev/null >/dev/null 2>&1 || true
   done
 }

@@ -136,9 +136,11 @@ impl Drop for TelemetryGuard {
 /// With an exporter this must run inside a Tokio runtime (the gRPC channel is created on
 /// it) and the runtime must outlive the returned guard.
 pub fn init(log_filter: &str, json: bool) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::try_new(log_filter).map_err(|source| TelemetryError::Filter {
-        filter: log_filter.to_owned(),
-        source,
+    let filter = EnvFilter::try_new(with_quiet_dependencies(log_filter)).map_err(|source| {
+        TelemetryError::Filter {
+            filter: log_filter.to_owned(),
+            source,
+        }
     })?;
     let logs = if json {
         fmt::layer()
@@ -187,6 +189,23 @@ pub fn init(log_filter: &str, json: bool) -> Result<TelemetryGuard, TelemetryErr
         );
     }
     Ok(TelemetryGuard { provider })
+}
+
+/// Dependencies whose own logs only repeat, without context, what Hookline reports about
+/// the same failure (lapin logs every refused or lost RabbitMQ connection at ERROR; the
+/// broker adapter reports it once, saying what to check). Silenced unless the filter
+/// names them, e.g. `HOOKLINE_LOG=info,lapin=debug`.
+const QUIET_DEPENDENCIES: &[&str] = &["lapin"];
+
+fn with_quiet_dependencies(filter: &str) -> String {
+    let mut out = filter.to_owned();
+    for target in QUIET_DEPENDENCIES {
+        if !filter.contains(target) {
+            let sep = if out.trim().is_empty() { "" } else { "," };
+            out.push_str(&format!("{sep}{target}=off"));
+        }
+    }
+    out
 }
 
 /// What the export layer sees: Hookline's spans down to `DEBUG`; events as span events at

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use hookline_broker::{Broker, EmbeddedBroker, EmbeddedConfig, RabbitBroker, RabbitConfig};
+use hookline_core::redact;
 use hookline_store::port::{DeliveryStore, EventStore, RegistryStore, StoreHealth};
 use hookline_store::{PgStore, SqliteStore};
 use sqlx::migrate::MigrateDatabase;
@@ -174,19 +175,27 @@ pub async fn open_store(at: &StoreAt, config: &Config) -> anyhow::Result<(AnySto
         StoreAt::Postgres(database_url) => {
             let exists = sqlx::Postgres::database_exists(database_url)
                 .await
-                .with_context(|| format!("cannot reach PostgreSQL at {}", redact(database_url)))?;
+                .with_context(|| {
+                    format!("cannot reach PostgreSQL at {}", redact::url(database_url))
+                })?;
             if !exists {
                 sqlx::Postgres::create_database(database_url)
                     .await
                     .with_context(|| {
-                        format!("cannot create the database of {}", redact(database_url))
+                        format!(
+                            "cannot create the database of {}",
+                            redact::url(database_url)
+                        )
                     })?;
                 tracing::info!("created database");
             }
             let store = PgStore::connect(database_url, config.database_max_connections)
                 .await
                 .with_context(|| {
-                    format!("cannot connect to PostgreSQL at {}", redact(database_url))
+                    format!(
+                        "cannot connect to PostgreSQL at {}",
+                        redact::url(database_url)
+                    )
                 })?;
             Ok((AnyStore::Postgres(Arc::new(store)), !exists))
         }
@@ -233,7 +242,7 @@ pub async fn open_broker(
             let mut rabbit = RabbitConfig::new(amqp_url.clone(), config.queue_prefix.clone());
             rabbit.connection_name = connection_name;
             Ok(Arc::new(RabbitBroker::connect(rabbit).await.with_context(
-                || format!("cannot connect to RabbitMQ at {}", redact(amqp_url)),
+                || format!("cannot connect to RabbitMQ at {}", redact::url(amqp_url)),
             )?))
         }
         (Mode::Embedded { .. }, AnyStore::Sqlite(sqlite)) => Ok(Arc::new(
@@ -244,52 +253,5 @@ pub async fn open_broker(
         (Mode::Embedded { .. }, AnyStore::Postgres(_)) => {
             bail!("the embedded queue needs the embedded (SQLite) store")
         }
-    }
-}
-
-/// A URL with its password hidden, for messages: `postgres://user:***@host/db`. A URL
-/// without a password (or without any user) is returned as it is.
-pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    match authority.rfind('@').map(|at| (at, &authority[..at])) {
-        Some((at, userinfo)) if userinfo.contains(':') => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!(
-                "{}{user}:***{}",
-                &url[..scheme_end],
-                &url[scheme_end + at..]
-            )
-        }
-        _ => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn redact_hides_only_a_password_that_is_there() {
-        assert_eq!(
-            redact("postgres://postgres:s3cret@db:5432/hl"),
-            "postgres://postgres:***@db:5432/hl"
-        );
-        assert_eq!(
-            redact("postgres://postgres@127.0.0.1:5432/hl"),
-            "postgres://postgres@127.0.0.1:5432/hl"
-        );
-        assert_eq!(
-            redact("amqp://127.0.0.1:5672/%2f"),
-            "amqp://127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            redact("postgres://u:p@h/db?application_name=a@b"),
-            "postgres://u:***@h/db?application_name=a@b"
-        );
-        assert_eq!(redact("not a url"), "not a url");
     }
 }

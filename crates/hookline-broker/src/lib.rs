@@ -330,6 +330,11 @@ pub enum BrokerError {
         reason: String,
     },
 
+    /// The first connection failed in a way retrying cannot fix (refused credentials, no
+    /// such vhost, a conflicting topology); the message says what to check.
+    #[error("{0}")]
+    Refused(String),
+
     /// The broker refused to store a published message (negative confirm).
     #[error(
         "the broker refused message {index} of a batch of {total} for {target} (nack); publish the batch again"
@@ -395,6 +400,7 @@ impl BrokerError {
             self,
             BrokerError::InvalidConfig(_)
                 | BrokerError::InvalidMessage { .. }
+                | BrokerError::Refused(_)
                 | BrokerError::Closed
         )
     }

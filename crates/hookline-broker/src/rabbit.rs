@@ -95,7 +95,7 @@ impl RabbitConfig {
 impl fmt::Debug for RabbitConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitConfig")
-            .field("url", &redact_url(&self.url))
+            .field("url", &hookline_core::redact::url(&self.url))
             .field("prefix", &self.prefix)
             .field("connection_name", &self.connection_name)
             .field("reconnect_max_wait", &self.reconnect_max_wait)
@@ -105,22 +105,6 @@ impl fmt::Debug for RabbitConfig {
             .field("confirm_timeout", &self.confirm_timeout)
             .field("delivery_limit", &self.delivery_limit)
             .finish()
-    }
-}
-
-/// The URL with its password hidden, for logs.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}://{user}:***{}", &rest[at..])
-        }
-        None => url.to_owned(),
     }
 }
 
@@ -152,7 +136,7 @@ impl RabbitBroker {
         let uri: AMQPUri = cfg.url.parse().map_err(|e| {
             BrokerError::InvalidConfig(format!(
                 "the AMQP URL {} is not valid: {e}",
-                redact_url(&cfg.url)
+                hookline_core::redact::url(&cfg.url)
             ))
         })?;
         if cfg.reconnect_min_backoff.is_zero()
@@ -713,15 +697,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            redact_url("amqp://127.0.0.1:5672/%2f"),
-            "amqp://127.0.0.1:5672/%2f"
-        );
+    fn the_configuration_prints_no_password() {
         assert!(!format!("{:?}", RabbitConfig::default()).contains("guest:guest"));
     }
 

@@ -26,7 +26,7 @@ use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, Event};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::BrokerError;
 use crate::rabbit::RabbitConfig;
@@ -147,10 +147,7 @@ impl Shared {
                 .await;
             match settled.as_deref() {
                 Ok(Link::Up(live)) => Ok(live.clone()),
-                Ok(Link::Failed(reason)) => Err(BrokerError::Unavailable {
-                    waited: Duration::ZERO,
-                    reason: reason.to_string(),
-                }),
+                Ok(Link::Failed(reason)) => Err(BrokerError::Refused(reason.to_string())),
                 Ok(Link::Connecting { .. } | Link::Closed) | Err(_) => Err(BrokerError::Closed),
             }
         };
@@ -200,16 +197,30 @@ impl std::fmt::Display for ConnectError {
 }
 
 impl ConnectError {
-    fn new(step: &str, error: &lapin::Error) -> Self {
+    fn new(shared: &Shared, step: &str, error: &lapin::Error) -> Self {
         // 403 ACCESS_REFUSED, 406 PRECONDITION_FAILED (a queue exists with
         // other arguments), 530 NOT_ALLOWED (no such vhost, no permission).
-        let permanent = matches!(
-            error.kind(),
-            ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 406 | 530)
-        );
+        let code = match error.kind() {
+            ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+            _ => None,
+        };
+        let authority = &shared.uri.authority;
+        let at = format!("{}:{}", authority.host, authority.port);
+        let message = match code {
+            Some(403) if step == "connect" => format!(
+                "RabbitMQ refused the login for user {} on {at}: check amqp_url",
+                authority.userinfo.username
+            ),
+            Some(530) if step == "connect" => format!(
+                "RabbitMQ on {at} refused access to vhost {:?} for user {}: check amqp_url \
+                 and the user's permissions",
+                shared.uri.vhost, authority.userinfo.username
+            ),
+            _ => format!("{step}: {error}"),
+        };
         Self {
-            message: format!("{step}: {error}"),
-            permanent,
+            message,
+            permanent: matches!(code, Some(403 | 406 | 530)),
         }
     }
 }
@@ -236,7 +247,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             result = attempt => match result {
                 Ok(live) => live,
                 Err(e) => {
-                    error!(error = %e, "cannot connect to RabbitMQ; giving up");
+                    // Only a first connection gives up; `RabbitBroker::connect` returns
+                    // the reason to its caller, which reports it once.
+                    debug!(error = %e, "cannot connect to RabbitMQ; giving up");
                     shared.link.send_replace(Link::Failed(e.message.as_str().into()));
                     return;
                 }
@@ -285,7 +298,7 @@ async fn establish(shared: &Shared, generation: u64) -> Result<Arc<Live>, Connec
     .await
     {
         Ok(Ok(conn)) => conn,
-        Ok(Err(error)) => return Err(ConnectError::new("connect", &error)),
+        Ok(Err(error)) => return Err(ConnectError::new(shared, "connect", &error)),
         Err(_) => {
             return Err(ConnectError {
                 message: format!("connect: no answer within {:?}", cfg.connect_timeout),
@@ -317,16 +330,16 @@ async fn prepare(shared: &Shared, live: &Live) -> Result<(), ConnectError> {
     let channel = live
         .channel()
         .await
-        .map_err(|e| ConnectError::new("open a channel", &e))?;
+        .map_err(|e| ConnectError::new(shared, "open a channel", &e))?;
     shared
         .topology
         .declare(&channel)
         .await
-        .map_err(|e| ConnectError::new("declare the topology", &e))?;
+        .map_err(|e| ConnectError::new(shared, "declare the topology", &e))?;
     let _ = channel.close(200, "topology declared".into()).await;
     live.publisher()
         .await
-        .map_err(|e| ConnectError::new("open the publishing channel", &e))?;
+        .map_err(|e| ConnectError::new(shared, "open the publishing channel", &e))?;
     Ok(())
 }
 

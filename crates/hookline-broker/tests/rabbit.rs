@@ -313,6 +313,24 @@ async fn declaring_the_topology_twice_works() {
 }
 
 #[tokio::test]
+async fn refused_credentials_fail_at_once_saying_what_to_check() {
+    init();
+    let mut cfg = config(&unique_prefix());
+    cfg.url = "amqp://guest:not-the-password@127.0.0.1:5672/%2f".into();
+    let started = std::time::Instant::now();
+    let error = RabbitBroker::connect(cfg).await.unwrap_err();
+    assert!(matches!(error, BrokerError::Refused(_)), "{error}");
+    assert_eq!(
+        error.to_string(),
+        "RabbitMQ refused the login for user guest on 127.0.0.1:5672: check amqp_url"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "no retries"
+    );
+}
+
+#[tokio::test]
 async fn invalid_configuration_is_refused() {
     let error = RabbitBroker::connect(config("has space"))
         .await

@@ -1,11 +1,13 @@
 //! The domain of Hookline, free of I/O: identifiers, the records every service shares,
-//! Standard Webhooks signing, retry-policy math, event-type filters and input validation.
+//! Standard Webhooks signing, retry-policy math, event-type filters, input validation and
+//! the redaction of URLs in messages.
 //! Every other crate builds on these definitions so that a rule lives in exactly one place.
 
 pub mod filter;
 pub mod id;
 pub mod job;
 pub mod model;
+pub mod redact;
 pub mod retry;
 pub mod signing;
 pub mod validate;

@@ -58,11 +58,18 @@ impl PgStore {
     ///
     /// Connections are opened lazily but one is opened here, so a wrong URL or an
     /// unreachable server fails now rather than on the first request.
+    ///
+    /// Sessions run with `client_min_messages=warning`: PostgreSQL's NOTICEs (such as
+    /// "relation _sqlx_migrations already exists, skipping" on every start) are routine
+    /// and would otherwise be logged at INFO by sqlx.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = url
+            .parse::<sqlx::postgres::PgConnectOptions>()?
+            .options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
+            .connect_with(options)
             .await?;
         Ok(Self { pool })
     }

@@ -129,15 +129,18 @@ impl Drop for TelemetryGuard {
 
 /// Installs the process's `tracing` subscriber: logs to stderr filtered by `log_filter`
 /// (an `EnvFilter` directive such as `info` or `hookline=debug,info`), as JSON lines when
-/// `json`, and the OTLP span export when OpenTelemetry's variables configure one. Sets
-/// the global propagator to W3C Trace Context.
+/// `json` (text otherwise, coloured only when stderr is a terminal), and the OTLP span
+/// export when OpenTelemetry's variables configure one. Sets the global propagator to
+/// W3C Trace Context.
 ///
 /// With an exporter this must run inside a Tokio runtime (the gRPC channel is created on
 /// it) and the runtime must outlive the returned guard.
 pub fn init(log_filter: &str, json: bool) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::try_new(log_filter).map_err(|source| TelemetryError::Filter {
-        filter: log_filter.to_owned(),
-        source,
+    let filter = EnvFilter::try_new(with_quiet_dependencies(log_filter)).map_err(|source| {
+        TelemetryError::Filter {
+            filter: log_filter.to_owned(),
+            source,
+        }
     })?;
     let logs = if json {
         fmt::layer()
@@ -146,8 +149,11 @@ pub fn init(log_filter: &str, json: bool) -> Result<TelemetryGuard, TelemetryErr
             .with_filter(filter)
             .boxed()
     } else {
+        // Colour codes only for a person at a terminal: a file, a pipe or a log collector
+        // gets plain text.
         fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_filter(filter)
             .boxed()
     };
@@ -183,6 +189,23 @@ pub fn init(log_filter: &str, json: bool) -> Result<TelemetryGuard, TelemetryErr
         );
     }
     Ok(TelemetryGuard { provider })
+}
+
+/// Dependencies whose own logs only repeat, without context, what Hookline reports about
+/// the same failure (lapin logs every refused or lost RabbitMQ connection at ERROR; the
+/// broker adapter reports it once, saying what to check). Silenced unless the filter
+/// names them, e.g. `HOOKLINE_LOG=info,lapin=debug`.
+const QUIET_DEPENDENCIES: &[&str] = &["lapin"];
+
+fn with_quiet_dependencies(filter: &str) -> String {
+    let mut out = filter.to_owned();
+    for target in QUIET_DEPENDENCIES {
+        if !filter.contains(target) {
+            let sep = if out.trim().is_empty() { "" } else { "," };
+            out.push_str(&format!("{sep}{target}=off"));
+        }
+    }
+    out
 }
 
 /// What the export layer sees: Hookline's spans down to `DEBUG`; events as span events at

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use hookline_broker::{Broker, EmbeddedBroker, EmbeddedConfig, RabbitBroker, RabbitConfig};
+use hookline_core::redact;
 use hookline_store::port::{DeliveryStore, EventStore, RegistryStore, StoreHealth};
 use hookline_store::{PgStore, SqliteStore};
 use sqlx::migrate::MigrateDatabase;
@@ -127,42 +128,89 @@ impl AnyStore {
     }
 }
 
-/// Opens the store of `mode`, creating the PostgreSQL database or the data directory
+/// Where the store lives: all that commands touching only the database (`migrate`,
+/// `admin create-key`) need to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreAt {
+    /// PostgreSQL at this URL.
+    Postgres(String),
+    /// SQLite under this data directory.
+    Sqlite(PathBuf),
+}
+
+impl StoreAt {
+    /// The store the configuration names, without asking for a broker: the database URL
+    /// when set (the broker URL may be absent), otherwise the embedded data directory.
+    pub fn from_config(config: &Config) -> anyhow::Result<StoreAt> {
+        let db = config.database_url.as_deref().filter(|s| !s.is_empty());
+        let amqp = config.amqp_url.as_deref().filter(|s| !s.is_empty());
+        match (db, amqp) {
+            (Some(url), _) => Ok(StoreAt::Postgres(url.to_string())),
+            (None, None) => Ok(StoreAt::Sqlite(config.data_dir.clone())),
+            (None, Some(_)) => bail!(
+                "HOOKLINE_AMQP_URL is set but HOOKLINE_DATABASE_URL is not: this command works \
+                 on the database only. Set HOOKLINE_DATABASE_URL=postgres://… for the \
+                 distributed backends, or unset HOOKLINE_AMQP_URL to use the embedded \
+                 database under data_dir"
+            ),
+        }
+    }
+}
+
+impl Mode {
+    /// Where this mode's store lives.
+    pub fn store(&self) -> StoreAt {
+        match self {
+            Mode::Distributed { database_url, .. } => StoreAt::Postgres(database_url.clone()),
+            Mode::Embedded { data_dir } => StoreAt::Sqlite(data_dir.clone()),
+        }
+    }
+}
+
+/// Opens the store at `at`, creating the PostgreSQL database or the data directory
 /// when missing (`serve`, `migrate`).
-pub async fn open_store(mode: &Mode, config: &Config) -> anyhow::Result<AnyStore> {
-    match mode {
-        Mode::Distributed { database_url, .. } => {
+pub async fn open_store(at: &StoreAt, config: &Config) -> anyhow::Result<AnyStore> {
+    match at {
+        StoreAt::Postgres(database_url) => {
             let exists = sqlx::Postgres::database_exists(database_url)
                 .await
-                .with_context(|| format!("cannot reach PostgreSQL at {}", redact(database_url)))?;
+                .with_context(|| {
+                    format!("cannot reach PostgreSQL at {}", redact::url(database_url))
+                })?;
             if !exists {
                 sqlx::Postgres::create_database(database_url)
                     .await
                     .with_context(|| {
-                        format!("cannot create the database of {}", redact(database_url))
+                        format!(
+                            "cannot create the database of {}",
+                            redact::url(database_url)
+                        )
                     })?;
                 tracing::info!("created database");
             }
             let store = PgStore::connect(database_url, config.database_max_connections)
                 .await
                 .with_context(|| {
-                    format!("cannot connect to PostgreSQL at {}", redact(database_url))
+                    format!(
+                        "cannot connect to PostgreSQL at {}",
+                        redact::url(database_url)
+                    )
                 })?;
             Ok(AnyStore::Postgres(Arc::new(store)))
         }
-        Mode::Embedded { data_dir } => {
+        StoreAt::Sqlite(data_dir) => {
             let file = prepare_data_dir(data_dir)?;
             open_sqlite(&file).await
         }
     }
 }
 
-/// Opens the store of `mode` only if it already exists (`admin create-key`): an embedded
+/// Opens the store at `at` only if it already exists (`admin create-key`): an embedded
 /// data directory that is not there is named, with how to point at the right one, and
 /// never created.
-pub async fn open_existing_store(mode: &Mode, config: &Config) -> anyhow::Result<AnyStore> {
-    let Mode::Embedded { data_dir } = mode else {
-        return open_store(mode, config).await;
+pub async fn open_existing_store(at: &StoreAt, config: &Config) -> anyhow::Result<AnyStore> {
+    let StoreAt::Sqlite(data_dir) = at else {
+        return open_store(at, config).await;
     };
     let file = data_dir.join(SQLITE_FILE);
     if !file.is_file() {
@@ -220,7 +268,7 @@ pub async fn open_broker(
             let mut rabbit = RabbitConfig::new(amqp_url.clone(), config.queue_prefix.clone());
             rabbit.connection_name = connection_name;
             Ok(Arc::new(RabbitBroker::connect(rabbit).await.with_context(
-                || format!("cannot connect to RabbitMQ at {}", redact(amqp_url)),
+                || format!("cannot connect to RabbitMQ at {}", redact::url(amqp_url)),
             )?))
         }
         (Mode::Embedded { .. }, AnyStore::Sqlite(sqlite)) => Ok(Arc::new(
@@ -231,17 +279,5 @@ pub async fn open_broker(
         (Mode::Embedded { .. }, AnyStore::Postgres(_)) => {
             bail!("the embedded queue needs the embedded (SQLite) store")
         }
-    }
-}
-
-/// A URL with its password hidden, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
-        }
-        _ => url.to_string(),
     }
 }

@@ -5,7 +5,9 @@ mod admin_http;
 mod backends;
 mod client;
 mod config;
+mod elsewhere;
 mod keys;
+mod metrics_catalog;
 mod serve;
 mod shutdown;
 mod tail;
@@ -124,17 +126,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve::serve(config, services).await
         }
         Command::Migrate => {
-            let mode = backends::Mode::from_config(&config)?;
-            let store = backends::open_store(&mode, &config).await?;
+            let at = backends::StoreAt::from_config(&config)?;
+            let store = backends::open_store(&at, &config).await?;
             store.migrate().await?;
             store.close().await;
             println!("migrations applied");
             Ok(())
         }
         Command::Admin(AdminCommand::CreateKey { name, tenant }) => {
-            let mode = backends::Mode::from_config(&config)?;
+            let at = backends::StoreAt::from_config(&config)?;
             // A key in a store no server uses would be a lost key: never create one.
-            let store = backends::open_existing_store(&mode, &config).await?;
+            let store = backends::open_existing_store(&at, &config).await?;
             store.migrate().await?;
             let created =
                 keys::create_key(store.registry().as_ref(), &name, tenant.as_deref()).await;

@@ -30,6 +30,7 @@ use crate::backends::{self, AnyStore, Mode};
 use crate::config::Config;
 use crate::keys::{self, Endpoints};
 use crate::shutdown;
+use crate::{elsewhere, metrics_catalog};
 
 /// The services one process can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -97,7 +98,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let shutdown = CancellationToken::new();
     shutdown::on_signal(shutdown.clone(), drain);
 
-    let store = backends::open_store(&mode, &config).await?;
+    let store = backends::open_store(&mode.store(), &config).await?;
     if config.migrate_on_start || matches!(mode, Mode::Embedded { .. }) {
         store.migrate().await?;
     }
@@ -116,6 +117,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         shutdown.clone(),
     )];
     let router = wiring.start_services(&services, &mut tasks).await?;
+    let router = elsewhere::add_fallbacks(router, &services);
     tasks.push(tokio::spawn(report_gauges(
         store.health(),
         broker.clone(),
@@ -229,6 +231,7 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .context("invalid histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
+    metrics_catalog::describe_all();
     metrics::gauge!("hookline_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
 }
@@ -401,6 +404,9 @@ async fn announce_start(
         keys::show_first_admin_key(registry, data_dir, at).await?;
     }
     tracing::info!(grpc_addr = %at.grpc, admin_addr = %at.admin, services = ?names, "serving");
+    if let Some(note) = elsewhere::missing_services_note(services) {
+        tracing::info!("{note}");
+    }
     Ok(())
 }
 

@@ -1,0 +1,88 @@
+//! The `# HELP` text and unit of every metric Hookline exports, described once when the
+//! Prometheus recorder is installed. The metrics are recorded where they happen (in the
+//! service crates); this is the one list an operator reads on `/metrics`. A metric
+//! missing here shows up without `# HELP` and fails the `/metrics` end-to-end test.
+
+use hookline_dispatcher::metrics as dispatcher;
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+/// Describes every metric to the installed recorder.
+pub fn describe_all() {
+    describe_gauge!(
+        "hookline_build_info",
+        "Always 1; the version label names the running build."
+    );
+    // ingest
+    describe_counter!(
+        "hookline_events_published_total",
+        Unit::Count,
+        "Events accepted by ingest (stored durably)."
+    );
+    describe_counter!(
+        "hookline_deliveries_created_total",
+        Unit::Count,
+        "Deliveries created by ingest for the subscriptions that matched published events."
+    );
+    describe_histogram!(
+        "hookline_ingest_group_events",
+        Unit::Count,
+        "Events committed together in one group commit of ingest."
+    );
+    // dispatcher
+    describe_counter!(
+        dispatcher::DELIVERIES_TOTAL,
+        Unit::Count,
+        "Delivery attempts whose outcome is durable, by outcome (succeeded, retrying, failed)."
+    );
+    describe_histogram!(
+        dispatcher::ATTEMPT_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from sending a webhook request to having read its response."
+    );
+    describe_gauge!(
+        dispatcher::IN_FLIGHT,
+        "Messages the dispatcher is working on (admission, request, or waiting to record)."
+    );
+    describe_counter!(
+        dispatcher::DEFERRED_TOTAL,
+        Unit::Count,
+        "Deliveries put off without a request, by reason (in_flight, rate_limit, circuit_open)."
+    );
+    describe_gauge!(
+        dispatcher::CIRCUITS_OPEN,
+        "Subscriptions whose circuit is open or half-open in this dispatcher."
+    );
+    // retry and outbox
+    describe_counter!(
+        "hookline_retries_enqueued_total",
+        Unit::Count,
+        "Due retries the scheduler put back on the delivery queue."
+    );
+    describe_counter!(
+        "hookline_outbox_relayed_total",
+        Unit::Count,
+        "Outbox entries the relay re-published because their publish was not confirmed."
+    );
+    // gauges read from the store and the broker
+    describe_gauge!(
+        "hookline_queue_depth",
+        "Messages ready in each queue (label queue)."
+    );
+    describe_gauge!(
+        "hookline_retry_backlog",
+        "Deliveries scheduled for a later retry."
+    );
+    describe_gauge!(
+        "hookline_retry_oldest_due_age_seconds",
+        Unit::Seconds,
+        "How long the oldest due retry has been waiting past its time (0 when none is due)."
+    );
+    describe_gauge!(
+        "hookline_outbox_pending",
+        "Outbox entries not yet confirmed as published."
+    );
+    describe_gauge!(
+        "hookline_subscriptions",
+        "Subscriptions by state (enabled, disabled)."
+    );
+}

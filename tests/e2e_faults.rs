@@ -199,8 +199,8 @@ impl Rig {
                 if service == "registry" {
                     return self.kill_registry_during_changes().await;
                 }
-                self.cluster.restart(service).await;
                 let since = Instant::now();
+                self.cluster.restart(service).await;
                 self.recovery(since, None).await
             }
         }
@@ -241,8 +241,8 @@ impl Rig {
             !matches!(refused, Ok(Ok(_))),
             "a killed registry cannot answer"
         );
-        self.cluster.restart("registry").await;
         let since = Instant::now();
+        self.cluster.restart("registry").await;
         self.cluster
             .wait_readiness(200, RECOVERY_LIMIT, "registry back")
             .await;

@@ -209,7 +209,8 @@ impl Rig {
     /// Stops RabbitMQ or PostgreSQL for [`OUTAGE`], requiring every process to say
     /// not-ready meanwhile, and starts it again.
     async fn dependency_down(&mut self, fault: Fault) {
-        let (stop, start): (fn(&Cluster), fn(&Cluster)) = match fault {
+        type Action = fn(&Cluster);
+        let (stop, start): (Action, Action) = match fault {
             Fault::RabbitRestart => (|c| c.mq.stop_app(), |c| c.mq.start_app()),
             _ => (|c| c.pg.stop(), |c| c.pg.start_again()),
         };

@@ -81,18 +81,7 @@ impl Rig {
         let cluster = Cluster::start().await;
         let token = support::create_key(cluster.command()).await;
         let mut registry = RegistryServiceClient::new(cluster.channel("registry").await);
-        let tenant = registry
-            .create_tenant(authed(
-                pb::CreateTenantRequest {
-                    name: "faults".into(),
-                    ..Default::default()
-                },
-                &token,
-            ))
-            .await
-            .expect("create a tenant")
-            .into_inner()
-            .id;
+        let tenant = faults::create_tenant(&mut registry, &token, "faults").await;
         let ingest = IngestServiceClient::new(cluster.channel("ingest").await);
         let mut rig = Rig {
             cluster,
@@ -113,13 +102,14 @@ impl Rig {
     }
 
     async fn subscribe(&mut self, name: &str, behavior: Behavior, filter: &str) {
-        let url = self.receiver.endpoint(name, behavior);
-        let sub = pb::Subscription {
-            tenant_id: self.tenant.clone(),
-            url,
-            event_types: vec![filter.to_string()],
+        let schedule = [300, 1_000, 2_000, 5_000, 10_000, 10_000, 10_000];
+        faults::Subscribe {
+            tenant: &self.tenant,
+            name,
+            behavior,
+            filter,
             retry_policy: Some(pb::RetryPolicy {
-                schedule: [300, 1_000, 2_000, 5_000, 10_000, 10_000, 10_000]
+                schedule: schedule
                     .iter()
                     .map(|ms| prost_types::Duration {
                         seconds: ms / 1000,
@@ -127,21 +117,9 @@ impl Rig {
                     })
                     .collect(),
             }),
-            ..Default::default()
-        };
-        let res = self
-            .registry
-            .create_subscription(authed(
-                pb::CreateSubscriptionRequest {
-                    subscription: Some(sub),
-                    ..Default::default()
-                },
-                &self.token,
-            ))
-            .await
-            .expect("create a subscription")
-            .into_inner();
-        self.receiver.set_secret(name, &res.secret);
+        }
+        .create(&mut self.registry, &self.token, &self.receiver)
+        .await;
     }
 
     /// Time from `since` until every process is ready and a new event published after
@@ -179,29 +157,32 @@ impl Rig {
                 let since = Instant::now();
                 self.recovery(since, None).await
             }
+            Fault::Kill("registry") => self.kill_registry_during_changes().await,
             Fault::Kill(service) => {
                 self.cluster.kill(service).await;
-                let gone = self.cluster.proc(service).admin.clone();
-                assert_eq!(
-                    readyz(&gone).await,
-                    None,
-                    "a killed {service} answers nothing"
-                );
-                for (other, state) in self.cluster.readiness().await {
-                    if other != service {
-                        assert_eq!(
-                            state,
-                            Some(200),
-                            "{other} stays ready while {service} is down"
-                        );
-                    }
-                }
-                if service == "registry" {
-                    return self.kill_registry_during_changes().await;
-                }
+                self.check_killed(service).await;
                 let since = Instant::now();
                 self.cluster.restart(service).await;
                 self.recovery(since, None).await
+            }
+        }
+    }
+
+    /// A killed process answers nothing; the others stay ready.
+    async fn check_killed(&self, service: &str) {
+        let gone = self.cluster.proc(service).admin.clone();
+        assert_eq!(
+            readyz(&gone).await,
+            None,
+            "a killed {service} answers nothing"
+        );
+        for (other, state) in self.cluster.readiness().await {
+            if other != service {
+                assert_eq!(
+                    state,
+                    Some(200),
+                    "{other} stays ready while {service} is down"
+                );
             }
         }
     }
@@ -230,10 +211,22 @@ impl Rig {
         tokio::task::block_in_place(|| start(&self.cluster));
     }
 
-    /// With the registry down, its clients get errors; once it is back, a change made
-    /// there (a new subscription) reaches ingest and the dispatcher: the next event is
-    /// delivered to the new endpoint.
+    /// Kills the registry in the middle of a stream of changes (subscriptions created on
+    /// a side tenant). While it is down its clients get errors; once it is back, changes
+    /// are acknowledged again, every change acknowledged before or after exists, and a
+    /// new subscription reaches ingest and the dispatcher: the next event is delivered
+    /// to its endpoint.
     async fn kill_registry_during_changes(&mut self) -> Duration {
+        let side = faults::create_tenant(&mut self.registry, &self.token, "side").await;
+        let changer = faults::Changer::start(
+            self.cluster.channel("registry").await,
+            self.token.clone(),
+            side.clone(),
+        );
+        changer.wait_for(5, Duration::from_secs(30)).await;
+        self.cluster.kill("registry").await;
+        self.check_killed("registry").await;
+        let before = changer.acked();
         let call = self
             .registry
             .list_tenants(authed(pb::ListTenantsRequest::default(), &self.token));
@@ -247,6 +240,18 @@ impl Rig {
         self.cluster
             .wait_readiness(200, RECOVERY_LIMIT, "registry back")
             .await;
+        changer.wait_for(before + 5, RECOVERY_LIMIT).await;
+        let acked = changer.stop().await;
+        let stored = faults::subscription_ids(&mut self.registry, &self.token, &side).await;
+        let lost: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+        assert!(
+            lost.is_empty(),
+            "acknowledged registry changes lost: {lost:?}"
+        );
+        println!(
+            "SIGKILL registry: {} changes acknowledged around the kill, all stored",
+            acked.len()
+        );
         self.subscribe("late", Behavior::Ok, "fault.probe").await;
         self.recovery(since, Some("late")).await
     }
@@ -392,42 +397,8 @@ async fn a_poison_message_is_dead_lettered_visibly_and_work_goes_on(backend: Bac
         .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
         .stderr(std::fs::File::create(&log).expect("create the log file"));
     let server = support::spawn_serve(cmd).await;
-    let channel = Channel::from_shared(server.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut registry = RegistryServiceClient::new(channel.clone());
-    let tenant = registry
-        .create_tenant(authed(
-            pb::CreateTenantRequest {
-                name: "poison".into(),
-                ..Default::default()
-            },
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
     let receiver = Receiver::start().await;
-    let res = registry
-        .create_subscription(authed(
-            pb::CreateSubscriptionRequest {
-                subscription: Some(pb::Subscription {
-                    tenant_id: tenant.clone(),
-                    url: receiver.endpoint("sink", Behavior::Ok),
-                    event_types: vec!["*".into()],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    receiver.set_secret("sink", &res.secret);
+    let (channel, tenant) = faults::tenant_with_sink(&server, &token, &receiver).await;
 
     let poison_id = hookline_core::Id::new(hookline_core::IdKind::Delivery).to_string();
     let broker = inject_poison(&env, &poison_id).await;
@@ -555,42 +526,8 @@ async fn a_full_disk_fails_embedded_publishes_with_unavailable_and_loses_nothing
     env.data_dir = disk.dir.join("data");
     let token = env.admin_key().await;
     let server = env.serve("all").await;
-    let channel = Channel::from_shared(server.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut registry = RegistryServiceClient::new(channel.clone());
-    let tenant = registry
-        .create_tenant(authed(
-            pb::CreateTenantRequest {
-                name: "disk".into(),
-                ..Default::default()
-            },
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
     let receiver = Receiver::start().await;
-    let res = registry
-        .create_subscription(authed(
-            pb::CreateSubscriptionRequest {
-                subscription: Some(pb::Subscription {
-                    tenant_id: tenant.clone(),
-                    url: receiver.endpoint("sink", Behavior::Ok),
-                    event_types: vec!["*".into()],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    receiver.set_secret("sink", &res.secret);
+    let (channel, tenant) = faults::tenant_with_sink(&server, &token, &receiver).await;
     let mut ingest = IngestServiceClient::new(channel);
     // 32 KiB payloads use up what SQLite still has free quickly.
     let payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(32 * 1024)).into_bytes();

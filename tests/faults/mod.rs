@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::ingest_service_client::IngestServiceClient;
+use hookline_proto::v1::registry_service_client::RegistryServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tonic::transport::Channel;
 
 use crate::support::private::{PrivatePostgres, PrivateRabbit, free_port};
-use crate::support::receiver::Receiver;
+use crate::support::receiver::{Behavior, Receiver};
 use crate::support::{BIN, Server, authed, spawn_serve};
 
 /// The services, one process each.
@@ -383,5 +384,183 @@ pub async fn wait_delivered(
             &missing[..missing.len().min(5)]
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Creates a tenant; returns its id.
+pub async fn create_tenant(
+    registry: &mut RegistryServiceClient<Channel>,
+    token: &str,
+    name: &str,
+) -> String {
+    registry
+        .create_tenant(authed(
+            pb::CreateTenantRequest {
+                name: name.into(),
+                ..Default::default()
+            },
+            token,
+        ))
+        .await
+        .expect("create a tenant")
+        .into_inner()
+        .id
+}
+
+/// A subscription of `tenant` to `filter`, delivered to `receiver`'s endpoint `name`
+/// (which answers as `behavior` and checks signatures with the new secret).
+pub struct Subscribe<'a> {
+    pub tenant: &'a str,
+    pub name: &'a str,
+    pub behavior: Behavior,
+    pub filter: &'a str,
+    pub retry_policy: Option<pb::RetryPolicy>,
+}
+
+impl Subscribe<'_> {
+    pub async fn create(
+        self,
+        registry: &mut RegistryServiceClient<Channel>,
+        token: &str,
+        receiver: &Receiver,
+    ) {
+        let sub = pb::Subscription {
+            tenant_id: self.tenant.to_string(),
+            url: receiver.endpoint(self.name, self.behavior),
+            event_types: vec![self.filter.to_string()],
+            retry_policy: self.retry_policy,
+            ..Default::default()
+        };
+        let res = registry
+            .create_subscription(authed(
+                pb::CreateSubscriptionRequest {
+                    subscription: Some(sub),
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .expect("create a subscription")
+            .into_inner();
+        receiver.set_secret(self.name, &res.secret);
+    }
+}
+
+/// Connects to `server`, creates a tenant with one subscription to every event type at
+/// `receiver`'s endpoint `sink` (answering 200); returns the channel and the tenant id.
+pub async fn tenant_with_sink(
+    server: &Server,
+    token: &str,
+    receiver: &Receiver,
+) -> (Channel, String) {
+    let channel = Channel::from_shared(server.grpc.clone())
+        .expect("a URL")
+        .connect()
+        .await
+        .expect("connect to hookline");
+    let mut registry = RegistryServiceClient::new(channel.clone());
+    let tenant = create_tenant(&mut registry, token, "faults").await;
+    Subscribe {
+        tenant: &tenant,
+        name: "sink",
+        behavior: Behavior::Ok,
+        filter: "*",
+        retry_policy: None,
+    }
+    .create(&mut registry, token, receiver)
+    .await;
+    (channel, tenant)
+}
+
+/// Makes registry changes one after another (creates subscriptions of `tenant` that no
+/// event matches), recording the ones acknowledged, until stopped.
+pub struct Changer {
+    acked: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Changer {
+    pub fn start(channel: Channel, token: String, tenant: String) -> Changer {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (acked.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut registry = RegistryServiceClient::new(channel);
+            while !s.load(Ordering::Relaxed) {
+                let sub = pb::Subscription {
+                    tenant_id: tenant.clone(),
+                    url: "http://127.0.0.1:9/never".into(),
+                    event_types: vec!["side.never".into()],
+                    ..Default::default()
+                };
+                let req = pb::CreateSubscriptionRequest {
+                    subscription: Some(sub),
+                    ..Default::default()
+                };
+                let call = registry.create_subscription(authed(req, &token));
+                match tokio::time::timeout(Duration::from_secs(3), call).await {
+                    Ok(Ok(res)) => {
+                        let id = res.into_inner().subscription.map(|s| s.id);
+                        a.lock().unwrap().extend(id);
+                    }
+                    // Not acknowledged: may or may not exist; a client would look.
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+                tokio::time::sleep(PACE).await;
+            }
+        });
+        Changer { acked, stop, task }
+    }
+
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` changes were acknowledged, or panics after `within`.
+    pub async fn wait_for(&self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.acked() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} registry changes acknowledged within {within:?}",
+                self.acked()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops; returns the ids of the acknowledged subscriptions.
+    pub async fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("changer task");
+        std::mem::take(&mut *self.acked.lock().unwrap())
+    }
+}
+
+/// Every subscription id of `tenant`, page by page.
+pub async fn subscription_ids(
+    registry: &mut RegistryServiceClient<Channel>,
+    token: &str,
+    tenant: &str,
+) -> std::collections::HashSet<String> {
+    let mut ids = std::collections::HashSet::new();
+    let mut page_token = String::new();
+    loop {
+        let req = pb::ListSubscriptionsRequest {
+            tenant_id: tenant.to_string(),
+            page_size: 100,
+            page_token,
+        };
+        let page = registry
+            .list_subscriptions(authed(req, token))
+            .await
+            .expect("list subscriptions")
+            .into_inner();
+        ids.extend(page.subscriptions.into_iter().map(|s| s.id));
+        if page.next_page_token.is_empty() {
+            return ids;
+        }
+        page_token = page.next_page_token;
     }
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod private;
 pub mod receiver;
 
 /// Turns `async fn name(backend: Backend)` test bodies into one `#[tokio::test]` per
@@ -115,14 +116,7 @@ impl Env {
         if self.backend == Backend::Embedded {
             self.run_ok(&["migrate"]).await;
         }
-        let stdout = self.run_ok(&["admin", "create-key", "--name", "e2e"]).await;
-        stdout
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("hl_"))
-            .unwrap_or_else(|| panic!("no token in {stdout:?}"))
-            .trim()
-            .to_string()
+        create_key(self.command()).await
     }
 
     /// Runs `hookline <args>` to its end, requires success, and returns its stdout.
@@ -182,44 +176,11 @@ impl Env {
         stderr: Stdio,
     ) -> Server {
         let mut cmd = self.command();
-        cmd.envs(settings.iter().copied());
-        let mut child = cmd
+        cmd.envs(settings.iter().copied())
             .args(["serve", "--services", services])
             .args(["--grpc-addr", grpc_addr, "--admin-addr", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn hookline serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let (mut grpc, mut admin) = (None, None);
-        let started = tokio::time::timeout(Duration::from_secs(60), async {
-            while grpc.is_none() || admin.is_none() {
-                let line = lines
-                    .next_line()
-                    .await
-                    .expect("read stdout")
-                    .expect("hookline exited before listening");
-                if let Some(a) = line.strip_prefix("hookline: grpc listening on ") {
-                    grpc = Some(a.to_string());
-                }
-                if let Some(a) = line.strip_prefix("hookline: admin listening on ") {
-                    admin = Some(a.to_string());
-                }
-            }
-        })
-        .await;
-        assert!(
-            started.is_ok(),
-            "hookline did not start listening within 60 s"
-        );
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Server {
-            child,
-            grpc: format!("http://{}", grpc.unwrap_or_default()),
-            admin: admin.unwrap_or_default(),
-        }
+            .stderr(stderr);
+        spawn_serve(cmd).await
     }
 
     /// Drops the test's database and its queues and exchanges, or its data directory.
@@ -236,6 +197,69 @@ impl Env {
             db.drop_db().await;
         }
         let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// Runs `hookline admin create-key` with `cmd` (a `hookline` command carrying the
+/// backend settings) and returns the token it printed.
+pub async fn create_key(mut cmd: Command) -> String {
+    let out = cmd
+        .args(["admin", "create-key", "--name", "e2e"])
+        .output()
+        .await
+        .expect("run hookline admin create-key");
+    assert!(
+        out.status.success(),
+        "create-key failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("hl_"))
+        .unwrap_or_else(|| panic!("no token in {stdout:?}"))
+        .trim()
+        .to_string()
+}
+
+/// Spawns `cmd` (a complete `hookline serve …` command; stderr as the caller set it) and
+/// waits until it printed where it listens.
+pub async fn spawn_serve(mut cmd: Command) -> Server {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn hookline serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut grpc, mut admin) = (None, None);
+    let started = tokio::time::timeout(Duration::from_secs(60), async {
+        while grpc.is_none() || admin.is_none() {
+            let line = lines
+                .next_line()
+                .await
+                .expect("read stdout")
+                .expect("hookline exited before listening");
+            if let Some(a) = line.strip_prefix("hookline: grpc listening on ") {
+                grpc = Some(a.to_string());
+            }
+            if let Some(a) = line.strip_prefix("hookline: admin listening on ") {
+                admin = Some(a.to_string());
+            }
+        }
+    })
+    .await;
+    assert!(
+        started.is_ok(),
+        "hookline did not start listening within 60 s"
+    );
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Server {
+        child,
+        grpc: format!("http://{}", grpc.unwrap_or_default()),
+        admin: admin.unwrap_or_default(),
     }
 }
 

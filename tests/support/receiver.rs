@@ -42,6 +42,8 @@ pub struct Received {
     pub body: Vec<u8>,
     /// Whether the `standardwebhooks` crate accepted the signature.
     pub verified: bool,
+    /// The status the endpoint answers (for a hanging request, the one it would send).
+    pub status: u16,
 }
 
 impl Received {
@@ -178,36 +180,66 @@ async fn handle(
             .and_then(|wh| wh.verify(&body, &headers))
             .is_ok()
     });
+    let answer = Answer::of(behavior, call, first_of_event);
     inner.received.lock().unwrap().push(Received {
         endpoint: name,
         at: Instant::now(),
         headers,
         body: body.to_vec(),
         verified,
+        status: answer.status,
     });
     inner.notify.notify_waiters();
-    match behavior {
-        Behavior::Ok => (StatusCode::OK, "ok").into_response(),
-        Behavior::FailTimes(n, status) if call <= n => status_response(status),
-        Behavior::FailTimes(..) => (StatusCode::OK, "ok").into_response(),
-        Behavior::Always(status) => status_response(status),
-        Behavior::HangTimes(n) if call <= n => {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            StatusCode::OK.into_response()
-        }
-        Behavior::HangTimes(_) => (StatusCode::OK, "ok").into_response(),
-        Behavior::TooManyTimes(n, secs) if call <= n => (
-            StatusCode::TOO_MANY_REQUESTS,
+    if !answer.delay.is_zero() {
+        tokio::time::sleep(answer.delay).await;
+    }
+    match (answer.status, answer.retry_after) {
+        (200, _) => (StatusCode::OK, "ok").into_response(),
+        (status, Some(secs)) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
             [("retry-after", secs.to_string())],
             "slow down",
         )
             .into_response(),
-        Behavior::TooManyTimes(..) => (StatusCode::OK, "ok").into_response(),
-        Behavior::FailFirstOfEvery(_, status) if first_of_event => status_response(status),
-        Behavior::FailFirstOfEvery(..) => (StatusCode::OK, "ok").into_response(),
-        Behavior::Slow(ms) => {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            (StatusCode::OK, "ok").into_response()
+        (status, None) => status_response(status),
+    }
+}
+
+/// How an endpoint answers one request: decided (and recorded) before any delay.
+struct Answer {
+    status: u16,
+    delay: Duration,
+    retry_after: Option<u64>,
+}
+
+impl Answer {
+    fn of(behavior: Behavior, call: u32, first_of_event: bool) -> Answer {
+        let plain = |status| Answer {
+            status,
+            delay: Duration::ZERO,
+            retry_after: None,
+        };
+        match behavior {
+            Behavior::Ok => plain(200),
+            Behavior::FailTimes(n, status) if call <= n => plain(status),
+            Behavior::FailTimes(..) => plain(200),
+            Behavior::Always(status) => plain(status),
+            Behavior::HangTimes(n) if call <= n => Answer {
+                delay: Duration::from_secs(3600),
+                ..plain(200)
+            },
+            Behavior::HangTimes(_) => plain(200),
+            Behavior::TooManyTimes(n, secs) if call <= n => Answer {
+                retry_after: Some(secs),
+                ..plain(429)
+            },
+            Behavior::TooManyTimes(..) => plain(200),
+            Behavior::FailFirstOfEvery(_, status) if first_of_event => plain(status),
+            Behavior::FailFirstOfEvery(..) => plain(200),
+            Behavior::Slow(ms) => Answer {
+                delay: Duration::from_millis(ms),
+                ..plain(200)
+            },
         }
     }
 }

@@ -536,6 +536,11 @@ impl Broker for EmbeddedBroker {
     async fn queue_depth(&self, queue: QueueName) -> Result<u64, BrokerError> {
         self.shared.count(queue.as_str(), true).await
     }
+
+    async fn dead_letter_depth(&self) -> Result<u64, BrokerError> {
+        // The inherent method of the same name.
+        EmbeddedBroker::dead_letter_depth(self).await
+    }
 }
 
 /// Creates the tables, checks the version and releases every held message,

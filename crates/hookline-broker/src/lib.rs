@@ -300,6 +300,10 @@ pub trait Broker: Send + Sync + 'static {
     /// Approximate number of messages ready for delivery in the queue (not
     /// counting delivered but unsettled ones), for metrics and autoscaling.
     async fn queue_depth(&self, queue: QueueName) -> Result<u64, BrokerError>;
+
+    /// Number of messages in the dead-letter queue: poison messages a consumer
+    /// dead-lettered or that went past the delivery limit (for metrics and alerts).
+    async fn dead_letter_depth(&self) -> Result<u64, BrokerError>;
 }
 
 /// Errors of the queue port. Messages say what happened and what it means

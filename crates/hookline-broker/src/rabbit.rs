@@ -421,6 +421,11 @@ impl Broker for RabbitBroker {
     async fn queue_depth(&self, queue: QueueName) -> Result<u64, BrokerError> {
         self.passive_depth(self.shared.topology.queue(queue)).await
     }
+
+    async fn dead_letter_depth(&self) -> Result<u64, BrokerError> {
+        // The inherent method of the same name.
+        RabbitBroker::dead_letter_depth(self).await
+    }
 }
 
 /// AMQP properties of an outgoing message.

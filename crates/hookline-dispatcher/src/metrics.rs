@@ -21,6 +21,15 @@ pub const DEFERRED_TOTAL: &str = "hookline_deliveries_deferred_total";
 /// open is in the logs (`circuit opened`, `circuit closed`, with `subscription_id`).
 pub const CIRCUITS_OPEN: &str = "hookline_circuits_open";
 
+/// Messages this dispatcher moved to the dead-letter queue itself, by `reason`
+/// (`undecodable`). Messages the broker dead-letters past its delivery limit are counted
+/// by the `hookline_dead_letter_depth` gauge only.
+pub const DEAD_LETTERED_TOTAL: &str = "hookline_messages_dead_lettered_total";
+
+pub(crate) fn dead_lettered(reason: &'static str) {
+    metrics::counter!(DEAD_LETTERED_TOTAL, "reason" => reason).increment(1);
+}
+
 pub(crate) fn attempt_finished(duration: Duration) {
     metrics::histogram!(ATTEMPT_DURATION_SECONDS).record(duration.as_secs_f64());
 }

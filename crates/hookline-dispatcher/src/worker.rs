@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use hookline_broker::{Broker, BrokerError, ReceivedMessage};
-use hookline_core::job::DeliveryJob;
+use hookline_core::job::{self, DeliveryJob};
 use hookline_core::model::{Attempt, ErrorClass, RegistryChange, SubscriptionState};
 use hookline_core::retry::parse_retry_after;
 use hookline_core::signing::signature_header;
@@ -69,8 +69,7 @@ impl Worker {
         let job = match DeliveryJob::from_message(&message.headers, body) {
             Ok(job) => job,
             Err(e) => {
-                tracing::warn!(error = %e, headers = ?message.headers, "undecodable message; dead-lettering it");
-                settled("dead-letter", message.dead_letter().await);
+                self.dead_letter_poison(message, &e.to_string()).await;
                 return;
             }
         };
@@ -88,6 +87,24 @@ impl Worker {
             connect_trace(&span, &job, &message);
         }
         self.deliver(job, message).instrument(span).await;
+    }
+
+    /// Parks a message that can never be delivered in the dead-letter queue, saying
+    /// which ids it carries (whichever headers it has) so an operator can find it.
+    async fn dead_letter_poison(&self, message: ReceivedMessage, error: &str) {
+        let header = |name: &str| message.headers.get(name).map_or("-", String::as_str);
+        tracing::error!(
+            error,
+            delivery_id = header(job::H_DELIVERY),
+            event_id = header(job::H_EVENT),
+            tenant_id = header(job::H_TENANT),
+            subscription_id = header(job::H_SUBSCRIPTION),
+            attempt = header(job::H_ATTEMPT),
+            redelivered = message.redelivered,
+            "undecodable message moved to the dead-letter queue"
+        );
+        metrics::dead_lettered("undecodable");
+        settled("dead-letter", message.dead_letter().await);
     }
 
     async fn deliver(&self, mut job: DeliveryJob, message: ReceivedMessage) {

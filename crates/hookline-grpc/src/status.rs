@@ -11,6 +11,13 @@ pub fn from_store(e: StoreError) -> Status {
             Status::not_found(format!("{entity} {id} not found"))
         }
         StoreError::Conflict(msg) => Status::already_exists(msg),
+        other if other.is_out_of_space() => {
+            tracing::error!(error = %other, "the database is out of space");
+            Status::unavailable(
+                "the database is out of disk space: nothing was stored; earlier events are safe; \
+                 try again once the operator has freed space",
+            )
+        }
         other => {
             tracing::error!(error = %other, "database error");
             Status::unavailable("the database is unavailable; try again shortly")

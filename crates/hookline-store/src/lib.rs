@@ -28,3 +28,21 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
+
+impl StoreError {
+    /// True when the database could not write because its disk (or, for SQLite, its
+    /// size limit) is full: SQLite's `SQLITE_FULL`, PostgreSQL's `53100 disk_full`.
+    /// Writes fail until space is freed; nothing committed before is affected.
+    pub fn is_out_of_space(&self) -> bool {
+        let StoreError::Database(e) = self else {
+            return false;
+        };
+        match e.as_database_error() {
+            Some(db) => {
+                matches!(db.code().as_deref(), Some("13" | "53100"))
+                    || db.message().contains("disk is full")
+            }
+            None => false,
+        }
+    }
+}

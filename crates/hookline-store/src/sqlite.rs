@@ -86,7 +86,7 @@ use sqlx::sqlite::{
     SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::types::Json;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Connection, Row, Sqlite, Transaction};
 
 use crate::StoreError;
 use crate::port::{NewApiKey, NewSubscription, Page, PageRequest, RegistryStore, StoreHealth};
@@ -139,6 +139,28 @@ pub struct SqliteStore {
     clock: Arc<Clock>,
 }
 
+/// Pool settings of both pools: a connection still inside a transaction is never handed
+/// out again.
+///
+/// When a write fails with `SQLITE_FULL` (disk full) or `SQLITE_IOERR`, SQLite may roll
+/// the whole transaction back by itself; sqlx's `ROLLBACK` on drop then fails ("no
+/// transaction is active") and its connection keeps counting one open transaction, so
+/// every later `BEGIN IMMEDIATE` on it failed with "attempted to call begin_with at
+/// non-zero transaction depth" and the store never wrote again, even once space returned.
+/// Such a connection is closed here and a fresh one opened.
+fn pool_options() -> SqlitePoolOptions {
+    SqlitePoolOptions::new().before_acquire(|conn, _meta| {
+        Box::pin(async move {
+            if conn.is_in_transaction() {
+                // The rollback of a dropped transaction may still be queued on the
+                // connection's worker: let it run, then look again.
+                conn.ping().await?;
+            }
+            Ok(!conn.is_in_transaction())
+        })
+    })
+}
+
 impl SqliteStore {
     /// Opens the database file at `path` with [`Durability::Process`], creating the file and
     /// its missing parent directories (a bare file name is relative to the working
@@ -166,12 +188,12 @@ impl SqliteStore {
             // it is truncated to this size.
             .pragma("journal_size_limit", (64 * 1024 * 1024).to_string());
         // The writer connects first: switching a new file to WAL needs the only connection.
-        let writer = SqlitePoolOptions::new()
+        let writer = pool_options()
             .max_connections(1)
             .acquire_timeout(WRITE_ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
             .await?;
-        let reader = SqlitePoolOptions::new()
+        let reader = pool_options()
             .max_connections(READ_CONNECTIONS)
             .acquire_timeout(READ_ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);

@@ -2,6 +2,7 @@
 //! `/readyz` (its database and broker answer), `/metrics` (Prometheus text).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -35,16 +36,29 @@ pub async fn serve(
         .await
 }
 
+/// How long `/readyz` waits for each dependency. A database that is down makes a pool
+/// wait for its acquire timeout (10 s); a probe (Kubernetes' default timeout is 1 s) must
+/// get a quick "not ready" instead of no answer.
+const READY_CHECK_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Runs one readiness check within [`READY_CHECK_TIMEOUT`].
+async fn check<E: std::fmt::Display>(
+    probe: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(READY_CHECK_TIMEOUT, probe).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {READY_CHECK_TIMEOUT:?}")),
+    }
+}
+
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
-    let db = state.store.ping().await;
-    let broker = state.broker.ping().await;
+    let (db, broker) = tokio::join!(check(state.store.ping()), check(state.broker.ping()));
     let line = |name: &str, r: Result<(), String>| match r {
         Ok(()) => format!("{name}: ok\n"),
         Err(e) => format!("{name}: {e}\n"),
     };
     let ok = db.is_ok() && broker.is_ok();
-    let body = line("database", db.map_err(|e| e.to_string()))
-        + &line("broker", broker.map_err(|e| e.to_string()));
+    let body = line("database", db) + &line("broker", broker);
     let code = if ok {
         StatusCode::OK
     } else {

@@ -85,4 +85,12 @@ pub fn describe_all() {
         "hookline_subscriptions",
         "Subscriptions by state (enabled, disabled)."
     );
+    describe_counter!(
+        "hookline_messages_dead_lettered_total",
+        "Messages sent to the dead-letter queue, by reason (e.g. undecodable)."
+    );
+    describe_gauge!(
+        "hookline_dead_letter_depth",
+        "Messages waiting in the dead-letter queue; alert when above 0."
+    );
 }

@@ -449,7 +449,8 @@ fn spawn_cache_invalidation(
 /// How often the gauges of queue depth, retry backlog and subscription states are read.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Keeps the gauges that need a query fresh: queue depths, the retry backlog and the
+/// Keeps the gauges that need a query fresh: queue depths (dead-letter queue included),
+/// the retry backlog and the
 /// age of its oldest due entry, the outbox, and subscriptions by state.
 async fn report_gauges(
     store: Arc<dyn hookline_store::port::StoreHealth>,
@@ -463,6 +464,9 @@ async fn report_gauges(
                 metrics::gauge!("hookline_queue_depth", "queue" => queue.as_str())
                     .set(depth as f64);
             }
+        }
+        if let Ok(depth) = broker.dead_letter_depth().await {
+            metrics::gauge!("hookline_dead_letter_depth").set(depth as f64);
         }
         match store.stats().await {
             Ok(stats) => {

@@ -19,7 +19,6 @@ use hookline_retry::{DeliveryApi, Scheduler, SchedulerConfig};
 use hookline_store::port::{NewApiKey, RegistryStore};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin_http::{self, AdminState};
@@ -169,7 +168,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let registry_store = store.registry();
     let event_store = store.events();
     let delivery_store = store.deliveries();
-    let authenticator = Authenticator::new(registry_store.clone());
+    let authenticator = Authenticator::with_limits(registry_store.clone(), config.key_limits());
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     tasks.push(spawn_cache_invalidation(
         broker.clone(),
@@ -178,7 +177,10 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     ));
 
     let (health_reporter, health_service) = standard::health();
-    let mut router = tonic::transport::Server::builder()
+    let conn_limits = config.conn_limits();
+    let mut router = conn_limits
+        .apply(tonic::transport::Server::builder())
+        .layer(hookline_grpc::conn::CompletionLayer)
         .add_service(health_service)
         .add_service(standard::reflection_v1()?)
         .add_service(standard::reflection_v1alpha()?);
@@ -201,6 +203,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         let api = IngestApi::new(
             IngestConfig {
                 max_payload_bytes: config.max_payload_bytes,
+                max_batch_bytes: config.publish_batch_max_bytes,
                 ..IngestConfig::default()
             },
             event_store.clone(),
@@ -304,7 +307,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         shutdown.clone(),
     ));
     let grpc = router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(grpc_listener),
+        conn_limits.incoming(grpc_listener),
         shutdown.clone().cancelled_owned(),
     );
     let grpc_result = grpc.await;

@@ -29,15 +29,20 @@ fn addr(server: &Server) -> String {
     server.grpc.trim_start_matches("http://").to_string()
 }
 
-/// Resident memory of a process, from /proc.
-fn rss_bytes(pid: u32) -> usize {
+/// A line of /proc/<pid>/status in bytes: `VmRSS` (resident now) or `VmHWM` (peak).
+fn proc_status_bytes(pid: u32, field: &str) -> usize {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
     let kib: usize = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line");
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
     kib * 1024
+}
+
+/// Resets the peak (`VmHWM`) to the current resident size.
+fn reset_peak(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the peak RSS");
 }
 
 /// An HTTP/2 connection speaking raw gRPC frames.
@@ -139,7 +144,8 @@ async fn a_300_mib_call_without_a_key_is_refused_unread() {
     // Warm up: one refused call, so first-use allocations are in the baseline.
     let (code, _) = raw_call(&addr, "/hookline.v1.IngestService/PublishBatch", "x", b"").await;
     assert_eq!(code, "16");
-    let before = rss_bytes(pid);
+    reset_peak(pid);
+    let before = proc_status_bytes(pid, "VmRSS");
 
     let mut client = h2_connect(&addr).await;
     let (response, mut stream) = client
@@ -173,9 +179,7 @@ async fn a_300_mib_call_without_a_key_is_refused_unread() {
         sent
     });
     let (code, message) = grpc_outcome(response).await;
-    assert_eq!(code, "16", "UNAUTHENTICATED expected, got {message}");
-    assert!(message.contains("authorization"), "{message}");
-    let grown = rss_bytes(pid).saturating_sub(before);
+    let grown = proc_status_bytes(pid, "VmHWM").saturating_sub(before);
     let mut sender = sender;
     let sent = match tokio::time::timeout(PATIENCE, &mut sender).await {
         Ok(sent) => sent.unwrap_or_default(),
@@ -184,11 +188,13 @@ async fn a_300_mib_call_without_a_key_is_refused_unread() {
             0
         }
     };
-    eprintln!("RSS grew by {grown} bytes; the client got {sent} bytes of 300 MiB out");
+    eprintln!("peak RSS grew by {grown} bytes; the client got {sent} bytes of 300 MiB out");
     assert!(
         grown < 20 * MIB,
-        "the server grew by {grown} bytes refusing an unauthenticated 300 MiB call"
+        "the server's peak RSS grew by {grown} bytes refusing an unauthenticated 300 MiB call"
     );
+    assert_eq!(code, "16", "UNAUTHENTICATED expected, got {message}");
+    assert!(message.contains("authorization"), "{message}");
     server.terminate().await;
     env.finish().await;
 }

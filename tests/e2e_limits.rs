@@ -135,27 +135,20 @@ async fn closed_by_server(tcp: &mut TcpStream) -> bool {
     .is_ok()
 }
 
-#[tokio::test]
-async fn a_300_mib_call_without_a_key_is_refused_unread() {
-    let env = Env::with(Backend::Embedded).await;
-    let server = env.serve("all").await;
-    let pid = server.child.id().expect("pid");
-    let addr = addr(&server);
-    // Warm up: one refused call, so first-use allocations are in the baseline.
-    let (code, _) = raw_call(&addr, "/hookline.v1.IngestService/PublishBatch", "x", b"").await;
-    assert_eq!(code, "16");
+/// Sends a `PublishBatch` of 300 MiB (flow control permitting) and returns its status,
+/// message, and how far the server's peak RSS rose above its RSS before the call.
+async fn publish_300_mib(addr: &str, pid: u32, token: Option<&str>) -> (String, String, usize) {
     reset_peak(pid);
     let before = proc_status_bytes(pid, "VmRSS");
-
-    let mut client = h2_connect(&addr).await;
+    let mut client = h2_connect(addr).await;
     let (response, mut stream) = client
         .send_request(
-            grpc_request(&addr, "/hookline.v1.IngestService/PublishBatch", None),
+            grpc_request(addr, "/hookline.v1.IngestService/PublishBatch", token),
             false,
         )
         .expect("send");
     let total = 300 * MIB;
-    let sender = tokio::spawn(async move {
+    let mut sender = tokio::spawn(async move {
         let mut prefix = vec![0u8];
         prefix.extend_from_slice(&(total as u32).to_be_bytes());
         if stream.send_data(prefix.into(), false).is_err() {
@@ -180,7 +173,6 @@ async fn a_300_mib_call_without_a_key_is_refused_unread() {
     });
     let (code, message) = grpc_outcome(response).await;
     let grown = proc_status_bytes(pid, "VmHWM").saturating_sub(before);
-    let mut sender = sender;
     let sent = match tokio::time::timeout(PATIENCE, &mut sender).await {
         Ok(sent) => sent.unwrap_or_default(),
         Err(_) => {
@@ -189,12 +181,40 @@ async fn a_300_mib_call_without_a_key_is_refused_unread() {
         }
     };
     eprintln!("peak RSS grew by {grown} bytes; the client got {sent} bytes of 300 MiB out");
+    (code, message, grown)
+}
+
+#[tokio::test]
+async fn a_300_mib_call_is_refused_unread() {
+    let env = Env::with(Backend::Embedded).await;
+    let admin = env.admin_key().await;
+    let server = env.serve("all").await;
+    let pid = server.child.id().expect("pid");
+    let addr = addr(&server);
+    // Warm up: one refused call, so first-use allocations are in the baseline.
+    let (code, _) = raw_call(&addr, "/hookline.v1.IngestService/PublishBatch", "x", b"").await;
+    assert_eq!(code, "16");
+
+    let (code, message, grown) = publish_300_mib(&addr, pid, None).await;
     assert!(
         grown < 20 * MIB,
-        "the server's peak RSS grew by {grown} bytes refusing an unauthenticated 300 MiB call"
+        "the server's peak RSS grew by {grown} bytes refusing a 300 MiB call without a key"
     );
     assert_eq!(code, "16", "UNAUTHENTICATED expected, got {message}");
     assert!(message.contains("authorization"), "{message}");
+
+    // With a key, the length prefix is over PublishBatch's limit: refused unread too.
+    let (code, message, grown) = publish_300_mib(&addr, pid, Some(&admin)).await;
+    assert!(
+        grown < 20 * MIB,
+        "the server's peak RSS grew by {grown} bytes refusing a 300 MiB call with a key"
+    );
+    assert_eq!(code, "3", "INVALID_ARGUMENT expected, got {message}");
+    assert_eq!(
+        message,
+        "the PublishBatch request message is 314,572,800 bytes; the limit is 16,777,216 bytes \
+         (setting publish_batch_max_bytes)"
+    );
     server.terminate().await;
     env.finish().await;
 }

@@ -147,6 +147,7 @@ impl LimitedConn {
             return Ok(());
         }
         if deadline.as_mut().poll(cx).is_ready() {
+            metrics::counter!("hookline_grpc_connections_timed_out_total").increment(1);
             tracing::debug!(peer = ?self.info.remote_addr, "connection closed: no complete request before the deadline (setting grpc_first_request_timeout_ms)");
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,

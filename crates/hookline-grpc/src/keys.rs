@@ -171,3 +171,68 @@ struct Guarded<T> {
     principal: Principal,
     _permit: StreamPermit,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hookline_core::IdKind;
+
+    fn tenant_key() -> Principal {
+        Principal::Tenant {
+            key_id: Id::new(IdKind::ApiKey),
+            tenant_id: Id::new(IdKind::Tenant),
+        }
+    }
+
+    #[test]
+    fn the_rate_is_per_key_and_says_how_long_to_wait() {
+        let limits = KeyLimits::new(KeyLimitsConfig {
+            requests_per_second: 3,
+            max_watch_streams: 1,
+        });
+        let (a, b) = (tenant_key(), tenant_key());
+        for _ in 0..3 {
+            limits.check_rate(&a).expect("within the burst");
+        }
+        let refused = limits.check_rate(&a).expect_err("over the rate");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        let wait = refused
+            .get_details_retry_info()
+            .and_then(|r| r.retry_delay)
+            .expect("RetryInfo with a delay");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        limits.check_rate(&b).expect("another key has its own rate");
+    }
+
+    #[test]
+    fn no_rate_when_zero() {
+        let limits = KeyLimits::new(KeyLimitsConfig {
+            requests_per_second: 0,
+            max_watch_streams: 1,
+        });
+        let key = tenant_key();
+        for _ in 0..10_000 {
+            limits.check_rate(&key).expect("no limit");
+        }
+    }
+
+    #[test]
+    fn stream_slots_are_per_key_and_freed_on_drop() {
+        let limits = KeyLimits::new(KeyLimitsConfig {
+            requests_per_second: 0,
+            max_watch_streams: 2,
+        });
+        let (a, b) = (tenant_key(), tenant_key());
+        let first = limits.open_stream(&a).unwrap();
+        let _second = limits.open_stream(&a).unwrap();
+        let refused = limits.open_stream(&a).err().expect("third refused");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        let _other = limits
+            .open_stream(&b)
+            .expect("another key has its own slots");
+        drop(first);
+        limits
+            .open_stream(&a)
+            .expect("a dropped stream frees its slot");
+    }
+}

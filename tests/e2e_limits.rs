@@ -599,6 +599,46 @@ async fn streams_end_when_their_key_is_revoked_or_tenant_deleted(backend: Backen
     env.finish().await;
 }
 
+/// The registry and the delivery API in separate processes: the revocation reaches the
+/// stream through the change stream (RabbitMQ), not through a shared cache.
+#[tokio::test]
+async fn a_stream_ends_when_its_key_is_revoked_in_another_process() {
+    let env = Env::with(Backend::Distributed).await;
+    let admin = env.admin_key().await;
+    let registry_server = env.serve("registry").await;
+    let delivery_server = env.serve("retry").await;
+    let mut registry = RegistryServiceClient::connect(registry_server.grpc.clone())
+        .await
+        .unwrap();
+    let mut deliveries = DeliveryServiceClient::connect(delivery_server.grpc.clone())
+        .await
+        .unwrap();
+    let (tenant, key_id, token) = tenant_with_key(&mut registry, &admin).await;
+    let mut stream = deliveries
+        .watch_deliveries(watch(&tenant, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    registry
+        .revoke_api_key(authed(
+            pb::RevokeApiKeyRequest { api_key_id: key_id },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let ended = next_of(&mut stream).await.unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    // And the revoked key is refused there from now on.
+    let refused = deliveries
+        .watch_deliveries(watch(&tenant, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    registry_server.terminate().await;
+    delivery_server.terminate().await;
+    env.finish().await;
+}
+
 on_both_backends!(
     open_streams_per_key_are_capped,
     streams_end_when_their_key_is_revoked_or_tenant_deleted,

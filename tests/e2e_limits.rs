@@ -7,7 +7,7 @@
 #[macro_use]
 mod support;
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -552,49 +552,79 @@ async fn open_streams_per_key_are_capped(backend: Backend) {
     env.finish().await;
 }
 
+/// The clients of one test: the registry and the delivery API (maybe on two processes).
+struct Clients {
+    admin: String,
+    registry: RegistryServiceClient<tonic::transport::Channel>,
+    deliveries: DeliveryServiceClient<tonic::transport::Channel>,
+}
+
+impl Clients {
+    async fn connect(admin: String, registry: &Server, deliveries: &Server) -> Self {
+        Self {
+            admin,
+            registry: RegistryServiceClient::connect(registry.grpc.clone())
+                .await
+                .unwrap(),
+            deliveries: DeliveryServiceClient::connect(deliveries.grpc.clone())
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// Opens a watch with a new tenant key, does `end` with the tenant and key ids, and
+    /// returns how the watch ended.
+    async fn watch_until<F, Fut>(&mut self, end: F) -> tonic::Status
+    where
+        F: FnOnce(RegistryServiceClient<tonic::transport::Channel>, String, String, String) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let (tenant, key_id, token) = tenant_with_key(&mut self.registry, &self.admin).await;
+        let mut stream = self
+            .deliveries
+            .watch_deliveries(watch(&tenant, &token))
+            .await
+            .unwrap()
+            .into_inner();
+        end(self.registry.clone(), self.admin.clone(), tenant, key_id).await;
+        let ended = next_of(&mut stream).await.unwrap_err();
+        assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+        ended
+    }
+}
+
+async fn revoke(
+    mut registry: RegistryServiceClient<tonic::transport::Channel>,
+    admin: String,
+    _tenant: String,
+    api_key_id: String,
+) {
+    registry
+        .revoke_api_key(authed(pb::RevokeApiKeyRequest { api_key_id }, &admin))
+        .await
+        .unwrap();
+}
+
+async fn delete_tenant(
+    mut registry: RegistryServiceClient<tonic::transport::Channel>,
+    admin: String,
+    tenant_id: String,
+    _key: String,
+) {
+    registry
+        .delete_tenant(authed(pb::DeleteTenantRequest { tenant_id }, &admin))
+        .await
+        .unwrap();
+}
+
 async fn streams_end_when_their_key_is_revoked_or_tenant_deleted(backend: Backend) {
     let env = Env::with(backend).await;
     let admin = env.admin_key().await;
     let server = env.serve("all").await;
-    let mut registry = RegistryServiceClient::connect(server.grpc.clone())
-        .await
-        .unwrap();
-    let mut deliveries = DeliveryServiceClient::connect(server.grpc.clone())
-        .await
-        .unwrap();
-
-    let (tenant, key_id, token) = tenant_with_key(&mut registry, &admin).await;
-    let mut stream = deliveries
-        .watch_deliveries(watch(&tenant, &token))
-        .await
-        .unwrap()
-        .into_inner();
-    registry
-        .revoke_api_key(authed(
-            pb::RevokeApiKeyRequest { api_key_id: key_id },
-            &admin,
-        ))
-        .await
-        .unwrap();
-    let ended = next_of(&mut stream).await.unwrap_err();
-    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    let mut clients = Clients::connect(admin, &server, &server).await;
+    let ended = clients.watch_until(revoke).await;
     assert!(ended.message().contains("revoked"), "{}", ended.message());
-
-    let (tenant, _, token) = tenant_with_key(&mut registry, &admin).await;
-    let mut stream = deliveries
-        .watch_deliveries(watch(&tenant, &token))
-        .await
-        .unwrap()
-        .into_inner();
-    registry
-        .delete_tenant(authed(
-            pb::DeleteTenantRequest { tenant_id: tenant },
-            &admin,
-        ))
-        .await
-        .unwrap();
-    let ended = next_of(&mut stream).await.unwrap_err();
-    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    clients.watch_until(delete_tenant).await;
     server.terminate().await;
     env.finish().await;
 }
@@ -607,33 +637,9 @@ async fn a_stream_ends_when_its_key_is_revoked_in_another_process() {
     let admin = env.admin_key().await;
     let registry_server = env.serve("registry").await;
     let delivery_server = env.serve("retry").await;
-    let mut registry = RegistryServiceClient::connect(registry_server.grpc.clone())
-        .await
-        .unwrap();
-    let mut deliveries = DeliveryServiceClient::connect(delivery_server.grpc.clone())
-        .await
-        .unwrap();
-    let (tenant, key_id, token) = tenant_with_key(&mut registry, &admin).await;
-    let mut stream = deliveries
-        .watch_deliveries(watch(&tenant, &token))
-        .await
-        .unwrap()
-        .into_inner();
-    registry
-        .revoke_api_key(authed(
-            pb::RevokeApiKeyRequest { api_key_id: key_id },
-            &admin,
-        ))
-        .await
-        .unwrap();
-    let ended = next_of(&mut stream).await.unwrap_err();
-    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
-    // And the revoked key is refused there from now on.
-    let refused = deliveries
-        .watch_deliveries(watch(&tenant, &token))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let mut clients = Clients::connect(admin, &registry_server, &delivery_server).await;
+    clients.watch_until(revoke).await;
+    clients.watch_until(delete_tenant).await;
     registry_server.terminate().await;
     delivery_server.terminate().await;
     env.finish().await;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use hookline_core::fmt::thousands;
 use http_body::{Body, Frame, SizeHint};
 use tonic::Status;
 
@@ -20,19 +21,6 @@ pub struct MessageLimit {
     pub max_bytes: usize,
     /// The setting that raises it, if any.
     pub setting: Option<&'static str>,
-}
-
-/// 1,048,576 → "1,048,576".
-pub fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The 5-byte gRPC message prefix: a compression flag and a big-endian length.
@@ -109,8 +97,8 @@ fn too_large(limit: MessageLimit, len: usize) -> Status {
     Status::invalid_argument(format!(
         "the {} request message is {} bytes; the limit is {} bytes{raise}",
         limit.method,
-        thousands(len),
-        thousands(limit.max_bytes)
+        thousands(len as u64),
+        thousands(limit.max_bytes as u64)
     ))
 }
 
@@ -189,13 +177,5 @@ mod tests {
                 "the Publish request message is 11 bytes; the limit is 10 bytes"
             );
         }
-    }
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1_048_577), "1,048,577");
-        assert_eq!(thousands(16_777_216), "16,777,216");
     }
 }

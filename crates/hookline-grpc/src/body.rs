@@ -17,7 +17,8 @@ use crate::conn::ConnState;
 /// How many bytes one request message of a method may have, and what says so.
 #[derive(Debug, Clone, Copy)]
 pub struct MessageLimit {
-    pub method: &'static str,
+    /// `None` for the methods under the default limit.
+    pub method: Option<&'static str>,
     pub max_bytes: usize,
     /// The setting that raises it, if any.
     pub setting: Option<&'static str>,
@@ -90,13 +91,16 @@ impl<B> CheckedBody<B> {
 }
 
 fn too_large(limit: MessageLimit, len: usize) -> Status {
+    let what = limit
+        .method
+        .map(|m| format!("the {m} request message"))
+        .unwrap_or_else(|| "the request message".into());
     let raise = limit
         .setting
         .map(|s| format!(" (setting {s})"))
         .unwrap_or_default();
     Status::invalid_argument(format!(
-        "the {} request message is {} bytes; the limit is {} bytes{raise}",
-        limit.method,
+        "{what} is {} bytes; the limit is {} bytes{raise}",
         thousands(len as u64),
         thousands(limit.max_bytes as u64)
     ))
@@ -159,7 +163,7 @@ mod tests {
     #[test]
     fn follows_messages_split_anywhere() {
         let limit = MessageLimit {
-            method: "Publish",
+            method: Some("Publish"),
             max_bytes: 10,
             setting: None,
         };

@@ -34,7 +34,7 @@ impl MessageLimits {
         self.by_method.insert(
             method,
             MessageLimit {
-                method,
+                method: Some(method),
                 max_bytes,
                 setting: Some(setting),
             },
@@ -53,7 +53,7 @@ impl MessageLimits {
     fn for_path(&self, path: &str) -> MessageLimit {
         let method = path.rsplit('/').next().unwrap_or_default();
         self.by_method.get(method).copied().unwrap_or(MessageLimit {
-            method: "this",
+            method: None,
             max_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             setting: None,
         })

@@ -414,6 +414,52 @@ async fn connections_over_the_cap_are_refused_and_streams_per_connection_capped(
 }
 
 #[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_disconnected() {
+    let env = Env::with(Backend::Embedded).await;
+    let server = env
+        .serve_with(
+            "all",
+            &[
+                ("HOOKLINE_GRPC_KEEPALIVE_INTERVAL_MS", "200"),
+                ("HOOKLINE_GRPC_KEEPALIVE_TIMEOUT_MS", "200"),
+            ],
+        )
+        .await;
+    let addr = addr(&server);
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let (client, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    // One complete call (which lifts the first-request deadline), driving the connection.
+    // A clone makes the call; `client` stays, or dropping it would close the connection.
+    let call = async {
+        let mut client = client.clone().ready().await.unwrap();
+        let (response, mut body) = client
+            .send_request(
+                grpc_request(&addr, "/grpc.health.v1.Health/Check", None),
+                false,
+            )
+            .unwrap();
+        // An empty HealthCheckRequest: a zero-length message.
+        body.send_data(Bytes::from_static(&[0; 5]), true).unwrap();
+        grpc_outcome(response).await
+    };
+    tokio::select! {
+        (code, message) = call => assert_eq!(code, "0", "{message}"),
+        ended = &mut connection => panic!("connection ended during the call: {ended:?}"),
+    }
+    // Now the client stops reading, so the server's pings go unanswered...
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // ...and once it reads again it finds the connection closed.
+    let ended = tokio::time::timeout(PATIENCE, connection).await;
+    assert!(
+        ended.is_ok(),
+        "the server kept a silent peer's connection open"
+    );
+    drop(client);
+    server.terminate().await;
+    env.finish().await;
+}
+
+#[tokio::test]
 async fn each_key_has_a_request_rate() {
     let env = Env::with(Backend::Embedded).await;
     let admin = env.admin_key().await;

@@ -131,6 +131,19 @@ pub fn generate_token() -> NewToken {
     }
 }
 
+/// Base64url characters after the prefix: 32 random bytes, unpadded.
+const TOKEN_BODY_LEN: usize = 43;
+
+/// Whether `token` has the shape of a token [`generate_token`] makes.
+fn is_token_shaped(token: &str) -> bool {
+    token.strip_prefix(TOKEN_PREFIX).is_some_and(|body| {
+        body.len() == TOKEN_BODY_LEN
+            && body
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
+}
+
 pub fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -202,6 +215,12 @@ impl Authenticator {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Status::unauthenticated("`authorization` must be `Bearer <api key>`"))?;
+        // What no key can be costs no database lookup.
+        if !is_token_shaped(token) {
+            return Err(Status::unauthenticated(format!(
+                "not a Hookline API key: a key is `{TOKEN_PREFIX}` followed by {TOKEN_BODY_LEN} base64url characters"
+            )));
+        }
         let hash = hash_token(token);
         if let Some(p) = self.cached(&hash) {
             return Ok(p);
@@ -278,6 +297,13 @@ mod tests {
         assert_ne!(a.token, b.token);
         assert!(a.token.starts_with("hl_"));
         assert_eq!(a.token.len(), 3 + 43);
+        assert!(is_token_shaped(&a.token));
+        assert!(!is_token_shaped("hl_short"));
+        assert!(!is_token_shaped(&a.token.replace("hl_", "xx_")));
+        assert!(!is_token_shaped(&format!(
+            "{}=",
+            &a.token[..a.token.len() - 1]
+        )));
         assert_eq!(hash_token(&a.token), a.hash);
         assert!(a.token.starts_with(&a.prefix));
     }

@@ -240,10 +240,17 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> S::Future {
-        let state = req
+        let mut state = req
             .extensions()
             .get::<ConnInfo>()
             .map(|info| info.state.clone());
+        if let Some(conn) = &state
+            && http_body::Body::is_end_stream(req.body())
+        {
+            // Headers that end the stream: a complete request with no body to read.
+            conn.request_completed();
+            state = None;
+        }
         self.inner
             .call(req.map(|body| Body::new(CheckedBody::new(body, None, state))))
     }

@@ -99,10 +99,14 @@ impl IngestApi {
                 self.config.max_batch_bytes,
                 "publish_batch_max_bytes",
             );
+        // Answers (a page of events) may be as large as before: up to a full page of
+        // the largest payloads.
+        let answer_limit =
+            self.config.max_payload_bytes * self.config.max_batch.max(1) + 1024 * 1024;
         let auth = self.auth.clone();
         let server = pb::ingest_service_server::IngestServiceServer::new(self)
             .max_decoding_message_size(limits.largest())
-            .max_encoding_message_size(limits.largest());
+            .max_encoding_message_size(answer_limit);
         Gate::new(server, auth, limits)
     }
 

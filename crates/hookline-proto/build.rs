@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .btree_map(".")
+        // Malformed messages are INVALID_ARGUMENT, not INTERNAL (see src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .file_descriptor_set_path(out.join("hookline_descriptor.bin"))
         .compile_protos(&files, &[root.clone(), well_known])?;
     println!("cargo:rerun-if-changed={}", root.display());

@@ -4,6 +4,7 @@
 //! Every other crate builds on these definitions so that a rule lives in exactly one place.
 
 pub mod filter;
+pub mod fmt;
 pub mod id;
 pub mod job;
 pub mod model;

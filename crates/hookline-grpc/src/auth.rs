@@ -4,6 +4,11 @@
 //! send `authorization: Bearer <token>`. Lookups are cached for a short time so the hot
 //! path (ingest) does not read the database per call; a revocation announced on the
 //! change exchange clears the cache at once.
+//!
+//! The [`crate::gate`] authenticates every call from its metadata before the body is read
+//! and puts the [`Principal`] into the request's extensions; handlers take it from there
+//! with [`principal`]. Every invalidation also bumps a generation that open streams watch
+//! (see [`crate::keys`]), so a stream ends when its key is revoked or its tenant deleted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,8 +21,11 @@ use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use tonic::Status;
+use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
+use tonic::{Request, Status};
+
+use crate::keys::{KeyLimits, KeyLimitsConfig};
 
 const TOKEN_PREFIX: &str = "hl_";
 /// Characters of a token kept in clear to tell keys apart.
@@ -123,6 +131,19 @@ pub fn generate_token() -> NewToken {
     }
 }
 
+/// Base64url characters after the prefix: 32 random bytes, unpadded.
+const TOKEN_BODY_LEN: usize = 43;
+
+/// Whether `token` has the shape of a token [`generate_token`] makes.
+fn is_token_shaped(token: &str) -> bool {
+    token.strip_prefix(TOKEN_PREFIX).is_some_and(|body| {
+        body.len() == TOKEN_BODY_LEN
+            && body
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
+}
+
 pub fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -130,25 +151,57 @@ pub fn hash_token(token: &str) -> [u8; 32] {
 /// Token hash → who it is and when that was looked up.
 type KeyCache = HashMap<[u8; 32], (Principal, Instant)>;
 
-/// Checks bearer tokens against the store, with a short-lived cache.
+/// The caller of a request that passed the [`crate::gate`], which put it into the
+/// request's extensions; `UNAUTHENTICATED` if the service was mounted without the gate.
+pub fn principal<T>(req: &Request<T>) -> Result<Principal, Status> {
+    req.extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("this call was not authenticated"))
+}
+
+/// Checks bearer tokens against the store, with a short-lived cache, and holds the
+/// per-key limits (request rate, open streams).
 #[derive(Clone)]
 pub struct Authenticator {
     store: Arc<dyn RegistryStore>,
     cache: Arc<Mutex<KeyCache>>,
+    /// Bumped on every invalidation; open streams re-check their key when it moves.
+    generation: Arc<watch::Sender<u64>>,
+    limits: Arc<KeyLimits>,
 }
 
 impl Authenticator {
     pub fn new(store: Arc<dyn RegistryStore>) -> Self {
+        Self::with_limits(store, KeyLimitsConfig::default())
+    }
+
+    pub fn with_limits(store: Arc<dyn RegistryStore>, limits: KeyLimitsConfig) -> Self {
         Self {
             store,
             cache: Arc::default(),
+            generation: Arc::new(watch::Sender::new(0)),
+            limits: Arc::new(KeyLimits::new(limits)),
         }
+    }
+
+    /// The per-key limits.
+    pub fn limits(&self) -> &KeyLimits {
+        &self.limits
     }
 
     /// The caller of a request, or `UNAUTHENTICATED` saying what is missing or wrong.
     pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
-        let header = metadata
-            .get("authorization")
+        self.authenticate_header(metadata.as_ref().get("authorization"))
+            .await
+    }
+
+    /// As [`Self::authenticate`], from the raw `authorization` header.
+    pub async fn authenticate_header(
+        &self,
+        header: Option<&http::HeaderValue>,
+    ) -> Result<Principal, Status> {
+        let header = header
             .ok_or_else(|| {
                 Status::unauthenticated(
                     "missing `authorization` metadata; send `authorization: Bearer <api key>`",
@@ -162,6 +215,12 @@ impl Authenticator {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Status::unauthenticated("`authorization` must be `Bearer <api key>`"))?;
+        // What no key can be costs no database lookup.
+        if !is_token_shaped(token) {
+            return Err(Status::unauthenticated(format!(
+                "not a Hookline API key: a key is `{TOKEN_PREFIX}` followed by {TOKEN_BODY_LEN} base64url characters"
+            )));
+        }
         let hash = hash_token(token);
         if let Some(p) = self.cached(&hash) {
             return Ok(p);
@@ -184,10 +243,30 @@ impl Authenticator {
         Ok(principal)
     }
 
-    /// Drops every cached lookup (a key was revoked, or changes may have been missed).
+    /// Drops every cached lookup (a key was revoked, or changes may have been missed),
+    /// and tells open streams to check their key again.
     pub fn invalidate(&self) {
         if let Ok(mut cache) = self.cache.lock() {
             cache.clear();
+        }
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Changes whenever [`Self::invalidate`] runs.
+    pub fn generation(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Whether the key behind `principal` still exists, unrevoked, read from the store
+    /// (not the cache). A store error counts as valid: the next change checks again.
+    pub async fn still_valid(&self, principal: &Principal) -> bool {
+        match self.store.get_api_key(principal.key_id()).await {
+            Ok(key) => key.revoked_at.is_none(),
+            Err(StoreError::NotFound { .. }) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-check an API key; keeping its stream open");
+                true
+            }
         }
     }
 
@@ -218,6 +297,13 @@ mod tests {
         assert_ne!(a.token, b.token);
         assert!(a.token.starts_with("hl_"));
         assert_eq!(a.token.len(), 3 + 43);
+        assert!(is_token_shaped(&a.token));
+        assert!(!is_token_shaped("hl_short"));
+        assert!(!is_token_shaped(&a.token.replace("hl_", "xx_")));
+        assert!(!is_token_shaped(&format!(
+            "{}=",
+            &a.token[..a.token.len() - 1]
+        )));
         assert_eq!(hash_token(&a.token), a.hash);
         assert!(a.token.starts_with(&a.prefix));
     }

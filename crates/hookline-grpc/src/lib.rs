@@ -1,14 +1,20 @@
 //! Plumbing shared by every Hookline gRPC server, so each service holds only its own logic:
-//! API-key authentication (`auth`), mapping of domain errors to gRPC statuses (`status`),
+//! API-key authentication (`auth`) checked before a body is read (`gate`, `body`), limits
+//! per key (`keys`) and per connection (`conn`), mapping of domain errors to gRPC statuses (`status`),
 //! conversion between domain records and wire messages (`convert`), and the health and
 //! reflection services every server mounts (`standard`).
 
 pub mod auth;
+pub mod body;
+pub mod conn;
 pub mod convert;
+pub mod gate;
+pub mod keys;
 pub mod standard;
 pub mod status;
 
-pub use auth::{Authenticator, Principal};
+pub use auth::{Authenticator, Principal, principal};
+pub use gate::{Gate, MessageLimits};
 
 /// Most items a list call returns at once.
 pub const MAX_PAGE_SIZE: u32 = 1000;

@@ -13,7 +13,9 @@ use hookline_broker::{Broker, QueueName};
 use hookline_core::model::Event;
 use hookline_core::{Id, IdKind, validate};
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
-use hookline_grpc::{Authenticator, Principal, convert, page_request};
+use hookline_grpc::{
+    Authenticator, Gate, MessageLimits, Principal, convert, page_request, principal,
+};
 use hookline_outbox::{Confirmer, publish_jobs_batched};
 
 use crate::batcher::PublishBatcher;
@@ -33,6 +35,8 @@ pub struct IngestConfig {
     pub max_payload_bytes: usize,
     /// Most events in one `PublishBatch`.
     pub max_batch: usize,
+    /// Largest `PublishBatch` request message, in bytes.
+    pub max_batch_bytes: usize,
 }
 
 impl Default for IngestConfig {
@@ -40,9 +44,13 @@ impl Default for IngestConfig {
         Self {
             max_payload_bytes: 1024 * 1024,
             max_batch: 1000,
+            max_batch_bytes: 16 * 1024 * 1024,
         }
     }
 }
+
+/// Room in a `Publish` request for what is not payload (ids, type, key, channels).
+pub const PUBLISH_OVERHEAD_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct IngestApi {
@@ -76,11 +84,30 @@ impl IngestApi {
         }
     }
 
-    pub fn into_server(self) -> pb::ingest_service_server::IngestServiceServer<Self> {
-        let limit = self.config.max_payload_bytes * self.config.max_batch.max(1) + 1024 * 1024;
-        pb::ingest_service_server::IngestServiceServer::new(self)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit)
+    /// The service behind the gate, which authenticates every call before its body is
+    /// read and holds `Publish` to the payload limit plus [`PUBLISH_OVERHEAD_BYTES`] and
+    /// `PublishBatch` to `max_batch_bytes`.
+    pub fn into_server(self) -> Gate<pb::ingest_service_server::IngestServiceServer<Self>> {
+        let limits = MessageLimits::default()
+            .with(
+                "Publish",
+                self.config.max_payload_bytes + PUBLISH_OVERHEAD_BYTES,
+                "max_payload_bytes",
+            )
+            .with(
+                "PublishBatch",
+                self.config.max_batch_bytes,
+                "publish_batch_max_bytes",
+            );
+        // Answers (a page of events) may be as large as before: up to a full page of
+        // the largest payloads.
+        let answer_limit =
+            self.config.max_payload_bytes * self.config.max_batch.max(1) + 1024 * 1024;
+        let auth = self.auth.clone();
+        let server = pb::ingest_service_server::IngestServiceServer::new(self)
+            .max_decoding_message_size(limits.largest())
+            .max_encoding_message_size(answer_limit);
+        Gate::new(server, auth, limits)
     }
 
     /// Checks one publish request; `prefix` names it inside a batch (`events[3].`).
@@ -283,7 +310,7 @@ impl IngestService for IngestApi {
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let span = publish_span("Publish", 1, req.metadata());
         traced(&span, async {
-            let principal = self.auth.authenticate(req.metadata()).await?;
+            let principal = principal(&req)?;
             let mut responses = self
                 .publish_all(&principal, vec![req.into_inner()], false)
                 .await?;
@@ -302,7 +329,7 @@ impl IngestService for IngestApi {
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
         let span = publish_span("PublishBatch", req.get_ref().events.len(), req.metadata());
         traced(&span, async {
-            let principal = self.auth.authenticate(req.metadata()).await?;
+            let principal = principal(&req)?;
             let events = req.into_inner().events;
             if events.is_empty() {
                 return Err(invalid("events", "is empty; send 1 to 1000 events"));
@@ -328,7 +355,7 @@ impl IngestService for IngestApi {
         &self,
         req: Request<pb::GetEventRequest>,
     ) -> Result<Response<pb::Event>, Status> {
-        let principal = self.auth.authenticate(req.metadata()).await?;
+        let principal = principal(&req)?;
         let id = Id::parse(IdKind::Event, "event_id", &req.get_ref().event_id).map_err(from_id)?;
         let event = self.events.get_event(&id).await.map_err(from_store)?;
         principal.check_tenant(&event.tenant_id, "event", id.as_str())?;
@@ -339,7 +366,7 @@ impl IngestService for IngestApi {
         &self,
         req: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
-        let principal = self.auth.authenticate(req.metadata()).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         let tenant_id = Id::parse(IdKind::Tenant, "tenant_id", &req.tenant_id).map_err(from_id)?;
         principal.require_tenant(&tenant_id)?;

@@ -4,6 +4,8 @@
 //! contract. `FILE_DESCRIPTOR_SET` feeds gRPC server reflection so that `grpcurl` works
 //! without the `.proto` files at hand.
 
+pub mod codec;
+
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("hookline.v1");

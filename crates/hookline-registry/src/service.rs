@@ -12,7 +12,7 @@ use hookline_core::signing::{SigningKey, generate_secret};
 use hookline_core::{Id, IdKind, filter, validate};
 use hookline_grpc::auth::generate_token;
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
-use hookline_grpc::{Authenticator, Principal, convert, page_request};
+use hookline_grpc::{Authenticator, Gate, MessageLimits, Principal, convert, page_request};
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::registry_service_server::RegistryService;
 use hookline_store::StoreError;
@@ -44,12 +44,16 @@ impl RegistryApi {
         }
     }
 
-    pub fn into_server(self) -> pb::registry_service_server::RegistryServiceServer<Self> {
-        pb::registry_service_server::RegistryServiceServer::new(self)
+    /// The service behind the gate, which authenticates every call before its body is read.
+    pub fn into_server(self) -> Gate<pb::registry_service_server::RegistryServiceServer<Self>> {
+        let auth = self.auth.clone();
+        let server = pb::registry_service_server::RegistryServiceServer::new(self);
+        Gate::new(server, auth, MessageLimits::default())
     }
 
+    /// The caller, as the gate found it.
     async fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
-        self.auth.authenticate(req.metadata()).await
+        hookline_grpc::principal(req)
     }
 
     /// Tells the other services about a committed change. The change stands even if the

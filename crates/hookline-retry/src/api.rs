@@ -9,8 +9,11 @@ use chrono::Utc;
 use hookline_broker::{Broker, QueueName};
 use hookline_core::model::Delivery;
 use hookline_core::{Id, IdKind};
+use hookline_grpc::keys;
 use hookline_grpc::status::{from_id, from_store, invalid, shutting_down};
-use hookline_grpc::{Authenticator, Principal, convert, page_request};
+use hookline_grpc::{
+    Authenticator, Gate, MessageLimits, Principal, convert, page_request, principal,
+};
 use hookline_outbox::publish_jobs;
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::delivery_service_server::DeliveryService;
@@ -64,8 +67,11 @@ impl DeliveryApi {
         self
     }
 
-    pub fn into_server(self) -> pb::delivery_service_server::DeliveryServiceServer<Self> {
-        pb::delivery_service_server::DeliveryServiceServer::new(self)
+    /// The service behind the gate, which authenticates every call before its body is read.
+    pub fn into_server(self) -> Gate<pb::delivery_service_server::DeliveryServiceServer<Self>> {
+        let auth = self.auth.clone();
+        let server = pb::delivery_service_server::DeliveryServiceServer::new(self);
+        Gate::new(server, auth, MessageLimits::default())
     }
 
     /// The delivery with `id`, if the caller may see it; otherwise `NOT_FOUND`.
@@ -148,7 +154,7 @@ impl DeliveryService for DeliveryApi {
         &self,
         req: Request<pb::ListDeliveriesRequest>,
     ) -> Result<Response<pb::ListDeliveriesResponse>, Status> {
-        let principal = self.auth.authenticate(req.metadata()).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         let mut filter = self
             .filter(
@@ -177,7 +183,7 @@ impl DeliveryService for DeliveryApi {
         &self,
         req: Request<pb::GetDeliveryRequest>,
     ) -> Result<Response<pb::GetDeliveryResponse>, Status> {
-        let principal = self.auth.authenticate(req.metadata()).await?;
+        let principal = principal(&req)?;
         let delivery = self
             .visible_delivery(&principal, &req.get_ref().delivery_id)
             .await?;
@@ -202,7 +208,7 @@ impl DeliveryService for DeliveryApi {
         &self,
         req: Request<pb::ListAttemptsRequest>,
     ) -> Result<Response<pb::ListAttemptsResponse>, Status> {
-        let principal = self.auth.authenticate(req.metadata()).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         let delivery = self.visible_delivery(&principal, &req.delivery_id).await?;
         let page = page_request(req.page_size, &req.page_token)?;
@@ -221,7 +227,7 @@ impl DeliveryService for DeliveryApi {
         &self,
         req: Request<pb::RetryDeliveryRequest>,
     ) -> Result<Response<pb::Delivery>, Status> {
-        let principal = self.auth.authenticate(req.metadata()).await?;
+        let principal = principal(&req)?;
         let delivery = self
             .visible_delivery(&principal, &req.get_ref().delivery_id)
             .await?;
@@ -238,7 +244,7 @@ impl DeliveryService for DeliveryApi {
         &self,
         req: Request<pb::ReplayFailedRequest>,
     ) -> Result<Response<pb::ReplayFailedResponse>, Status> {
-        let principal = self.auth.authenticate(req.metadata()).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         let sub_id = Id::parse(
             IdKind::Subscription,
@@ -289,7 +295,8 @@ impl DeliveryService for DeliveryApi {
         &self,
         req: Request<pb::WatchDeliveriesRequest>,
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
-        let principal = self.auth.authenticate(req.metadata()).await?;
+        let principal = principal(&req)?;
+        let permit = self.auth.limits().open_stream(&principal)?;
         let req = req.into_inner();
         let filter = self
             .filter(&principal, &req.tenant_id, &req.subscription_id, "")
@@ -335,9 +342,12 @@ impl DeliveryService for DeliveryApi {
                 }
             }
         });
-        Ok(Response::new(until_shutdown(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            self.shutdown.clone(),
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(keys::guard_stream(
+            &self.auth,
+            principal,
+            permit,
+            until_shutdown(stream, self.shutdown.clone()),
         )))
     }
 }

@@ -54,6 +54,23 @@ pub struct Config {
     /// closed). Keep it under the platform's grace period (Kubernetes: 30 s). A second
     /// signal exits at once.
     pub shutdown_drain_secs: u64,
+
+    // --- Limits before authentication and per connection (docs/SECURITY.md) ---
+    /// Most gRPC connections open at once; beyond it new connections are closed at once.
+    pub grpc_max_connections: usize,
+    /// A new connection that has not sent one complete request by then is closed, in ms.
+    pub grpc_first_request_timeout_ms: u64,
+    /// Most concurrent calls (HTTP/2 streams) per connection.
+    pub grpc_max_concurrent_streams: u32,
+    /// How often an idle connection is pinged, and how long the answer may take, in ms.
+    pub grpc_keepalive_interval_ms: u64,
+    pub grpc_keepalive_timeout_ms: u64,
+    /// Largest `PublishBatch` request message, in bytes.
+    pub publish_batch_max_bytes: usize,
+    /// Requests per second one API key may make (burst: one second's worth); 0: no limit.
+    pub key_requests_per_second: u32,
+    /// `WatchDeliveries` streams one API key may hold open at once.
+    pub key_max_watch_streams: usize,
 }
 
 impl Default for Config {
@@ -76,6 +93,14 @@ impl Default for Config {
             retry_poll_interval_ms: 500,
             relay_grace_ms: 10_000,
             shutdown_drain_secs: 10,
+            grpc_max_connections: 1024,
+            grpc_first_request_timeout_ms: 10_000,
+            grpc_max_concurrent_streams: 100,
+            grpc_keepalive_interval_ms: 30_000,
+            grpc_keepalive_timeout_ms: 10_000,
+            publish_batch_max_bytes: 16 * 1024 * 1024,
+            key_requests_per_second: 5_000,
+            key_max_watch_streams: 16,
         }
     }
 }
@@ -156,7 +181,50 @@ impl Config {
             "shutdown_drain_secs is {}; allowed: 0 to {MAX_SHUTDOWN_DRAIN_SECS}",
             config.shutdown_drain_secs
         );
+        config.check_connection_limits()?;
         Ok(config)
+    }
+
+    /// The limits before authentication and per connection.
+    fn check_connection_limits(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.grpc_max_connections >= 1
+                && self.grpc_max_concurrent_streams >= 1
+                && self.key_max_watch_streams >= 1,
+            "grpc_max_connections, grpc_max_concurrent_streams and key_max_watch_streams must be at least 1"
+        );
+        anyhow::ensure!(
+            self.grpc_first_request_timeout_ms >= 1
+                && self.grpc_keepalive_interval_ms >= 1
+                && self.grpc_keepalive_timeout_ms >= 1,
+            "grpc_first_request_timeout_ms, grpc_keepalive_interval_ms and grpc_keepalive_timeout_ms must be at least 1"
+        );
+        anyhow::ensure!(
+            (1024..=256 * 1024 * 1024).contains(&self.publish_batch_max_bytes),
+            "publish_batch_max_bytes is {}; allowed: 1024 to 268435456 (256 MiB)",
+            self.publish_batch_max_bytes
+        );
+        Ok(())
+    }
+
+    /// The connection settings of the gRPC server.
+    pub fn conn_limits(&self) -> hookline_grpc::conn::ConnLimits {
+        use std::time::Duration;
+        hookline_grpc::conn::ConnLimits {
+            max_connections: self.grpc_max_connections,
+            first_request_timeout: Duration::from_millis(self.grpc_first_request_timeout_ms),
+            max_concurrent_streams: self.grpc_max_concurrent_streams,
+            keepalive_interval: Duration::from_millis(self.grpc_keepalive_interval_ms),
+            keepalive_timeout: Duration::from_millis(self.grpc_keepalive_timeout_ms),
+        }
+    }
+
+    /// The limits per API key.
+    pub fn key_limits(&self) -> hookline_grpc::keys::KeyLimitsConfig {
+        hookline_grpc::keys::KeyLimitsConfig {
+            requests_per_second: self.key_requests_per_second,
+            max_watch_streams: self.key_max_watch_streams,
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{Context, Poll, Service as TowerService};
 use tonic::server::NamedService;
-use tonic::transport::server::Router;
+use hookline_grpc::conn::LimitedRouter as Router;
 
 use crate::serve::Service;
 

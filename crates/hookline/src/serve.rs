@@ -21,9 +21,8 @@ use hookline_store::port::RegistryStore;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Router;
+use hookline_grpc::conn::LimitedRouter as Router;
 
 use crate::admin_http::{self, AdminState};
 use crate::backends::{self, AnyStore, Mode};
@@ -108,7 +107,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         config: &config,
         store: &store,
         broker: broker.clone(),
-        auth: Authenticator::new(store.registry()),
+        auth: Authenticator::with_limits(store.registry(), config.key_limits()),
         shutdown: shutdown.clone(),
     };
     let mut tasks = vec![spawn_cache_invalidation(
@@ -153,6 +152,8 @@ const STOP_MARGIN: Duration = Duration::from_secs(10);
 struct Listeners {
     grpc: TcpListener,
     admin: TcpListener,
+    /// Connection caps and deadlines applied to every accepted gRPC connection.
+    conn_limits: hookline_grpc::conn::ConnLimits,
 }
 
 impl Listeners {
@@ -172,6 +173,7 @@ impl Listeners {
                 "HOOKLINE_ADMIN_ADDR",
             )
             .await?,
+            conn_limits: config.conn_limits(),
         })
     }
 
@@ -188,7 +190,7 @@ impl Listeners {
         };
         let admin = tokio::spawn(admin_http::serve(self.admin, admin, shutdown.clone()));
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(self.grpc),
+            self.conn_limits.incoming(self.grpc),
             shutdown.clone().cancelled_owned(),
         ));
         Ok(Running {
@@ -260,7 +262,11 @@ impl Wiring<'_> {
         tasks: &mut Vec<JoinHandle<()>>,
     ) -> anyhow::Result<Router> {
         let (health, health_service) = standard::health();
-        let mut router = tonic::transport::Server::builder()
+        let mut router = self
+            .config
+            .conn_limits()
+            .apply(tonic::transport::Server::builder())
+            .layer(hookline_grpc::conn::CompletionLayer)
             .add_service(health_service)
             .add_service(standard::reflection_v1()?)
             .add_service(standard::reflection_v1alpha()?);
@@ -306,6 +312,7 @@ impl Wiring<'_> {
         let api = IngestApi::new(
             IngestConfig {
                 max_payload_bytes: self.config.max_payload_bytes,
+                max_batch_bytes: self.config.publish_batch_max_bytes,
                 ..IngestConfig::default()
             },
             self.store.events(),

@@ -1,0 +1,238 @@
+//! Limits per API key, so one key cannot crowd out the others: a request rate (GCRA via
+//! `governor`, answered `RESOURCE_EXHAUSTED` with the time to wait in a `RetryInfo`
+//! detail), a cap on open `WatchDeliveries` streams, and streams that end when their key
+//! is revoked or its tenant deleted.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hookline_core::Id;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::auth::{Authenticator, Principal};
+
+/// The per-key limits; see the `key_*` settings.
+#[derive(Debug, Clone)]
+pub struct KeyLimitsConfig {
+    /// Requests per second one key may make (its burst is one second's worth); 0: no limit.
+    pub requests_per_second: u32,
+    /// `WatchDeliveries` streams one key may hold open at once.
+    pub max_watch_streams: usize,
+}
+
+impl Default for KeyLimitsConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 5_000,
+            max_watch_streams: 16,
+        }
+    }
+}
+
+/// The state behind [`KeyLimitsConfig`], shared by every service of the process.
+pub struct KeyLimits {
+    config: KeyLimitsConfig,
+    rate: Option<DefaultKeyedRateLimiter<Id>>,
+    /// Open streams per key.
+    streams: Arc<Mutex<HashMap<Id, usize>>>,
+}
+
+impl KeyLimits {
+    pub fn new(config: KeyLimitsConfig) -> Self {
+        let rate = NonZeroU32::new(config.requests_per_second)
+            .map(|per_second| RateLimiter::keyed(Quota::per_second(per_second)));
+        Self {
+            config,
+            rate,
+            streams: Arc::default(),
+        }
+    }
+
+    /// Counts one request of `principal`'s key; over the rate, `RESOURCE_EXHAUSTED` with
+    /// the time to wait.
+    pub fn check_rate(&self, principal: &Principal) -> Result<(), Status> {
+        let Some(rate) = &self.rate else {
+            return Ok(());
+        };
+        if rate.len() > 100_000 {
+            rate.retain_recent();
+        }
+        rate.check_key(principal.key_id()).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let wait = wait.max(Duration::from_millis(1));
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                format!(
+                    "API key {} is over its limit of {} requests per second; retry in {} ms \
+                     (setting key_requests_per_second)",
+                    principal.key_id(),
+                    self.config.requests_per_second,
+                    wait.as_millis()
+                ),
+                ErrorDetails::with_retry_info(Some(wait)),
+            )
+        })
+    }
+
+    /// Reserves one open stream for `principal`'s key, released when the permit drops;
+    /// `RESOURCE_EXHAUSTED` when the key already holds the most allowed.
+    pub fn open_stream(&self, principal: &Principal) -> Result<StreamPermit, Status> {
+        let key = principal.key_id().clone();
+        let mut streams = self
+            .streams
+            .lock()
+            .map_err(|_| Status::internal("stream registry lock poisoned"))?;
+        let open = streams.entry(key.clone()).or_default();
+        if *open >= self.config.max_watch_streams {
+            return Err(Status::resource_exhausted(format!(
+                "API key {key} already has {open} open WatchDeliveries streams; the limit is {} \
+                 (setting key_max_watch_streams); close one first",
+                self.config.max_watch_streams
+            )));
+        }
+        *open += 1;
+        Ok(StreamPermit {
+            key,
+            streams: self.streams.clone(),
+        })
+    }
+}
+
+/// One open stream of a key; dropping it frees the slot.
+pub struct StreamPermit {
+    key: Id,
+    streams: Arc<Mutex<HashMap<Id, usize>>>,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        if let Ok(mut streams) = self.streams.lock()
+            && let Some(open) = streams.get_mut(&self.key)
+        {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                streams.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A server stream that holds `permit` while open and ends with `UNAUTHENTICATED` once
+/// the key of `principal` is revoked or its tenant deleted (checked whenever the
+/// registry announces a change).
+pub fn guard_stream<T: Send + 'static>(
+    auth: &Authenticator,
+    principal: Principal,
+    permit: StreamPermit,
+    inner: impl Stream<Item = Result<T, Status>> + Send + 'static,
+) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>> {
+    let state = Guarded {
+        inner: Box::pin(inner),
+        generation: auth.generation(),
+        auth: auth.clone(),
+        principal,
+        _permit: permit,
+    };
+    Box::pin(futures::stream::unfold(Some(state), |state| async move {
+        let mut state = state?;
+        loop {
+            tokio::select! {
+                item = state.inner.next() => return item.map(|item| (item, Some(state))),
+                changed = state.generation.changed() => {
+                    if changed.is_err() {
+                        // The authenticator is gone: nothing more will be announced.
+                        let item = state.inner.next().await?;
+                        return Some((item, Some(state)));
+                    }
+                    if !state.auth.still_valid(&state.principal).await {
+                        let ended = Status::unauthenticated(format!(
+                            "API key {} was revoked or its tenant deleted; the stream ends",
+                            state.principal.key_id()
+                        ));
+                        return Some((Err(ended), None));
+                    }
+                }
+            }
+        }
+    }))
+}
+
+struct Guarded<T> {
+    inner: Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>,
+    generation: tokio::sync::watch::Receiver<u64>,
+    auth: Authenticator,
+    principal: Principal,
+    _permit: StreamPermit,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hookline_core::IdKind;
+
+    fn tenant_key() -> Principal {
+        Principal::Tenant {
+            key_id: Id::new(IdKind::ApiKey),
+            tenant_id: Id::new(IdKind::Tenant),
+        }
+    }
+
+    #[test]
+    fn the_rate_is_per_key_and_says_how_long_to_wait() {
+        let limits = KeyLimits::new(KeyLimitsConfig {
+            requests_per_second: 3,
+            max_watch_streams: 1,
+        });
+        let (a, b) = (tenant_key(), tenant_key());
+        for _ in 0..3 {
+            limits.check_rate(&a).expect("within the burst");
+        }
+        let refused = limits.check_rate(&a).expect_err("over the rate");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        let wait = refused
+            .get_details_retry_info()
+            .and_then(|r| r.retry_delay)
+            .expect("RetryInfo with a delay");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        limits.check_rate(&b).expect("another key has its own rate");
+    }
+
+    #[test]
+    fn no_rate_when_zero() {
+        let limits = KeyLimits::new(KeyLimitsConfig {
+            requests_per_second: 0,
+            max_watch_streams: 1,
+        });
+        let key = tenant_key();
+        for _ in 0..10_000 {
+            limits.check_rate(&key).expect("no limit");
+        }
+    }
+
+    #[test]
+    fn stream_slots_are_per_key_and_freed_on_drop() {
+        let limits = KeyLimits::new(KeyLimitsConfig {
+            requests_per_second: 0,
+            max_watch_streams: 2,
+        });
+        let (a, b) = (tenant_key(), tenant_key());
+        let first = limits.open_stream(&a).unwrap();
+        let _second = limits.open_stream(&a).unwrap();
+        let refused = limits.open_stream(&a).err().expect("third refused");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        let _other = limits
+            .open_stream(&b)
+            .expect("another key has its own slots");
+        drop(first);
+        limits
+            .open_stream(&a)
+            .expect("a dropped stream frees its slot");
+    }
+}

@@ -6,7 +6,9 @@ pub mod filter;
 pub mod id;
 pub mod job;
 pub mod model;
+pub mod quota;
 pub mod retry;
+pub mod schema;
 pub mod signing;
 pub mod validate;
 

@@ -19,6 +19,7 @@ use hookline_core::Id;
 use hookline_core::model::{RegistryChange, Subscription};
 use hookline_core::retry::RetryPolicy;
 use hookline_core::signing::SigningKey;
+use hookline_core::validate;
 use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 use reqwest::Url;
@@ -52,17 +53,20 @@ impl Endpoint {
     ) -> Self {
         let mut headers = HeaderMap::with_capacity(subscription.headers.len() + 2);
         for (name, value) in &subscription.headers {
+            // The create-time rule again, for headers stored before it existed; the log
+            // line repeats a bounded excerpt of the name, never all of it.
             match (
+                validate::header_name("headers", name),
                 HeaderName::from_bytes(name.as_bytes()),
                 HeaderValue::from_str(value),
             ) {
-                (Ok(n), Ok(v)) => {
+                (Ok(()), Ok(n), Ok(v)) => {
                     headers.insert(n, v);
                 }
                 _ => tracing::warn!(
                     subscription_id = %subscription.id,
-                    header = %name,
-                    "skipping an extra header that is not valid HTTP"
+                    header = %validate::excerpt(name),
+                    "skipping an extra header that is not valid HTTP or not allowed"
                 ),
             }
         }

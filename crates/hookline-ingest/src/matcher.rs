@@ -3,7 +3,9 @@
 //! The enabled subscriptions of a tenant are cached, read through the storage port on a
 //! miss. A registry change announcement drops the tenant's entry at once (a `Resync`
 //! drops everything), so a new or disabled subscription takes effect as soon as the
-//! announcement arrives; entries also expire after a short time as a safety net.
+//! announcement arrives; entries also expire after a short time as a safety net. The
+//! tenant's quotas come with its entry, and the matcher also keeps the event-type schema
+//! cache fresh from the same announcements.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,9 +16,12 @@ use hookline_broker::{Broker, ChangeNotice};
 use hookline_core::Id;
 use hookline_core::filter::subscription_wants;
 use hookline_core::model::{RegistryChange, Subscription};
+use hookline_core::quota::TenantQuotas;
 use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 use tokio_util::sync::CancellationToken;
+
+use crate::schemas::SchemaCache;
 
 const TTL: Duration = Duration::from_secs(30);
 const MAX_TENANTS: usize = 100_000;
@@ -25,7 +30,17 @@ const MAX_TENANTS: usize = 100_000;
 #[derive(Debug)]
 pub enum TenantSubscriptions {
     Missing,
-    Present(Vec<Subscription>),
+    Present {
+        quotas: TenantQuotas,
+        subscriptions: Vec<Subscription>,
+    },
+}
+
+/// The subscriptions that want an event, and the quotas of their tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched {
+    pub quotas: TenantQuotas,
+    pub subscription_ids: Vec<Id>,
 }
 
 #[derive(Default)]
@@ -39,14 +54,21 @@ struct Cache {
 pub struct SubscriptionMatcher {
     registry: Arc<dyn RegistryStore>,
     cache: Arc<Mutex<Cache>>,
+    schemas: SchemaCache,
 }
 
 impl SubscriptionMatcher {
     pub fn new(registry: Arc<dyn RegistryStore>) -> Self {
         Self {
+            schemas: SchemaCache::new(registry.clone()),
             registry,
             cache: Arc::default(),
         }
+    }
+
+    /// The event-type schemas, kept fresh by the same announcements.
+    pub(crate) fn schemas(&self) -> &SchemaCache {
+        &self.schemas
     }
 
     /// The tenant's enabled subscriptions, from the cache or the store.
@@ -61,9 +83,10 @@ impl SubscriptionMatcher {
             cache.generation
         };
         let loaded = match self.registry.get_tenant(tenant_id).await {
-            Ok(_) => {
-                TenantSubscriptions::Present(self.registry.enabled_subscriptions(tenant_id).await?)
-            }
+            Ok(tenant) => TenantSubscriptions::Present {
+                quotas: tenant.quotas,
+                subscriptions: self.registry.enabled_subscriptions(tenant_id).await?,
+            },
             Err(StoreError::NotFound { .. }) => TenantSubscriptions::Missing,
             Err(e) => return Err(e),
         };
@@ -80,23 +103,29 @@ impl SubscriptionMatcher {
         Ok(loaded)
     }
 
-    /// The ids of the subscriptions that want an event; `None` if the tenant is unknown.
+    /// The ids of the subscriptions that want an event, with the tenant's quotas; `None`
+    /// if the tenant is unknown.
     pub async fn matching(
         &self,
         tenant_id: &Id,
         event_type: &str,
         channels: &[String],
-    ) -> Result<Option<Vec<Id>>, StoreError> {
+    ) -> Result<Option<Matched>, StoreError> {
         Ok(match &*self.tenant(tenant_id).await? {
             TenantSubscriptions::Missing => None,
-            TenantSubscriptions::Present(subs) => Some(
-                subs.iter()
+            TenantSubscriptions::Present {
+                quotas,
+                subscriptions,
+            } => Some(Matched {
+                quotas: *quotas,
+                subscription_ids: subscriptions
+                    .iter()
                     .filter(|s| {
                         subscription_wants(&s.event_types, &s.channels, event_type, channels)
                     })
                     .map(|s| s.id.clone())
                     .collect(),
-            ),
+            }),
         })
     }
 
@@ -110,6 +139,8 @@ impl SubscriptionMatcher {
         let mut cache = self.lock();
         cache.generation += 1;
         cache.tenants.clear();
+        drop(cache);
+        self.schemas.invalidate_all();
     }
 
     /// Applies one change announcement.
@@ -121,7 +152,8 @@ impl SubscriptionMatcher {
                 | Ok(RegistryChange::Subscription { tenant_id, .. }) => {
                     self.invalidate_tenant(&tenant_id)
                 }
-                Ok(RegistryChange::ApiKey { .. }) | Ok(RegistryChange::EventType { .. }) => {}
+                Ok(RegistryChange::EventType { name }) => self.schemas.invalidate(&name),
+                Ok(RegistryChange::ApiKey { .. }) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable registry change; dropping the whole cache");
                     self.invalidate_all();

@@ -4,6 +4,7 @@
 //! answers `MatchSubscriptions` for ingest, and announces every change on the broker's
 //! fanout exchange so that caches elsewhere drop stale entries at once.
 
+mod fields;
 mod service;
 
 pub use service::{RegistryApi, matching_subscriptions};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use hookline_broker::Broker;
 use hookline_core::model::{RegistryChange, Subscription, SubscriptionSecret, SubscriptionState};
-use hookline_core::signing::{SigningKey, generate_secret};
+use hookline_core::quota::{Quotas, TenantQuotas};
 use hookline_core::{Id, IdKind, filter, validate};
 use hookline_grpc::auth::generate_token;
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
@@ -18,6 +18,8 @@ use hookline_proto::v1::registry_service_server::RegistryService;
 use hookline_store::StoreError;
 use hookline_store::port::{NewApiKey, NewSubscription, Page, RegistryStore};
 use tonic::{Request, Response, Status};
+
+use crate::fields::{schema_text, secret_or_generate};
 
 /// Default and longest grace period of a rotated-out secret.
 const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -29,6 +31,8 @@ pub struct RegistryApi {
     store: Arc<dyn RegistryStore>,
     broker: Arc<dyn Broker>,
     auth: Authenticator,
+    /// The quotas of tenants without their own.
+    quotas: Quotas,
 }
 
 impl RegistryApi {
@@ -41,7 +45,14 @@ impl RegistryApi {
             store,
             broker,
             auth,
+            quotas: Quotas::default(),
         }
+    }
+
+    /// Uses these quotas for tenants without their own (the default: [`Quotas::default`]).
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
     }
 
     pub fn into_server(self) -> pb::registry_service_server::RegistryServiceServer<Self> {
@@ -85,20 +96,15 @@ fn next_token<T>(page: &Page<T>) -> String {
     page.next_cursor.clone().unwrap_or_default()
 }
 
-fn tenant_id(field: &str, value: &str) -> Result<Id, Status> {
-    Id::parse(IdKind::Tenant, field, value).map_err(from_id)
+/// Quotas given on `CreateTenant`/`UpdateTenant`, checked; `None` when not given.
+fn tenant_quotas(given: Option<&pb::TenantQuotas>) -> Result<Option<TenantQuotas>, Status> {
+    given
+        .map(|q| convert::from_tenant_quotas("quotas", q))
+        .transpose()
 }
 
-/// Checks a secret given by the caller, or makes a new one.
-fn secret_or_generate(field: &str, given: &str) -> Result<String, Status> {
-    if given.is_empty() {
-        return Ok(generate_secret());
-    }
-    SigningKey::from_secret(given).map_err(|e| invalid(field, e))?;
-    if !given.starts_with("whsec_") {
-        return Err(invalid(field, "must start with `whsec_`"));
-    }
-    Ok(given.to_string())
+fn tenant_id(field: &str, value: &str) -> Result<Id, Status> {
+    Id::parse(IdKind::Tenant, field, value).map_err(from_id)
 }
 
 /// Every field of a subscription a caller may set, validated.
@@ -122,6 +128,13 @@ fn validate_subscription(p: &str, s: &pb::Subscription) -> Result<SubscriptionFi
     validate::channels(&f("channels"), &s.channels).map_err(from_validation)?;
     validate::headers(&f("headers"), &s.headers).map_err(from_validation)?;
     validate::metadata(&f("metadata"), &s.metadata).map_err(from_validation)?;
+    for (name, value) in [
+        ("rate_limit_per_second", s.rate_limit_per_second),
+        ("max_in_flight", s.max_in_flight),
+    ] {
+        validate::stored_u32(&f(name), value, 0, validate::MAX_STORED_U32)
+            .map_err(from_validation)?;
+    }
     let retry_schedule = match &s.retry_policy {
         Some(policy) => {
             let schedule = convert::retry_schedule(&f("retry_policy"), policy)?;
@@ -168,12 +181,25 @@ impl RegistryService for RegistryApi {
         let req = req.into_inner();
         validate::name("name", &req.name).map_err(from_validation)?;
         validate::metadata("metadata", &req.metadata).map_err(from_validation)?;
+        let quotas = tenant_quotas(req.quotas.as_ref())?;
         let id = Id::new(IdKind::Tenant);
-        let tenant = self
+        let mut tenant = self
             .store
             .create_tenant(&id, &req.name, &req.metadata)
             .await
             .map_err(from_store)?;
+        if let Some(quotas) = quotas.filter(|q| *q != TenantQuotas::default()) {
+            tenant = match self.store.set_tenant_quotas(&id, &quotas).await {
+                Ok(t) => t,
+                Err(e) => {
+                    // Nothing half-made: the tenant goes again (nobody can know its id yet).
+                    if let Err(undo) = self.store.delete_tenant(&id).await {
+                        tracing::error!(tenant_id = %id, error = %undo, "cannot remove a tenant whose quotas were not stored");
+                    }
+                    return Err(from_store(e));
+                }
+            };
+        }
         self.announce(RegistryChange::Tenant { tenant_id: id })
             .await;
         Ok(Response::new(convert::tenant(tenant)))
@@ -230,12 +256,20 @@ impl RegistryService for RegistryApi {
             validate::name("name", name).map_err(from_validation)?;
         }
         validate::metadata("metadata", &req.metadata).map_err(from_validation)?;
+        let quotas = tenant_quotas(req.quotas.as_ref())?;
         let metadata = req.replace_metadata.then_some(&req.metadata);
-        let tenant = self
+        let mut tenant = self
             .store
             .update_tenant(&id, req.name.as_deref(), metadata)
             .await
             .map_err(from_store)?;
+        if let Some(quotas) = quotas {
+            tenant = self
+                .store
+                .set_tenant_quotas(&id, &quotas)
+                .await
+                .map_err(from_store)?;
+        }
         self.announce(RegistryChange::Tenant { tenant_id: id })
             .await;
         Ok(Response::new(convert::tenant(tenant)))
@@ -306,7 +340,7 @@ impl RegistryService for RegistryApi {
         };
         let created = self
             .store
-            .create_subscription(&new)
+            .create_subscription_within(&new, self.quotas.subscriptions_per_tenant)
             .await
             .map_err(from_store)?;
         self.announce(RegistryChange::Subscription {
@@ -726,14 +760,4 @@ impl RegistryService for RegistryApi {
             .await;
         Ok(Response::new(convert::api_key(revoked)))
     }
-}
-
-/// An optional JSON Schema given as text: empty means none; otherwise it must be JSON.
-fn schema_text(schema: &str) -> Result<Option<&str>, Status> {
-    if schema.is_empty() {
-        return Ok(None);
-    }
-    serde_json::from_str::<serde_json::Value>(schema)
-        .map_err(|e| invalid("schema", format!("is not valid JSON: {e}")))?;
-    Ok(Some(schema))
 }

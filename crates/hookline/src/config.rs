@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use hookline_core::quota::{MAX_QUOTA, Quotas};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,15 @@ pub struct Config {
     pub relay_grace_ms: u64,
     /// A `tracing` filter, like `info` or `hookline=debug,info`.
     pub log: String,
+
+    // --- Tenant quotas (issue #9): defaults for tenants without their own (an admin sets
+    // those with UpdateTenant `quotas`). Each 1 to 2,147,483,647.
+    /// Most subscriptions one tenant may have.
+    pub quota_subscriptions_per_tenant: u32,
+    /// Most subscriptions one published event may match (more: the publish is refused).
+    pub quota_deliveries_per_event: u32,
+    /// Most events one tenant may publish per second, per ingest process.
+    pub quota_events_per_second: u32,
 }
 
 impl Default for Config {
@@ -68,6 +78,9 @@ impl Default for Config {
             request_timeout_ms: 15_000,
             retry_poll_interval_ms: 500,
             relay_grace_ms: 10_000,
+            quota_subscriptions_per_tenant: Quotas::default().subscriptions_per_tenant,
+            quota_deliveries_per_event: Quotas::default().deliveries_per_event,
+            quota_events_per_second: Quotas::default().events_per_second,
         }
     }
 }
@@ -143,6 +156,25 @@ impl Config {
             config.request_timeout_ms >= 1 && config.retry_poll_interval_ms >= 1,
             "request_timeout_ms and retry_poll_interval_ms must be at least 1"
         );
+        for (name, value) in [
+            (
+                "quota_subscriptions_per_tenant",
+                config.quota_subscriptions_per_tenant,
+            ),
+            ("quota_deliveries_per_event", config.quota_deliveries_per_event),
+            ("quota_events_per_second", config.quota_events_per_second),
+        ] {
+            hookline_core::validate::stored_u32(name, value, 1, MAX_QUOTA)?;
+        }
         Ok(config)
+    }
+
+    /// The quotas of tenants without their own.
+    pub fn quotas(&self) -> Quotas {
+        Quotas {
+            subscriptions_per_tenant: self.quota_subscriptions_per_tenant,
+            deliveries_per_event: self.quota_deliveries_per_event,
+            events_per_second: self.quota_events_per_second,
+        }
     }
 }

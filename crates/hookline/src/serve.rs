@@ -187,7 +187,8 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
             registry_store.clone(),
             broker.clone(),
             authenticator.clone(),
-        );
+        )
+        .with_quotas(config.quotas());
         router = router.add_service(api.into_server());
         health_reporter
             .set_serving::<pb::registry_service_server::RegistryServiceServer<RegistryApi>>()
@@ -201,6 +202,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         let api = IngestApi::new(
             IngestConfig {
                 max_payload_bytes: config.max_payload_bytes,
+                quotas: config.quotas(),
                 ..IngestConfig::default()
             },
             event_store.clone(),

@@ -5,6 +5,7 @@
 //! fanout exchange so that caches elsewhere drop stale entries at once.
 
 mod fields;
+mod gate;
 mod service;
 
 pub use service::{RegistryApi, matching_subscriptions};

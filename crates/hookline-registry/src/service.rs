@@ -20,6 +20,7 @@ use hookline_store::port::{NewApiKey, NewSubscription, Page, RegistryStore};
 use tonic::{Request, Response, Status};
 
 use crate::fields::{schema_text, secret_or_generate};
+use crate::gate::TenantGate;
 
 /// Default and longest grace period of a rotated-out secret.
 const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -33,6 +34,8 @@ pub struct RegistryApi {
     auth: Authenticator,
     /// The quotas of tenants without their own.
     quotas: Quotas,
+    /// Turns per tenant for subscription creates (see `gate`).
+    creates: Arc<TenantGate>,
 }
 
 impl RegistryApi {
@@ -46,6 +49,7 @@ impl RegistryApi {
             broker,
             auth,
             quotas: Quotas::default(),
+            creates: Arc::default(),
         }
     }
 
@@ -338,11 +342,13 @@ impl RegistryService for RegistryApi {
                 expires_at: None,
             },
         };
+        let turn = self.creates.turn(&tenant).await;
         let created = self
             .store
             .create_subscription_within(&new, self.quotas.subscriptions_per_tenant)
             .await
             .map_err(from_store)?;
+        drop(turn);
         self.announce(RegistryChange::Subscription {
             tenant_id: tenant,
             subscription_id: id,

@@ -164,7 +164,10 @@ fn quotas(subs: u32, deliveries: u32, rate: u32) -> Option<pb::TenantQuotas> {
 fn assert_exhausted(status: &tonic::Status, quota: &str, value: &str, field: &str) {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let m = status.message();
-    assert!(m.contains(&format!("the quota of {quota} is {value}")), "{m}");
+    assert!(
+        m.contains(&format!("the quota of {quota} is {value}")),
+        "{m}"
+    );
     assert!(m.contains(field), "the message says how to raise it: {m}");
     assert!(m.contains("Nothing was stored"), "{m}");
 }
@@ -204,7 +207,11 @@ async fn subscriptions_per_tenant_hold_under_1100_concurrent_creates(backend: Ba
         "1,000",
         "quotas.max_subscriptions",
     );
-    assert!(refused[0].message().contains("quota_subscriptions_per_tenant"));
+    assert!(
+        refused[0]
+            .message()
+            .contains("quota_subscriptions_per_tenant")
+    );
     assert_eq!(q.count_subscriptions(&tenant).await, 1000);
 
     // An admin raises it for this tenant: one more fits, then it is full again.
@@ -225,7 +232,12 @@ async fn subscriptions_per_tenant_hold_under_1100_concurrent_creates(backend: Ba
     assert_eq!(updated.quotas.unwrap().max_subscriptions, 1001);
     q.subscribe(&tenant, true).await.unwrap();
     let e = q.subscribe(&tenant, true).await.unwrap_err();
-    assert_exhausted(&e, "subscriptions per tenant", "1,001", "quotas.max_subscriptions");
+    assert_exhausted(
+        &e,
+        "subscriptions per tenant",
+        "1,001",
+        "quotas.max_subscriptions",
+    );
     assert_eq!(q.count_subscriptions(&tenant).await, 1001);
     q.finish().await;
 }
@@ -297,7 +309,12 @@ async fn quotas_are_set_by_admins_only_and_bounded(backend: Backend) {
         q.subscribe(&tenant, true).await.unwrap();
     }
     let e = q.subscribe(&tenant, true).await.unwrap_err();
-    assert_exhausted(&e, "subscriptions per tenant", "3", "quotas.max_subscriptions");
+    assert_exhausted(
+        &e,
+        "subscriptions per tenant",
+        "3",
+        "quotas.max_subscriptions",
+    );
     q.finish().await;
 }
 
@@ -319,10 +336,23 @@ async fn an_event_matching_more_subscriptions_than_its_quota_is_refused(backend:
             Ok(()) => panic!("the third subscription was never matched"),
         }
     };
-    assert_exhausted(&e, "deliveries per event", "2", "quotas.max_deliveries_per_event");
-    assert!(e.message().contains("matches 3 enabled subscriptions"), "{}", e.message());
+    assert_exhausted(
+        &e,
+        "deliveries per event",
+        "2",
+        "quotas.max_deliveries_per_event",
+    );
+    assert!(
+        e.message().contains("matches 3 enabled subscriptions"),
+        "{}",
+        e.message()
+    );
     assert!(e.message().contains("events[0]."), "{}", e.message());
-    assert!(e.message().contains("quota_deliveries_per_event"), "{}", e.message());
+    assert!(
+        e.message().contains("quota_deliveries_per_event"),
+        "{}",
+        e.message()
+    );
     let stored = q.count_events(&tenant).await;
 
     // An override for this tenant lets it through.
@@ -355,14 +385,26 @@ async fn events_per_second_are_limited_per_tenant(backend: Backend) {
     q.publish(&tenant, 1).await.unwrap();
     let e = q.publish(&tenant, 1).await.unwrap_err();
     assert_exhausted(&e, "events per second", "1", "quotas.max_events_per_second");
-    assert!(e.message().contains("quota_events_per_second"), "{}", e.message());
+    assert!(
+        e.message().contains("quota_events_per_second"),
+        "{}",
+        e.message()
+    );
     // A batch larger than a second's worth can never pass.
     let e = q.publish(&other, 2).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
-    assert!(e.message().contains("more than a second's worth"), "{}", e.message());
+    assert!(
+        e.message().contains("more than a second's worth"),
+        "{}",
+        e.message()
+    );
     // Another tenant has its own bucket, untouched by the refused call.
     q.publish(&other, 1).await.unwrap();
-    assert_eq!(q.count_events(&tenant).await, 1, "nothing of a refused call is stored");
+    assert_eq!(
+        q.count_events(&tenant).await,
+        1,
+        "nothing of a refused call is stored"
+    );
     assert_eq!(q.count_events(&other).await, 1);
     // It is a rate, not a cap: the bucket refills.
     let deadline = Instant::now() + Duration::from_secs(5);

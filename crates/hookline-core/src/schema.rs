@@ -36,7 +36,12 @@ impl PayloadSchema {
 
     /// Checks a payload (already known to be JSON within the input limits) against the
     /// schema of `event_type`; the error names the first violation and its JSON pointer.
-    pub fn check(&self, field: &str, event_type: &str, payload: &[u8]) -> Result<(), ValidationError> {
+    pub fn check(
+        &self,
+        field: &str,
+        event_type: &str,
+        payload: &[u8],
+    ) -> Result<(), ValidationError> {
         let value: serde_json::Value = serde_json::from_slice(payload)
             .map_err(|e| ValidationError::new(field, format!("is not valid JSON: {e}")))?;
         let Some(error) = self.validator.iter_errors(&value).next() else {
@@ -47,7 +52,11 @@ impl PayloadSchema {
             field,
             format!(
                 "does not match the schema of event type {event_type:?} at JSON pointer {:?}: {}",
-                if pointer.is_empty() { "" } else { pointer.as_str() },
+                if pointer.is_empty() {
+                    ""
+                } else {
+                    pointer.as_str()
+                },
                 bounded(&error.to_string())
             ),
         ))
@@ -72,9 +81,16 @@ mod tests {
     #[test]
     fn payloads_are_checked_with_a_pointer() {
         let s = PayloadSchema::compile("schema", SCHEMA).unwrap();
-        assert!(s.check("payload", "invoice.paid", br#"{"amount":5}"#).is_ok());
+        assert!(
+            s.check("payload", "invoice.paid", br#"{"amount":5}"#)
+                .is_ok()
+        );
         let e = s
-            .check("payload", "invoice.paid", br#"{"amount":5,"items":["a",7]}"#)
+            .check(
+                "payload",
+                "invoice.paid",
+                br#"{"amount":5,"items":["a",7]}"#,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"/items/1\""), "{e}");
@@ -92,7 +108,9 @@ mod tests {
         assert!(PayloadSchema::compile("schema", "{nope").is_err());
         assert!(PayloadSchema::compile("schema", r#"{"type":"no-such-type"}"#).is_err());
         let remote = r#"{"$ref":"http://169.254.169.254/latest/meta-data"}"#;
-        let e = PayloadSchema::compile("schema", remote).unwrap_err().to_string();
+        let e = PayloadSchema::compile("schema", remote)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a usable JSON Schema"), "{e}");
     }
 }

@@ -352,7 +352,9 @@ pub fn header_name(field: &str, name: &str) -> Result {
     }
     let lower = name.to_ascii_lowercase();
     if RESERVED_HEADERS.contains(&lower.as_str())
-        || RESERVED_HEADER_PREFIXES.iter().any(|p| lower.starts_with(p))
+        || RESERVED_HEADER_PREFIXES
+            .iter()
+            .any(|p| lower.starts_with(p))
     {
         return Err(ValidationError::new(
             field,
@@ -566,7 +568,10 @@ mod tests {
         assert!(json_payload("payload", very.as_bytes(), 1 << 20).is_err());
         // Brackets inside strings do not count.
         let s = format!("{{\"a\":\"{}\\\"\"}}", "[".repeat(500));
-        assert!(json_payload("payload", s.as_bytes(), 1 << 20).is_ok(), "{s}");
+        assert!(
+            json_payload("payload", s.as_bytes(), 1 << 20).is_ok(),
+            "{s}"
+        );
     }
 
     #[test]
@@ -606,7 +611,11 @@ mod tests {
         let long = "a".repeat(100_000);
         let e = header_name("headers", &long).unwrap_err().to_string();
         assert!(e.contains("100,000 characters"), "{e}");
-        assert!(e.len() < 300, "the error repeats the whole name: {} bytes", e.len());
+        assert!(
+            e.len() < 300,
+            "the error repeats the whole name: {} bytes",
+            e.len()
+        );
         assert!(header_name("headers", &"a".repeat(256)).is_ok());
         for refused in [
             "Metadata-Flavor",

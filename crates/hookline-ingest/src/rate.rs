@@ -16,6 +16,10 @@ use hookline_core::quota::{Quota, QuotaExceeded, thousands};
 
 type Bucket = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
 
+/// Rates from this one up are not limited: far beyond what one process ingests, and
+/// past a nanosecond per token the bucket would lose its precision.
+const UNLIMITED_FROM: u32 = 1_000_000;
+
 /// Most tenants with a bucket; beyond it every bucket starts afresh (full), which only
 /// ever admits more, never refuses wrongly.
 const MAX_TENANTS: usize = 100_000;
@@ -27,7 +31,12 @@ pub(crate) struct TenantRates {
 
 impl TenantRates {
     /// Takes `events` from the tenant's bucket of `per_second`, or refuses them all.
-    pub(crate) fn admit(&self, tenant: &Id, events: u32, per_second: u32) -> Result<(), QuotaExceeded> {
+    pub(crate) fn admit(
+        &self,
+        tenant: &Id,
+        events: u32,
+        per_second: u32,
+    ) -> Result<(), QuotaExceeded> {
         let refuse = |context: String| QuotaExceeded {
             quota: Quota::EventsPerSecond,
             limit: per_second,
@@ -37,6 +46,9 @@ impl TenantRates {
         let (Some(rate), Some(n)) = (NonZeroU32::new(per_second), NonZeroU32::new(events)) else {
             return Ok(());
         };
+        if per_second >= UNLIMITED_FROM {
+            return Ok(());
+        }
         let bucket = self.bucket(tenant, rate);
         match bucket.check_n(n) {
             Ok(Ok(())) => Ok(()),
@@ -88,6 +100,16 @@ mod tests {
         // A batch larger than the burst can never pass.
         let e = rates.admit(&t, 6, 5).unwrap_err().to_string();
         assert!(e.contains("more than a second's worth"), "{e}");
+    }
+
+    #[test]
+    fn the_largest_quota_admits_without_overflow() {
+        let rates = TenantRates::default();
+        let t = Id::new(IdKind::Tenant);
+        for _ in 0..3 {
+            rates.admit(&t, 1000, i32::MAX as u32).unwrap();
+        }
+        rates.admit(&t, 500, 999_999).unwrap();
     }
 
     #[test]

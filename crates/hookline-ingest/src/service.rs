@@ -11,8 +11,8 @@ use std::sync::Arc;
 use chrono::Utc;
 use hookline_broker::{Broker, QueueName};
 use hookline_core::model::Event;
-use hookline_core::{Id, IdKind, validate};
 use hookline_core::quota::{Quota, QuotaExceeded, Quotas, thousands};
+use hookline_core::{Id, IdKind, validate};
 use hookline_grpc::status::{from_id, from_quota, from_store, from_validation, invalid};
 use hookline_grpc::{Authenticator, Principal, convert, page_request};
 use hookline_outbox::{Confirmer, publish_jobs_batched};
@@ -169,8 +169,9 @@ impl IngestApi {
         // Events of this call per tenant, and the tenant's events-per-second quota.
         let mut per_tenant: Vec<(Id, u32, u32)> = Vec::new();
         for (i, (req, tenant_id)) in requests.into_iter().zip(tenants).enumerate() {
-            let (subscription_ids, quotas) =
-                self.admit(&field_prefix(batch, i), &tenant_id, &req).await?;
+            let (subscription_ids, quotas) = self
+                .admit(&field_prefix(batch, i), &tenant_id, &req)
+                .await?;
             match per_tenant.iter_mut().find(|(t, ..)| *t == tenant_id) {
                 Some((_, n, _)) => *n += 1,
                 None => per_tenant.push((tenant_id.clone(), 1, quotas.events_per_second)),

@@ -10,11 +10,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hookline_core::Id;
 use hookline_core::job::DeliveryJob;
-use hookline_core::quota::TenantQuotas;
 use hookline_core::model::{
     ApiKey, Attempt, Delivery, DeliveryStatus, Event, EventType, Subscription, SubscriptionSecret,
     SubscriptionState, Tenant,
 };
+use hookline_core::quota::TenantQuotas;
 
 use crate::StoreError;
 

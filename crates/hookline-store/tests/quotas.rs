@@ -46,7 +46,10 @@ fn new_subscription(tenant_id: &Id) -> NewSubscription {
 async fn tenant_quotas_are_stored_and_read_back(fx: &Fixture) {
     let store = fx.store();
     let id = Id::new(IdKind::Tenant);
-    let created = store.create_tenant(&id, "t", &BTreeMap::new()).await.unwrap();
+    let created = store
+        .create_tenant(&id, "t", &BTreeMap::new())
+        .await
+        .unwrap();
     assert_eq!(created.quotas, TenantQuotas::default());
     let q = TenantQuotas {
         max_subscriptions: Some(7),
@@ -73,7 +76,10 @@ async fn tenant_quotas_are_stored_and_read_back(fx: &Fixture) {
 async fn concurrent_creates_never_exceed_the_subscription_quota(fx: &Fixture) {
     let store = fx.shared();
     let tenant = Id::new(IdKind::Tenant);
-    store.create_tenant(&tenant, "t", &BTreeMap::new()).await.unwrap();
+    store
+        .create_tenant(&tenant, "t", &BTreeMap::new())
+        .await
+        .unwrap();
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..300 {
         let (store, new) = (store.clone(), new_subscription(&tenant));
@@ -93,7 +99,11 @@ async fn concurrent_creates_never_exceed_the_subscription_quota(fx: &Fixture) {
     }
     assert_eq!((created, refused), (50, 250));
     assert_eq!(fx.count("subscriptions").await, 50);
-    assert_eq!(fx.count("subscription_secrets").await, 50, "nothing of a refused create");
+    assert_eq!(
+        fx.count("subscription_secrets").await,
+        50,
+        "nothing of a refused create"
+    );
 
     // The tenant's own quota wins over the default given.
     let q = TenantQuotas {
@@ -111,6 +121,9 @@ async fn concurrent_creates_never_exceed_the_subscription_quota(fx: &Fixture) {
         .create_subscription_within(&new_subscription(&tenant), 50)
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::Quota(ref q) if q.limit == 52), "{err}");
+    assert!(
+        matches!(err, StoreError::Quota(ref q) if q.limit == 52),
+        "{err}"
+    );
     drop(store);
 }

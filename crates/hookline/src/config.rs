@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use hookline_core::quota::{MAX_QUOTA, Quotas};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use hookline_core::quota::{MAX_QUOTA, Quotas};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,7 +161,10 @@ impl Config {
                 "quota_subscriptions_per_tenant",
                 config.quota_subscriptions_per_tenant,
             ),
-            ("quota_deliveries_per_event", config.quota_deliveries_per_event),
+            (
+                "quota_deliveries_per_event",
+                config.quota_deliveries_per_event,
+            ),
             ("quota_events_per_second", config.quota_events_per_second),
         ] {
             hookline_core::validate::stored_u32(name, value, 1, MAX_QUOTA)?;

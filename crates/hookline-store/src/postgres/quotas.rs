@@ -2,8 +2,8 @@
 //! that keeps concurrent `CreateSubscription` calls of one tenant within its quota.
 
 use hookline_core::Id;
-use hookline_core::quota::{Quota, QuotaExceeded, TenantQuotas, thousands};
 use hookline_core::model::Tenant;
+use hookline_core::quota::{Quota, QuotaExceeded, TenantQuotas, thousands};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
@@ -26,9 +26,18 @@ pub(super) async fn set(pool: &PgPool, id: &Id, q: &TenantQuotas) -> Result<Tena
         tenant_cols!()
     ))
     .bind(id.as_str())
-    .bind(opt_u32_param("quotas.max_subscriptions", q.max_subscriptions)?)
-    .bind(opt_u32_param("quotas.max_deliveries_per_event", q.max_deliveries_per_event)?)
-    .bind(opt_u32_param("quotas.max_events_per_second", q.max_events_per_second)?)
+    .bind(opt_u32_param(
+        "quotas.max_subscriptions",
+        q.max_subscriptions,
+    )?)
+    .bind(opt_u32_param(
+        "quotas.max_deliveries_per_event",
+        q.max_deliveries_per_event,
+    )?)
+    .bind(opt_u32_param(
+        "quotas.max_events_per_second",
+        q.max_events_per_second,
+    )?)
     .fetch_optional(pool)
     .await?;
     Ok(tenant_from_row(&found(row, "tenant", id)?)?)

@@ -33,9 +33,18 @@ pub(super) async fn set(
         tenant_cols!()
     ))
     .bind(id.as_str())
-    .bind(opt_u32_param("quotas.max_subscriptions", q.max_subscriptions)?)
-    .bind(opt_u32_param("quotas.max_deliveries_per_event", q.max_deliveries_per_event)?)
-    .bind(opt_u32_param("quotas.max_events_per_second", q.max_events_per_second)?)
+    .bind(opt_u32_param(
+        "quotas.max_subscriptions",
+        q.max_subscriptions,
+    )?)
+    .bind(opt_u32_param(
+        "quotas.max_deliveries_per_event",
+        q.max_deliveries_per_event,
+    )?)
+    .bind(opt_u32_param(
+        "quotas.max_events_per_second",
+        q.max_events_per_second,
+    )?)
     .bind(now)
     .fetch_optional(&mut **tx)
     .await?;

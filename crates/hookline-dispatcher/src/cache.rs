@@ -324,4 +324,26 @@ mod tests {
         assert_eq!(endpoint.headers.len(), 3);
         assert!(endpoint.url.is_err());
     }
+
+    #[test]
+    fn headers_stored_before_the_rules_are_not_sent() {
+        let long = "a".repeat(100_000);
+        let endpoint = Endpoint::new(
+            subscription(
+                "https://example.com/hook",
+                &[
+                    ("x-team", "billing"),
+                    ("Metadata-Flavor", "Google"),
+                    ("X-Forwarded-For", "10.0.0.1"),
+                    (long.as_str(), "x"),
+                ],
+            ),
+            vec![],
+            &HeaderValue::from_static("Hookline/test"),
+        );
+        assert_eq!(endpoint.headers["x-team"], "billing");
+        assert!(!endpoint.headers.contains_key("metadata-flavor"));
+        assert!(!endpoint.headers.contains_key("x-forwarded-for"));
+        assert_eq!(endpoint.headers.len(), 3);
+    }
 }

@@ -20,6 +20,8 @@ use hookline_store::port::{NewApiKey, NewSubscription, Page, RegistryStore};
 use tonic::{Request, Response, Status};
 
 use crate::fields::{schema_text, secret_or_generate};
+
+mod tenants;
 use crate::gate::TenantGate;
 
 /// Default and longest grace period of a rotated-out secret.
@@ -100,13 +102,6 @@ fn next_token<T>(page: &Page<T>) -> String {
     page.next_cursor.clone().unwrap_or_default()
 }
 
-/// Quotas given on `CreateTenant`/`UpdateTenant`, checked; `None` when not given.
-fn tenant_quotas(given: Option<&pb::TenantQuotas>) -> Result<Option<TenantQuotas>, Status> {
-    given
-        .map(|q| convert::from_tenant_quotas("quotas", q))
-        .transpose()
-}
-
 fn tenant_id(field: &str, value: &str) -> Result<Id, Status> {
     Id::parse(IdKind::Tenant, field, value).map_err(from_id)
 }
@@ -179,34 +174,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        self.principal(&req)
-            .await?
-            .require_admin("creating a tenant")?;
-        let req = req.into_inner();
-        validate::name("name", &req.name).map_err(from_validation)?;
-        validate::metadata("metadata", &req.metadata).map_err(from_validation)?;
-        let quotas = tenant_quotas(req.quotas.as_ref())?;
-        let id = Id::new(IdKind::Tenant);
-        let mut tenant = self
-            .store
-            .create_tenant(&id, &req.name, &req.metadata)
-            .await
-            .map_err(from_store)?;
-        if let Some(quotas) = quotas.filter(|q| *q != TenantQuotas::default()) {
-            tenant = match self.store.set_tenant_quotas(&id, &quotas).await {
-                Ok(t) => t,
-                Err(e) => {
-                    // Nothing half-made: the tenant goes again (nobody can know its id yet).
-                    if let Err(undo) = self.store.delete_tenant(&id).await {
-                        tracing::error!(tenant_id = %id, error = %undo, "cannot remove a tenant whose quotas were not stored");
-                    }
-                    return Err(from_store(e));
-                }
-            };
-        }
-        self.announce(RegistryChange::Tenant { tenant_id: id })
-            .await;
-        Ok(Response::new(convert::tenant(tenant)))
+        self.create_tenant_call(req).await
     }
 
     async fn get_tenant(
@@ -251,32 +219,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        self.principal(&req)
-            .await?
-            .require_admin("changing a tenant")?;
-        let req = req.into_inner();
-        let id = tenant_id("tenant_id", &req.tenant_id)?;
-        if let Some(name) = &req.name {
-            validate::name("name", name).map_err(from_validation)?;
-        }
-        validate::metadata("metadata", &req.metadata).map_err(from_validation)?;
-        let quotas = tenant_quotas(req.quotas.as_ref())?;
-        let metadata = req.replace_metadata.then_some(&req.metadata);
-        let mut tenant = self
-            .store
-            .update_tenant(&id, req.name.as_deref(), metadata)
-            .await
-            .map_err(from_store)?;
-        if let Some(quotas) = quotas {
-            tenant = self
-                .store
-                .set_tenant_quotas(&id, &quotas)
-                .await
-                .map_err(from_store)?;
-        }
-        self.announce(RegistryChange::Tenant { tenant_id: id })
-            .await;
-        Ok(Response::new(convert::tenant(tenant)))
+        self.update_tenant_call(req).await
     }
 
     async fn delete_tenant(

@@ -15,6 +15,8 @@ use hookline_core::Id;
 use hookline_core::quota::{Quota, QuotaExceeded, thousands};
 
 type Bucket = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
+/// Each tenant's bucket, with the rate it was made for.
+type Buckets = HashMap<Id, (u32, Arc<Bucket>)>;
 
 /// Rates from this one up are not limited: far beyond what one process ingests, and
 /// past a nanosecond per token the bucket would lose its precision.
@@ -26,7 +28,7 @@ const MAX_TENANTS: usize = 100_000;
 
 #[derive(Clone, Default)]
 pub(crate) struct TenantRates {
-    buckets: Arc<Mutex<HashMap<Id, (u32, Arc<Bucket>)>>>,
+    buckets: Arc<Mutex<Buckets>>,
 }
 
 impl TenantRates {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use hookline_broker::Broker;
 use hookline_core::model::{RegistryChange, Subscription, SubscriptionSecret, SubscriptionState};
-use hookline_core::quota::{Quotas, TenantQuotas};
+use hookline_core::quota::Quotas;
 use hookline_core::{Id, IdKind, filter, validate};
 use hookline_grpc::auth::generate_token;
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};

@@ -31,30 +31,14 @@ impl Limits {
         let env = Env::with(backend).await;
         let admin = env.admin_key().await;
         let server = env.serve("all").await;
-        let channel = Channel::from_shared(server.grpc.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut registry = RegistryServiceClient::new(channel.clone());
-        let tenant = registry
-            .create_tenant(authed(
-                pb::CreateTenantRequest {
-                    name: "acme".into(),
-                    ..Default::default()
-                },
-                &admin,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .id;
+        let channel = support::channel(&server).await;
+        let tenant = support::create_tenant(&channel, &admin, "acme", None).await;
         Limits {
             env,
             server,
             admin,
             tenant,
-            registry,
+            registry: RegistryServiceClient::new(channel.clone()),
             ingest: IngestServiceClient::new(channel).max_decoding_message_size(8 << 20),
         }
     }

@@ -29,11 +29,7 @@ impl Quotas {
         let env = Env::with(backend).await;
         let admin = env.admin_key().await;
         let server = env.serve_with("all", settings).await;
-        let channel = Channel::from_shared(server.grpc.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = support::channel(&server).await;
         Quotas {
             env,
             server,
@@ -51,19 +47,27 @@ impl Quotas {
     }
 
     async fn tenant(&mut self, quotas: Option<pb::TenantQuotas>) -> String {
+        support::create_tenant(&self.channel, &self.admin, "acme", quotas).await
+    }
+
+    /// `UpdateTenant` with new quotas, as the holder of `token`.
+    async fn set_quotas(
+        &mut self,
+        tenant: &str,
+        quotas: Option<pb::TenantQuotas>,
+        token: &str,
+    ) -> Result<pb::Tenant, tonic::Status> {
         self.registry
-            .create_tenant(authed(
-                pb::CreateTenantRequest {
-                    name: "acme".into(),
+            .update_tenant(authed(
+                pb::UpdateTenantRequest {
+                    tenant_id: tenant.into(),
                     quotas,
                     ..Default::default()
                 },
-                &self.admin,
+                token,
             ))
             .await
-            .unwrap()
-            .into_inner()
-            .id
+            .map(|r| r.into_inner())
     }
 
     async fn subscribe(&mut self, tenant: &str, disabled: bool) -> Result<(), tonic::Status> {
@@ -178,13 +182,7 @@ async fn subscriptions_per_tenant_hold_under_1100_concurrent_creates(backend: Ba
     // 1,100 at once, over a few connections, against the default quota of 1,000.
     let mut channels = vec![q.channel.clone()];
     for _ in 0..3 {
-        channels.push(
-            Channel::from_shared(q.server.grpc.clone())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap(),
-        );
+        channels.push(support::channel(&q.server).await);
     }
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..1100 {
@@ -217,18 +215,9 @@ async fn subscriptions_per_tenant_hold_under_1100_concurrent_creates(backend: Ba
     // An admin raises it for this tenant: one more fits, then it is full again.
     let admin = q.admin.clone();
     let updated = q
-        .registry
-        .update_tenant(authed(
-            pb::UpdateTenantRequest {
-                tenant_id: tenant.clone(),
-                quotas: quotas(1001, 0, 0),
-                ..Default::default()
-            },
-            &admin,
-        ))
+        .set_quotas(&tenant, quotas(1001, 0, 0), &admin)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(updated.quotas.unwrap().max_subscriptions, 1001);
     q.subscribe(&tenant, true).await.unwrap();
     let e = q.subscribe(&tenant, true).await.unwrap_err();
@@ -273,29 +262,13 @@ async fn quotas_are_set_by_admins_only_and_bounded(backend: Backend) {
         .into_inner()
         .token;
     let e = q
-        .registry
-        .update_tenant(authed(
-            pb::UpdateTenantRequest {
-                tenant_id: tenant.clone(),
-                quotas: quotas(1_000_000, 0, 0),
-                ..Default::default()
-            },
-            &key,
-        ))
+        .set_quotas(&tenant, quotas(1_000_000, 0, 0), &key)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     let e = q
-        .registry
-        .update_tenant(authed(
-            pb::UpdateTenantRequest {
-                tenant_id: tenant.clone(),
-                quotas: quotas(u32::MAX, 0, 0),
-                ..Default::default()
-            },
-            &admin,
-        ))
+        .set_quotas(&tenant, quotas(u32::MAX, 0, 0), &admin)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -357,15 +330,7 @@ async fn an_event_matching_more_subscriptions_than_its_quota_is_refused(backend:
 
     // An override for this tenant lets it through.
     let admin = q.admin.clone();
-    q.registry
-        .update_tenant(authed(
-            pb::UpdateTenantRequest {
-                tenant_id: tenant.clone(),
-                quotas: quotas(0, 3, 0),
-                ..Default::default()
-            },
-            &admin,
-        ))
+    q.set_quotas(&tenant, quotas(0, 3, 0), &admin)
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

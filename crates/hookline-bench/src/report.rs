@@ -10,6 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
+/// `1234567` as `1,234,567`: the one formatter Hookline states numbers with.
+pub use hookline_core::validate::thousands;
 use serde::Serialize;
 
 use crate::events::{EventTable, latency_histogram};
@@ -610,31 +612,5 @@ impl Comparison {
             self.with_hanging_p99_ms,
             self.without_hanging_p99_ms
         )
-    }
-}
-
-/// `1234567` as `1,234,567`.
-pub fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::thousands;
-
-    #[test]
-    fn thousands_groups_digits() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(1234567), "1,234,567");
     }
 }

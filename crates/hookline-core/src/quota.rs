@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::validate::thousands;
 use crate::validate::{self, ValidationError};
 
 /// The quotas of the server, used for every tenant without an override.
@@ -129,17 +130,25 @@ impl std::fmt::Display for QuotaExceeded {
     }
 }
 
-/// `1,048,576`: a count with thousands separators, as every limit is stated.
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
+/// The subscriptions-per-tenant rule, for the stores: a tenant with `count` subscriptions
+/// may create one more only below `limit`.
+pub fn check_subscriptions(
+    tenant: &impl std::fmt::Display,
+    count: i64,
+    limit: u32,
+) -> Result<(), QuotaExceeded> {
+    if count < i64::from(limit) {
+        return Ok(());
     }
-    out
+    Err(QuotaExceeded {
+        quota: Quota::SubscriptionsPerTenant,
+        limit,
+        tenant: tenant.to_string(),
+        context: format!(
+            "the tenant has {} subscriptions already",
+            thousands(u64::try_from(count).unwrap_or(0))
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -170,14 +179,6 @@ mod tests {
         assert!(e.contains("subscriptions per tenant is 1,000"), "{e}");
         assert!(e.contains("quotas.max_subscriptions"), "{e}");
         assert!(e.contains("quota_subscriptions_per_tenant"), "{e}");
-    }
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1_048_577), "1,048,577");
-        assert_eq!(thousands(4_294_967_295), "4,294,967,295");
     }
 
     #[test]

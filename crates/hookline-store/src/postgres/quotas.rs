@@ -3,7 +3,7 @@
 
 use hookline_core::Id;
 use hookline_core::model::Tenant;
-use hookline_core::quota::{Quota, QuotaExceeded, TenantQuotas, thousands};
+use hookline_core::quota::{self, TenantQuotas};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
@@ -63,17 +63,5 @@ pub(super) async fn check_subscriptions(
         .fetch_one(&mut **tx)
         .await?
         .try_get(0)?;
-    if count >= i64::from(limit) {
-        return Err(QuotaExceeded {
-            quota: Quota::SubscriptionsPerTenant,
-            limit,
-            tenant: tenant_id.to_string(),
-            context: format!(
-                "the tenant has {} subscriptions already",
-                thousands(u64::try_from(count).unwrap_or(0))
-            ),
-        }
-        .into());
-    }
-    Ok(())
+    Ok(quota::check_subscriptions(tenant_id, count, limit)?)
 }

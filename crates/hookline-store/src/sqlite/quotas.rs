@@ -4,7 +4,7 @@
 
 use hookline_core::Id;
 use hookline_core::model::Tenant;
-use hookline_core::quota::{Quota, QuotaExceeded, TenantQuotas, thousands};
+use hookline_core::quota::{self, TenantQuotas};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 
@@ -69,17 +69,5 @@ pub(super) async fn check_subscriptions(
     let row = found(row, "tenant", tenant_id)?;
     let limit = get_opt_u32(&row, "max_subscriptions")?.unwrap_or(default_limit);
     let count: i64 = row.try_get("n")?;
-    if count >= i64::from(limit) {
-        return Err(QuotaExceeded {
-            quota: Quota::SubscriptionsPerTenant,
-            limit,
-            tenant: tenant_id.to_string(),
-            context: format!(
-                "the tenant has {} subscriptions already",
-                thousands(u64::try_from(count).unwrap_or(0))
-            ),
-        }
-        .into());
-    }
-    Ok(())
+    Ok(quota::check_subscriptions(tenant_id, count, limit)?)
 }

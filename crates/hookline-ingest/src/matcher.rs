@@ -7,9 +7,8 @@
 //! tenant's quotas come with its entry, and the matcher also keeps the event-type schema
 //! cache fresh from the same announcements.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use hookline_broker::{Broker, ChangeNotice};
@@ -21,6 +20,7 @@ use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 use tokio_util::sync::CancellationToken;
 
+use crate::expiring::Expiring;
 use crate::schemas::SchemaCache;
 
 const TTL: Duration = Duration::from_secs(30);
@@ -43,17 +43,10 @@ pub struct Matched {
     pub subscription_ids: Vec<Id>,
 }
 
-#[derive(Default)]
-struct Cache {
-    /// Bumped on every invalidation, so a load that raced one is not cached.
-    generation: u64,
-    tenants: HashMap<Id, (Instant, Arc<TenantSubscriptions>)>,
-}
-
 #[derive(Clone)]
 pub struct SubscriptionMatcher {
     registry: Arc<dyn RegistryStore>,
-    cache: Arc<Mutex<Cache>>,
+    cache: Expiring<Id, Arc<TenantSubscriptions>>,
     schemas: SchemaCache,
 }
 
@@ -62,7 +55,7 @@ impl SubscriptionMatcher {
         Self {
             schemas: SchemaCache::new(registry.clone()),
             registry,
-            cache: Arc::default(),
+            cache: Expiring::new(TTL, MAX_TENANTS),
         }
     }
 
@@ -73,14 +66,9 @@ impl SubscriptionMatcher {
 
     /// The tenant's enabled subscriptions, from the cache or the store.
     pub async fn tenant(&self, tenant_id: &Id) -> Result<Arc<TenantSubscriptions>, StoreError> {
-        let generation = {
-            let cache = self.lock();
-            if let Some((at, subs)) = cache.tenants.get(tenant_id)
-                && at.elapsed() < TTL
-            {
-                return Ok(subs.clone());
-            }
-            cache.generation
+        let generation = match self.cache.fresh(tenant_id) {
+            Ok(subs) => return Ok(subs),
+            Err(generation) => generation,
         };
         let loaded = match self.registry.get_tenant(tenant_id).await {
             Ok(tenant) => TenantSubscriptions::Present {
@@ -91,15 +79,8 @@ impl SubscriptionMatcher {
             Err(e) => return Err(e),
         };
         let loaded = Arc::new(loaded);
-        let mut cache = self.lock();
-        if cache.generation == generation {
-            if cache.tenants.len() >= MAX_TENANTS {
-                cache.tenants.clear();
-            }
-            cache
-                .tenants
-                .insert(tenant_id.clone(), (Instant::now(), loaded.clone()));
-        }
+        self.cache
+            .store(tenant_id.clone(), generation, loaded.clone());
         Ok(loaded)
     }
 
@@ -130,16 +111,11 @@ impl SubscriptionMatcher {
     }
 
     pub fn invalidate_tenant(&self, tenant_id: &Id) {
-        let mut cache = self.lock();
-        cache.generation += 1;
-        cache.tenants.remove(tenant_id);
+        self.cache.invalidate(tenant_id);
     }
 
     pub fn invalidate_all(&self) {
-        let mut cache = self.lock();
-        cache.generation += 1;
-        cache.tenants.clear();
-        drop(cache);
+        self.cache.invalidate_all();
         self.schemas.invalidate_all();
     }
 
@@ -180,11 +156,5 @@ impl SubscriptionMatcher {
                 },
             }
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
-        // A poisoned lock only means another thread panicked mid-update of a cache;
-        // the data is still a valid cache.
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

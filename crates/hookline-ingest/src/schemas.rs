@@ -5,38 +5,32 @@
 //! drops its entry at once (a `Resync` drops all), and entries expire after a short time
 //! as a safety net, like the subscription cache.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use hookline_core::schema::PayloadSchema;
 use hookline_core::validate::ValidationError;
 use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 
+use crate::expiring::Expiring;
+
 const TTL: Duration = Duration::from_secs(30);
 const MAX_TYPES: usize = 10_000;
 
 type Entry = Option<Arc<PayloadSchema>>;
 
-#[derive(Default)]
-struct Cache {
-    /// Bumped on every invalidation, so a load that raced one is not cached.
-    generation: u64,
-    types: HashMap<String, (Instant, Entry)>,
-}
-
 #[derive(Clone)]
 pub(crate) struct SchemaCache {
     registry: Arc<dyn RegistryStore>,
-    cache: Arc<Mutex<Cache>>,
+    cache: Expiring<String, Entry>,
 }
 
 impl SchemaCache {
     pub(crate) fn new(registry: Arc<dyn RegistryStore>) -> Self {
         Self {
             registry,
-            cache: Arc::default(),
+            cache: Expiring::new(TTL, MAX_TYPES),
         }
     }
 
@@ -44,14 +38,9 @@ impl SchemaCache {
     /// catalogue. A stored schema that does not compile (set before schemas were checked)
     /// is logged and not enforced, rather than refusing every publish of the type.
     pub(crate) async fn get(&self, event_type: &str) -> Result<Entry, StoreError> {
-        let generation = {
-            let cache = self.lock();
-            if let Some((at, entry)) = cache.types.get(event_type)
-                && at.elapsed() < TTL
-            {
-                return Ok(entry.clone());
-            }
-            cache.generation
+        let generation = match self.cache.fresh(event_type) {
+            Ok(entry) => return Ok(entry),
+            Err(generation) => generation,
         };
         let entry = match self.registry.get_event_type(event_type).await {
             Ok(et) => et.schema.and_then(|text| {
@@ -63,15 +52,8 @@ impl SchemaCache {
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => return Err(e),
         };
-        let mut cache = self.lock();
-        if cache.generation == generation {
-            if cache.types.len() >= MAX_TYPES {
-                cache.types.clear();
-            }
-            cache
-                .types
-                .insert(event_type.to_string(), (Instant::now(), entry.clone()));
-        }
+        self.cache
+            .store(event_type.to_string(), generation, entry.clone());
         Ok(entry)
     }
 
@@ -89,19 +71,10 @@ impl SchemaCache {
     }
 
     pub(crate) fn invalidate(&self, event_type: &str) {
-        let mut cache = self.lock();
-        cache.generation += 1;
-        cache.types.remove(event_type);
+        self.cache.invalidate(event_type);
     }
 
     pub(crate) fn invalidate_all(&self) {
-        let mut cache = self.lock();
-        cache.generation += 1;
-        cache.types.clear();
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
-        // A poisoned lock only means another thread panicked mid-update; the cache is valid.
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+        self.cache.invalidate_all();
     }
 }

@@ -387,3 +387,28 @@ on_both_backends!(
     an_event_matching_more_subscriptions_than_its_quota_is_refused,
     events_per_second_are_limited_per_tenant,
 );
+
+#[tokio::test]
+async fn a_quota_setting_out_of_range_stops_the_server_with_the_rule() {
+    let env = Env::with(Backend::Embedded).await;
+    let out = env
+        .command()
+        .env("HOOKLINE_QUOTA_EVENTS_PER_SECOND", "0")
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .await
+        .expect("run hookline serve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("quota_events_per_second: is 0; allowed: 1 to 2,147,483,647"),
+        "{stderr}"
+    );
+    env.finish().await;
+}

@@ -545,7 +545,7 @@ async fn bad_publishes_are_refused_clearly_and_nothing_is_stored_or_delivered(ba
                 format!("\"{}\"", "x".repeat(2000)).as_bytes(),
             ),
             Code::InvalidArgument,
-            "payload: is 2 KiB; the limit is 1 KiB",
+            "payload: is 2,002 bytes; the limit is 1,024",
         ),
         (
             p.event("invoice..paid", b"{}"),

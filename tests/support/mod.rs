@@ -315,3 +315,34 @@ pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     );
     req
 }
+
+/// A gRPC channel to a running server.
+pub async fn channel(server: &Server) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(server.grpc.clone())
+        .expect("a valid URL")
+        .connect()
+        .await
+        .expect("connect to hookline")
+}
+
+/// Creates a tenant with an admin key (and the quotas given, if any); returns its id.
+pub async fn create_tenant(
+    channel: &tonic::transport::Channel,
+    admin: &str,
+    name: &str,
+    quotas: Option<hookline_proto::v1::TenantQuotas>,
+) -> String {
+    hookline_proto::v1::registry_service_client::RegistryServiceClient::new(channel.clone())
+        .create_tenant(authed(
+            hookline_proto::v1::CreateTenantRequest {
+                name: name.into(),
+                quotas,
+                ..Default::default()
+            },
+            admin,
+        ))
+        .await
+        .expect("create a tenant")
+        .into_inner()
+        .id
+}

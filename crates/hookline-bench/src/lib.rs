@@ -339,6 +339,12 @@ async fn measure(
         .create_tenant(authed(
             pb::CreateTenantRequest {
                 name: format!("hookline-bench {}", plan.scenario),
+                // The bench measures throughput, not quotas: its tenant gets the most.
+                quotas: Some(pb::TenantQuotas {
+                    max_subscriptions: hookline_core::quota::MAX_QUOTA,
+                    max_deliveries_per_event: hookline_core::quota::MAX_QUOTA,
+                    max_events_per_second: hookline_core::quota::MAX_QUOTA,
+                }),
                 ..Default::default()
             },
             &auth,

@@ -10,6 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
+/// `1234567` as `1,234,567`: the one formatter Hookline states numbers with.
+pub use hookline_core::validate::thousands;
 use serde::Serialize;
 
 use crate::events::{EventTable, latency_histogram};
@@ -612,6 +614,3 @@ impl Comparison {
         )
     }
 }
-
-/// `1234567` as `1,234,567` (the one formatting of every figure Hookline prints).
-pub use hookline_core::fmt::thousands;

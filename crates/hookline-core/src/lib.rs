@@ -9,7 +9,9 @@ pub mod id;
 pub mod job;
 pub mod model;
 pub mod redact;
+pub mod quota;
 pub mod retry;
+pub mod schema;
 pub mod signing;
 pub mod validate;
 

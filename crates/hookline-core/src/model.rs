@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::id::Id;
+use crate::quota::TenantQuotas;
 
 /// One customer of the user's SaaS. Everything else belongs to exactly one tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,6 +18,9 @@ pub struct Tenant {
     pub id: Id,
     pub name: String,
     pub metadata: BTreeMap<String, String>,
+    /// The tenant's own quotas, set by an admin; unset ones are the server's defaults.
+    #[serde(default)]
+    pub quotas: TenantQuotas,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

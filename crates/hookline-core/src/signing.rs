@@ -69,6 +69,12 @@ impl SigningKey {
         Ok(Self { key })
     }
 
+    /// Whether every key byte is the same (24 zero bytes, say): no secret at all. Refused
+    /// when a caller gives a secret (`validate::given_secret`).
+    pub fn is_uniform(&self) -> bool {
+        self.key.iter().all(|b| Some(b) == self.key.first())
+    }
+
     /// `v1,<base64 signature>` for one message.
     pub fn sign(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
         let mut out = String::with_capacity(3 + 44);

@@ -49,6 +49,43 @@ pub const MAX_METADATA_KEY_LEN: usize = 64;
 pub const MAX_METADATA_VALUE_LEN: usize = 512;
 pub const MAX_HEADERS: usize = 32;
 pub const MAX_HEADER_VALUE_LEN: usize = 4096;
+pub const MAX_HEADER_NAME_LEN: usize = 256;
+/// Deepest nesting of arrays and objects a payload may have.
+pub const MAX_JSON_DEPTH: usize = 128;
+/// The largest value an `integer` column holds, for numeric fields that are stored.
+pub const MAX_STORED_U32: u32 = i32::MAX as u32;
+/// Characters of a refused input repeated in an error or a log line.
+const EXCERPT_CHARS: usize = 64;
+
+/// At most 64 characters of `value`, quoted, with the full length if it was cut: what an
+/// error message or a log line may repeat of an input of any size.
+pub fn excerpt(value: &str) -> String {
+    match value.char_indices().nth(EXCERPT_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!(
+            "{:?}… ({} characters)",
+            &value[..cut],
+            thousands(value.chars().count() as u64)
+        ),
+    }
+}
+
+/// A number that is stored: within `min..=max` (at most what an `integer` column holds),
+/// so that a value out of range is the caller's error, never the database's.
+pub fn stored_u32(field: &str, value: u32, min: u32, max: u32) -> Result {
+    if value < min || value > max {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "is {}; allowed: {} to {}",
+                thousands(u64::from(value)),
+                thousands(u64::from(min)),
+                thousands(u64::from(max))
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// A subscription URL: absolute http(s), a host, no credentials, at most 2,048 characters.
 pub fn subscription_url(field: &str, value: &str) -> Result<url::Url> {
@@ -267,7 +304,8 @@ pub fn metadata(field: &str, value: &BTreeMap<String, String>) -> Result {
     Ok(())
 }
 
-/// Headers Hookline sets itself, which a subscription may not override.
+/// Headers Hookline sets itself, which a subscription may not override, and headers that
+/// would let a tenant speak for the platform to cloud metadata services or proxies.
 const RESERVED_HEADERS: &[&str] = &[
     "content-type",
     "content-length",
@@ -277,9 +315,60 @@ const RESERVED_HEADERS: &[&str] = &[
     "user-agent",
     "te",
     "upgrade",
+    "metadata-flavor",
+    "forwarded",
+    "proxy-authorization",
 ];
 
-/// Extra headers: valid HTTP names and values, none of `webhook-*` or those Hookline sets.
+/// Prefixes of names refused for the same reasons.
+const RESERVED_HEADER_PREFIXES: &[&str] = &["webhook-", "x-forwarded-"];
+
+/// One extra header name: an HTTP token of 1 to 256 characters that Hookline allows a
+/// tenant to send. The dispatcher applies it too, to headers stored before a rule existed.
+pub fn header_name(field: &str, name: &str) -> Result {
+    if name.len() > MAX_HEADER_NAME_LEN {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "has a header name of {} characters ({}); the limit is {MAX_HEADER_NAME_LEN}",
+                thousands(name.len() as u64),
+                excerpt(name)
+            ),
+        ));
+    }
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~)",
+                excerpt(name)
+            ),
+        ));
+    }
+    let lower = name.to_ascii_lowercase();
+    if RESERVED_HEADERS.contains(&lower.as_str())
+        || RESERVED_HEADER_PREFIXES
+            .iter()
+            .any(|p| lower.starts_with(p))
+    {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{name:?} cannot be set: Hookline sets it itself, or it would speak for Hookline \
+                 to a proxy or a metadata service (refused: webhook-*, x-forwarded-*, {})",
+                RESERVED_HEADERS.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Extra headers: at most 32, each with a valid and allowed name ([`header_name`]) and a
+/// value of at most 4,096 bytes without control characters.
 pub fn headers(field: &str, value: &BTreeMap<String, String>) -> Result {
     if value.len() > MAX_HEADERS {
         return Err(ValidationError::new(
@@ -288,29 +377,36 @@ pub fn headers(field: &str, value: &BTreeMap<String, String>) -> Result {
         ));
     }
     for (k, v) in value {
-        let lower = k.to_ascii_lowercase();
-        let token = !k.is_empty()
-            && k.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !token {
-            return Err(ValidationError::new(
-                field,
-                format!("{k:?} is not a valid HTTP header name"),
-            ));
-        }
-        if lower.starts_with("webhook-") || RESERVED_HEADERS.contains(&lower.as_str()) {
-            return Err(ValidationError::new(
-                field,
-                format!("{k:?} is set by Hookline and cannot be overridden"),
-            ));
-        }
+        header_name(field, k)?;
         if v.len() > MAX_HEADER_VALUE_LEN || v.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f)
         {
             return Err(ValidationError::new(
                 format!("{field}[{k}]"),
-                format!("must be at most {MAX_HEADER_VALUE_LEN} bytes without control characters"),
+                format!(
+                    "is {} bytes; it must be at most {} bytes without control characters",
+                    thousands(v.len() as u64),
+                    thousands(MAX_HEADER_VALUE_LEN as u64)
+                ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// A signing secret given by a caller: `whsec_` + base64 of 24 to 64 bytes that are not
+/// all the same byte.
+pub fn given_secret(field: &str, secret: &str) -> Result {
+    let key = crate::signing::SigningKey::from_secret(secret)
+        .map_err(|e| ValidationError::new(field, e.to_string()))?;
+    if !secret.starts_with("whsec_") {
+        return Err(ValidationError::new(field, "must start with `whsec_`"));
+    }
+    if key.is_uniform() {
+        return Err(ValidationError::new(
+            field,
+            "decodes to bytes that are all the same, which is no secret; give random bytes \
+             (or leave it empty and Hookline generates one)",
+        ));
     }
     Ok(())
 }
@@ -339,15 +435,29 @@ pub fn retry_schedule(field: &str, value: &[Duration]) -> Result {
     Ok(())
 }
 
-/// A JSON payload: well-formed JSON of at most `limit` bytes.
+/// `1,048,576`: a count with thousands separators, as every limit is stated.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A JSON payload: well-formed JSON of at most `limit` bytes, UTF-8 throughout, nested at
+/// most [`MAX_JSON_DEPTH`] levels.
 pub fn json_payload(field: &str, value: &[u8], limit: usize) -> Result {
     if value.len() > limit {
         return Err(ValidationError::new(
             field,
             format!(
-                "is {}; the limit is {}",
-                human_bytes(value.len()),
-                human_bytes(limit)
+                "is {} bytes; the limit is {}",
+                thousands(value.len() as u64),
+                thousands(limit as u64)
             ),
         ));
     }
@@ -357,32 +467,69 @@ pub fn json_payload(field: &str, value: &[u8], limit: usize) -> Result {
             "is empty; expected a JSON document (an object is the documented form)",
         ));
     }
+    // Skipping a value (`IgnoredAny`) neither checks the UTF-8 of strings nor limits
+    // nesting, so both are checked here first.
+    if let Err(e) = std::str::from_utf8(value) {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "is not valid UTF-8 at byte {}; JSON text must be UTF-8",
+                thousands(e.valid_up_to() as u64)
+            ),
+        ));
+    }
+    json_depth(field, value)?;
     serde_json::from_slice::<serde::de::IgnoredAny>(value)
         .map_err(|e| ValidationError::new(field, format!("is not valid JSON: {e}")))?;
     Ok(())
 }
 
-/// `1.3 MiB`, `512 KiB`, `17 bytes`.
-pub fn human_bytes(n: usize) -> String {
-    const KIB: f64 = 1024.0;
-    let f = n as f64;
-    if f >= KIB * KIB {
-        format!("{} MiB", trim_float(f / (KIB * KIB)))
-    } else if f >= KIB {
-        format!("{} KiB", trim_float(f / KIB))
-    } else {
-        format!("{n} bytes")
+/// Refuses arrays and objects nested deeper than [`MAX_JSON_DEPTH`] (strings skipped).
+fn json_depth(field: &str, value: &[u8]) -> Result {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in value.iter().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(ValidationError::new(
+                        field,
+                        format!(
+                            "nests arrays and objects more than {MAX_JSON_DEPTH} levels deep \
+                             (at byte {}); the limit is {MAX_JSON_DEPTH}",
+                            thousands(i as u64)
+                        ),
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
     }
-}
-
-fn trim_float(v: f64) -> String {
-    let s = format!("{v:.1}");
-    s.strip_suffix(".0").map(str::to_string).unwrap_or(s)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_048_577), "1,048,577");
+        assert_eq!(thousands(4_294_967_295), "4,294,967,295");
+    }
 
     #[test]
     fn urls() {
@@ -422,9 +569,88 @@ mod tests {
         assert!(json_payload("payload", b"[1,2]", 1024).is_ok());
         let e = json_payload("payload", b"{nope", 1024).unwrap_err();
         assert!(e.to_string().contains("not valid JSON"), "{e}");
-        let big = vec![b' '; 1363149];
+        let big = vec![b' '; 1_048_577];
         let e = json_payload("payload", &big, 1 << 20).unwrap_err();
-        assert_eq!(e.to_string(), "payload: is 1.3 MiB; the limit is 1 MiB");
+        assert_eq!(
+            e.to_string(),
+            "payload: is 1,048,577 bytes; the limit is 1,048,576"
+        );
+    }
+
+    #[test]
+    fn payload_depth_is_bounded() {
+        let ok = format!("{}{}", "[".repeat(128), "]".repeat(128));
+        assert!(json_payload("payload", ok.as_bytes(), 1 << 20).is_ok());
+        let deep = format!("{}{}", "[".repeat(129), "]".repeat(129));
+        let e = json_payload("payload", deep.as_bytes(), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("more than 128 levels"), "{e}");
+        let very = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(json_payload("payload", very.as_bytes(), 1 << 20).is_err());
+        // Brackets inside strings do not count.
+        let s = format!("{{\"a\":\"{}\\\"\"}}", "[".repeat(500));
+        assert!(
+            json_payload("payload", s.as_bytes(), 1 << 20).is_ok(),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn payload_strings_must_be_utf8() {
+        let e = json_payload("payload", b"{\"a\":\"\xff\xfe\"}", 1024).unwrap_err();
+        assert!(e.to_string().contains("not valid UTF-8 at byte 6"), "{e}");
+    }
+
+    #[test]
+    fn given_secrets_must_be_random_looking() {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        assert!(given_secret("secret", &crate::signing::generate_secret()).is_ok());
+        let zeros = format!("whsec_{}", b64(&[0u8; 24]));
+        let e = given_secret("secret", &zeros).unwrap_err().to_string();
+        assert!(e.contains("all the same"), "{e}");
+        let short = format!("whsec_{}", b64(&[1, 2, 3]));
+        assert!(given_secret("secret", &short).is_err());
+        let long = format!("whsec_{}", b64(&[7u8; 65]));
+        assert!(given_secret("secret", &long).is_err());
+        let no_prefix = b64(&(0u8..32).collect::<Vec<_>>());
+        assert!(given_secret("secret", &no_prefix).is_err());
+    }
+
+    #[test]
+    fn stored_numbers_are_in_range() {
+        assert!(stored_u32("n", 5, 0, MAX_STORED_U32).is_ok());
+        let e = stored_u32("rate_limit_per_second", u32::MAX, 0, MAX_STORED_U32).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "rate_limit_per_second: is 4,294,967,295; allowed: 0 to 2,147,483,647"
+        );
+    }
+
+    #[test]
+    fn header_names_are_bounded_and_not_platform_ones() {
+        let long = "a".repeat(100_000);
+        let e = header_name("headers", &long).unwrap_err().to_string();
+        assert!(e.contains("100,000 characters"), "{e}");
+        assert!(
+            e.len() < 300,
+            "the error repeats the whole name: {} bytes",
+            e.len()
+        );
+        assert!(header_name("headers", &"a".repeat(256)).is_ok());
+        for refused in [
+            "Metadata-Flavor",
+            "X-Forwarded-For",
+            "x-forwarded-host",
+            "Forwarded",
+            "Proxy-Authorization",
+            "Host",
+            "Webhook-Id",
+        ] {
+            assert!(header_name("headers", refused).is_err(), "{refused}");
+        }
+        let bad = format!("{} x", "b".repeat(1000));
+        let e = header_name("headers", &bad).unwrap_err().to_string();
+        assert!(e.len() < 300, "{e}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use hookline_core::Id;
 use hookline_core::model::{RegistryChange, Subscription};
 use hookline_core::retry::RetryPolicy;
 use hookline_core::signing::SigningKey;
+use hookline_core::validate;
 use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 use reqwest::Url;
@@ -52,17 +53,20 @@ impl Endpoint {
     ) -> Self {
         let mut headers = HeaderMap::with_capacity(subscription.headers.len() + 2);
         for (name, value) in &subscription.headers {
+            // The create-time rule again, for headers stored before it existed; the log
+            // line repeats a bounded excerpt of the name, never all of it.
             match (
+                validate::header_name("headers", name),
                 HeaderName::from_bytes(name.as_bytes()),
                 HeaderValue::from_str(value),
             ) {
-                (Ok(n), Ok(v)) => {
+                (Ok(()), Ok(n), Ok(v)) => {
                     headers.insert(n, v);
                 }
                 _ => tracing::warn!(
                     subscription_id = %subscription.id,
-                    header = %name,
-                    "skipping an extra header that is not valid HTTP"
+                    header = %validate::excerpt(name),
+                    "skipping an extra header that is not valid HTTP or not allowed"
                 ),
             }
         }
@@ -319,5 +323,27 @@ mod tests {
         assert_eq!(endpoint.headers[USER_AGENT], "Hookline/test");
         assert_eq!(endpoint.headers.len(), 3);
         assert!(endpoint.url.is_err());
+    }
+
+    #[test]
+    fn headers_stored_before_the_rules_are_not_sent() {
+        let long = "a".repeat(100_000);
+        let endpoint = Endpoint::new(
+            subscription(
+                "https://example.com/hook",
+                &[
+                    ("x-team", "billing"),
+                    ("Metadata-Flavor", "Google"),
+                    ("X-Forwarded-For", "10.0.0.1"),
+                    (long.as_str(), "x"),
+                ],
+            ),
+            vec![],
+            &HeaderValue::from_static("Hookline/test"),
+        );
+        assert_eq!(endpoint.headers["x-team"], "billing");
+        assert!(!endpoint.headers.contains_key("metadata-flavor"));
+        assert!(!endpoint.headers.contains_key("x-forwarded-for"));
+        assert_eq!(endpoint.headers.len(), 3);
     }
 }

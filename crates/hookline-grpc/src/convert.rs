@@ -52,7 +52,32 @@ pub fn tenant(t: model::Tenant) -> pb::Tenant {
         metadata: t.metadata,
         created_at: Some(timestamp(t.created_at)),
         updated_at: Some(timestamp(t.updated_at)),
+        quotas: Some(tenant_quotas(&t.quotas)),
     }
+}
+
+pub fn tenant_quotas(q: &hookline_core::quota::TenantQuotas) -> pb::TenantQuotas {
+    pb::TenantQuotas {
+        max_subscriptions: q.max_subscriptions.unwrap_or(0),
+        max_deliveries_per_event: q.max_deliveries_per_event.unwrap_or(0),
+        max_events_per_second: q.max_events_per_second.unwrap_or(0),
+    }
+}
+
+/// Quotas from the wire (0 = the server's default), each checked against what is stored.
+pub fn from_tenant_quotas(
+    field: &str,
+    q: &pb::TenantQuotas,
+) -> Result<hookline_core::quota::TenantQuotas, tonic::Status> {
+    use hookline_core::quota::override_value;
+    let one = |name: &str, v: u32| {
+        override_value(&format!("{field}.{name}"), v).map_err(crate::status::from_validation)
+    };
+    Ok(hookline_core::quota::TenantQuotas {
+        max_subscriptions: one("max_subscriptions", q.max_subscriptions)?,
+        max_deliveries_per_event: one("max_deliveries_per_event", q.max_deliveries_per_event)?,
+        max_events_per_second: one("max_events_per_second", q.max_events_per_second)?,
+    })
 }
 
 pub fn subscription_state(s: model::SubscriptionState) -> pb::SubscriptionState {

@@ -1,6 +1,7 @@
 //! Domain errors as gRPC statuses with messages a person can act on.
 
 use hookline_core::id::IdError;
+use hookline_core::quota::QuotaExceeded;
 use hookline_core::validate::ValidationError;
 use hookline_store::StoreError;
 use tonic::Status;
@@ -18,11 +19,17 @@ pub fn from_store(e: StoreError) -> Status {
                  try again once the operator has freed space",
             )
         }
+        StoreError::Quota(q) => from_quota(q),
         other => {
             tracing::error!(error = %other, "database error");
             Status::unavailable("the database is unavailable; try again shortly")
         }
     }
+}
+
+/// `RESOURCE_EXHAUSTED`: over a tenant's quota (the message says which and how to raise it).
+pub fn from_quota(e: QuotaExceeded) -> Status {
+    Status::resource_exhausted(e.to_string())
 }
 
 pub fn from_validation(e: ValidationError) -> Status {

@@ -4,10 +4,15 @@
 //! tenant's subscriptions (from a cache that registry change announcements keep fresh),
 //! store each event with one delivery per match in one transaction, then publish the
 //! deliveries with publisher confirms. `GetEvent` and `ListEvents` read events back.
+//! Payloads are checked against their event type's JSON Schema, and each tenant's quotas
+//! (deliveries per event, events per second) are enforced before anything is stored.
 
 mod batcher;
+mod expiring;
 mod matcher;
+mod rate;
+mod schemas;
 mod service;
 
-pub use matcher::SubscriptionMatcher;
+pub use matcher::{Matched, SubscriptionMatcher};
 pub use service::{IngestApi, IngestConfig};

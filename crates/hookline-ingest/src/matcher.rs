@@ -3,20 +3,25 @@
 //! The enabled subscriptions of a tenant are cached, read through the storage port on a
 //! miss. A registry change announcement drops the tenant's entry at once (a `Resync`
 //! drops everything), so a new or disabled subscription takes effect as soon as the
-//! announcement arrives; entries also expire after a short time as a safety net.
+//! announcement arrives; entries also expire after a short time as a safety net. The
+//! tenant's quotas come with its entry, and the matcher also keeps the event-type schema
+//! cache fresh from the same announcements.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use hookline_broker::{Broker, ChangeNotice};
 use hookline_core::Id;
 use hookline_core::filter::subscription_wants;
 use hookline_core::model::{RegistryChange, Subscription};
+use hookline_core::quota::TenantQuotas;
 use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 use tokio_util::sync::CancellationToken;
+
+use crate::expiring::Expiring;
+use crate::schemas::SchemaCache;
 
 const TTL: Duration = Duration::from_secs(30);
 const MAX_TENANTS: usize = 100_000;
@@ -25,91 +30,93 @@ const MAX_TENANTS: usize = 100_000;
 #[derive(Debug)]
 pub enum TenantSubscriptions {
     Missing,
-    Present(Vec<Subscription>),
+    Present {
+        quotas: TenantQuotas,
+        subscriptions: Vec<Subscription>,
+    },
 }
 
-#[derive(Default)]
-struct Cache {
-    /// Bumped on every invalidation, so a load that raced one is not cached.
-    generation: u64,
-    tenants: HashMap<Id, (Instant, Arc<TenantSubscriptions>)>,
+/// The subscriptions that want an event, and the quotas of their tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched {
+    pub quotas: TenantQuotas,
+    pub subscription_ids: Vec<Id>,
 }
 
 #[derive(Clone)]
 pub struct SubscriptionMatcher {
     registry: Arc<dyn RegistryStore>,
-    cache: Arc<Mutex<Cache>>,
+    cache: Expiring<Id, Arc<TenantSubscriptions>>,
+    schemas: SchemaCache,
 }
 
 impl SubscriptionMatcher {
     pub fn new(registry: Arc<dyn RegistryStore>) -> Self {
         Self {
+            schemas: SchemaCache::new(registry.clone()),
             registry,
-            cache: Arc::default(),
+            cache: Expiring::new(TTL, MAX_TENANTS),
         }
+    }
+
+    /// The event-type schemas, kept fresh by the same announcements.
+    pub(crate) fn schemas(&self) -> &SchemaCache {
+        &self.schemas
     }
 
     /// The tenant's enabled subscriptions, from the cache or the store.
     pub async fn tenant(&self, tenant_id: &Id) -> Result<Arc<TenantSubscriptions>, StoreError> {
-        let generation = {
-            let cache = self.lock();
-            if let Some((at, subs)) = cache.tenants.get(tenant_id)
-                && at.elapsed() < TTL
-            {
-                return Ok(subs.clone());
-            }
-            cache.generation
+        let generation = match self.cache.fresh(tenant_id) {
+            Ok(subs) => return Ok(subs),
+            Err(generation) => generation,
         };
         let loaded = match self.registry.get_tenant(tenant_id).await {
-            Ok(_) => {
-                TenantSubscriptions::Present(self.registry.enabled_subscriptions(tenant_id).await?)
-            }
+            Ok(tenant) => TenantSubscriptions::Present {
+                quotas: tenant.quotas,
+                subscriptions: self.registry.enabled_subscriptions(tenant_id).await?,
+            },
             Err(StoreError::NotFound { .. }) => TenantSubscriptions::Missing,
             Err(e) => return Err(e),
         };
         let loaded = Arc::new(loaded);
-        let mut cache = self.lock();
-        if cache.generation == generation {
-            if cache.tenants.len() >= MAX_TENANTS {
-                cache.tenants.clear();
-            }
-            cache
-                .tenants
-                .insert(tenant_id.clone(), (Instant::now(), loaded.clone()));
-        }
+        self.cache
+            .store(tenant_id.clone(), generation, loaded.clone());
         Ok(loaded)
     }
 
-    /// The ids of the subscriptions that want an event; `None` if the tenant is unknown.
+    /// The ids of the subscriptions that want an event, with the tenant's quotas; `None`
+    /// if the tenant is unknown.
     pub async fn matching(
         &self,
         tenant_id: &Id,
         event_type: &str,
         channels: &[String],
-    ) -> Result<Option<Vec<Id>>, StoreError> {
+    ) -> Result<Option<Matched>, StoreError> {
         Ok(match &*self.tenant(tenant_id).await? {
             TenantSubscriptions::Missing => None,
-            TenantSubscriptions::Present(subs) => Some(
-                subs.iter()
+            TenantSubscriptions::Present {
+                quotas,
+                subscriptions,
+            } => Some(Matched {
+                quotas: *quotas,
+                subscription_ids: subscriptions
+                    .iter()
                     .filter(|s| {
                         subscription_wants(&s.event_types, &s.channels, event_type, channels)
                     })
                     .map(|s| s.id.clone())
                     .collect(),
-            ),
+            }),
         })
     }
 
     pub fn invalidate_tenant(&self, tenant_id: &Id) {
-        let mut cache = self.lock();
-        cache.generation += 1;
-        cache.tenants.remove(tenant_id);
+        self.cache.invalidate(tenant_id);
     }
 
     pub fn invalidate_all(&self) {
-        let mut cache = self.lock();
-        cache.generation += 1;
-        cache.tenants.clear();
+        self.cache.invalidate_all();
+        self.schemas.invalidate_all();
     }
 
     /// Applies one change announcement.
@@ -121,7 +128,8 @@ impl SubscriptionMatcher {
                 | Ok(RegistryChange::Subscription { tenant_id, .. }) => {
                     self.invalidate_tenant(&tenant_id)
                 }
-                Ok(RegistryChange::ApiKey { .. }) | Ok(RegistryChange::EventType { .. }) => {}
+                Ok(RegistryChange::EventType { name }) => self.schemas.invalidate(&name),
+                Ok(RegistryChange::ApiKey { .. }) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable registry change; dropping the whole cache");
                     self.invalidate_all();
@@ -148,11 +156,5 @@ impl SubscriptionMatcher {
                 },
             }
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
-        // A poisoned lock only means another thread panicked mid-update of a cache;
-        // the data is still a valid cache.
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use chrono::Utc;
 use hookline_broker::{Broker, QueueName};
 use hookline_core::model::Event;
+use hookline_core::quota::{Quota, QuotaExceeded, Quotas, thousands};
 use hookline_core::{Id, IdKind, validate};
-use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
+use hookline_grpc::status::{from_id, from_quota, from_store, from_validation, invalid};
 use hookline_grpc::{
     Authenticator, Gate, MessageLimits, Principal, convert, page_request, principal,
 };
@@ -27,6 +28,7 @@ use tracing::Instrument as _;
 use tracing::field::Empty;
 
 use crate::matcher::SubscriptionMatcher;
+use crate::rate::TenantRates;
 
 /// Limits of the write path.
 #[derive(Debug, Clone)]
@@ -37,6 +39,8 @@ pub struct IngestConfig {
     pub max_batch: usize,
     /// Largest `PublishBatch` request message, in bytes.
     pub max_batch_bytes: usize,
+    /// The quotas of tenants without their own.
+    pub quotas: Quotas,
 }
 
 impl Default for IngestConfig {
@@ -45,6 +49,7 @@ impl Default for IngestConfig {
             max_payload_bytes: 1024 * 1024,
             max_batch: 1000,
             max_batch_bytes: 16 * 1024 * 1024,
+            quotas: Quotas::default(),
         }
     }
 }
@@ -63,6 +68,8 @@ pub struct IngestApi {
     matcher: SubscriptionMatcher,
     broker: Arc<dyn Broker>,
     auth: Authenticator,
+    /// The events-per-second quota of each tenant.
+    rates: TenantRates,
 }
 
 impl IngestApi {
@@ -81,6 +88,7 @@ impl IngestApi {
             matcher,
             broker,
             auth,
+            rates: TenantRates::default(),
         }
     }
 
@@ -125,6 +133,46 @@ impl IngestApi {
         Ok(tenant)
     }
 
+    /// Matches one event and applies what depends on its tenant and event type: the
+    /// deliveries-per-event quota and the event type's JSON Schema. Returns the matching
+    /// subscriptions and the tenant's quotas.
+    async fn admit(
+        &self,
+        prefix: &str,
+        tenant_id: &Id,
+        req: &pb::PublishRequest,
+    ) -> Result<(Vec<Id>, Quotas), Status> {
+        let Some(matched) = self
+            .matcher
+            .matching(tenant_id, &req.event_type, &req.channels)
+            .await
+            .map_err(from_store)?
+        else {
+            return Err(Status::not_found(format!("tenant {tenant_id} not found")));
+        };
+        let quotas = matched.quotas.effective(&self.config.quotas);
+        let matches = matched.subscription_ids.len();
+        if matches > quotas.deliveries_per_event as usize {
+            return Err(from_quota(QuotaExceeded {
+                quota: Quota::DeliveriesPerEvent,
+                limit: quotas.deliveries_per_event,
+                tenant: tenant_id.to_string(),
+                context: format!(
+                    "{prefix}event of type {:?} matches {} enabled subscriptions",
+                    req.event_type,
+                    thousands(matches as u64)
+                ),
+            }));
+        }
+        self.matcher
+            .schemas()
+            .check(&format!("{prefix}payload"), &req.event_type, &req.payload)
+            .await
+            .map_err(from_store)?
+            .map_err(from_validation)?;
+        Ok((matched.subscription_ids, quotas))
+    }
+
     /// Validates, authorises and matches every request, then stores them in one
     /// transaction and enqueues their deliveries.
     async fn publish_all(
@@ -135,12 +183,7 @@ impl IngestApi {
     ) -> Result<Vec<pb::PublishResponse>, Status> {
         let mut tenants = Vec::with_capacity(requests.len());
         for (i, req) in requests.iter().enumerate() {
-            let prefix = if batch {
-                format!("events[{i}].")
-            } else {
-                String::new()
-            };
-            let tenant = self.check(&prefix, req)?;
+            let tenant = self.check(&field_prefix(batch, i), req)?;
             principal.require_tenant(&tenant)?;
             tenants.push(tenant);
         }
@@ -150,15 +193,16 @@ impl IngestApi {
         let traceparent = hookline_telemetry::traceparent_of(&span);
         let now = Utc::now();
         let mut new_events = Vec::with_capacity(requests.len());
-        for (req, tenant_id) in requests.into_iter().zip(tenants) {
-            let Some(subscription_ids) = self
-                .matcher
-                .matching(&tenant_id, &req.event_type, &req.channels)
-                .await
-                .map_err(from_store)?
-            else {
-                return Err(Status::not_found(format!("tenant {tenant_id} not found")));
-            };
+        // Events of this call per tenant, and the tenant's events-per-second quota.
+        let mut per_tenant: Vec<(Id, u32, u32)> = Vec::new();
+        for (i, (req, tenant_id)) in requests.into_iter().zip(tenants).enumerate() {
+            let (subscription_ids, quotas) = self
+                .admit(&field_prefix(batch, i), &tenant_id, &req)
+                .await?;
+            match per_tenant.iter_mut().find(|(t, ..)| *t == tenant_id) {
+                Some((_, n, _)) => *n += 1,
+                None => per_tenant.push((tenant_id.clone(), 1, quotas.events_per_second)),
+            }
             new_events.push(NewEvent {
                 event: Event {
                     id: Id::new(IdKind::Event),
@@ -173,6 +217,12 @@ impl IngestApi {
                 subscription_ids,
                 traceparent: traceparent.clone(),
             });
+        }
+        // Last of the checks, so that a call refused for another reason uses no quota.
+        for (tenant, events, per_second) in &per_tenant {
+            self.rates
+                .admit(tenant, *events, *per_second)
+                .map_err(from_quota)?;
         }
         let event_count = new_events.len();
         let outcomes = self
@@ -229,6 +279,15 @@ impl IngestApi {
             tracing::warn!(error = %e, deliveries = jobs.len(), "deliveries committed but not yet queued; the relay will queue them");
         }
         Ok(responses)
+    }
+}
+
+/// How the fields of the `i`-th event are named in errors: `events[3].` in a batch.
+fn field_prefix(batch: bool, i: usize) -> String {
+    if batch {
+        format!("events[{i}].")
+    } else {
+        String::new()
     }
 }
 

@@ -4,6 +4,8 @@
 //! answers `MatchSubscriptions` for ingest, and announces every change on the broker's
 //! fanout exchange so that caches elsewhere drop stale entries at once.
 
+mod fields;
+mod gate;
 mod service;
 
 pub use service::{RegistryApi, matching_subscriptions};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use hookline_broker::Broker;
 use hookline_core::model::{RegistryChange, Subscription, SubscriptionSecret, SubscriptionState};
-use hookline_core::signing::{SigningKey, generate_secret};
+use hookline_core::quota::Quotas;
 use hookline_core::{Id, IdKind, filter, validate};
 use hookline_grpc::auth::generate_token;
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
@@ -18,6 +18,11 @@ use hookline_proto::v1::registry_service_server::RegistryService;
 use hookline_store::StoreError;
 use hookline_store::port::{NewApiKey, NewSubscription, Page, RegistryStore};
 use tonic::{Request, Response, Status};
+
+use crate::fields::{schema_text, secret_or_generate};
+
+mod tenants;
+use crate::gate::TenantGate;
 
 /// Default and longest grace period of a rotated-out secret.
 const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -29,6 +34,10 @@ pub struct RegistryApi {
     store: Arc<dyn RegistryStore>,
     broker: Arc<dyn Broker>,
     auth: Authenticator,
+    /// The quotas of tenants without their own.
+    quotas: Quotas,
+    /// Turns per tenant for subscription creates (see `gate`).
+    creates: Arc<TenantGate>,
 }
 
 impl RegistryApi {
@@ -41,7 +50,15 @@ impl RegistryApi {
             store,
             broker,
             auth,
+            quotas: Quotas::default(),
+            creates: Arc::default(),
         }
+    }
+
+    /// Uses these quotas for tenants without their own (the default: [`Quotas::default`]).
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
     }
 
     /// The service behind the gate, which authenticates every call before its body is read.
@@ -93,18 +110,6 @@ fn tenant_id(field: &str, value: &str) -> Result<Id, Status> {
     Id::parse(IdKind::Tenant, field, value).map_err(from_id)
 }
 
-/// Checks a secret given by the caller, or makes a new one.
-fn secret_or_generate(field: &str, given: &str) -> Result<String, Status> {
-    if given.is_empty() {
-        return Ok(generate_secret());
-    }
-    SigningKey::from_secret(given).map_err(|e| invalid(field, e))?;
-    if !given.starts_with("whsec_") {
-        return Err(invalid(field, "must start with `whsec_`"));
-    }
-    Ok(given.to_string())
-}
-
 /// Every field of a subscription a caller may set, validated.
 struct SubscriptionFields {
     url: String,
@@ -126,6 +131,13 @@ fn validate_subscription(p: &str, s: &pb::Subscription) -> Result<SubscriptionFi
     validate::channels(&f("channels"), &s.channels).map_err(from_validation)?;
     validate::headers(&f("headers"), &s.headers).map_err(from_validation)?;
     validate::metadata(&f("metadata"), &s.metadata).map_err(from_validation)?;
+    for (name, value) in [
+        ("rate_limit_per_second", s.rate_limit_per_second),
+        ("max_in_flight", s.max_in_flight),
+    ] {
+        validate::stored_u32(&f(name), value, 0, validate::MAX_STORED_U32)
+            .map_err(from_validation)?;
+    }
     let retry_schedule = match &s.retry_policy {
         Some(policy) => {
             let schedule = convert::retry_schedule(&f("retry_policy"), policy)?;
@@ -166,21 +178,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        self.principal(&req)
-            .await?
-            .require_admin("creating a tenant")?;
-        let req = req.into_inner();
-        validate::name("name", &req.name).map_err(from_validation)?;
-        validate::metadata("metadata", &req.metadata).map_err(from_validation)?;
-        let id = Id::new(IdKind::Tenant);
-        let tenant = self
-            .store
-            .create_tenant(&id, &req.name, &req.metadata)
-            .await
-            .map_err(from_store)?;
-        self.announce(RegistryChange::Tenant { tenant_id: id })
-            .await;
-        Ok(Response::new(convert::tenant(tenant)))
+        self.create_tenant_call(req).await
     }
 
     async fn get_tenant(
@@ -225,24 +223,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        self.principal(&req)
-            .await?
-            .require_admin("changing a tenant")?;
-        let req = req.into_inner();
-        let id = tenant_id("tenant_id", &req.tenant_id)?;
-        if let Some(name) = &req.name {
-            validate::name("name", name).map_err(from_validation)?;
-        }
-        validate::metadata("metadata", &req.metadata).map_err(from_validation)?;
-        let metadata = req.replace_metadata.then_some(&req.metadata);
-        let tenant = self
-            .store
-            .update_tenant(&id, req.name.as_deref(), metadata)
-            .await
-            .map_err(from_store)?;
-        self.announce(RegistryChange::Tenant { tenant_id: id })
-            .await;
-        Ok(Response::new(convert::tenant(tenant)))
+        self.update_tenant_call(req).await
     }
 
     async fn delete_tenant(
@@ -308,11 +289,13 @@ impl RegistryService for RegistryApi {
                 expires_at: None,
             },
         };
+        let turn = self.creates.turn(&tenant).await;
         let created = self
             .store
-            .create_subscription(&new)
+            .create_subscription_within(&new, self.quotas.subscriptions_per_tenant)
             .await
             .map_err(from_store)?;
+        drop(turn);
         self.announce(RegistryChange::Subscription {
             tenant_id: tenant,
             subscription_id: id,
@@ -730,14 +713,4 @@ impl RegistryService for RegistryApi {
             .await;
         Ok(Response::new(convert::api_key(revoked)))
     }
-}
-
-/// An optional JSON Schema given as text: empty means none; otherwise it must be JSON.
-fn schema_text(schema: &str) -> Result<Option<&str>, Status> {
-    if schema.is_empty() {
-        return Ok(None);
-    }
-    serde_json::from_str::<serde_json::Value>(schema)
-        .map_err(|e| invalid("schema", format!("is not valid JSON: {e}")))?;
-    Ok(Some(schema))
 }

@@ -89,7 +89,7 @@ impl Harness {
             .create_tenant(authed(
                 pb::CreateTenantRequest {
                     name: name.into(),
-                    metadata: Default::default(),
+                    ..Default::default()
                 },
                 &self.admin,
             ))
@@ -219,8 +219,7 @@ async fn tenants_can_be_created_listed_in_pages_updated_and_deleted() {
             pb::UpdateTenantRequest {
                 tenant_id: ids[1].clone(),
                 name: Some("renamed".into()),
-                metadata: Default::default(),
-                replace_metadata: false,
+                ..Default::default()
             },
             &admin,
         ))

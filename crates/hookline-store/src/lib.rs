@@ -24,6 +24,9 @@ pub enum StoreError {
     /// The write collides with a record that exists; the message says what to change.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The write would take the tenant over a quota; nothing was stored.
+    #[error(transparent)]
+    Quota(#[from] hookline_core::quota::QuotaExceeded),
     /// Anything else the database or the driver reported.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

@@ -14,6 +14,7 @@ use hookline_core::model::{
     ApiKey, Attempt, Delivery, DeliveryStatus, Event, EventType, Subscription, SubscriptionSecret,
     SubscriptionState, Tenant,
 };
+use hookline_core::quota::TenantQuotas;
 
 use crate::StoreError;
 
@@ -80,8 +81,23 @@ pub trait RegistryStore: Send + Sync + 'static {
     ) -> Result<Tenant, StoreError>;
     /// Deletes the tenant and everything that belongs to it.
     async fn delete_tenant(&self, id: &Id) -> Result<(), StoreError>;
+    /// Replaces the tenant's own quotas (`None` = the server's default).
+    async fn set_tenant_quotas(&self, id: &Id, quotas: &TenantQuotas)
+    -> Result<Tenant, StoreError>;
 
-    async fn create_subscription(&self, new: &NewSubscription) -> Result<Subscription, StoreError>;
+    /// Creates a subscription; only the tenant's own `max_subscriptions` limits it.
+    async fn create_subscription(&self, new: &NewSubscription) -> Result<Subscription, StoreError> {
+        self.create_subscription_within(new, u32::MAX).await
+    }
+    /// Creates a subscription unless its tenant has as many as its quota already: the
+    /// tenant's `max_subscriptions`, else `default_limit`. Concurrent creates of one tenant
+    /// are serialised on the tenant, so they never exceed it together; over the quota the
+    /// answer is [`StoreError::Quota`] and nothing is stored.
+    async fn create_subscription_within(
+        &self,
+        new: &NewSubscription,
+        default_limit: u32,
+    ) -> Result<Subscription, StoreError>;
     async fn get_subscription(&self, id: &Id) -> Result<Subscription, StoreError>;
     /// Subscriptions of one tenant in id (creation) order.
     async fn list_subscriptions(

@@ -25,6 +25,7 @@ use chrono::{DateTime, Utc};
 use hookline_core::model::{
     ApiKey, EventType, Subscription, SubscriptionSecret, SubscriptionState, Tenant,
 };
+use hookline_core::quota::TenantQuotas;
 use hookline_core::{Id, IdKind};
 use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
@@ -106,7 +107,8 @@ impl PgStore {
 
 macro_rules! tenant_cols {
     () => {
-        "id, name, metadata, created_at, updated_at"
+        "id, name, metadata, max_subscriptions, max_deliveries_per_event, \
+         max_events_per_second, created_at, updated_at"
     };
 }
 
@@ -167,6 +169,7 @@ macro_rules! job_cols {
 // The data plane's modules come after the column lists so that they can use them.
 mod deliveries;
 mod events;
+mod quotas;
 
 // ---------------------------------------------------------------------------------------------
 // Row mapping
@@ -203,6 +206,7 @@ fn tenant_from_row(row: &PgRow) -> Result<Tenant, sqlx::Error> {
         id: get_id(row, "id", IdKind::Tenant)?,
         name: row.try_get("name")?,
         metadata: get_map(row, "metadata")?,
+        quotas: quotas::quotas_from_row(row)?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -506,12 +510,25 @@ impl RegistryStore for PgStore {
         Ok(())
     }
 
-    async fn create_subscription(&self, new: &NewSubscription) -> Result<Subscription, StoreError> {
+    async fn set_tenant_quotas(
+        &self,
+        id: &Id,
+        quotas: &TenantQuotas,
+    ) -> Result<Tenant, StoreError> {
+        quotas::set(&self.pool, id, quotas).await
+    }
+
+    async fn create_subscription_within(
+        &self,
+        new: &NewSubscription,
+        default_limit: u32,
+    ) -> Result<Subscription, StoreError> {
         let rate_limit = opt_u32_param("rate_limit_per_second", new.rate_limit_per_second)?;
         let max_in_flight = opt_u32_param("max_in_flight", new.max_in_flight)?;
         let retry = retry_schedule_param(new.retry_schedule.as_deref())?;
 
         let mut tx = self.pool.begin().await?;
+        quotas::check_subscriptions(&mut tx, &new.tenant_id, default_limit).await?;
         let row = sqlx::query(concat!(
             "INSERT INTO subscriptions (id, tenant_id, url, description, event_types, channels, \
              headers, rate_limit_per_second, max_in_flight, retry_schedule_ms, state, \

@@ -77,6 +77,7 @@ use chrono::{DateTime, Utc};
 use hookline_core::model::{
     ApiKey, EventType, Subscription, SubscriptionSecret, SubscriptionState, Tenant,
 };
+use hookline_core::quota::TenantQuotas;
 use hookline_core::{Id, IdKind};
 use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
@@ -277,7 +278,8 @@ impl Clock {
 
 macro_rules! tenant_cols {
     () => {
-        "id, name, metadata, created_at, updated_at"
+        "id, name, metadata, max_subscriptions, max_deliveries_per_event, \
+         max_events_per_second, created_at, updated_at"
     };
 }
 
@@ -341,6 +343,7 @@ macro_rules! jobs_of_ids {
 // The data plane's modules come after the column lists so that they can use them.
 mod deliveries;
 mod events;
+mod quotas;
 
 // ---------------------------------------------------------------------------------------------
 // Row mapping
@@ -412,6 +415,7 @@ fn tenant_from_row(row: &SqliteRow) -> Result<Tenant, sqlx::Error> {
         id: get_id(row, "id", IdKind::Tenant)?,
         name: row.try_get("name")?,
         metadata: get_map(row, "metadata")?,
+        quotas: quotas::quotas_from_row(row)?,
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
     })
@@ -791,12 +795,28 @@ impl RegistryStore for SqliteStore {
         Ok(())
     }
 
-    async fn create_subscription(&self, new: &NewSubscription) -> Result<Subscription, StoreError> {
+    async fn set_tenant_quotas(
+        &self,
+        id: &Id,
+        quotas: &TenantQuotas,
+    ) -> Result<Tenant, StoreError> {
+        let (mut tx, now) = self.write().await?;
+        let tenant = quotas::set(&mut tx, now, id, quotas).await?;
+        tx.commit().await?;
+        Ok(tenant)
+    }
+
+    async fn create_subscription_within(
+        &self,
+        new: &NewSubscription,
+        default_limit: u32,
+    ) -> Result<Subscription, StoreError> {
         let rate_limit = opt_u32_param("rate_limit_per_second", new.rate_limit_per_second)?;
         let max_in_flight = opt_u32_param("max_in_flight", new.max_in_flight)?;
         let retry = retry_schedule_param(new.retry_schedule.as_deref())?;
 
         let (mut tx, now) = self.write().await?;
+        quotas::check_subscriptions(&mut tx, &new.tenant_id, default_limit).await?;
         let row = sqlx::query(concat!(
             "INSERT INTO subscriptions (id, tenant_id, url, description, event_types, channels, \
              headers, rate_limit_per_second, max_in_flight, retry_schedule_ms, state, \

@@ -225,6 +225,7 @@ pub async fn tenants(args: &ClientArgs, cmd: TenantCommand) -> anyhow::Result<()
                 .create_tenant(client.request(pb::CreateTenantRequest {
                     name,
                     metadata: BTreeMap::new(),
+                    quotas: None,
                 })?)
                 .await
                 .map_err(rpc)?

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use hookline_core::quota::{MAX_QUOTA, Quotas};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +72,15 @@ pub struct Config {
     pub key_requests_per_second: u32,
     /// `WatchDeliveries` streams one API key may hold open at once.
     pub key_max_watch_streams: usize,
+
+    // --- Tenant quotas (issue #9): defaults for tenants without their own (an admin sets
+    // those with UpdateTenant `quotas`). Each 1 to 2,147,483,647.
+    /// Most subscriptions one tenant may have.
+    pub quota_subscriptions_per_tenant: u32,
+    /// Most subscriptions one published event may match (more: the publish is refused).
+    pub quota_deliveries_per_event: u32,
+    /// Most events one tenant may publish per second, per ingest process.
+    pub quota_events_per_second: u32,
 }
 
 impl Default for Config {
@@ -101,6 +111,9 @@ impl Default for Config {
             publish_batch_max_bytes: 16 * 1024 * 1024,
             key_requests_per_second: 5_000,
             key_max_watch_streams: 16,
+            quota_subscriptions_per_tenant: Quotas::default().subscriptions_per_tenant,
+            quota_deliveries_per_event: Quotas::default().deliveries_per_event,
+            quota_events_per_second: Quotas::default().events_per_second,
         }
     }
 }
@@ -182,6 +195,19 @@ impl Config {
             config.shutdown_drain_secs
         );
         config.check_connection_limits()?;
+        for (name, value) in [
+            (
+                "quota_subscriptions_per_tenant",
+                config.quota_subscriptions_per_tenant,
+            ),
+            (
+                "quota_deliveries_per_event",
+                config.quota_deliveries_per_event,
+            ),
+            ("quota_events_per_second", config.quota_events_per_second),
+        ] {
+            hookline_core::validate::stored_u32(name, value, 1, MAX_QUOTA)?;
+        }
         Ok(config)
     }
 
@@ -224,6 +250,15 @@ impl Config {
         hookline_grpc::keys::KeyLimitsConfig {
             requests_per_second: self.key_requests_per_second,
             max_watch_streams: self.key_max_watch_streams,
+        }
+    }
+
+    /// The quotas of tenants without their own.
+    pub fn quotas(&self) -> Quotas {
+        Quotas {
+            subscriptions_per_tenant: self.quota_subscriptions_per_tenant,
+            deliveries_per_event: self.quota_deliveries_per_event,
+            events_per_second: self.quota_events_per_second,
         }
     }
 }

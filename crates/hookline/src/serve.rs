@@ -290,7 +290,8 @@ impl Wiring<'_> {
             self.store.registry(),
             self.broker.clone(),
             self.auth.clone(),
-        );
+        )
+        .with_quotas(self.config.quotas());
         health
             .set_serving::<pb::registry_service_server::RegistryServiceServer<RegistryApi>>()
             .await;
@@ -313,6 +314,7 @@ impl Wiring<'_> {
             IngestConfig {
                 max_payload_bytes: self.config.max_payload_bytes,
                 max_batch_bytes: self.config.publish_batch_max_bytes,
+                quotas: self.config.quotas(),
                 ..IngestConfig::default()
             },
             self.store.events(),

@@ -1,0 +1,67 @@
+//! Tenant quotas on PostgreSQL: reading and setting a tenant's overrides, and the check
+//! that keeps concurrent `CreateSubscription` calls of one tenant within its quota.
+
+use hookline_core::Id;
+use hookline_core::model::Tenant;
+use hookline_core::quota::{self, TenantQuotas};
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+
+use super::{found, get_opt_u32, opt_u32_param, tenant_from_row};
+use crate::StoreError;
+
+/// The override columns of a tenant row.
+pub(super) fn quotas_from_row(row: &PgRow) -> Result<TenantQuotas, sqlx::Error> {
+    Ok(TenantQuotas {
+        max_subscriptions: get_opt_u32(row, "max_subscriptions")?,
+        max_deliveries_per_event: get_opt_u32(row, "max_deliveries_per_event")?,
+        max_events_per_second: get_opt_u32(row, "max_events_per_second")?,
+    })
+}
+
+pub(super) async fn set(pool: &PgPool, id: &Id, q: &TenantQuotas) -> Result<Tenant, StoreError> {
+    let row = sqlx::query(concat!(
+        "UPDATE tenants SET max_subscriptions = $2, max_deliveries_per_event = $3, \
+         max_events_per_second = $4, updated_at = now() WHERE id = $1 RETURNING ",
+        tenant_cols!()
+    ))
+    .bind(id.as_str())
+    .bind(opt_u32_param(
+        "quotas.max_subscriptions",
+        q.max_subscriptions,
+    )?)
+    .bind(opt_u32_param(
+        "quotas.max_deliveries_per_event",
+        q.max_deliveries_per_event,
+    )?)
+    .bind(opt_u32_param(
+        "quotas.max_events_per_second",
+        q.max_events_per_second,
+    )?)
+    .fetch_optional(pool)
+    .await?;
+    Ok(tenant_from_row(&found(row, "tenant", id)?)?)
+}
+
+/// Inside the transaction that inserts a subscription: locks the tenant row (so creates of
+/// one tenant take turns; `NO KEY UPDATE` leaves foreign-key checks of publishes alone),
+/// then counts its subscriptions in a statement of its own, whose snapshot is taken after
+/// the lock and so sees every create that went before.
+pub(super) async fn check_subscriptions(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant_id: &Id,
+    default_limit: u32,
+) -> Result<(), StoreError> {
+    let row = sqlx::query("SELECT max_subscriptions FROM tenants WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(tenant_id.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+    let row = found(row, "tenant", tenant_id)?;
+    let limit = get_opt_u32(&row, "max_subscriptions")?.unwrap_or(default_limit);
+    let count: i64 = sqlx::query("SELECT count(*) FROM subscriptions WHERE tenant_id = $1")
+        .bind(tenant_id.as_str())
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get(0)?;
+    Ok(quota::check_subscriptions(tenant_id, count, limit)?)
+}

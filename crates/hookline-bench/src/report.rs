@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 /// `1234567` as `1,234,567`: the one formatter Hookline states numbers with.
-pub use hookline_core::validate::thousands;
+pub use hookline_core::fmt::thousands;
 use serde::Serialize;
 
 use crate::events::{EventTable, latency_histogram};

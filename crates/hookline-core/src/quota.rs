@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use crate::validate::thousands;
+pub use crate::fmt::thousands;
 use crate::validate::{self, ValidationError};
 
 /// The quotas of the server, used for every tenant without an override.

@@ -4,6 +4,7 @@
 //! allowed, so that the gRPC layer can answer `INVALID_ARGUMENT` with a message a person
 //! can act on.
 
+pub use crate::fmt::thousands;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -435,19 +436,6 @@ pub fn retry_schedule(field: &str, value: &[Duration]) -> Result {
     Ok(())
 }
 
-/// `1,048,576`: a count with thousands separators, as every limit is stated.
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// A JSON payload: well-formed JSON of at most `limit` bytes, UTF-8 throughout, nested at
 /// most [`MAX_JSON_DEPTH`] levels.
 pub fn json_payload(field: &str, value: &[u8], limit: usize) -> Result {
@@ -523,13 +511,6 @@ fn json_depth(field: &str, value: &[u8]) -> Result {
 mod tests {
     use super::*;
 
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1_048_577), "1,048,577");
-        assert_eq!(thousands(4_294_967_295), "4,294,967,295");
-    }
 
     #[test]
     fn urls() {

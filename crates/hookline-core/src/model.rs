@@ -186,6 +186,9 @@ pub enum ErrorClass {
     Status,
     /// Refused before any request: bad URL, subscription gone.
     Invalid,
+    /// Refused before any connection by the egress policy: the URL's host is, or
+    /// resolves only to, an address the operator does not let tenants reach.
+    Egress,
 }
 
 impl ErrorClass {
@@ -198,6 +201,7 @@ impl ErrorClass {
             ErrorClass::Body => "body",
             ErrorClass::Status => "status",
             ErrorClass::Invalid => "invalid",
+            ErrorClass::Egress => "egress",
         }
     }
 
@@ -210,6 +214,7 @@ impl ErrorClass {
             "body" => ErrorClass::Body,
             "status" => ErrorClass::Status,
             "invalid" => ErrorClass::Invalid,
+            "egress" => ErrorClass::Egress,
             _ => return None,
         })
     }

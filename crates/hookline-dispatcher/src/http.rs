@@ -5,6 +5,13 @@
 //! Transport errors are classified by walking the error's `source()` chain, because
 //! reqwest reports DNS and TLS failures as connect errors with the cause further down.
 //!
+//! The client connects only where the egress policy allows: its resolver drops refused
+//! addresses, and a literal address (which reqwest never resolves) is checked before the
+//! request. A refused attempt has the class `egress` and a message naming the policy.
+//! Transport errors get one fixed message per class, never the underlying text: "connection
+//! refused", "connection closed before message completed" and "invalid HTTP version" would
+//! tell a tenant what listens on a port of the operator's network.
+//!
 //! Each POST is an `http.attempt` client span with OpenTelemetry's HTTP attributes
 //! (`http.request.method`, `url.full` with credentials dropped and query values redacted,
 //! `server.*`, `http.response.status_code`, `error.type`). It is a `DEBUG` span: unless an
@@ -17,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use hookline_core::model::{ErrorClass, RESPONSE_EXCERPT_LIMIT};
+use hookline_egress::{Egress, EgressRefused};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Client, StatusCode, Url};
 use tracing::Instrument as _;
@@ -25,22 +33,45 @@ use tracing::field::Empty;
 /// Longest error message an attempt keeps.
 const ERROR_MESSAGE_LIMIT: usize = 1024;
 
-/// The one client of a dispatcher: pooled keep-alive connections (HTTP/2 where the
-/// receiver offers it), a total timeout per request, redirects not followed.
-pub(crate) fn build_client(request_timeout: Duration) -> Result<Client, reqwest::Error> {
+/// The one client of a dispatcher and the egress policy it connects under.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpClient {
+    client: Client,
+    egress: Egress,
+}
+
+/// Builds the one client of a dispatcher: pooled keep-alive connections (HTTP/2 where the
+/// receiver offers it), a total timeout per request, redirects not followed, names
+/// resolved through the egress policy, and no proxy but `proxy` (never one from the
+/// environment, which would resolve names where the policy cannot see them).
+pub(crate) fn build_client(
+    request_timeout: Duration,
+    egress: Egress,
+    proxy: Option<&Url>,
+) -> Result<HttpClient, reqwest::Error> {
     // reqwest is built without a bundled crypto provider; the binary installs ring. Install
     // it here too if nobody has, so that building a client can never panic.
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Losing a race with another installer is fine: a provider is installed either way.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
-    Client::builder()
+    // The operator's proxy is trusted: its own address is not subject to the policy.
+    let proxy_host = proxy.and_then(|p| p.host_str()).map(str::to_owned);
+    let mut builder = Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(request_timeout)
         .connect_timeout(request_timeout)
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
-        .build()
+        .dns_resolver(egress.resolver(proxy_host))
+        .no_proxy();
+    if let Some(proxy) = proxy {
+        builder = builder.proxy(reqwest::Proxy::all(proxy.clone())?);
+    }
+    Ok(HttpClient {
+        client: builder.build()?,
+        egress,
+    })
 }
 
 /// What one attempt came to.
@@ -73,12 +104,28 @@ impl Exchange {
             error: Some((ErrorClass::Invalid, truncate(message))),
         }
     }
+
+    /// An attempt the egress policy refused: no connection was made.
+    fn egress(started_at: DateTime<Utc>, duration: Duration, refused: &EgressRefused) -> Self {
+        Self {
+            sent: false,
+            started_at,
+            duration,
+            status: None,
+            retry_after: None,
+            excerpt: Vec::new(),
+            error: Some((
+                ErrorClass::Egress,
+                truncate(format!("refused by the egress policy: {refused}")),
+            )),
+        }
+    }
 }
 
 /// POSTs `body` to `url` and reads at most [`RESPONSE_EXCERPT_LIMIT`] bytes of the answer,
 /// in an `http.attempt` span.
 pub(crate) async fn post(
-    client: &Client,
+    client: &HttpClient,
     url: Url,
     headers: HeaderMap,
     body: Vec<u8>,
@@ -155,17 +202,30 @@ fn traced_url(url: &Url) -> String {
 }
 
 async fn exchange(
-    client: &Client,
+    client: &HttpClient,
     url: Url,
     headers: HeaderMap,
     body: Vec<u8>,
     started_at: DateTime<Utc>,
 ) -> Exchange {
     let clock = Instant::now();
-    let sent = client.post(url).headers(headers).body(body).send().await;
+    if let Err(refused) = client.egress.check_literal(&url) {
+        return Exchange::egress(started_at, clock.elapsed(), &refused);
+    }
+    let sent = client
+        .client
+        .post(url)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await;
     let mut response = match sent {
         Ok(r) => r,
         Err(e) => {
+            if let Some(refused) = egress_refusal(&e) {
+                return Exchange::egress(started_at, clock.elapsed(), &refused);
+            }
+            let class = classify(&e);
             return Exchange {
                 sent: true,
                 started_at,
@@ -173,7 +233,7 @@ async fn exchange(
                 status: None,
                 retry_after: None,
                 excerpt: Vec::new(),
-                error: Some((classify(&e), describe(e))),
+                error: Some((class, describe(class, &e))),
             };
         }
     };
@@ -214,10 +274,10 @@ async fn exchange(
         };
         Some((
             class,
-            truncate(format!(
+            format!(
                 "HTTP {status}; reading the body failed: {}",
-                describe(e)
-            )),
+                describe(class, &e)
+            ),
         ))
     } else {
         Some((ErrorClass::Status, format!("HTTP {status}")))
@@ -238,14 +298,14 @@ pub(crate) fn classify(error: &reqwest::Error) -> ErrorClass {
     if error.is_timeout() {
         return ErrorClass::Timeout;
     }
-    let causes = chain(error);
+    let causes = causes(error);
     let mentions = |words: &[&str]| {
-        causes.iter().any(|(_, text)| {
-            let text = text.to_ascii_lowercase();
+        causes.iter().any(|cause| {
+            let text = cause.to_string().to_ascii_lowercase();
             words.iter().any(|w| text.contains(w))
         })
     };
-    if causes.iter().any(|(is_rustls, _)| *is_rustls)
+    if causes.iter().any(|cause| cause.is::<rustls::Error>())
         || mentions(&["certificate", "tls", "ssl", "handshake"])
     {
         return ErrorClass::Tls;
@@ -273,10 +333,18 @@ pub(crate) fn classify(error: &reqwest::Error) -> ErrorClass {
     ErrorClass::Connect
 }
 
-/// Every cause below `error`: whether it is a rustls error, and its text. An `io::Error`
-/// hides what it wraps from `source()` (it returns the wrapped error's own source), and
-/// TLS errors come wrapped in two of them, so wrapped errors are visited explicitly.
-fn chain(error: &reqwest::Error) -> Vec<(bool, String)> {
+/// The egress policy's refusal somewhere below `error`, if that is why it failed.
+fn egress_refusal(error: &reqwest::Error) -> Option<EgressRefused> {
+    causes(error)
+        .into_iter()
+        .find_map(|c| c.downcast_ref::<EgressRefused>())
+        .cloned()
+}
+
+/// Every cause below `error`. An `io::Error` hides what it wraps from `source()` (it
+/// returns the wrapped error's own source), and TLS errors come wrapped in two of them,
+/// so wrapped errors are visited explicitly.
+fn causes(error: &reqwest::Error) -> Vec<&(dyn StdError + 'static)> {
     const MAX_CAUSES: usize = 32;
     let mut out = Vec::new();
     let mut pending: Vec<&(dyn StdError + 'static)> = error.source().into_iter().collect();
@@ -284,7 +352,7 @@ fn chain(error: &reqwest::Error) -> Vec<(bool, String)> {
         if out.len() >= MAX_CAUSES {
             break;
         }
-        out.push((cause.is::<rustls::Error>(), cause.to_string()));
+        out.push(cause);
         if let Some(next) = cause.source() {
             pending.push(next);
         }
@@ -297,20 +365,36 @@ fn chain(error: &reqwest::Error) -> Vec<(bool, String)> {
     out
 }
 
-/// The error and its causes on one line, without the URL (it may carry a token).
-fn describe(error: reqwest::Error) -> String {
-    let error = error.without_url();
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(cause) = next {
-        let part = cause.to_string();
-        if !text.ends_with(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
+/// One fixed message per class: the underlying text would say what answered (nothing,
+/// something that closed the connection, something that is not HTTP), which turns the
+/// attempt log into a port scanner. A certificate problem is named, since it is the
+/// receiver's to fix and says nothing about other ports.
+fn describe(class: ErrorClass, error: &reqwest::Error) -> String {
+    match class {
+        ErrorClass::Timeout => "no complete answer within the request timeout".into(),
+        ErrorClass::Dns => "the host name did not resolve".into(),
+        ErrorClass::Tls => match certificate_problem(error) {
+            Some(problem) => truncate(format!("TLS handshake failed: {problem}")),
+            None => "TLS handshake failed".into(),
+        },
+        ErrorClass::Body => "the answer's body could not be read".into(),
+        ErrorClass::Invalid => "the request could not be built".into(),
+        ErrorClass::Connect | ErrorClass::Status | ErrorClass::Egress => {
+            "connection failed: no valid HTTP answer from the receiver".into()
         }
-        next = cause.source();
     }
-    truncate(text)
+}
+
+/// The receiver's certificate problem, if the TLS handshake failed on one.
+fn certificate_problem(error: &reqwest::Error) -> Option<String> {
+    causes(error)
+        .into_iter()
+        .find_map(|c| match c.downcast_ref::<rustls::Error>() {
+            Some(rustls::Error::InvalidCertificate(problem)) => {
+                Some(format!("invalid certificate ({problem:?})"))
+            }
+            _ => None,
+        })
 }
 
 /// At most [`ERROR_MESSAGE_LIMIT`] bytes, cut on a character boundary.
@@ -328,8 +412,27 @@ fn truncate(mut text: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use hookline_egress::{EgressPolicy, ScriptedLookup, parse_range};
     use tokio::net::TcpListener;
+
+    /// A listener that accepts and counts connections, and answers nothing.
+    async fn counting_listener(addr: &str) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        (addr, count)
+    }
 
     /// A raw TCP server on 127.0.0.1 that reads the request head, then answers with
     /// `reply` and, if `endless`, an endless body; `None` never answers.
@@ -365,11 +468,17 @@ mod tests {
         Url::parse(&format!("http://{addr}/hook")).unwrap()
     }
 
-    fn client(timeout_ms: u64) -> Client {
-        build_client(Duration::from_millis(timeout_ms)).unwrap()
+    /// Loopback receivers are allowed by name: the tests' own servers.
+    fn loopback() -> Egress {
+        let allow = vec![parse_range("127.0.0.1").unwrap()];
+        Egress::system(EgressPolicy::new(allow, vec![]))
     }
 
-    async fn send(client: &Client, url: Url) -> Exchange {
+    fn client(timeout_ms: u64) -> HttpClient {
+        build_client(Duration::from_millis(timeout_ms), loopback(), None).unwrap()
+    }
+
+    async fn send(client: &HttpClient, url: Url) -> Exchange {
         post(client, url, HeaderMap::new(), b"{}".to_vec(), Utc::now()).await
     }
 
@@ -447,6 +556,94 @@ mod tests {
             Some(ErrorClass::Dns),
             "{exchange:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_refused_literal_address_gets_no_connection() {
+        let (addr, count) = counting_listener("127.0.0.1:0").await;
+        let default = build_client(Duration::from_secs(5), Egress::default(), None).unwrap();
+        for text in [
+            format!("http://{addr}/"),
+            format!("http://[::ffff:127.0.0.1]:{}/", addr.port()),
+            format!("http://2130706433:{}/", addr.port()),
+        ] {
+            let exchange = send(&default, Url::parse(&text).unwrap()).await;
+            let (class, message) = exchange.error.clone().unwrap();
+            assert_eq!(class, ErrorClass::Egress, "{text}: {exchange:?}");
+            assert!(!exchange.sent);
+            assert!(
+                message.starts_with("refused by the egress policy"),
+                "{message}"
+            );
+            assert!(
+                message.contains("HOOKLINE_EGRESS_ALLOW=127.0.0.1/32"),
+                "{message}"
+            );
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_name_is_connected_to_only_on_allowed_addresses() {
+        let (addr, count) = counting_listener("127.0.0.2:0").await;
+        let lookup = Arc::new(ScriptedLookup::default());
+        let allow = vec![parse_range("127.0.0.1").unwrap()];
+        let egress = Egress::new(EgressPolicy::new(allow, vec![]), lookup.clone());
+        let client = build_client(Duration::from_secs(5), egress, None).unwrap();
+        let url = Url::parse(&format!("http://rebind.test:{}/", addr.port())).unwrap();
+        lookup.set("rebind.test", &["127.0.0.2".parse().unwrap()]);
+        let exchange = send(&client, url.clone()).await;
+        assert_eq!(
+            exchange.error.as_ref().map(|e| e.0),
+            Some(ErrorClass::Egress)
+        );
+        let message = &exchange.error.as_ref().unwrap().1;
+        assert!(message.contains("rebind.test resolves to"), "{message}");
+        // A refused address next to an allowed one is dropped, not tried.
+        lookup.set(
+            "rebind.test",
+            &[
+                "127.0.0.2".parse().unwrap(),
+                "169.254.169.254".parse().unwrap(),
+            ],
+        );
+        let exchange = send(&client, url).await;
+        assert_eq!(
+            exchange.error.as_ref().map(|e| e.0),
+            Some(ErrorClass::Egress)
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_a_refused_address_is_not_followed() {
+        let (refused, count) = counting_listener("127.0.0.2:0").await;
+        let reply = format!(
+            "HTTP/1.1 302 Found\r\nlocation: http://{refused}/\r\ncontent-length: 0\r\n\r\n"
+        );
+        let url = raw_server(Some(reply.leak().as_bytes()), false).await;
+        let exchange = send(&client(5_000), url).await;
+        assert_eq!(exchange.status, Some(StatusCode::FOUND));
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn connection_failures_read_the_same_whatever_answered() {
+        // Nothing listening.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let nothing = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        drop(listener);
+        // Something that closes without answering, and something that is not HTTP.
+        let closes = raw_server(Some(b""), false).await;
+        let garbage = raw_server(Some(b"SSH-2.0-OpenSSH_9.6\r\n"), false).await;
+        let mut messages = Vec::new();
+        for url in [nothing, closes, garbage] {
+            let exchange = send(&client(5_000), url).await;
+            let (class, message) = exchange.error.unwrap();
+            assert_eq!(class, ErrorClass::Connect);
+            messages.push(message);
+        }
+        assert!(messages.iter().all(|m| *m == messages[0]), "{messages:?}");
     }
 
     #[test]

@@ -47,6 +47,21 @@ pub struct Config {
     pub relay_grace_ms: u64,
     /// A `tracing` filter, like `info` or `hookline=debug,info`.
     pub log: String,
+
+    // --- Egress policy: which addresses tenants' URLs may reach (docs/SECURITY.md) ---
+    /// Ranges opened beyond globally routable unicast, as CIDR blocks or addresses
+    /// (`HOOKLINE_EGRESS_ALLOW=127.0.0.1/32,10.1.0.0/16`). A receiver on this machine
+    /// needs `127.0.0.1/32`.
+    #[serde(deserialize_with = "crate::egress_config::ranges")]
+    pub egress_allow: Vec<String>,
+    /// Ranges refused on top of the built-in ones; they win over `egress_allow`.
+    #[serde(deserialize_with = "crate::egress_config::ranges")]
+    pub egress_deny: Vec<String>,
+    /// An HTTP CONNECT proxy (like Smokescreen) every webhook request goes through, for
+    /// a static egress address. The proxy resolves names, so it should refuse internal
+    /// ranges itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<String>,
 }
 
 impl Default for Config {
@@ -68,6 +83,9 @@ impl Default for Config {
             request_timeout_ms: 15_000,
             retry_poll_interval_ms: 500,
             relay_grace_ms: 10_000,
+            egress_allow: Vec::new(),
+            egress_deny: Vec::new(),
+            egress_proxy: None,
         }
     }
 }
@@ -103,6 +121,19 @@ pub struct CliOverrides {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<String>,
+    /// Ranges tenants' URLs may reach beyond global unicast, comma-separated
+    /// [env: HOOKLINE_EGRESS_ALLOW]
+    #[arg(long, global = true, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_allow: Option<Vec<String>>,
+    /// Extra refused ranges, comma-separated [env: HOOKLINE_EGRESS_DENY]
+    #[arg(long, global = true, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_deny: Option<Vec<String>>,
+    /// HTTP CONNECT proxy for webhook requests [env: HOOKLINE_EGRESS_PROXY]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<String>,
 }
 
 impl Config {
@@ -143,6 +174,7 @@ impl Config {
             config.request_timeout_ms >= 1 && config.retry_poll_interval_ms >= 1,
             "request_timeout_ms and retry_poll_interval_ms must be at least 1"
         );
+        crate::egress_config::Egress::from_config(&config)?;
         Ok(config)
     }
 }

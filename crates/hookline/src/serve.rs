@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin_http::{self, AdminState};
 use crate::backends::{self, Mode};
 use crate::config::Config;
+use crate::egress_config;
 use crate::shutdown;
 
 /// The services one process can run.
@@ -170,6 +171,8 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let event_store = store.events();
     let delivery_store = store.deliveries();
     let authenticator = Authenticator::new(registry_store.clone());
+    let egress_settings = egress_config::Egress::from_config(&config)?;
+    let egress = hookline_egress::Egress::system(egress_settings.policy);
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     tasks.push(spawn_cache_invalidation(
         broker.clone(),
@@ -187,7 +190,8 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
             registry_store.clone(),
             broker.clone(),
             authenticator.clone(),
-        );
+        )
+        .with_egress(egress.clone());
         router = router.add_service(api.into_server());
         health_reporter
             .set_serving::<pb::registry_service_server::RegistryServiceServer<RegistryApi>>()
@@ -251,6 +255,8 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
                 concurrency: config.dispatcher_concurrency,
                 prefetch: config.dispatcher_prefetch,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
+                egress: egress.clone(),
+                egress_proxy: egress_settings.proxy.clone(),
                 ..DispatcherConfig::default()
             },
             registry_store.clone(),
@@ -284,7 +290,10 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         println!("hookline: embedded backends in {}", data_dir.display());
         if fresh {
             let key = create_key(registry_store.as_ref(), "admin", None).await?;
-            println!("{}", first_start_banner(grpc_addr, admin_addr, &key.token));
+            println!(
+                "{}",
+                first_start_banner(grpc_addr, admin_addr, &key.token, egress.policy())
+            );
         }
     }
     tracing::info!(%grpc_addr, %admin_addr, services = ?names, "serving");
@@ -357,7 +366,13 @@ fn first_start_banner(
     grpc: std::net::SocketAddr,
     admin: std::net::SocketAddr,
     token: &str,
+    egress: &hookline_egress::EgressPolicy,
 ) -> String {
+    let allowed = if egress.check([127, 0, 0, 1].into()).is_ok() {
+        "127.0.0.1 is allowed"
+    } else {
+        "127.0.0.1 is refused"
+    };
     format!(
         r#"
 Hookline is running (embedded: every service in this process, state in SQLite).
@@ -366,6 +381,10 @@ Hookline is running (embedded: every service in this process, state in SQLite).
 
 First start: an admin API key was created. It is shown only now; keep it:
   {token}
+
+Receivers on this machine: the egress policy refuses loopback and private addresses by
+default (tenants must not reach your admin port or database). For a local receiver, start
+the server with HOOKLINE_EGRESS_ALLOW=127.0.0.1/32 (now: {allowed}).
 
 Try it (in another terminal, with a receiver listening on http://127.0.0.1:8000/webhook):
   export HOOKLINE_SERVER=http://{grpc} HOOKLINE_TOKEN={token}

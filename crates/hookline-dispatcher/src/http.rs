@@ -628,6 +628,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn requests_go_through_the_egress_proxy_and_literals_are_still_checked() {
+        // A stand-in proxy on loopback: records request lines, answers 200.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = lines.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head);
+                    let first = text.lines().next().unwrap_or_default().to_string();
+                    seen.lock().unwrap().push(first);
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        // The default policy refuses loopback, but the operator's proxy is exempt.
+        let proxy = Url::parse(&format!("http://localhost:{port}")).unwrap();
+        let client = build_client(Duration::from_secs(5), Egress::default(), Some(&proxy)).unwrap();
+        let exchange = send(&client, Url::parse("http://hooks.example/hook").unwrap()).await;
+        assert_eq!(exchange.status, Some(StatusCode::OK), "{exchange:?}");
+        let refused = send(&client, Url::parse("http://10.0.0.1/hook").unwrap()).await;
+        assert_eq!(refused.error.map(|e| e.0), Some(ErrorClass::Egress));
+        assert_eq!(
+            *lines.lock().unwrap(),
+            ["POST http://hooks.example/hook HTTP/1.1"]
+        );
+    }
+
+    #[tokio::test]
     async fn connection_failures_read_the_same_whatever_answered() {
         // Nothing listening.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -192,6 +192,32 @@ mod tests {
         assert!(egress.check_url(&url("http://outside.test/")).await.is_ok());
     }
 
+    /// The per-request cost of the literal check (the one the dispatcher makes before
+    /// every request): `cargo test --release -p hookline-egress -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; run by hand"]
+    fn measure_literal_check_cost() {
+        let allowed = Egress::system(EgressPolicy::new(
+            vec![parse_range("127.0.0.1").unwrap()],
+            vec![],
+        ));
+        let urls = [
+            url("http://127.0.0.1:8080/hook"),
+            url("https://93.184.216.34/hook"),
+            url("http://[2606:4700::1111]/hook"),
+            url("http://10.0.0.1/hook"),
+        ];
+        const ROUNDS: usize = 1_000_000;
+        let started = std::time::Instant::now();
+        let mut refused = 0usize;
+        for i in 0..ROUNDS {
+            let u = std::hint::black_box(&urls[i % urls.len()]);
+            refused += usize::from(allowed.check_literal(u).is_err());
+        }
+        let per = started.elapsed().as_nanos() as f64 / ROUNDS as f64;
+        println!("check_literal: {per:.0} ns per URL ({refused} refused of {ROUNDS})");
+    }
+
     #[tokio::test]
     async fn localhost_is_refused_and_can_be_allowed() {
         let e = Egress::default()

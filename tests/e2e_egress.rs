@@ -7,15 +7,13 @@
 #[macro_use]
 mod support;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::delivery_service_client::DeliveryServiceClient;
 use hookline_proto::v1::ingest_service_client::IngestServiceClient;
 use hookline_proto::v1::registry_service_client::RegistryServiceClient;
+use hookline_testkit::CountingListener;
 use support::{Backend, Env, Server, authed};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -225,28 +223,16 @@ async fn allowed_urls_are_stored_as_they_will_be_requested(backend: Backend) {
     env.finish().await;
 }
 
-/// A listener that counts the connections it accepts and answers none.
-async fn counting_listener() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let count = Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            seen.fetch_add(1, Ordering::SeqCst);
-            drop(socket);
-        }
-    });
-    (addr, count)
-}
-
 async fn a_target_allowed_at_create_but_refused_now_gets_no_connection(backend: Backend) {
     let env = Env::with(backend).await;
     let admin = env.admin_key().await;
-    let (addr, connections) = counting_listener().await;
+    let listener = CountingListener::bind("127.0.0.1:0").await;
     // Created while 127.0.0.1 was allowed…
     let mut s = serve(&env, &admin, "127.0.0.1/32", None).await;
-    let sub = s.create(&format!("http://{addr}/hook")).await.unwrap();
+    let sub = s
+        .create(&format!("http://{}/hook", listener.addr))
+        .await
+        .unwrap();
     let tenant = s.tenant.clone();
     assert!(s.server.terminate().await.success());
     // …delivered under the default policy.
@@ -323,11 +309,7 @@ async fn a_target_allowed_at_create_but_refused_now_gets_no_connection(backend: 
             "{attempt:?}"
         );
     }
-    assert_eq!(
-        connections.load(Ordering::SeqCst),
-        0,
-        "a connection was made"
-    );
+    assert_eq!(listener.connections(), 0, "a connection was made");
     assert!(s.server.terminate().await.success());
     env.finish().await;
 }

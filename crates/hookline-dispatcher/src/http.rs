@@ -1,16 +1,12 @@
 //! The HTTP side of an attempt: one shared client, one POST, and what came of it.
 //!
 //! Every attempt ends in an [`Exchange`]: the status code and a bounded excerpt of the
-//! body when the receiver answered, or an [`ErrorClass`] and a message when it did not.
-//! Transport errors are classified by walking the error's `source()` chain, because
-//! reqwest reports DNS and TLS failures as connect errors with the cause further down.
+//! body when the receiver answered, or an [`ErrorClass`] and a message when it did not
+//! (named in `failure`).
 //!
 //! The client connects only where the egress policy allows: its resolver drops refused
 //! addresses, and a literal address (which reqwest never resolves) is checked before the
 //! request. A refused attempt has the class `egress` and a message naming the policy.
-//! Transport errors get one fixed message per class, never the underlying text: "connection
-//! refused", "connection closed before message completed" and "invalid HTTP version" would
-//! tell a tenant what listens on a port of the operator's network.
 //!
 //! Each POST is an `http.attempt` client span with OpenTelemetry's HTTP attributes
 //! (`http.request.method`, `url.full` with credentials dropped and query values redacted,
@@ -19,12 +15,13 @@
 //! No trace context is sent to the receiver: its endpoint is outside the system, and
 //! Hookline's trace ids are none of its business.
 
-use std::error::Error as StdError;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use hookline_core::model::{ErrorClass, RESPONSE_EXCERPT_LIMIT};
 use hookline_egress::{Egress, EgressRefused};
+
+use crate::failure::{classify, describe, egress_refusal};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Client, StatusCode, Url};
 use tracing::Instrument as _;
@@ -244,23 +241,7 @@ async fn exchange(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
 
-    // Read the body chunk by chunk and stop at the limit: a huge answer is never buffered.
-    // Dropping the rest closes the connection, which only costs a reconnect.
-    let mut excerpt = Vec::new();
-    let mut body_error = None;
-    while excerpt.len() < RESPONSE_EXCERPT_LIMIT {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                let room = RESPONSE_EXCERPT_LIMIT - excerpt.len();
-                excerpt.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            }
-            Ok(None) => break,
-            Err(e) => {
-                body_error = Some(e);
-                break;
-            }
-        }
-    }
+    let (excerpt, body_error) = read_excerpt(&mut response).await;
     let duration = clock.elapsed();
 
     // The status decides; a 2xx whose body could not be read is still a success.
@@ -293,112 +274,26 @@ async fn exchange(
     }
 }
 
-/// The class of a transport error.
-pub(crate) fn classify(error: &reqwest::Error) -> ErrorClass {
-    if error.is_timeout() {
-        return ErrorClass::Timeout;
-    }
-    let causes = causes(error);
-    let mentions = |words: &[&str]| {
-        causes.iter().any(|cause| {
-            let text = cause.to_string().to_ascii_lowercase();
-            words.iter().any(|w| text.contains(w))
-        })
-    };
-    if causes.iter().any(|cause| cause.is::<rustls::Error>())
-        || mentions(&["certificate", "tls", "ssl", "handshake"])
-    {
-        return ErrorClass::Tls;
-    }
-    if error.is_dns()
-        || mentions(&[
-            "dns",
-            "resolve",
-            "lookup address",
-            "name or service not known",
-        ])
-    {
-        return ErrorClass::Dns;
-    }
-    if error.is_connect() {
-        return ErrorClass::Connect;
-    }
-    if error.is_body() || error.is_decode() {
-        return ErrorClass::Body;
-    }
-    if error.is_builder() {
-        return ErrorClass::Invalid;
-    }
-    // Trouble on an established connection (reset, closed before the answer).
-    ErrorClass::Connect
-}
-
-/// The egress policy's refusal somewhere below `error`, if that is why it failed.
-fn egress_refusal(error: &reqwest::Error) -> Option<EgressRefused> {
-    causes(error)
-        .into_iter()
-        .find_map(|c| c.downcast_ref::<EgressRefused>())
-        .cloned()
-}
-
-/// Every cause below `error`. An `io::Error` hides what it wraps from `source()` (it
-/// returns the wrapped error's own source), and TLS errors come wrapped in two of them,
-/// so wrapped errors are visited explicitly.
-fn causes(error: &reqwest::Error) -> Vec<&(dyn StdError + 'static)> {
-    const MAX_CAUSES: usize = 32;
-    let mut out = Vec::new();
-    let mut pending: Vec<&(dyn StdError + 'static)> = error.source().into_iter().collect();
-    while let Some(cause) = pending.pop() {
-        if out.len() >= MAX_CAUSES {
-            break;
-        }
-        out.push(cause);
-        if let Some(next) = cause.source() {
-            pending.push(next);
-        }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-        {
-            pending.push(inner);
-        }
-    }
-    out
-}
-
-/// One fixed message per class: the underlying text would say what answered (nothing,
-/// something that closed the connection, something that is not HTTP), which turns the
-/// attempt log into a port scanner. A certificate problem is named, since it is the
-/// receiver's to fix and says nothing about other ports.
-fn describe(class: ErrorClass, error: &reqwest::Error) -> String {
-    match class {
-        ErrorClass::Timeout => "no complete answer within the request timeout".into(),
-        ErrorClass::Dns => "the host name did not resolve".into(),
-        ErrorClass::Tls => match certificate_problem(error) {
-            Some(problem) => truncate(format!("TLS handshake failed: {problem}")),
-            None => "TLS handshake failed".into(),
-        },
-        ErrorClass::Body => "the answer's body could not be read".into(),
-        ErrorClass::Invalid => "the request could not be built".into(),
-        ErrorClass::Connect | ErrorClass::Status | ErrorClass::Egress => {
-            "connection failed: no valid HTTP answer from the receiver".into()
-        }
-    }
-}
-
-/// The receiver's certificate problem, if the TLS handshake failed on one.
-fn certificate_problem(error: &reqwest::Error) -> Option<String> {
-    causes(error)
-        .into_iter()
-        .find_map(|c| match c.downcast_ref::<rustls::Error>() {
-            Some(rustls::Error::InvalidCertificate(problem)) => {
-                Some(format!("invalid certificate ({problem:?})"))
+/// At most [`RESPONSE_EXCERPT_LIMIT`] bytes of the answer's body, read chunk by chunk so a
+/// huge answer is never buffered (dropping the rest closes the connection, which only
+/// costs a reconnect), and the error that cut it short, if any.
+async fn read_excerpt(response: &mut reqwest::Response) -> (Vec<u8>, Option<reqwest::Error>) {
+    let mut excerpt = Vec::new();
+    while excerpt.len() < RESPONSE_EXCERPT_LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = RESPONSE_EXCERPT_LIMIT - excerpt.len();
+                excerpt.extend_from_slice(&chunk[..chunk.len().min(room)]);
             }
-            _ => None,
-        })
+            Ok(None) => break,
+            Err(e) => return (excerpt, Some(e)),
+        }
+    }
+    (excerpt, None)
 }
 
 /// At most [`ERROR_MESSAGE_LIMIT`] bytes, cut on a character boundary.
-fn truncate(mut text: String) -> String {
+pub(crate) fn truncate(mut text: String) -> String {
     if text.len() > ERROR_MESSAGE_LIMIT {
         let mut end = ERROR_MESSAGE_LIMIT;
         while !text.is_char_boundary(end) {
@@ -413,25 +308,23 @@ fn truncate(mut text: String) -> String {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use hookline_egress::{EgressPolicy, ScriptedLookup, parse_range};
-    use tokio::net::TcpListener;
+    use hookline_testkit::CountingListener;
+    use tokio::net::{TcpListener, TcpStream};
 
-    /// A listener that accepts and counts connections, and answers nothing.
-    async fn counting_listener(addr: &str) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind(addr).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let count = Arc::new(AtomicUsize::new(0));
-        let seen = count.clone();
-        tokio::spawn(async move {
-            while let Ok((socket, _)) = listener.accept().await {
-                seen.fetch_add(1, Ordering::SeqCst);
-                drop(socket);
+    /// Reads a request head; `None` if the client went away first.
+    async fn read_head(socket: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
             }
-        });
-        (addr, count)
+        }
+        Some(head)
     }
 
     /// A raw TCP server on 127.0.0.1 that reads the request head, then answers with
@@ -445,13 +338,8 @@ mod tests {
                     return;
                 };
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
+                    if read_head(&mut socket).await.is_none() {
+                        return;
                     }
                     let Some(reply) = reply else {
                         std::future::pending::<()>().await;
@@ -560,7 +448,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_literal_address_gets_no_connection() {
-        let (addr, count) = counting_listener("127.0.0.1:0").await;
+        let listener = CountingListener::bind("127.0.0.1:0").await;
+        let addr = listener.addr;
         let default = build_client(Duration::from_secs(5), Egress::default(), None).unwrap();
         for text in [
             format!("http://{addr}/"),
@@ -580,12 +469,13 @@ mod tests {
                 "{message}"
             );
         }
-        assert_eq!(count.load(Ordering::SeqCst), 0);
+        assert_eq!(listener.connections(), 0);
     }
 
     #[tokio::test]
     async fn a_name_is_connected_to_only_on_allowed_addresses() {
-        let (addr, count) = counting_listener("127.0.0.2:0").await;
+        let listener = CountingListener::bind("127.0.0.2:0").await;
+        let addr = listener.addr;
         let lookup = Arc::new(ScriptedLookup::default());
         let allow = vec![parse_range("127.0.0.1").unwrap()];
         let egress = Egress::new(EgressPolicy::new(allow, vec![]), lookup.clone());
@@ -612,19 +502,20 @@ mod tests {
             exchange.error.as_ref().map(|e| e.0),
             Some(ErrorClass::Egress)
         );
-        assert_eq!(count.load(Ordering::SeqCst), 0);
+        assert_eq!(listener.connections(), 0);
     }
 
     #[tokio::test]
     async fn a_redirect_to_a_refused_address_is_not_followed() {
-        let (refused, count) = counting_listener("127.0.0.2:0").await;
+        let listener = CountingListener::bind("127.0.0.2:0").await;
+        let refused = listener.addr;
         let reply = format!(
             "HTTP/1.1 302 Found\r\nlocation: http://{refused}/\r\ncontent-length: 0\r\n\r\n"
         );
         let url = raw_server(Some(reply.leak().as_bytes()), false).await;
         let exchange = send(&client(5_000), url).await;
         assert_eq!(exchange.status, Some(StatusCode::FOUND));
-        assert_eq!(count.load(Ordering::SeqCst), 0);
+        assert_eq!(listener.connections(), 0);
     }
 
     #[tokio::test]
@@ -638,14 +529,9 @@ mod tests {
             while let Ok((mut socket, _)) = listener.accept().await {
                 let seen = seen.clone();
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
+                    let Some(head) = read_head(&mut socket).await else {
+                        return;
+                    };
                     let text = String::from_utf8_lossy(&head);
                     let first = text.lines().next().unwrap_or_default().to_string();
                     seen.lock().unwrap().push(first);

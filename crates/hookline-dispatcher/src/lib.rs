@@ -26,6 +26,7 @@
 mod cache;
 mod circuit;
 mod config;
+mod failure;
 mod http;
 mod limits;
 pub mod metrics;

@@ -6,35 +6,22 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hookline_core::model::{DeliveryStatus, ErrorClass};
 use hookline_dispatcher::DispatcherConfig;
 use hookline_egress::ScriptedLookup;
+use hookline_testkit::CountingListener;
 use reqwest::Url;
 use support::{Behaviour, Harness, Receiver, loopback_egress};
-
-/// A listener on `addr` that counts the connections it accepts and answers none.
-async fn counting_listener(addr: &str) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let count = Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            seen.fetch_add(1, Ordering::SeqCst);
-            drop(socket);
-        }
-    });
-    (addr, count)
-}
 
 #[tokio::test]
 async fn a_refused_literal_address_is_an_egress_attempt_with_no_connection() {
     let h = Harness::start().await;
     // The tests allow 127.0.0.1 only: 127.0.0.2 is loopback, refused.
-    let (refused, count) = counting_listener("127.0.0.2:0").await;
-    let (sub, _) = h.subscribe(&format!("http://{refused}/hook"), None).await;
+    let refused = CountingListener::bind("127.0.0.2:0").await;
+    let (sub, _) = h
+        .subscribe(&format!("http://{}/hook", refused.addr), None)
+        .await;
     let job = h.publish(&sub.id, b"{}").await;
 
     h.wait_status(&job.delivery_id, DeliveryStatus::Retrying)
@@ -53,7 +40,7 @@ async fn a_refused_literal_address_is_an_egress_attempt_with_no_connection() {
         message.contains("HOOKLINE_EGRESS_ALLOW=127.0.0.2/32"),
         "{message}"
     );
-    assert_eq!(count.load(Ordering::SeqCst), 0, "a connection was made");
+    assert_eq!(refused.connections(), 0, "a connection was made");
     h.finish().await;
 }
 
@@ -67,13 +54,13 @@ async fn a_name_rebound_after_the_create_check_gets_no_connection() {
     })
     .await;
     // The same port on an allowed (127.0.0.1) and a refused (127.0.0.2) address.
-    let (refused, count) = counting_listener("127.0.0.2:0").await;
+    let refused = CountingListener::bind("127.0.0.2:0").await;
     let receiver = Receiver::start_at(
-        SocketAddr::from(([127, 0, 0, 1], refused.port())),
+        SocketAddr::from(([127, 0, 0, 1], refused.addr.port())),
         Behaviour::Status(200, "ok"),
     )
     .await;
-    let url = format!("http://hooks.test:{}/hook", refused.port());
+    let url = format!("http://hooks.test:{}/hook", refused.addr.port());
 
     // At create time the name resolves to an allowed address: the check passes.
     lookup.set("hooks.test", &["127.0.0.1".parse().unwrap()]);
@@ -83,8 +70,8 @@ async fn a_name_rebound_after_the_create_check_gets_no_connection() {
         .expect("allowed at create time");
     let (sub, _) = h.subscribe(&url, None).await;
 
-    // Then it rebinds to a refused address, with an allowed-looking one beside it that
-    // is refused too: nothing is connected to.
+    // Then it rebinds to a refused address, with a private one beside it: nothing is
+    // connected to.
     lookup.set(
         "hooks.test",
         &["127.0.0.2".parse().unwrap(), "10.0.0.1".parse().unwrap()],
@@ -96,7 +83,7 @@ async fn a_name_rebound_after_the_create_check_gets_no_connection() {
     assert_eq!(attempts[0].error_class, Some(ErrorClass::Egress));
     let message = attempts[0].error_message.clone().unwrap_or_default();
     assert!(message.contains("hooks.test resolves to"), "{message}");
-    assert_eq!(count.load(Ordering::SeqCst), 0, "a connection was made");
+    assert_eq!(refused.connections(), 0, "a connection was made");
     assert!(receiver.received().is_empty());
 
     // Back on the allowed address, delivery works: the answer DNS gives decides.
@@ -105,6 +92,6 @@ async fn a_name_rebound_after_the_create_check_gets_no_connection() {
     h.wait_status(&job.delivery_id, DeliveryStatus::Succeeded)
         .await;
     assert_eq!(receiver.received().len(), 1);
-    assert_eq!(count.load(Ordering::SeqCst), 0);
+    assert_eq!(refused.connections(), 0);
     h.finish().await;
 }

@@ -50,12 +50,15 @@ const REFUSED: &[(&str, &str)] = &[
     ("ff00::/8", "a multicast address"),
 ];
 
-static REFUSED_NETS: LazyLock<Vec<(IpNet, &'static str)>> = LazyLock::new(|| {
-    REFUSED
+/// A table of ranges, parsed.
+fn nets(table: &[(&str, &'static str)]) -> Vec<(IpNet, &'static str)> {
+    table
         .iter()
-        .map(|(net, class)| (net.parse().expect("a built-in range"), *class))
+        .map(|(net, what)| (net.parse().expect("a built-in range"), *what))
         .collect()
-});
+}
+
+static REFUSED_NETS: LazyLock<Vec<(IpNet, &'static str)>> = LazyLock::new(|| nets(REFUSED));
 
 static GLOBAL_UNICAST_V6: LazyLock<IpNet> =
     LazyLock::new(|| "2000::/3".parse().expect("a built-in range"));
@@ -67,12 +70,7 @@ const EMBEDDING: &[(&str, &str)] = &[
     ("64:ff9b::/96", "NAT64"),
 ];
 
-static EMBEDDING_NETS: LazyLock<Vec<(IpNet, &'static str)>> = LazyLock::new(|| {
-    EMBEDDING
-        .iter()
-        .map(|(net, form)| (net.parse().expect("a built-in range"), *form))
-        .collect()
-});
+static EMBEDDING_NETS: LazyLock<Vec<(IpNet, &'static str)>> = LazyLock::new(|| nets(EMBEDDING));
 
 static SIX_TO_FOUR: LazyLock<IpNet> =
     LazyLock::new(|| "2002::/16".parse().expect("a built-in range"));

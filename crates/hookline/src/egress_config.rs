@@ -64,6 +64,8 @@ pub fn ranges<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>,
 }
 
 #[cfg(test)]
+// figment::Jail's closures return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use crate::config::CliOverrides;

@@ -67,6 +67,13 @@ async fn serve(env: &Env, admin: &str, allow: &str, tenant: Option<String>) -> S
 }
 
 impl Setup {
+    /// Stops the server (it must exit cleanly) and drops the test's storage.
+    async fn finish(self, env: Env) {
+        let status = self.server.terminate().await;
+        assert!(status.success(), "hookline exited with {status}");
+        env.finish().await;
+    }
+
     async fn create(&mut self, url: &str) -> Result<pb::Subscription, tonic::Status> {
         self.registry
             .create_subscription(authed(
@@ -195,9 +202,7 @@ async fn every_refused_form_is_refused_at_create_and_update(backend: Backend) {
         .into_inner();
     assert_eq!(got.url, "https://93.184.216.34/hook");
 
-    let status = s.server.terminate().await;
-    assert!(status.success());
-    env.finish().await;
+    s.finish(env).await;
 }
 
 async fn allowed_urls_are_stored_as_they_will_be_requested(backend: Backend) {
@@ -218,9 +223,7 @@ async fn allowed_urls_are_stored_as_they_will_be_requested(backend: Backend) {
         let e = s.create(url).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{url}");
     }
-    let status = s.server.terminate().await;
-    assert!(status.success());
-    env.finish().await;
+    s.finish(env).await;
 }
 
 async fn a_target_allowed_at_create_but_refused_now_gets_no_connection(backend: Backend) {
@@ -310,8 +313,7 @@ async fn a_target_allowed_at_create_but_refused_now_gets_no_connection(backend: 
         );
     }
     assert_eq!(listener.connections(), 0, "a connection was made");
-    assert!(s.server.terminate().await.success());
-    env.finish().await;
+    s.finish(env).await;
 }
 
 on_both_backends!(

@@ -9,7 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     let well_known = protoc_bin_vendored::include_path()?;
 
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with env!(): a build script compiled in another checkout
+    // (a copied target directory) would otherwise read that checkout's protos.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = ["common", "registry", "ingest", "delivery"]
         .map(|name| root.join(format!("hookline/v1/{name}.proto")));
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

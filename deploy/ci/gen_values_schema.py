@@ -79,6 +79,8 @@ def port():
 
 DURATION = {"type": "string", "pattern": "^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$"}
 ENV_NAME = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}
+# An IPv4 or IPv6 address or CIDR block (Hookline checks the exact form when it starts).
+CIDR = {"type": "string", "pattern": "^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$"}
 
 definitions = {
     "labels": {"type": "object", "additionalProperties": {"type": "string"},
@@ -254,6 +256,17 @@ schema = {
                 "hosts": {"type": "array", "items": {"type": "string"}}}}),
         }, ["enabled", "hosts", "expose"]),
         "networkPolicy": obj({"enabled": boolean(), "grpcFrom": array(), "adminFrom": array()}, ["enabled"]),
+        "egress": obj({
+            "allow": array(None, CIDR),
+            "deny": array(None, CIDR),
+            "proxy": string(pattern="^(https?://[^\\s]+)?$"),
+            "networkPolicy": obj({
+                "enabled": boolean(),
+                "deniedCidrs": array(None, CIDR),
+                "dnsTo": array(),
+                "extraEgress": array(),
+            }, ["enabled"]),
+        }, ["allow", "deny", "proxy", "networkPolicy"]),
         "metrics": obj({
             "scrapeAnnotations": boolean(),
             "serviceMonitor": obj({
@@ -275,7 +288,7 @@ schema = {
     "required": ["image", "serviceAccount", "database", "amqp", "config", "containerPorts",
                  "podSecurityContext", "securityContext", "probes", "revisionHistoryLimit",
                  "registry", "ingest", "dispatcher", "retry", "migrations", "ingress",
-                 "networkPolicy", "metrics", "tests"],
+                 "networkPolicy", "metrics", "tests", "egress"],
 }
 
 json.dump(schema, sys.stdout, indent=2)

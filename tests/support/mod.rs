@@ -35,6 +35,9 @@ use tokio::process::{Child, Command};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hookline");
 
+/// The egress ranges the end-to-end servers allow: the tests' receivers on 127.0.0.1.
+pub const LOOPBACK_RECEIVERS: &str = "127.0.0.1/32";
+
 /// Which backends a test runs Hookline on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -88,6 +91,11 @@ impl Env {
             .env("HOOKLINE_QUEUE_PREFIX", &self.prefix)
             .env("HOOKLINE_DATABASE_MAX_CONNECTIONS", "4")
             .env("HOOKLINE_LOG", "warn")
+            // The tests' receivers listen on loopback, which the egress policy refuses by
+            // default; tests of the default pass their own HOOKLINE_EGRESS_ALLOW.
+            .env("HOOKLINE_EGRESS_ALLOW", LOOPBACK_RECEIVERS)
+            .env_remove("HOOKLINE_EGRESS_DENY")
+            .env_remove("HOOKLINE_EGRESS_PROXY")
             .env_remove("HOOKLINE_CONFIG")
             .kill_on_drop(true);
         cmd

@@ -165,6 +165,17 @@ fn describe_url(url: &Url) -> String {
     )
 }
 
+/// The receiver's address as an `egress_allow` range (an unspecified bind address is
+/// reached on loopback).
+fn receiver_range(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => "127.0.0.1/32".into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => "::1/128".into(),
+        std::net::IpAddr::V4(v4) => format!("{v4}/32"),
+        std::net::IpAddr::V6(v6) => format!("{v6}/128"),
+    }
+}
+
 async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
     let exe = std::env::current_exe()
         .map_err(|e| BenchError::io("finding the hookline binary (current_exe)", e))?;
@@ -236,6 +247,15 @@ async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
     if std::env::var_os("HOOKLINE_LOG").is_none() {
         env.push(("HOOKLINE_LOG", "warn".into()));
     }
+    // The bench's receiver listens on loopback (or another local address), which the
+    // egress policy refuses by default: allow exactly its address, on top of whatever
+    // the environment allows.
+    let receiver = receiver_range(args.receiver_addr.ip());
+    let allow = match std::env::var("HOOKLINE_EGRESS_ALLOW") {
+        Ok(given) if !given.trim().is_empty() => format!("{given},{receiver}"),
+        _ => receiver,
+    };
+    env.push(("HOOKLINE_EGRESS_ALLOW", allow));
 
     let command = |sub: &[&str]| {
         let mut cmd = Command::new(&exe);

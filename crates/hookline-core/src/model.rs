@@ -190,6 +190,9 @@ pub enum ErrorClass {
     Status,
     /// Refused before any request: bad URL, subscription gone.
     Invalid,
+    /// Refused before any connection by the egress policy: the URL's host is, or
+    /// resolves only to, an address the operator does not let tenants reach.
+    Egress,
 }
 
 impl ErrorClass {
@@ -202,6 +205,7 @@ impl ErrorClass {
             ErrorClass::Body => "body",
             ErrorClass::Status => "status",
             ErrorClass::Invalid => "invalid",
+            ErrorClass::Egress => "egress",
         }
     }
 
@@ -214,6 +218,7 @@ impl ErrorClass {
             "body" => ErrorClass::Body,
             "status" => ErrorClass::Status,
             "invalid" => ErrorClass::Invalid,
+            "egress" => ErrorClass::Egress,
             _ => return None,
         })
     }

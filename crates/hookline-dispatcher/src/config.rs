@@ -3,13 +3,16 @@
 
 use std::time::Duration;
 
+use hookline_egress::Egress;
+use reqwest::Url;
+
 /// How a dispatcher works. `Default` suits a laptop and a modest cluster node alike.
 ///
 /// The per-subscription limits (`default_max_in_flight`, the subscription's own
 /// `max_in_flight` and `rate_limit_per_second`) and the circuit breaker are kept per
 /// dispatcher process: with several replicas, a subscription may see up to one
 /// `max_in_flight` (and one rate) per replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct DispatcherConfig {
     /// Most HTTP requests in flight at once (over every subscription): the process-wide
     /// cap, taken after a subscription's own slot.
@@ -49,6 +52,12 @@ pub struct DispatcherConfig {
     /// again). Their outcomes then get [`OUTCOME_FLUSH`](crate::OUTCOME_FLUSH) more to be
     /// written. Keep the sum under the platform's grace period (Kubernetes: 30 s).
     pub shutdown_drain: Duration,
+    /// Which addresses requests may go to (and the resolver names go through). The
+    /// default refuses everything that is not globally routable unicast.
+    pub egress: Egress,
+    /// An HTTP CONNECT proxy every request goes through (for a static egress address);
+    /// the proxy then resolves names, so it should enforce a policy of its own.
+    pub egress_proxy: Option<Url>,
 }
 
 impl Default for DispatcherConfig {
@@ -65,6 +74,8 @@ impl Default for DispatcherConfig {
             defer_delay: Duration::from_secs(1),
             circuit: CircuitConfig::default(),
             shutdown_drain: Duration::from_secs(10),
+            egress: Egress::default(),
+            egress_proxy: None,
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The HTTP side of an attempt: one shared client, one POST, and what came of it.
 //!
 //! Every attempt ends in an [`Exchange`]: the status code and a bounded excerpt of the
-//! body when the receiver answered, or an [`ErrorClass`] and a message when it did not.
-//! Transport errors are classified by walking the error's `source()` chain, because
-//! reqwest reports DNS and TLS failures as connect errors with the cause further down.
+//! body when the receiver answered, or an [`ErrorClass`] and a message when it did not
+//! (named in `failure`).
+//!
+//! The client connects only where the egress policy allows: its resolver drops refused
+//! addresses, and a literal address (which reqwest never resolves) is checked before the
+//! request. A refused attempt has the class `egress` and a message naming the policy.
 //!
 //! Each POST is an `http.attempt` client span with OpenTelemetry's HTTP attributes
 //! (`http.request.method`, `url.full` with credentials dropped and query values redacted,
@@ -12,11 +15,13 @@
 //! No trace context is sent to the receiver: its endpoint is outside the system, and
 //! Hookline's trace ids are none of its business.
 
-use std::error::Error as StdError;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use hookline_core::model::{ErrorClass, RESPONSE_EXCERPT_LIMIT};
+use hookline_egress::{Egress, EgressRefused};
+
+use crate::failure::{classify, describe, egress_refusal};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Client, StatusCode, Url};
 use tracing::Instrument as _;
@@ -25,22 +30,45 @@ use tracing::field::Empty;
 /// Longest error message an attempt keeps.
 const ERROR_MESSAGE_LIMIT: usize = 1024;
 
-/// The one client of a dispatcher: pooled keep-alive connections (HTTP/2 where the
-/// receiver offers it), a total timeout per request, redirects not followed.
-pub(crate) fn build_client(request_timeout: Duration) -> Result<Client, reqwest::Error> {
+/// The one client of a dispatcher and the egress policy it connects under.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpClient {
+    client: Client,
+    egress: Egress,
+}
+
+/// Builds the one client of a dispatcher: pooled keep-alive connections (HTTP/2 where the
+/// receiver offers it), a total timeout per request, redirects not followed, names
+/// resolved through the egress policy, and no proxy but `proxy` (never one from the
+/// environment, which would resolve names where the policy cannot see them).
+pub(crate) fn build_client(
+    request_timeout: Duration,
+    egress: Egress,
+    proxy: Option<&Url>,
+) -> Result<HttpClient, reqwest::Error> {
     // reqwest is built without a bundled crypto provider; the binary installs ring. Install
     // it here too if nobody has, so that building a client can never panic.
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Losing a race with another installer is fine: a provider is installed either way.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
-    Client::builder()
+    // The operator's proxy is trusted: its own address is not subject to the policy.
+    let proxy_host = proxy.and_then(|p| p.host_str()).map(str::to_owned);
+    let mut builder = Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(request_timeout)
         .connect_timeout(request_timeout)
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
-        .build()
+        .dns_resolver(egress.resolver(proxy_host))
+        .no_proxy();
+    if let Some(proxy) = proxy {
+        builder = builder.proxy(reqwest::Proxy::all(proxy.clone())?);
+    }
+    Ok(HttpClient {
+        client: builder.build()?,
+        egress,
+    })
 }
 
 /// What one attempt came to.
@@ -73,12 +101,28 @@ impl Exchange {
             error: Some((ErrorClass::Invalid, truncate(message))),
         }
     }
+
+    /// An attempt the egress policy refused: no connection was made.
+    fn egress(started_at: DateTime<Utc>, duration: Duration, refused: &EgressRefused) -> Self {
+        Self {
+            sent: false,
+            started_at,
+            duration,
+            status: None,
+            retry_after: None,
+            excerpt: Vec::new(),
+            error: Some((
+                ErrorClass::Egress,
+                truncate(format!("refused by the egress policy: {refused}")),
+            )),
+        }
+    }
 }
 
 /// POSTs `body` to `url` and reads at most [`RESPONSE_EXCERPT_LIMIT`] bytes of the answer,
 /// in an `http.attempt` span.
 pub(crate) async fn post(
-    client: &Client,
+    client: &HttpClient,
     url: Url,
     headers: HeaderMap,
     body: Vec<u8>,
@@ -155,17 +199,30 @@ fn traced_url(url: &Url) -> String {
 }
 
 async fn exchange(
-    client: &Client,
+    client: &HttpClient,
     url: Url,
     headers: HeaderMap,
     body: Vec<u8>,
     started_at: DateTime<Utc>,
 ) -> Exchange {
     let clock = Instant::now();
-    let sent = client.post(url).headers(headers).body(body).send().await;
+    if let Err(refused) = client.egress.check_literal(&url) {
+        return Exchange::egress(started_at, clock.elapsed(), &refused);
+    }
+    let sent = client
+        .client
+        .post(url)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await;
     let mut response = match sent {
         Ok(r) => r,
         Err(e) => {
+            if let Some(refused) = egress_refusal(&e) {
+                return Exchange::egress(started_at, clock.elapsed(), &refused);
+            }
+            let class = classify(&e);
             return Exchange {
                 sent: true,
                 started_at,
@@ -173,7 +230,7 @@ async fn exchange(
                 status: None,
                 retry_after: None,
                 excerpt: Vec::new(),
-                error: Some((classify(&e), describe(e))),
+                error: Some((class, describe(class, &e))),
             };
         }
     };
@@ -184,23 +241,7 @@ async fn exchange(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
 
-    // Read the body chunk by chunk and stop at the limit: a huge answer is never buffered.
-    // Dropping the rest closes the connection, which only costs a reconnect.
-    let mut excerpt = Vec::new();
-    let mut body_error = None;
-    while excerpt.len() < RESPONSE_EXCERPT_LIMIT {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                let room = RESPONSE_EXCERPT_LIMIT - excerpt.len();
-                excerpt.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            }
-            Ok(None) => break,
-            Err(e) => {
-                body_error = Some(e);
-                break;
-            }
-        }
-    }
+    let (excerpt, body_error) = read_excerpt(&mut response).await;
     let duration = clock.elapsed();
 
     // The status decides; a 2xx whose body could not be read is still a success.
@@ -214,10 +255,10 @@ async fn exchange(
         };
         Some((
             class,
-            truncate(format!(
+            format!(
                 "HTTP {status}; reading the body failed: {}",
-                describe(e)
-            )),
+                describe(class, &e)
+            ),
         ))
     } else {
         Some((ErrorClass::Status, format!("HTTP {status}")))
@@ -233,88 +274,26 @@ async fn exchange(
     }
 }
 
-/// The class of a transport error.
-pub(crate) fn classify(error: &reqwest::Error) -> ErrorClass {
-    if error.is_timeout() {
-        return ErrorClass::Timeout;
-    }
-    let causes = chain(error);
-    let mentions = |words: &[&str]| {
-        causes.iter().any(|(_, text)| {
-            let text = text.to_ascii_lowercase();
-            words.iter().any(|w| text.contains(w))
-        })
-    };
-    if causes.iter().any(|(is_rustls, _)| *is_rustls)
-        || mentions(&["certificate", "tls", "ssl", "handshake"])
-    {
-        return ErrorClass::Tls;
-    }
-    if error.is_dns()
-        || mentions(&[
-            "dns",
-            "resolve",
-            "lookup address",
-            "name or service not known",
-        ])
-    {
-        return ErrorClass::Dns;
-    }
-    if error.is_connect() {
-        return ErrorClass::Connect;
-    }
-    if error.is_body() || error.is_decode() {
-        return ErrorClass::Body;
-    }
-    if error.is_builder() {
-        return ErrorClass::Invalid;
-    }
-    // Trouble on an established connection (reset, closed before the answer).
-    ErrorClass::Connect
-}
-
-/// Every cause below `error`: whether it is a rustls error, and its text. An `io::Error`
-/// hides what it wraps from `source()` (it returns the wrapped error's own source), and
-/// TLS errors come wrapped in two of them, so wrapped errors are visited explicitly.
-fn chain(error: &reqwest::Error) -> Vec<(bool, String)> {
-    const MAX_CAUSES: usize = 32;
-    let mut out = Vec::new();
-    let mut pending: Vec<&(dyn StdError + 'static)> = error.source().into_iter().collect();
-    while let Some(cause) = pending.pop() {
-        if out.len() >= MAX_CAUSES {
-            break;
-        }
-        out.push((cause.is::<rustls::Error>(), cause.to_string()));
-        if let Some(next) = cause.source() {
-            pending.push(next);
-        }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-        {
-            pending.push(inner);
+/// At most [`RESPONSE_EXCERPT_LIMIT`] bytes of the answer's body, read chunk by chunk so a
+/// huge answer is never buffered (dropping the rest closes the connection, which only
+/// costs a reconnect), and the error that cut it short, if any.
+async fn read_excerpt(response: &mut reqwest::Response) -> (Vec<u8>, Option<reqwest::Error>) {
+    let mut excerpt = Vec::new();
+    while excerpt.len() < RESPONSE_EXCERPT_LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = RESPONSE_EXCERPT_LIMIT - excerpt.len();
+                excerpt.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) => break,
+            Err(e) => return (excerpt, Some(e)),
         }
     }
-    out
-}
-
-/// The error and its causes on one line, without the URL (it may carry a token).
-fn describe(error: reqwest::Error) -> String {
-    let error = error.without_url();
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(cause) = next {
-        let part = cause.to_string();
-        if !text.ends_with(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        next = cause.source();
-    }
-    truncate(text)
+    (excerpt, None)
 }
 
 /// At most [`ERROR_MESSAGE_LIMIT`] bytes, cut on a character boundary.
-fn truncate(mut text: String) -> String {
+pub(crate) fn truncate(mut text: String) -> String {
     if text.len() > ERROR_MESSAGE_LIMIT {
         let mut end = ERROR_MESSAGE_LIMIT;
         while !text.is_char_boundary(end) {
@@ -328,8 +307,25 @@ fn truncate(mut text: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+
+    use hookline_egress::{EgressPolicy, ScriptedLookup, parse_range};
+    use hookline_testkit::CountingListener;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Reads a request head; `None` if the client went away first.
+    async fn read_head(socket: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        Some(head)
+    }
 
     /// A raw TCP server on 127.0.0.1 that reads the request head, then answers with
     /// `reply` and, if `endless`, an endless body; `None` never answers.
@@ -342,13 +338,8 @@ mod tests {
                     return;
                 };
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
+                    if read_head(&mut socket).await.is_none() {
+                        return;
                     }
                     let Some(reply) = reply else {
                         std::future::pending::<()>().await;
@@ -365,11 +356,17 @@ mod tests {
         Url::parse(&format!("http://{addr}/hook")).unwrap()
     }
 
-    fn client(timeout_ms: u64) -> Client {
-        build_client(Duration::from_millis(timeout_ms)).unwrap()
+    /// Loopback receivers are allowed by name: the tests' own servers.
+    fn loopback() -> Egress {
+        let allow = vec![parse_range("127.0.0.1").unwrap()];
+        Egress::system(EgressPolicy::new(allow, vec![]))
     }
 
-    async fn send(client: &Client, url: Url) -> Exchange {
+    fn client(timeout_ms: u64) -> HttpClient {
+        build_client(Duration::from_millis(timeout_ms), loopback(), None).unwrap()
+    }
+
+    async fn send(client: &HttpClient, url: Url) -> Exchange {
         post(client, url, HeaderMap::new(), b"{}".to_vec(), Utc::now()).await
     }
 
@@ -447,6 +444,133 @@ mod tests {
             Some(ErrorClass::Dns),
             "{exchange:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_refused_literal_address_gets_no_connection() {
+        let listener = CountingListener::bind("127.0.0.1:0").await;
+        let addr = listener.addr;
+        let default = build_client(Duration::from_secs(5), Egress::default(), None).unwrap();
+        for text in [
+            format!("http://{addr}/"),
+            format!("http://[::ffff:127.0.0.1]:{}/", addr.port()),
+            format!("http://2130706433:{}/", addr.port()),
+        ] {
+            let exchange = send(&default, Url::parse(&text).unwrap()).await;
+            let (class, message) = exchange.error.clone().unwrap();
+            assert_eq!(class, ErrorClass::Egress, "{text}: {exchange:?}");
+            assert!(!exchange.sent);
+            assert!(
+                message.starts_with("refused by the egress policy"),
+                "{message}"
+            );
+            assert!(
+                message.contains("HOOKLINE_EGRESS_ALLOW=127.0.0.1/32"),
+                "{message}"
+            );
+        }
+        assert_eq!(listener.connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_name_is_connected_to_only_on_allowed_addresses() {
+        let listener = CountingListener::bind("127.0.0.2:0").await;
+        let addr = listener.addr;
+        let lookup = Arc::new(ScriptedLookup::default());
+        let allow = vec![parse_range("127.0.0.1").unwrap()];
+        let egress = Egress::new(EgressPolicy::new(allow, vec![]), lookup.clone());
+        let client = build_client(Duration::from_secs(5), egress, None).unwrap();
+        let url = Url::parse(&format!("http://rebind.test:{}/", addr.port())).unwrap();
+        lookup.set("rebind.test", &["127.0.0.2".parse().unwrap()]);
+        let exchange = send(&client, url.clone()).await;
+        assert_eq!(
+            exchange.error.as_ref().map(|e| e.0),
+            Some(ErrorClass::Egress)
+        );
+        let message = &exchange.error.as_ref().unwrap().1;
+        assert!(message.contains("rebind.test resolves to"), "{message}");
+        // A refused address next to an allowed one is dropped, not tried.
+        lookup.set(
+            "rebind.test",
+            &[
+                "127.0.0.2".parse().unwrap(),
+                "169.254.169.254".parse().unwrap(),
+            ],
+        );
+        let exchange = send(&client, url).await;
+        assert_eq!(
+            exchange.error.as_ref().map(|e| e.0),
+            Some(ErrorClass::Egress)
+        );
+        assert_eq!(listener.connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_a_refused_address_is_not_followed() {
+        let listener = CountingListener::bind("127.0.0.2:0").await;
+        let refused = listener.addr;
+        let reply = format!(
+            "HTTP/1.1 302 Found\r\nlocation: http://{refused}/\r\ncontent-length: 0\r\n\r\n"
+        );
+        let url = raw_server(Some(reply.leak().as_bytes()), false).await;
+        let exchange = send(&client(5_000), url).await;
+        assert_eq!(exchange.status, Some(StatusCode::FOUND));
+        assert_eq!(listener.connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn requests_go_through_the_egress_proxy_and_literals_are_still_checked() {
+        // A stand-in proxy on loopback: records request lines, answers 200.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = lines.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Some(head) = read_head(&mut socket).await else {
+                        return;
+                    };
+                    let text = String::from_utf8_lossy(&head);
+                    let first = text.lines().next().unwrap_or_default().to_string();
+                    seen.lock().unwrap().push(first);
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        // The default policy refuses loopback, but the operator's proxy is exempt.
+        let proxy = Url::parse(&format!("http://localhost:{port}")).unwrap();
+        let client = build_client(Duration::from_secs(5), Egress::default(), Some(&proxy)).unwrap();
+        let exchange = send(&client, Url::parse("http://hooks.example/hook").unwrap()).await;
+        assert_eq!(exchange.status, Some(StatusCode::OK), "{exchange:?}");
+        let refused = send(&client, Url::parse("http://10.0.0.1/hook").unwrap()).await;
+        assert_eq!(refused.error.map(|e| e.0), Some(ErrorClass::Egress));
+        assert_eq!(
+            *lines.lock().unwrap(),
+            ["POST http://hooks.example/hook HTTP/1.1"]
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_failures_read_the_same_whatever_answered() {
+        // Nothing listening.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let nothing = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        drop(listener);
+        // Something that closes without answering, and something that is not HTTP.
+        let closes = raw_server(Some(b""), false).await;
+        let garbage = raw_server(Some(b"SSH-2.0-OpenSSH_9.6\r\n"), false).await;
+        let mut messages = Vec::new();
+        for url in [nothing, closes, garbage] {
+            let exchange = send(&client(5_000), url).await;
+            let (class, message) = exchange.error.unwrap();
+            assert_eq!(class, ErrorClass::Connect);
+            messages.push(message);
+        }
+        assert!(messages.iter().all(|m| *m == messages[0]), "{messages:?}");
     }
 
     #[test]

@@ -26,6 +26,7 @@
 mod cache;
 mod circuit;
 mod config;
+mod failure;
 mod http;
 mod limits;
 pub mod metrics;
@@ -74,7 +75,7 @@ pub enum DispatcherError {
 /// A dispatcher, ready to [`run`](Dispatcher::run).
 pub struct Dispatcher {
     cfg: DispatcherConfig,
-    client: reqwest::Client,
+    client: http::HttpClient,
     cache: Arc<SubscriptionCache>,
     registry: Arc<dyn RegistryStore>,
     deliveries: Arc<dyn DeliveryStore>,
@@ -151,8 +152,12 @@ impl Dispatcher {
                 cfg.user_agent
             ))
         })?;
-        let client =
-            http::build_client(cfg.request_timeout).map_err(DispatcherError::HttpClient)?;
+        let client = http::build_client(
+            cfg.request_timeout,
+            cfg.egress.clone(),
+            cfg.egress_proxy.as_ref(),
+        )
+        .map_err(DispatcherError::HttpClient)?;
         let cache = Arc::new(SubscriptionCache::new(registry.clone(), user_agent));
         Ok(Self {
             cfg,

@@ -27,8 +27,8 @@ use hookline_core::retry::parse_retry_after;
 use hookline_core::signing::signature_header;
 use hookline_core::{Id, IdKind};
 use hookline_store::port::{AttemptOutcome, NextStep, RegistryStore};
+use reqwest::StatusCode;
 use reqwest::header::HeaderValue;
-use reqwest::{Client, StatusCode};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -50,7 +50,7 @@ pub(crate) const GONE_REASON: &str = "endpoint answered 410 Gone";
 
 /// What every delivery task shares.
 pub(crate) struct Worker {
-    pub(crate) client: Client,
+    pub(crate) client: http::HttpClient,
     pub(crate) cache: Arc<SubscriptionCache>,
     pub(crate) registry: Arc<dyn RegistryStore>,
     pub(crate) broker: Arc<dyn Broker>,
@@ -390,7 +390,7 @@ fn health(exchange: &Exchange) -> Health {
     match (exchange.status, &exchange.error) {
         (Some(status), _) if status.is_server_error() => Health::Down,
         (Some(_), _) => Health::Up,
-        (None, Some((ErrorClass::Invalid, _))) => Health::Unknown,
+        (None, Some((ErrorClass::Invalid | ErrorClass::Egress, _))) => Health::Unknown,
         (None, _) if exchange.sent => Health::Down,
         (None, _) => Health::Unknown,
     }

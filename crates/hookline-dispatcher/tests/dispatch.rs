@@ -119,7 +119,7 @@ async fn a_server_error_is_retried_per_schedule_until_the_schedule_is_spent() {
 async fn a_hanging_receiver_times_out() {
     let h = Harness::start_with(DispatcherConfig {
         request_timeout: Duration::from_millis(500),
-        ..DispatcherConfig::default()
+        ..support::test_config()
     })
     .await;
     let receiver = Receiver::start(Behaviour::Hang).await;

@@ -25,7 +25,7 @@ async fn a_hanging_endpoint_holds_only_its_own_slots() {
         concurrency: 4,
         prefetch: 8,
         request_timeout: Duration::from_secs(60),
-        ..DispatcherConfig::default()
+        ..support::test_config()
     })
     .await;
     let hanging = Receiver::start(Behaviour::Hang).await;
@@ -165,7 +165,7 @@ async fn a_failing_endpoint_opens_the_circuit_and_a_probe_closes_it() {
             max_cool_down: Duration::from_secs(2),
             ..CircuitConfig::default()
         },
-        ..DispatcherConfig::default()
+        ..support::test_config()
     })
     .await;
     let (addr, url) = refusing_endpoint().await;
@@ -232,7 +232,7 @@ async fn measure_in_flight_wait() {
         for wait_ms in [0u64, 20, 50] {
             let mut h = Harness::start_with(DispatcherConfig {
                 in_flight_wait: Duration::from_millis(wait_ms),
-                ..DispatcherConfig::default()
+                ..support::test_config()
             })
             .await;
             let deferrals = h.start_promoter();

@@ -207,6 +207,7 @@ pub fn error_class(c: model::ErrorClass) -> pb::ErrorClass {
         model::ErrorClass::Body => pb::ErrorClass::Body,
         model::ErrorClass::Status => pb::ErrorClass::Status,
         model::ErrorClass::Invalid => pb::ErrorClass::Invalid,
+        model::ErrorClass::Egress => pb::ErrorClass::Egress,
     }
 }
 

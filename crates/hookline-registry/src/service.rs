@@ -10,6 +10,7 @@ use hookline_broker::Broker;
 use hookline_core::model::{RegistryChange, Subscription, SubscriptionSecret, SubscriptionState};
 use hookline_core::quota::Quotas;
 use hookline_core::{Id, IdKind, filter, validate};
+use hookline_egress::Egress;
 use hookline_grpc::auth::generate_token;
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
 use hookline_grpc::{Authenticator, Gate, MessageLimits, Principal, convert, page_request};
@@ -38,6 +39,7 @@ pub struct RegistryApi {
     quotas: Quotas,
     /// Turns per tenant for subscription creates (see `gate`).
     creates: Arc<TenantGate>,
+    egress: Egress,
 }
 
 impl RegistryApi {
@@ -52,6 +54,7 @@ impl RegistryApi {
             auth,
             quotas: Quotas::default(),
             creates: Arc::default(),
+            egress: Egress::default(),
         }
     }
 
@@ -59,6 +62,22 @@ impl RegistryApi {
     pub fn with_quotas(mut self, quotas: Quotas) -> Self {
         self.quotas = quotas;
         self
+    }
+
+    /// Checks subscription URLs against `egress` instead of the default policy (which
+    /// refuses every address that is not globally routable unicast).
+    pub fn with_egress(mut self, egress: Egress) -> Self {
+        self.egress = egress;
+        self
+    }
+
+    /// The egress policy's create-time check of a subscription URL: a literal address,
+    /// or what its host name resolves to now (a name that does not resolve passes).
+    async fn check_egress(&self, field: &str, url: &url::Url) -> Result<(), Status> {
+        self.egress
+            .check_url(url)
+            .await
+            .map_err(|e| invalid(field, e))
     }
 
     /// The service behind the gate, which authenticates every call before its body is read.
@@ -112,7 +131,8 @@ fn tenant_id(field: &str, value: &str) -> Result<Id, Status> {
 
 /// Every field of a subscription a caller may set, validated.
 struct SubscriptionFields {
-    url: String,
+    /// Normalised: what is stored, shown and requested is the URL as the parser read it.
+    url: url::Url,
     description: String,
     event_types: Vec<String>,
     channels: Vec<String>,
@@ -125,7 +145,7 @@ struct SubscriptionFields {
 
 fn validate_subscription(p: &str, s: &pb::Subscription) -> Result<SubscriptionFields, Status> {
     let f = |name: &str| format!("{p}{name}");
-    validate::subscription_url(&f("url"), &s.url).map_err(from_validation)?;
+    let url = validate::subscription_url(&f("url"), &s.url).map_err(from_validation)?;
     validate::description(&f("description"), &s.description).map_err(from_validation)?;
     validate::event_type_filters(&f("event_types"), &s.event_types).map_err(from_validation)?;
     validate::channels(&f("channels"), &s.channels).map_err(from_validation)?;
@@ -148,7 +168,7 @@ fn validate_subscription(p: &str, s: &pb::Subscription) -> Result<SubscriptionFi
         None => None,
     };
     Ok(SubscriptionFields {
-        url: s.url.clone(),
+        url,
         description: s.description.clone(),
         event_types: s.event_types.clone(),
         channels: s.channels.clone(),
@@ -252,6 +272,7 @@ impl RegistryService for RegistryApi {
         let tenant = tenant_id("subscription.tenant_id", &sub.tenant_id)?;
         principal.require_tenant(&tenant)?;
         let fields = validate_subscription("subscription.", &sub)?;
+        self.check_egress("subscription.url", &fields.url).await?;
         let secret = secret_or_generate("secret", &req.secret)?;
         match self.store.get_tenant(&tenant).await {
             Ok(_) => {}
@@ -267,7 +288,7 @@ impl RegistryService for RegistryApi {
         let new = NewSubscription {
             id: id.clone(),
             tenant_id: tenant.clone(),
-            url: fields.url,
+            url: fields.url.into(),
             description: fields.description,
             event_types: fields.event_types,
             channels: fields.channels,
@@ -401,7 +422,10 @@ impl RegistryService for RegistryApi {
             }
         }
         let fields = validate_subscription("subscription.", &merged)?;
-        sub.url = fields.url;
+        if mask.paths.iter().any(|p| p == "url") {
+            self.check_egress("subscription.url", &fields.url).await?;
+        }
+        sub.url = fields.url.into();
         sub.description = fields.description;
         sub.event_types = fields.event_types;
         sub.channels = fields.channels;

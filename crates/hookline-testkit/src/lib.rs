@@ -9,11 +9,15 @@
 //! that is killed leaks it, and the next [`TestDb::create`] sweeps `hl_test_` databases older
 //! than [`LEAK_AGE`] (the ULID in the name says when a database was made).
 
+mod listener;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 use ulid::Ulid;
 use url::Url;
+
+pub use listener::CountingListener;
 
 /// The server tests connect to, unless `HOOKLINE_TEST_DATABASE_URL` says otherwise.
 pub const DEFAULT_DATABASE_URL: &str =

@@ -499,6 +499,7 @@ fn error_class_name(c: i32) -> &'static str {
         Ok(pb::ErrorClass::Body) => "body",
         Ok(pb::ErrorClass::Status) => "status",
         Ok(pb::ErrorClass::Invalid) => "invalid",
+        Ok(pb::ErrorClass::Egress) => "egress",
         _ => "",
     }
 }

@@ -81,6 +81,21 @@ pub struct Config {
     pub quota_deliveries_per_event: u32,
     /// Most events one tenant may publish per second, per ingest process.
     pub quota_events_per_second: u32,
+
+    // --- Egress policy: which addresses tenants' URLs may reach (docs/SECURITY.md) ---
+    /// Ranges opened beyond globally routable unicast, as CIDR blocks or addresses
+    /// (`HOOKLINE_EGRESS_ALLOW=127.0.0.1/32,10.1.0.0/16`). A receiver on this machine
+    /// needs `127.0.0.1/32`.
+    #[serde(deserialize_with = "crate::egress_config::ranges")]
+    pub egress_allow: Vec<String>,
+    /// Ranges refused on top of the built-in ones; they win over `egress_allow`.
+    #[serde(deserialize_with = "crate::egress_config::ranges")]
+    pub egress_deny: Vec<String>,
+    /// An HTTP CONNECT proxy (like Smokescreen) every webhook request goes through, for
+    /// a static egress address. The proxy resolves names, so it should refuse internal
+    /// ranges itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<String>,
 }
 
 impl Default for Config {
@@ -114,6 +129,9 @@ impl Default for Config {
             quota_subscriptions_per_tenant: Quotas::default().subscriptions_per_tenant,
             quota_deliveries_per_event: Quotas::default().deliveries_per_event,
             quota_events_per_second: Quotas::default().events_per_second,
+            egress_allow: Vec::new(),
+            egress_deny: Vec::new(),
+            egress_proxy: None,
         }
     }
 }
@@ -149,6 +167,19 @@ pub struct CliOverrides {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<String>,
+    /// Ranges tenants' URLs may reach beyond global unicast, comma-separated
+    /// [env: HOOKLINE_EGRESS_ALLOW]
+    #[arg(long, global = true, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_allow: Option<Vec<String>>,
+    /// Extra refused ranges, comma-separated [env: HOOKLINE_EGRESS_DENY]
+    #[arg(long, global = true, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_deny: Option<Vec<String>>,
+    /// HTTP CONNECT proxy for webhook requests [env: HOOKLINE_EGRESS_PROXY]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<String>,
 }
 
 impl Config {
@@ -208,6 +239,7 @@ impl Config {
         ] {
             hookline_core::validate::stored_u32(name, value, 1, MAX_QUOTA)?;
         }
+        crate::egress_config::Egress::from_config(&config)?;
         Ok(config)
     }
 

@@ -105,6 +105,7 @@ pub async fn show_first_admin_key(
     store: &dyn RegistryStore,
     data_dir: &Path,
     at: &Endpoints,
+    loopback_allowed: bool,
 ) -> anyhow::Result<()> {
     let marker = Marker(data_dir.join(FIRST_KEY_MARKER));
     match marker.read()? {
@@ -119,7 +120,7 @@ pub async fn show_first_admin_key(
     let id = Id::new(IdKind::ApiKey);
     marker.write(&format!("pending {id}"))?;
     let key = store_key(store, id, FIRST_KEY_NAME, None).await?;
-    if announce(&first_start_banner(at, &key.token)) {
+    if announce(&first_start_banner(at, &key.token, loopback_allowed)) {
         marker.write(SHOWN)
     } else {
         // Nobody saw it: revoke it now; the next start shows a new one.
@@ -197,8 +198,13 @@ impl Marker {
 
 /// What a newcomer sees on the first start of an embedded Hookline: where everything
 /// listens, the admin key (shown this once), and commands to paste.
-fn first_start_banner(at: &Endpoints, token: &str) -> String {
+fn first_start_banner(at: &Endpoints, token: &str, loopback_allowed: bool) -> String {
     let Endpoints { grpc, admin } = at;
+    let allowed = if loopback_allowed {
+        "127.0.0.1 is allowed"
+    } else {
+        "127.0.0.1 is refused"
+    };
     format!(
         r#"
 Hookline is running (embedded: every service in this process, state in SQLite).
@@ -207,6 +213,10 @@ Hookline is running (embedded: every service in this process, state in SQLite).
 
 First start: an admin API key was created. It is shown only now; keep it:
   {token}
+
+Receivers on this machine: the egress policy refuses loopback and private addresses by
+default (tenants must not reach your admin port or database). For a local receiver, start
+the server with HOOKLINE_EGRESS_ALLOW=127.0.0.1/32 (now: {allowed}).
 
 Try it (in another terminal, with a receiver listening on http://127.0.0.1:8000/webhook):
   export HOOKLINE_SERVER=http://{grpc} HOOKLINE_TOKEN={token}
@@ -263,7 +273,7 @@ mod tests {
             .await
             .unwrap();
 
-        show_first_admin_key(&store, &dir, &endpoints())
+        show_first_admin_key(&store, &dir, &endpoints(), false)
             .await
             .unwrap();
         let live = live_admin_keys(&store).await;
@@ -273,7 +283,7 @@ mod tests {
         assert_eq!(marker.trim(), SHOWN);
 
         // Shown once: later starts make no key.
-        show_first_admin_key(&store, &dir, &endpoints())
+        show_first_admin_key(&store, &dir, &endpoints(), false)
             .await
             .unwrap();
         assert_eq!(live_admin_keys(&store).await, live);
@@ -285,7 +295,7 @@ mod tests {
     async fn an_installation_with_admin_keys_gets_no_first_key() {
         let (store, dir) = installation().await;
         let own = create_key(&store, "ops", None).await.unwrap();
-        show_first_admin_key(&store, &dir, &endpoints())
+        show_first_admin_key(&store, &dir, &endpoints(), false)
             .await
             .unwrap();
         assert_eq!(live_admin_keys(&store).await, vec![own.id]);

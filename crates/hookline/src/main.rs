@@ -5,6 +5,7 @@ mod admin_http;
 mod backends;
 mod client;
 mod config;
+mod egress_config;
 mod elsewhere;
 mod keys;
 mod metrics_catalog;

@@ -28,6 +28,7 @@ use crate::admin_http::{self, AdminState};
 use crate::backends::{self, AnyStore, Mode};
 use crate::config::Config;
 use crate::keys::{self, Endpoints};
+use crate::egress_config;
 use crate::shutdown;
 use crate::{elsewhere, metrics_catalog};
 
@@ -91,6 +92,8 @@ pub fn parse_services(list: &str) -> anyhow::Result<BTreeSet<Service>> {
 pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Result<()> {
     let mode = Mode::from_config(&config)?;
     mode.check_services(&services)?;
+    let egress_settings = egress_config::Egress::from_config(&config)?;
+    let egress = hookline_egress::Egress::system(egress_settings.policy);
     let listeners = Listeners::bind(&config).await?;
     let metrics = install_metrics()?;
     let drain = Duration::from_secs(config.shutdown_drain_secs);
@@ -109,6 +112,8 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         broker: broker.clone(),
         auth: Authenticator::with_limits(store.registry(), config.key_limits()),
         shutdown: shutdown.clone(),
+        egress,
+        egress_proxy: egress_settings.proxy,
     };
     let mut tasks = vec![spawn_cache_invalidation(
         broker.clone(),
@@ -128,7 +133,15 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         metrics,
     };
     let running = listeners.serve(router, admin_state, &shutdown)?;
-    let started = announce_start(&running.at, &services, &mode, store.registry().as_ref()).await;
+    let loopback_allowed = wiring.egress.policy().check([127, 0, 0, 1].into()).is_ok();
+    let started = announce_start(
+        &running.at,
+        &services,
+        &mode,
+        store.registry().as_ref(),
+        loopback_allowed,
+    )
+    .await;
     if started.is_err() {
         // Stop what runs in good order, then report why.
         shutdown.cancel();
@@ -251,6 +264,10 @@ struct Wiring<'a> {
     broker: Arc<dyn Broker>,
     auth: Authenticator,
     shutdown: CancellationToken,
+    /// The egress policy every subscription URL and every delivery goes through.
+    egress: hookline_egress::Egress,
+    /// An HTTP CONNECT proxy for every delivery, when the operator set one.
+    egress_proxy: Option<url::Url>,
 }
 
 impl Wiring<'_> {
@@ -291,7 +308,8 @@ impl Wiring<'_> {
             self.broker.clone(),
             self.auth.clone(),
         )
-        .with_quotas(self.config.quotas());
+        .with_quotas(self.config.quotas())
+        .with_egress(self.egress.clone());
         health
             .set_serving::<pb::registry_service_server::RegistryServiceServer<RegistryApi>>()
             .await;
@@ -376,6 +394,8 @@ impl Wiring<'_> {
                 prefetch: config.dispatcher_prefetch,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
                 shutdown_drain: Duration::from_secs(config.shutdown_drain_secs),
+                egress: self.egress.clone(),
+                egress_proxy: self.egress_proxy.clone(),
                 ..DispatcherConfig::default()
             },
             self.store.registry(),
@@ -400,6 +420,7 @@ async fn announce_start(
     services: &BTreeSet<Service>,
     mode: &Mode,
     registry: &dyn RegistryStore,
+    loopback_allowed: bool,
 ) -> anyhow::Result<()> {
     let names: Vec<_> = services.iter().map(|s| s.name()).collect();
     announce(&format!("hookline: grpc listening on {}", at.grpc));
@@ -410,7 +431,7 @@ async fn announce_start(
             "hookline: embedded backends in {}",
             data_dir.display()
         ));
-        keys::show_first_admin_key(registry, data_dir, at).await?;
+        keys::show_first_admin_key(registry, data_dir, at, loopback_allowed).await?;
     }
     tracing::info!(grpc_addr = %at.grpc, admin_addr = %at.admin, services = ?names, "serving");
     if let Some(note) = elsewhere::missing_services_note(services) {

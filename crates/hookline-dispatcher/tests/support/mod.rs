@@ -26,6 +26,7 @@ use hookline_core::model::{
 use hookline_core::signing::generate_secret;
 use hookline_core::{Id, IdKind};
 use hookline_dispatcher::{Dispatcher, DispatcherConfig, DispatcherError};
+use hookline_egress::{Egress, EgressPolicy, Lookup, SystemLookup, parse_range};
 use hookline_store::PgStore;
 use hookline_store::port::{
     DeliveryStore, EventStore, InsertOutcome, NewEvent, NewSubscription, PageRequest, RegistryStore,
@@ -279,9 +280,24 @@ pub struct Harness {
     promoter: Option<Promoter>,
 }
 
+/// The tests' dispatcher settings: the defaults, with the tests' receivers on 127.0.0.1
+/// allowed by the egress policy (which refuses loopback by default).
+pub fn test_config() -> DispatcherConfig {
+    DispatcherConfig {
+        egress: loopback_egress(Arc::new(SystemLookup)),
+        ..DispatcherConfig::default()
+    }
+}
+
+/// The default egress policy with 127.0.0.1 allowed, resolving names with `lookup`.
+pub fn loopback_egress(lookup: Arc<dyn Lookup>) -> Egress {
+    let allow = vec![parse_range("127.0.0.1").expect("a range")];
+    Egress::new(EgressPolicy::new(allow, vec![]), lookup)
+}
+
 impl Harness {
     pub async fn start() -> Harness {
-        Self::start_with(DispatcherConfig::default()).await
+        Self::start_with(test_config()).await
     }
 
     pub async fn start_with(cfg: DispatcherConfig) -> Harness {

@@ -201,6 +201,15 @@ impl Fixture {
     }
 
     /// Migrations recorded as applied.
+    /// How many migrations this backend has (every one must end up applied).
+    pub fn known_migrations(&self) -> i64 {
+        let count = match &self.inner {
+            Inner::Postgres { .. } => hookline_store::postgres::MIGRATOR.iter().count(),
+            Inner::Sqlite { .. } => hookline_store::sqlite::MIGRATOR.iter().count(),
+        };
+        i64::try_from(count).expect("a small count")
+    }
+
     pub async fn applied_migrations(&self) -> i64 {
         let sql = "SELECT count(*) FROM _sqlx_migrations WHERE success";
         match &self.inner {

@@ -73,6 +73,10 @@ pub fn render(headers: &[&str], rows: Vec<Vec<String>>, width: Option<u16>) -> S
         row.max_height(1);
         table.add_row(row);
     }
+    // Two spaces between columns, none before the first.
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
     table
         .lines()
         .map(|l| l.trim_end().to_string())

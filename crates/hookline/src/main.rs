@@ -140,7 +140,7 @@ enum AdminCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(client_flags_after_command(std::env::args_os().collect()));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -229,6 +229,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The client flags as earlier versions took them, before the command
+/// (`hookline --server X --token T --json tenants list`), moved after it, where they
+/// are defined now (`hookline tenants --server X --token T --json list`).
+fn client_flags_after_command(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const CLIENT_COMMANDS: [&str; 8] = [
+        "publish",
+        "events",
+        "tenants",
+        "subscriptions",
+        "keys",
+        "event-types",
+        "deliveries",
+        "tail",
+    ];
+    let mut end = 1;
+    while let Some(arg) = args.get(end).and_then(|a| a.to_str()) {
+        end += match arg {
+            "--server" | "--token" => 2,
+            "--json" | "--jsonl" => 1,
+            a if a.starts_with("--server=") || a.starts_with("--token=") => 1,
+            _ => break,
+        };
+    }
+    let command = args.get(end).and_then(|a| a.to_str());
+    if end > 1 && end < args.len() && command.is_some_and(|c| CLIENT_COMMANDS.contains(&c)) {
+        let flags: Vec<_> = args.drain(1..end).collect();
+        args.splice(2..2, flags);
+    }
+    args
+}
+
 /// A command that runs or administers an installation, with its settings.
 enum Server {
     Serve(std::collections::BTreeSet<serve::Service>, ServerArgs),
@@ -276,6 +307,28 @@ mod tests {
         let mut missing = Vec::new();
         walk(&cmd, "hookline", &mut missing);
         assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
+
+    #[test]
+    fn client_flags_before_the_command_still_work() {
+        let args = |s: &str| {
+            s.split(' ')
+                .map(std::ffi::OsString::from)
+                .collect::<Vec<_>>()
+        };
+        let moved = super::client_flags_after_command(args(
+            "hookline --json --server h:1 --token=t tenants list",
+        ));
+        assert_eq!(
+            moved,
+            args("hookline tenants --json --server h:1 --token=t list")
+        );
+        let serve = args("hookline --json serve");
+        assert_eq!(super::client_flags_after_command(serve.clone()), serve);
+        let cli = <Cli as clap::Parser>::try_parse_from(super::client_flags_after_command(args(
+            "hookline --server h:1 tenants list",
+        )));
+        assert!(cli.is_ok());
     }
 
     /// Server settings belong to the commands that run or administer an installation.

@@ -218,45 +218,12 @@ pub async fn subscriptions(args: &ClientArgs, cmd: SubscriptionCommand) -> anyho
             all_channels,
             default_retry_schedule,
         } => {
-            let mut sub = pb::Subscription {
-                id,
-                ..Default::default()
+            let clear = Clear {
+                event_types: all_event_types,
+                channels: all_channels,
+                retry_schedule: default_retry_schedule,
             };
-            let mut paths = Vec::new();
-            if let Some(url) = url {
-                sub.url = url;
-                paths.push("url");
-            }
-            if !fields.event_types.is_empty() || all_event_types {
-                sub.event_types = fields.event_types;
-                paths.push("event_types");
-            }
-            if !fields.channels.is_empty() || all_channels {
-                sub.channels = fields.channels;
-                paths.push("channels");
-            }
-            if !fields.retry_schedule_ms.is_empty() || default_retry_schedule {
-                sub.retry_policy = retry_policy(&fields.retry_schedule_ms);
-                paths.push("retry_policy");
-            }
-            if let Some(d) = fields.description {
-                sub.description = d;
-                paths.push("description");
-            }
-            if let Some(n) = fields.rate_limit {
-                sub.rate_limit_per_second = n;
-                paths.push("rate_limit_per_second");
-            }
-            if let Some(n) = fields.max_in_flight {
-                sub.max_in_flight = n;
-                paths.push("max_in_flight");
-            }
-            anyhow::ensure!(
-                !paths.is_empty(),
-                "nothing to change: give at least one of --url, --event-type, --channel, \
-                 --retry-schedule-ms, --description, --rate-limit, --max-in-flight, \
-                 --all-event-types, --all-channels, --default-retry-schedule"
-            );
+            let (sub, paths) = changes(id, url, fields, clear)?;
             print_one(format, &update(&client, sub, &paths).await?);
         }
         SubscriptionCommand::Enable { id } => {
@@ -344,6 +311,62 @@ async fn create(
         );
     });
     Ok(())
+}
+
+/// Which `update` flags reset a field to its default.
+struct Clear {
+    event_types: bool,
+    channels: bool,
+    retry_schedule: bool,
+}
+
+/// The subscription carrying the changes, and the field-mask paths naming them.
+fn changes(
+    id: String,
+    url: Option<String>,
+    fields: Fields,
+    clear: Clear,
+) -> anyhow::Result<(pb::Subscription, Vec<&'static str>)> {
+    let mut sub = pb::Subscription {
+        id,
+        ..Default::default()
+    };
+    let mut paths = Vec::new();
+    if let Some(url) = url {
+        sub.url = url;
+        paths.push("url");
+    }
+    if !fields.event_types.is_empty() || clear.event_types {
+        sub.event_types = fields.event_types;
+        paths.push("event_types");
+    }
+    if !fields.channels.is_empty() || clear.channels {
+        sub.channels = fields.channels;
+        paths.push("channels");
+    }
+    if !fields.retry_schedule_ms.is_empty() || clear.retry_schedule {
+        sub.retry_policy = retry_policy(&fields.retry_schedule_ms);
+        paths.push("retry_policy");
+    }
+    if let Some(d) = fields.description {
+        sub.description = d;
+        paths.push("description");
+    }
+    if let Some(n) = fields.rate_limit {
+        sub.rate_limit_per_second = n;
+        paths.push("rate_limit_per_second");
+    }
+    if let Some(n) = fields.max_in_flight {
+        sub.max_in_flight = n;
+        paths.push("max_in_flight");
+    }
+    anyhow::ensure!(
+        !paths.is_empty(),
+        "nothing to change: give at least one of --url, --event-type, --channel, \
+         --retry-schedule-ms, --description, --rate-limit, --max-in-flight, \
+         --all-event-types, --all-channels, --default-retry-schedule"
+    );
+    Ok((sub, paths))
 }
 
 async fn update(

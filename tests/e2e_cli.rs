@@ -83,6 +83,29 @@ impl<'a> Cli<'a> {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
+    /// A new tenant with a subscription to the receiver's endpoint `name`, whose secret
+    /// the receiver checks signatures with.
+    async fn subscribe(
+        &self,
+        receiver: &Receiver,
+        name: &str,
+        behavior: Behavior,
+    ) -> (String, Value) {
+        let tenant = self.tenant().await;
+        let url = receiver.endpoint(name, behavior);
+        let create = [
+            "subscriptions",
+            "create",
+            "--tenant",
+            &tenant,
+            "--url",
+            &url,
+        ];
+        let sub = self.json(&create).await;
+        receiver.set_secret(name, s(&sub["secret"]));
+        (tenant, sub)
+    }
+
     async fn tenant(&self) -> String {
         let t = self.json(&["tenants", "create", "--name", "acme"]).await;
         t["id"].as_str().expect("tenant id").to_string()
@@ -239,20 +262,10 @@ async fn enable_after_gone(backend: Backend) {
     let env = Env::with(backend).await;
     let receiver = Receiver::start().await;
     let (cli, server) = Cli::start(&env).await;
-    let tenant = cli.tenant().await;
-    let url = receiver.endpoint("gone", Behavior::Always(410));
-    let sub = cli
-        .json(&[
-            "subscriptions",
-            "create",
-            "--tenant",
-            &tenant,
-            "--url",
-            &url,
-        ])
+    let (tenant, sub) = cli
+        .subscribe(&receiver, "gone", Behavior::Always(410))
         .await;
     let id = s(&sub["id"]).to_string();
-    receiver.set_secret("gone", s(&sub["secret"]));
     let publish = [
         "publish", "--tenant", &tenant, "--type", "a.b", "--data", "{}",
     ];
@@ -366,19 +379,7 @@ async fn publish_and_event_commands(backend: Backend) {
     let env = Env::with(backend).await;
     let receiver = Receiver::start().await;
     let (cli, server) = Cli::start(&env).await;
-    let tenant = cli.tenant().await;
-    let url = receiver.endpoint("ok", Behavior::Ok);
-    let sub = cli
-        .json(&[
-            "subscriptions",
-            "create",
-            "--tenant",
-            &tenant,
-            "--url",
-            &url,
-        ])
-        .await;
-    receiver.set_secret("ok", s(&sub["secret"]));
+    let (tenant, _) = cli.subscribe(&receiver, "ok", Behavior::Ok).await;
     let data = r#"{"amount":42}"#;
     let published = cli
         .json(&[

@@ -165,11 +165,7 @@ pub async fn deliveries(args: &ClientArgs, cmd: DeliveryCommand) -> anyhow::Resu
             };
             let res = api.list_deliveries(request(&client, msg)?).await;
             let list = res.map_err(rpc)?.into_inner().deliveries;
-            format.list(
-                list.iter().map(delivery_json).collect(),
-                &HEADERS,
-                list.iter().map(delivery_row).collect(),
-            );
+            format.items(&list, delivery_json, &HEADERS, delivery_row);
         }
         DeliveryCommand::Get { id } => {
             let msg = pb::GetDeliveryRequest { delivery_id: id };

@@ -104,11 +104,7 @@ pub async fn event_types(args: &ClientArgs, cmd: EventTypeCommand) -> anyhow::Re
                 Ok((page.event_types, page.next_page_token))
             })
             .await?;
-            format.list(
-                all.iter().map(event_type_json).collect(),
-                &HEADERS,
-                all.iter().map(event_type_row).collect(),
-            );
+            format.items(&all, event_type_json, &HEADERS, event_type_row);
             return Ok(());
         }
         EventTypeCommand::Get { name } => {

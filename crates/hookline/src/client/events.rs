@@ -141,11 +141,7 @@ pub async fn events(args: &ClientArgs, cmd: EventCommand) -> anyhow::Result<()> 
             };
             let page = ingest.list_events(request(&client, msg)?).await;
             let events = page.map_err(rpc)?.into_inner().events;
-            format.list(
-                events.iter().map(event_json).collect(),
-                &HEADERS,
-                events.iter().map(event_row).collect(),
-            );
+            format.items(&events, event_json, &HEADERS, event_row);
         }
         EventCommand::Get { id } => {
             let msg = pb::GetEventRequest { event_id: id };

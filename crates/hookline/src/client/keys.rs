@@ -78,11 +78,7 @@ pub async fn keys(args: &ClientArgs, cmd: KeyCommand) -> anyhow::Result<()> {
                 Ok((page.api_keys, page.next_page_token))
             })
             .await?;
-            format.list(
-                all.iter().map(key_json).collect(),
-                &HEADERS,
-                all.iter().map(key_row).collect(),
-            );
+            format.items(&all, key_json, &HEADERS, key_row);
         }
         KeyCommand::Create { name, tenant } => {
             let msg = pb::CreateApiKeyRequest {

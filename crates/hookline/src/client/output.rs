@@ -38,6 +38,18 @@ impl Format {
         }
     }
 
+    /// A list of `items`, each shown by `json` or as a table row by `row`.
+    pub fn items<T>(
+        self,
+        items: &[T],
+        json: impl Fn(&T) -> Value,
+        headers: &[&str],
+        row: impl Fn(&T) -> Vec<String>,
+    ) {
+        let values = items.iter().map(json).collect();
+        self.list(values, headers, items.iter().map(row).collect());
+    }
+
     pub fn is_json(self) -> bool {
         self != Format::Table
     }

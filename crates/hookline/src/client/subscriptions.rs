@@ -194,11 +194,7 @@ pub async fn subscriptions(args: &ClientArgs, cmd: SubscriptionCommand) -> anyho
                 Ok((page.subscriptions, page.next_page_token))
             })
             .await?;
-            format.list(
-                all.iter().map(subscription_json).collect(),
-                &HEADERS,
-                all.iter().map(subscription_row).collect(),
-            );
+            format.items(&all, subscription_json, &HEADERS, subscription_row);
         }
         SubscriptionCommand::Get { id } => {
             let msg = pb::GetSubscriptionRequest {

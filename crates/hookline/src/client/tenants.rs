@@ -84,11 +84,7 @@ pub async fn tenants(args: &ClientArgs, cmd: TenantCommand) -> anyhow::Result<()
                 Ok((page.tenants, page.next_page_token))
             })
             .await?;
-            args.format().list(
-                all.iter().map(tenant_json).collect(),
-                &HEADERS,
-                all.iter().map(tenant_row).collect(),
-            );
+            args.format().items(&all, tenant_json, &HEADERS, tenant_row);
         }
         TenantCommand::Get { id } => {
             let msg = pb::GetTenantRequest { tenant_id: id };

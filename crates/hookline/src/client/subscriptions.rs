@@ -130,6 +130,8 @@ fn subscription_json(s: &pb::Subscription) -> Value {
         "description": s.description,
         "event_types": s.event_types,
         "channels": s.channels,
+        "headers": s.headers,
+        "metadata": s.metadata,
         "rate_limit_per_second": s.rate_limit_per_second,
         "max_in_flight": s.max_in_flight,
         "state": state_name(s.state),

@@ -87,10 +87,10 @@ pub enum SubscriptionCommand {
 /// The fields `create` and `update` share.
 #[derive(Debug, Args)]
 pub struct Fields {
-    /// Event-type filter (`invoice.paid`, `invoice.*`); repeat for several; none = all.
+    /// Event-type filter (`invoice.paid`, `invoice.*`); repeat for several (on create, none = every type).
     #[arg(long = "event-type")]
     event_types: Vec<String>,
-    /// A channel to listen on; repeat for several; none = every channel.
+    /// A channel to listen on; repeat for several (on create, none = every channel).
     #[arg(long = "channel")]
     channels: Vec<String>,
     /// Retry delays in milliseconds, comma-separated (default: Hookline's schedule).

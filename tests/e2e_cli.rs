@@ -163,6 +163,7 @@ async fn tenant_commands(backend: Backend) {
         &["deliveries", "list", "--tenant", &id],
         &["events", "list", "--tenant", &id],
         &["keys", "list", "--tenant", &id],
+        &["tail", "--tenant", &id],
     ] {
         let err = cli.fails(list).await;
         assert!(err.contains("NOT_FOUND"), "{list:?}: {err}");

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use hookline_client::{Client, Event, RetryPolicy, pb};
+use hookline_client::{Client, Error, Event, RetryPolicy, pb};
 use pb::ingest_service_server::{IngestService, IngestServiceServer};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, Request, Response, Status};
@@ -101,18 +101,22 @@ async fn client_of(flaky: Flaky) -> Client {
         .expect("connect to the test server")
 }
 
+/// One publish to a server answering like `flaky`; the answer and the keys of every call.
+async fn publish_to(flaky: Flaky) -> (Result<pb::PublishResponse, Error>, Vec<Vec<String>>) {
+    let client = client_of(flaky.clone()).await;
+    let res = client.publish(Event::new("ten_x", "a.b", "{}")).await;
+    let calls = flaky.calls.lock().unwrap().clone();
+    (res, calls)
+}
+
 #[tokio::test]
 async fn unavailable_is_retried_with_the_same_idempotency_key() {
-    let flaky = Flaky {
+    let (res, calls) = publish_to(Flaky {
         unavailable: 2,
         ..Flaky::default()
-    };
-    let client = client_of(flaky.clone()).await;
-    let res = client
-        .publish(Event::new("ten_x", "a.b", "{}"))
-        .await
-        .expect("accepted on the third try");
-    let calls = flaky.calls.lock().unwrap().clone();
+    })
+    .await;
+    let res = res.expect("accepted on the third try");
     assert_eq!(calls.len(), 3);
     assert!(calls.iter().all(|c| c == &calls[0]), "{calls:?}");
     assert_eq!(res.event_id, format!("evt_{}", calls[0][0]));
@@ -120,37 +124,27 @@ async fn unavailable_is_retried_with_the_same_idempotency_key() {
 
 #[tokio::test]
 async fn a_rejected_request_is_not_sent_again_and_says_so() {
-    let flaky = Flaky {
+    let (res, calls) = publish_to(Flaky {
         reject: true,
         ..Flaky::default()
-    };
-    let client = client_of(flaky.clone()).await;
-    let err = client
-        .publish(Event::new("ten_x", "a..b", "{}"))
-        .await
-        .expect_err("rejected");
+    })
+    .await;
+    let err = res.expect_err("rejected");
     assert!(!err.is_retryable());
     assert_eq!(err.code(), Some(Code::InvalidArgument));
-    assert_eq!(flaky.calls.lock().unwrap().len(), 1);
+    assert_eq!(calls.len(), 1);
 }
 
 #[tokio::test]
 async fn retries_end_and_the_outage_is_reported_as_retryable() {
-    let flaky = Flaky {
+    let (res, calls) = publish_to(Flaky {
         unavailable: usize::MAX,
         ..Flaky::default()
-    };
-    let client = client_of(flaky.clone()).await;
-    let err = client
-        .publish(Event::new("ten_x", "a.b", "{}"))
-        .await
-        .expect_err("never accepted");
+    })
+    .await;
+    let err = res.expect_err("never accepted");
     assert!(err.is_retryable(), "{err}");
-    assert_eq!(
-        flaky.calls.lock().unwrap().len(),
-        4,
-        "the first try and 3 retries"
-    );
+    assert_eq!(calls.len(), 4, "the first try and 3 retries");
 }
 
 #[tokio::test]

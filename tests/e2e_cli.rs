@@ -201,10 +201,13 @@ async fn subscription_commands(backend: Backend) {
             "http://127.0.0.1:9/b",
             "--description",
             "billing",
+            "--header",
+            "x-team=billing",
         ])
         .await;
     assert_eq!(updated["url"], "http://127.0.0.1:9/b");
     assert_eq!(updated["description"], "billing");
+    assert_eq!(updated["headers"]["x-team"], "billing");
     assert_eq!(
         updated["event_types"][0], "invoice.*",
         "unnamed fields stay"

@@ -53,6 +53,9 @@ pub enum SubscriptionCommand {
         /// Use Hookline's default retry schedule again.
         #[arg(long, conflicts_with = "retry_schedule_ms")]
         default_retry_schedule: bool,
+        /// Send no extra headers any more.
+        #[arg(long, conflicts_with = "headers")]
+        no_headers: bool,
     },
     /// Enables a subscription, also one disabled by a `410 Gone` or by failures.
     Enable {
@@ -105,6 +108,19 @@ pub struct Fields {
     /// At most this many requests in flight to the endpoint; 0 = no limit.
     #[arg(long)]
     max_in_flight: Option<u32>,
+    /// An extra HTTP header sent with every request, `NAME=VALUE` (not `webhook-*`);
+    /// repeat for several (on update, they replace all the headers).
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
 }
 
 fn retry_policy(ms: &[u64]) -> Option<pb::RetryPolicy> {
@@ -215,11 +231,13 @@ pub async fn subscriptions(args: &ClientArgs, cmd: SubscriptionCommand) -> anyho
             all_event_types,
             all_channels,
             default_retry_schedule,
+            no_headers,
         } => {
             let clear = Clear {
                 event_types: all_event_types,
                 channels: all_channels,
                 retry_schedule: default_retry_schedule,
+                headers: no_headers,
             };
             let (sub, paths) = changes(id, url, fields, clear)?;
             print_one(format, &update(&client, sub, &paths).await?);
@@ -287,6 +305,7 @@ async fn create(
             channels: fields.channels,
             rate_limit_per_second: fields.rate_limit.unwrap_or(0),
             max_in_flight: fields.max_in_flight.unwrap_or(0),
+            headers: fields.headers.into_iter().collect(),
             retry_policy: retry_policy(&fields.retry_schedule_ms),
             ..Default::default()
         }),
@@ -316,6 +335,7 @@ struct Clear {
     event_types: bool,
     channels: bool,
     retry_schedule: bool,
+    headers: bool,
 }
 
 /// The subscription carrying the changes, and the field-mask paths naming them.
@@ -358,11 +378,15 @@ fn changes(
         sub.max_in_flight = n;
         paths.push("max_in_flight");
     }
+    if !fields.headers.is_empty() || clear.headers {
+        sub.headers = fields.headers.into_iter().collect();
+        paths.push("headers");
+    }
     anyhow::ensure!(
         !paths.is_empty(),
         "nothing to change: give at least one of --url, --event-type, --channel, \
          --retry-schedule-ms, --description, --rate-limit, --max-in-flight, \
-         --all-event-types, --all-channels, --default-retry-schedule"
+         --header, --all-event-types, --all-channels, --default-retry-schedule, --no-headers"
     );
     Ok((sub, paths))
 }

@@ -432,6 +432,11 @@ impl IngestService for IngestApi {
         if !req.event_type.is_empty() {
             validate::event_type("event_type", &req.event_type).map_err(from_validation)?;
         }
+        // An unknown tenant is NOT_FOUND, not an empty list.
+        let known = self.matcher.tenant(&tenant_id).await.map_err(from_store)?;
+        if matches!(*known, crate::matcher::TenantSubscriptions::Missing) {
+            return Err(Status::not_found(format!("tenant {tenant_id} not found")));
+        }
         let page = page_request(req.page_size, &req.page_token)?;
         let filter = EventFilter {
             tenant_id,

@@ -705,6 +705,7 @@ impl RegistryService for RegistryApi {
         } else {
             let t = tenant_id("tenant_id", &req.tenant_id)?;
             principal.require_tenant(&t)?;
+            self.store.get_tenant(&t).await.map_err(from_store)?;
             Some(t)
         };
         let page = self

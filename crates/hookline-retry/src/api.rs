@@ -98,6 +98,8 @@ impl DeliveryApi {
         if !tenant_id.is_empty() {
             let t = Id::parse(IdKind::Tenant, "tenant_id", tenant_id).map_err(from_id)?;
             principal.require_tenant(&t)?;
+            // An unknown tenant is NOT_FOUND, not an empty list.
+            self.registry.get_tenant(&t).await.map_err(from_store)?;
             filter.tenant_id = Some(t);
         }
         if !subscription_id.is_empty() {

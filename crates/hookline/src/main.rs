@@ -1,5 +1,6 @@
 //! `hookline`: one binary for every role. `serve` runs any set of services, `migrate`
-//! prepares the database, `admin` holds the bootstrap commands that need no server.
+//! prepares the database, `admin` holds the bootstrap commands that need no server; the
+//! other commands are clients of a running server (see `client`).
 
 mod admin_http;
 mod backends;
@@ -15,7 +16,7 @@ mod tail;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::{CliOverrides, Config};
 
@@ -26,15 +27,19 @@ use crate::config::{CliOverrides, Config};
     about = "Self-hosted webhook delivery: publish once over gRPC, delivered signed and retried."
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The settings of the commands that run or administer an installation (`serve`,
+/// `migrate`, `admin`); the client commands talk to a server and take none of them.
+#[derive(Debug, Args)]
+struct ServerArgs {
     /// A TOML configuration file; `HOOKLINE_*` variables and flags override it.
     #[arg(long, global = true, env = "HOOKLINE_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]
     overrides: CliOverrides,
-    #[command(flatten)]
-    client: client::ClientArgs,
-    #[command(subcommand)]
-    command: Command,
 }
 
 #[derive(Subcommand)]
@@ -44,25 +49,77 @@ enum Command {
         /// Which services to run, comma-separated, or `all`.
         #[arg(long, env = "HOOKLINE_SERVICES", default_value = "all")]
         services: String,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Publishes an event to a running server.
-    Publish(client::PublishArgs),
+    Publish {
+        #[command(flatten)]
+        event: client::PublishArgs,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Events of a running server, with their payloads.
+    Events {
+        #[command(subcommand)]
+        command: client::EventCommand,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
     /// Tenants of a running server.
-    #[command(subcommand)]
-    Tenants(client::TenantCommand),
-    /// Subscriptions of a running server.
-    #[command(subcommand)]
-    Subscriptions(client::SubscriptionCommand),
+    Tenants {
+        #[command(subcommand)]
+        command: client::TenantCommand,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Subscriptions of a running server, and their signing secrets.
+    Subscriptions {
+        #[command(subcommand)]
+        command: client::SubscriptionCommand,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// API keys of a running server.
+    Keys {
+        #[command(subcommand)]
+        command: client::KeyCommand,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// The event-type catalogue of a running server.
+    EventTypes {
+        #[command(subcommand)]
+        command: client::EventTypeCommand,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
     /// Deliveries of a running server: inspect, retry, replay.
-    #[command(subcommand)]
-    Deliveries(client::DeliveryCommand),
+    Deliveries {
+        #[command(subcommand)]
+        command: client::DeliveryCommand,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
     /// Follows deliveries and their outcomes as they happen.
-    Tail(tail::TailArgs),
+    Tail {
+        #[command(flatten)]
+        tail: tail::TailArgs,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
     /// Creates the database if needed and applies every migration.
-    Migrate,
+    Migrate {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Administration that works without a running server.
-    #[command(subcommand)]
-    Admin(AdminCommand),
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Benchmarks a spawned or running server end to end (see `hookline bench --list`).
     Bench(hookline_bench::BenchArgs),
 }
@@ -77,11 +134,14 @@ enum AdminCommand {
         /// Scope the key to this tenant; without it the key is an admin key.
         #[arg(long)]
         tenant: Option<String>,
+        /// Print one JSON object (`id`, `name`, `tenant_id`, `token`).
+        #[arg(long)]
+        json: bool,
     },
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(client_flags_after_command(std::env::args_os().collect()));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -108,25 +168,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // ring is the one rustls crypto provider in the build; install it before any TLS use.
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Client commands need no server configuration.
-    match cli.command {
-        Command::Publish(args) => return client::publish(&cli.client, args).await,
-        Command::Tenants(cmd) => return client::tenants(&cli.client, cmd).await,
-        Command::Subscriptions(cmd) => return client::subscriptions(&cli.client, cmd).await,
-        Command::Deliveries(cmd) => return client::deliveries(&cli.client, cmd).await,
-        Command::Tail(args) => return tail::tail(&cli.client, args).await,
+    let server = match cli.command {
+        Command::Publish { event, client } => return client::publish(&client, event).await,
+        Command::Events { command, client } => return client::events(&client, command).await,
+        Command::Tenants { command, client } => return client::tenants(&client, command).await,
+        Command::Subscriptions { command, client } => {
+            return client::subscriptions(&client, command).await;
+        }
+        Command::Keys { command, client } => return client::keys(&client, command).await,
+        Command::EventTypes { command, client } => {
+            return client::event_types(&client, command).await;
+        }
+        Command::Deliveries { command, client } => {
+            return client::deliveries(&client, command).await;
+        }
+        Command::Tail { tail, client } => return tail::tail(&client, tail).await,
         Command::Bench(args) => return Ok(hookline_bench::run(args).await?),
-        _ => {}
-    }
-    let config = Config::load(cli.config.as_deref(), &cli.overrides)?;
+        Command::Serve { services, server } => {
+            Server::Serve(serve::parse_services(&services)?, server)
+        }
+        Command::Migrate { server } => Server::Migrate(server),
+        Command::Admin { command, server } => Server::Admin(command, server),
+    };
+    let args = server.args();
+    let config = Config::load(args.config.as_deref(), &args.overrides)?;
     // Logs, and traces when OTEL_EXPORTER_OTLP_ENDPOINT is set. Held to the end of `run`,
     // after the services have stopped, so dropping it exports the last spans.
     let _telemetry = hookline_telemetry::init(&config.log, config.log_format == "json")?;
-    match cli.command {
-        Command::Serve { services } => {
-            let services = serve::parse_services(&services)?;
-            serve::serve(config, services).await
-        }
-        Command::Migrate => {
+    match server {
+        Server::Serve(services, _) => serve::serve(config, services).await,
+        Server::Migrate(_) => {
             let at = backends::StoreAt::from_config(&config)?;
             let store = backends::open_store(&at, &config).await?;
             store.migrate().await?;
@@ -134,7 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::Admin(AdminCommand::CreateKey { name, tenant }) => {
+        Server::Admin(AdminCommand::CreateKey { name, tenant, json }, _) => {
             let at = backends::StoreAt::from_config(&config)?;
             // A key in a store no server uses would be a lost key: never create one.
             let store = backends::open_existing_store(&at, &config).await?;
@@ -143,14 +214,141 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 keys::create_key(store.registry().as_ref(), &name, tenant.as_deref()).await;
             store.close().await;
             let created = created?;
-            println!("{created}");
+            if json {
+                let v = serde_json::json!({
+                    "id": created.id.as_str(),
+                    "name": name,
+                    "tenant_id": tenant.unwrap_or_default(),
+                    "token": created.token,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{created}");
+            }
             Ok(())
         }
-        Command::Publish(_)
-        | Command::Tenants(_)
-        | Command::Subscriptions(_)
-        | Command::Deliveries(_)
-        | Command::Tail(_)
-        | Command::Bench(_) => Ok(()),
+    }
+}
+
+/// The client flags as earlier versions took them, before the command
+/// (`hookline --server X --token T --json tenants list`), moved after it, where they
+/// are defined now (`hookline tenants --server X --token T --json list`).
+fn client_flags_after_command(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const CLIENT_COMMANDS: [&str; 8] = [
+        "publish",
+        "events",
+        "tenants",
+        "subscriptions",
+        "keys",
+        "event-types",
+        "deliveries",
+        "tail",
+    ];
+    let mut end = 1;
+    while let Some(arg) = args.get(end).and_then(|a| a.to_str()) {
+        end += match arg {
+            "--server" | "--token" => 2,
+            "--json" | "--jsonl" => 1,
+            a if a.starts_with("--server=") || a.starts_with("--token=") => 1,
+            _ => break,
+        };
+    }
+    let command = args.get(end).and_then(|a| a.to_str());
+    if end > 1 && end < args.len() && command.is_some_and(|c| CLIENT_COMMANDS.contains(&c)) {
+        let flags: Vec<_> = args.drain(1..end).collect();
+        args.splice(2..2, flags);
+    }
+    args
+}
+
+/// A command that runs or administers an installation, with its settings.
+enum Server {
+    Serve(std::collections::BTreeSet<serve::Service>, ServerArgs),
+    Migrate(ServerArgs),
+    Admin(AdminCommand, ServerArgs),
+}
+
+impl Server {
+    fn args(&self) -> &ServerArgs {
+        match self {
+            Server::Serve(_, a) | Server::Migrate(a) | Server::Admin(_, a) => a,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every flag and positional argument of every command says what it is for.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if help.trim().is_empty() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "hookline", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
+
+    #[test]
+    fn client_flags_before_the_command_still_work() {
+        let args = |s: &str| {
+            s.split(' ')
+                .map(std::ffi::OsString::from)
+                .collect::<Vec<_>>()
+        };
+        let moved = super::client_flags_after_command(args(
+            "hookline --json --server h:1 --token=t tenants list",
+        ));
+        assert_eq!(
+            moved,
+            args("hookline tenants --json --server h:1 --token=t list")
+        );
+        let serve = args("hookline --json serve");
+        assert_eq!(super::client_flags_after_command(serve.clone()), serve);
+        let cli = <Cli as clap::Parser>::try_parse_from(super::client_flags_after_command(args(
+            "hookline --server h:1 tenants list",
+        )));
+        assert!(cli.is_ok());
+    }
+
+    /// Server settings belong to the commands that run or administer an installation.
+    #[test]
+    fn client_commands_take_no_server_flags() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        for name in ["publish", "tenants", "subscriptions", "deliveries", "tail"] {
+            let sub = cmd.find_subcommand(name).expect(name);
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                assert!(
+                    !["database_url", "data_dir", "amqp_url", "config"].contains(&id),
+                    "`hookline {name}` takes --{id}"
+                );
+            }
+        }
+        let admin = cmd.find_subcommand("admin").expect("admin");
+        let create = admin.find_subcommand("create-key").expect("create-key");
+        assert!(create.get_arguments().any(|a| a.get_id() == "data_dir"));
     }
 }

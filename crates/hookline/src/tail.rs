@@ -11,7 +11,8 @@ use hookline_proto::v1 as pb;
 use tokio::time::Instant;
 use tonic::{Code, Status, Streaming};
 
-use crate::client::{Client, ClientArgs, delivery_json, delivery_row, rpc, ts};
+use crate::client::output::ts;
+use crate::client::{ClientArgs, delivery_json, delivery_row, rpc};
 
 /// The first and the longest pause between reconnection attempts.
 const FIRST_PAUSE: Duration = Duration::from_millis(200);
@@ -20,8 +21,10 @@ const MAX_PAUSE: Duration = Duration::from_secs(5);
 /// `hookline tail`.
 #[derive(Debug, Args)]
 pub struct TailArgs {
+    /// Only deliveries of this tenant (`ten_…`).
     #[arg(long)]
     pub tenant: Option<String>,
+    /// Only deliveries to this subscription (`sub_…`).
     #[arg(long)]
     pub subscription: Option<String>,
     /// When the server stops or the connection drops, how long to keep reconnecting, in
@@ -58,11 +61,11 @@ pub async fn tail(args: &ClientArgs, t: TailArgs) -> anyhow::Result<()> {
         Err(Failure::Retry(why)) => anyhow::bail!("{why}"),
         Err(Failure::Fatal(e)) => return Err(e),
     };
-    if !args.json {
+    if !args.format().is_json() {
         eprintln!("following deliveries; Ctrl-C to stop");
     }
     loop {
-        let ended = follow(&mut stream, args.json).await?;
+        let ended = follow(&mut stream, args.format().is_json()).await?;
         let planned = matches!(ended, Ended::ShuttingDown);
         match &ended {
             Ended::ShuttingDown => eprintln!("hookline tail: server shutting down"),
@@ -150,10 +153,11 @@ async fn open(
     args: &ClientArgs,
     request: &pb::WatchDeliveriesRequest,
 ) -> Result<Streaming<pb::Delivery>, Failure> {
-    let client = Client::connect(args)
+    let client = args
+        .connect()
         .await
         .map_err(|e| Failure::Retry(format!("{e:#}")))?;
-    let req = client.request(request.clone()).map_err(Failure::Fatal)?;
+    let req = crate::client::request(&client, request.clone()).map_err(Failure::Fatal)?;
     match client.deliveries().watch_deliveries(req).await {
         Ok(response) => Ok(response.into_inner()),
         Err(status) => Err(classify(status)),

@@ -1,0 +1,58 @@
+//! Server addresses as people write them: `host:port` (the form `hookline serve`
+//! prints) or a URL. One rule, used by the builder and by the CLI's `--server`.
+
+use crate::Error;
+
+/// The URL tonic connects to for `server`: `host:port` gains `http://`; `http://…` is
+/// kept. `https://…` is refused until the client speaks TLS (tracked in issue #10).
+pub fn normalize(server: &str) -> Result<String, Error> {
+    let invalid = |reason: &str| Error::InvalidEndpoint {
+        server: server.to_string(),
+        reason: reason.to_string(),
+    };
+    let server = server.trim();
+    if server.is_empty() {
+        return Err(invalid(
+            "it is empty; expected host:port or http://host:port",
+        ));
+    }
+    let url = match server.split_once("://") {
+        Some(("http", rest)) if !rest.is_empty() && !rest.starts_with('/') => server.to_string(),
+        Some(("https", _)) => {
+            return Err(invalid(
+                "https:// needs TLS, which this client does not speak yet; use http://",
+            ));
+        }
+        None if server.contains(':') && !server.contains('/') => format!("http://{server}"),
+        None | Some(("http", _)) => {
+            return Err(invalid("expected host:port or http://host:port"));
+        }
+        Some((scheme, _)) => {
+            return Err(invalid(&format!(
+                "scheme {scheme:?} is not supported; expected host:port or http://host:port"
+            )));
+        }
+    };
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_and_urls() {
+        assert_eq!(
+            normalize("127.0.0.1:50051").unwrap(),
+            "http://127.0.0.1:50051"
+        );
+        assert_eq!(
+            normalize("http://localhost:50051").unwrap(),
+            "http://localhost:50051"
+        );
+        assert_eq!(normalize("[::1]:50051").unwrap(), "http://[::1]:50051");
+        for bad in ["", "ftp://x:1", "https://x:443", "localhost", "http://"] {
+            assert!(normalize(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! `hookline subscriptions`: a tenant's endpoints — create, list, show, change, enable
+//! (also after a `410 Gone` disabled one), disable, delete, and their signing secrets.
+
+use clap::{Args, Subcommand};
+use hookline_proto::v1 as pb;
+use serde_json::{Value, json};
+
+use super::output::{Format, duration_from_ms, duration_ms, enum_name, print_table, ts};
+use super::{Client, ClientArgs, all_pages, print_deleted, request, rpc};
+
+#[derive(Debug, Subcommand)]
+pub enum SubscriptionCommand {
+    /// Creates a subscription and prints its signing secret once.
+    Create {
+        /// The tenant the subscription belongs to (`ten_…`).
+        #[arg(long)]
+        tenant: String,
+        /// Where deliveries are POSTed: http or https, at most 2,048 characters.
+        #[arg(long)]
+        url: String,
+        #[command(flatten)]
+        fields: Fields,
+        /// Create it disabled: it receives nothing until `subscriptions enable`.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Lists a tenant's subscriptions in creation order.
+    List {
+        /// The tenant (`ten_…`).
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Shows one subscription.
+    Get {
+        /// The subscription's id (`sub_…`).
+        id: String,
+    },
+    /// Changes the given fields of a subscription; the others stay as they are.
+    Update {
+        /// The subscription's id (`sub_…`).
+        id: String,
+        /// A new endpoint URL.
+        #[arg(long)]
+        url: Option<String>,
+        #[command(flatten)]
+        fields: Fields,
+        /// Deliver every event type again (clears the event-type filters).
+        #[arg(long, conflicts_with = "event_types")]
+        all_event_types: bool,
+        /// Listen on every channel again (clears the channels).
+        #[arg(long, conflicts_with = "channels")]
+        all_channels: bool,
+        /// Use Hookline's default retry schedule again.
+        #[arg(long, conflicts_with = "retry_schedule_ms")]
+        default_retry_schedule: bool,
+        /// Send no extra headers any more.
+        #[arg(long, conflicts_with = "headers")]
+        no_headers: bool,
+    },
+    /// Enables a subscription, also one disabled by a `410 Gone` or by failures.
+    Enable {
+        /// The subscription's id (`sub_…`).
+        id: String,
+    },
+    /// Disables a subscription: it receives nothing until enabled again.
+    Disable {
+        /// The subscription's id (`sub_…`).
+        id: String,
+    },
+    /// Deletes a subscription.
+    Delete {
+        /// The subscription's id (`sub_…`).
+        id: String,
+    },
+    /// Shows the signing secrets that currently sign, newest (current) first.
+    Secret {
+        /// The subscription's id (`sub_…`).
+        id: String,
+    },
+    /// Makes a new signing secret current; the previous one keeps signing for the grace period.
+    RotateSecret {
+        /// The subscription's id (`sub_…`).
+        id: String,
+        /// How long the previous secret keeps signing, in seconds (default 24 h, at most 7 days).
+        #[arg(long)]
+        grace_secs: Option<u64>,
+    },
+}
+
+/// The fields `create` and `update` share.
+#[derive(Debug, Args)]
+pub struct Fields {
+    /// Event-type filter (`invoice.paid`, `invoice.*`); repeat for several (on create, none = every type).
+    #[arg(long = "event-type")]
+    event_types: Vec<String>,
+    /// A channel to listen on; repeat for several (on create, none = every channel).
+    #[arg(long = "channel")]
+    channels: Vec<String>,
+    /// Retry delays in milliseconds, comma-separated (default: Hookline's schedule).
+    #[arg(long, value_delimiter = ',')]
+    retry_schedule_ms: Vec<u64>,
+    /// A description for people.
+    #[arg(long)]
+    description: Option<String>,
+    /// At most this many requests per second to the endpoint; 0 = no limit.
+    #[arg(long)]
+    rate_limit: Option<u32>,
+    /// At most this many requests in flight to the endpoint; 0 = no limit.
+    #[arg(long)]
+    max_in_flight: Option<u32>,
+    /// An extra HTTP header sent with every request, `NAME=VALUE` (not `webhook-*`);
+    /// repeat for several (on update, they replace all the headers).
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
+fn retry_policy(ms: &[u64]) -> Option<pb::RetryPolicy> {
+    (!ms.is_empty()).then(|| pb::RetryPolicy {
+        schedule: ms.iter().map(|&ms| duration_from_ms(ms)).collect(),
+    })
+}
+
+fn state_name(state: i32) -> String {
+    let state = pb::SubscriptionState::try_from(state).ok();
+    enum_name(state.map(|s| s.as_str_name()), "SUBSCRIPTION_STATE_")
+}
+
+fn subscription_json(s: &pb::Subscription) -> Value {
+    let schedule = s
+        .retry_policy
+        .as_ref()
+        .map(|p| p.schedule.iter().map(duration_ms).collect::<Vec<_>>());
+    json!({
+        "id": s.id,
+        "tenant_id": s.tenant_id,
+        "url": s.url,
+        "description": s.description,
+        "event_types": s.event_types,
+        "channels": s.channels,
+        "headers": s.headers,
+        "metadata": s.metadata,
+        "rate_limit_per_second": s.rate_limit_per_second,
+        "max_in_flight": s.max_in_flight,
+        "state": state_name(s.state),
+        "disabled_reason": s.disabled_reason,
+        "retry_schedule_ms": schedule,
+        "created_at": ts(s.created_at.as_ref()),
+        "updated_at": ts(s.updated_at.as_ref()),
+    })
+}
+
+const HEADERS: [&str; 6] = [
+    "ID",
+    "STATE",
+    "URL",
+    "EVENT TYPES",
+    "CREATED",
+    "DISABLED BECAUSE",
+];
+
+fn subscription_row(s: &pb::Subscription) -> Vec<String> {
+    let filters = if s.event_types.is_empty() {
+        "*".to_string()
+    } else {
+        s.event_types.join(",")
+    };
+    vec![
+        s.id.clone(),
+        state_name(s.state),
+        s.url.clone(),
+        filters,
+        ts(s.created_at.as_ref()),
+        s.disabled_reason.clone(),
+    ]
+}
+
+fn print_one(format: Format, s: &pb::Subscription) {
+    format.one(&subscription_json(s), || {
+        print_table(&HEADERS, vec![subscription_row(s)]);
+    });
+}
+
+pub async fn subscriptions(args: &ClientArgs, cmd: SubscriptionCommand) -> anyhow::Result<()> {
+    let client = args.connect().await?;
+    let format = args.format();
+    match cmd {
+        SubscriptionCommand::Create {
+            tenant,
+            url,
+            fields,
+            disabled,
+        } => create(&client, format, tenant, url, fields, disabled).await?,
+        SubscriptionCommand::List { tenant } => {
+            let mut registry = client.registry();
+            let all = all_pages(async |page_token| {
+                let msg = pb::ListSubscriptionsRequest {
+                    tenant_id: tenant.clone(),
+                    page_size: 1000,
+                    page_token,
+                };
+                let page = registry.list_subscriptions(request(&client, msg)?).await;
+                let page = page.map_err(rpc)?.into_inner();
+                Ok((page.subscriptions, page.next_page_token))
+            })
+            .await?;
+            format.items(&all, subscription_json, &HEADERS, subscription_row);
+        }
+        SubscriptionCommand::Get { id } => {
+            let msg = pb::GetSubscriptionRequest {
+                subscription_id: id,
+            };
+            let s = client
+                .registry()
+                .get_subscription(request(&client, msg)?)
+                .await;
+            print_one(format, &s.map_err(rpc)?.into_inner());
+        }
+        SubscriptionCommand::Update {
+            id,
+            url,
+            fields,
+            all_event_types,
+            all_channels,
+            default_retry_schedule,
+            no_headers,
+        } => {
+            let clear = Clear {
+                event_types: all_event_types,
+                channels: all_channels,
+                retry_schedule: default_retry_schedule,
+                headers: no_headers,
+            };
+            let (sub, paths) = changes(id, url, fields, clear)?;
+            print_one(format, &update(&client, sub, &paths).await?);
+        }
+        SubscriptionCommand::Enable { id } => {
+            print_one(
+                format,
+                &set_state(&client, id, pb::SubscriptionState::Enabled).await?,
+            );
+        }
+        SubscriptionCommand::Disable { id } => {
+            print_one(
+                format,
+                &set_state(&client, id, pb::SubscriptionState::Disabled).await?,
+            );
+        }
+        SubscriptionCommand::Delete { id } => {
+            let msg = pb::DeleteSubscriptionRequest {
+                subscription_id: id.clone(),
+            };
+            let res = client
+                .registry()
+                .delete_subscription(request(&client, msg)?)
+                .await;
+            res.map_err(rpc)?;
+            print_deleted(format, "subscription", &id);
+        }
+        SubscriptionCommand::Secret { id } => secret(&client, format, id).await?,
+        SubscriptionCommand::RotateSecret { id, grace_secs } => {
+            let msg = pb::RotateSecretRequest {
+                subscription_id: id,
+                grace_period: grace_secs.map(|s| duration_from_ms(s.saturating_mul(1000))),
+                secret: String::new(),
+            };
+            let res = client
+                .registry()
+                .rotate_secret(request(&client, msg)?)
+                .await;
+            let res = res.map_err(rpc)?.into_inner();
+            let expires = ts(res.previous_expires_at.as_ref());
+            let v = json!({"secret": res.secret, "previous_expires_at": expires});
+            format.one(&v, || {
+                println!("new signing secret: {}", res.secret);
+                println!("the previous secret keeps signing until {expires}");
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn create(
+    client: &Client,
+    format: Format,
+    tenant: String,
+    url: String,
+    fields: Fields,
+    disabled: bool,
+) -> anyhow::Result<()> {
+    let msg = pb::CreateSubscriptionRequest {
+        subscription: Some(pb::Subscription {
+            tenant_id: tenant,
+            url,
+            description: fields.description.unwrap_or_default(),
+            event_types: fields.event_types,
+            channels: fields.channels,
+            rate_limit_per_second: fields.rate_limit.unwrap_or(0),
+            max_in_flight: fields.max_in_flight.unwrap_or(0),
+            headers: fields.headers.into_iter().collect(),
+            retry_policy: retry_policy(&fields.retry_schedule_ms),
+            ..Default::default()
+        }),
+        start_disabled: disabled,
+        secret: String::new(),
+    };
+    let res = client
+        .registry()
+        .create_subscription(request(client, msg)?)
+        .await;
+    let res = res.map_err(rpc)?.into_inner();
+    let sub = res.subscription.unwrap_or_default();
+    let mut v = subscription_json(&sub);
+    v["secret"] = Value::String(res.secret.clone());
+    format.one(&v, || {
+        print_table(&HEADERS, vec![subscription_row(&sub)]);
+        println!(
+            "\nsigning secret (shown once; `hookline subscriptions secret {}` shows it again): {}",
+            sub.id, res.secret
+        );
+    });
+    Ok(())
+}
+
+/// Which `update` flags reset a field to its default.
+struct Clear {
+    event_types: bool,
+    channels: bool,
+    retry_schedule: bool,
+    headers: bool,
+}
+
+/// The subscription carrying the changes, and the field-mask paths naming them.
+fn changes(
+    id: String,
+    url: Option<String>,
+    fields: Fields,
+    clear: Clear,
+) -> anyhow::Result<(pb::Subscription, Vec<&'static str>)> {
+    let mut sub = pb::Subscription {
+        id,
+        ..Default::default()
+    };
+    let mut paths = Vec::new();
+    if let Some(url) = url {
+        sub.url = url;
+        paths.push("url");
+    }
+    if !fields.event_types.is_empty() || clear.event_types {
+        sub.event_types = fields.event_types;
+        paths.push("event_types");
+    }
+    if !fields.channels.is_empty() || clear.channels {
+        sub.channels = fields.channels;
+        paths.push("channels");
+    }
+    if !fields.retry_schedule_ms.is_empty() || clear.retry_schedule {
+        sub.retry_policy = retry_policy(&fields.retry_schedule_ms);
+        paths.push("retry_policy");
+    }
+    if let Some(d) = fields.description {
+        sub.description = d;
+        paths.push("description");
+    }
+    if let Some(n) = fields.rate_limit {
+        sub.rate_limit_per_second = n;
+        paths.push("rate_limit_per_second");
+    }
+    if let Some(n) = fields.max_in_flight {
+        sub.max_in_flight = n;
+        paths.push("max_in_flight");
+    }
+    if !fields.headers.is_empty() || clear.headers {
+        sub.headers = fields.headers.into_iter().collect();
+        paths.push("headers");
+    }
+    anyhow::ensure!(
+        !paths.is_empty(),
+        "nothing to change: give at least one of --url, --event-type, --channel, \
+         --retry-schedule-ms, --description, --rate-limit, --max-in-flight, \
+         --header, --all-event-types, --all-channels, --default-retry-schedule, --no-headers"
+    );
+    Ok((sub, paths))
+}
+
+async fn update(
+    client: &Client,
+    subscription: pb::Subscription,
+    paths: &[&str],
+) -> anyhow::Result<pb::Subscription> {
+    let msg = pb::UpdateSubscriptionRequest {
+        subscription: Some(subscription),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        }),
+    };
+    let res = client
+        .registry()
+        .update_subscription(request(client, msg)?)
+        .await;
+    Ok(res.map_err(rpc)?.into_inner())
+}
+
+async fn set_state(
+    client: &Client,
+    id: String,
+    state: pb::SubscriptionState,
+) -> anyhow::Result<pb::Subscription> {
+    let sub = pb::Subscription {
+        id,
+        state: state as i32,
+        ..Default::default()
+    };
+    update(client, sub, &["state"]).await
+}
+
+async fn secret(client: &Client, format: Format, id: String) -> anyhow::Result<()> {
+    let msg = pb::GetSecretRequest {
+        subscription_id: id,
+    };
+    let res = client.registry().get_secret(request(client, msg)?).await;
+    let res = res.map_err(rpc)?.into_inner();
+    let live: Vec<Value> = res
+        .live_secrets
+        .iter()
+        .map(|s| {
+            json!({
+                "secret": s.secret,
+                "created_at": ts(s.created_at.as_ref()),
+                "expires_at": ts(s.expires_at.as_ref()),
+            })
+        })
+        .collect();
+    let v = json!({"secret": res.secret, "live_secrets": live});
+    format.one(&v, || {
+        print_table(
+            &["SECRET", "CREATED", "EXPIRES"],
+            res.live_secrets
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.secret.clone(),
+                        ts(s.created_at.as_ref()),
+                        ts(s.expires_at.as_ref()),
+                    ]
+                })
+                .collect(),
+        );
+    });
+    Ok(())
+}

@@ -373,7 +373,8 @@ def run_compose(a):
                        "its healthcheck", MAX_WAIT_S)
             print(f"   compose {p.name[8:]}: `{' '.join(IMAGE_ENTRYPOINT + p.service['command'])}` healthy "
                   f"after {time.monotonic() - t0:.1f}s")
-        m = re.search(r"run --rm (\S+) (admin create-key[^\n#]*)", readme)
+        # The walk-through's command line (`hc run --rm SERVICE admin create-key …`).
+        m = re.search(r"^\w+ run --rm (\S+) (admin create-key[^\n#]*)", readme, re.M)
         if not m:
             fail("deploy/README.md does not say how to create an API key (… run --rm SERVICE admin create-key …)")
         svc = compose["services"].get(m.group(1))

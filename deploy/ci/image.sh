@@ -37,6 +37,8 @@ step "build $IMAGE from scratch with $HOOKLINE_BIN"
 root=$WORK/rootfs
 mkdir -p "$root"/{usr/local/bin,etc/ssl/certs,tmp,var/lib/hookline}
 install -m 0755 "$HOOKLINE_BIN" "$root/usr/local/bin/hookline"
+# The release profile keeps line tables for backtraces; the image does without them.
+if command -v strip >/dev/null; then strip --strip-debug "$root/usr/local/bin/hookline"; fi
 # The dynamic loader and every library the binary links, at the paths ldd reports.
 ldd "$HOOKLINE_BIN" | awk '/=>/ && $3 ~ /^\// {print $3} /^[[:space:]]*\// {print $1}' | sort -u |
   while read -r lib; do cp -L --parents "$lib" "$root/"; done

@@ -32,6 +32,10 @@ amqp:
 config:
   queuePrefix: "$RUN_PREFIX"
   logFormat: text
+# The test receiver listens on this machine's loopback, which the egress policy refuses
+# by default: open exactly that, the way an operator opens an internal receiver.
+egress:
+  allow: ["127.0.0.1/32"]
 VALUES
 
 step "helm template helm/hookline (database $RUN_DB, queue prefix $RUN_PREFIX)"
@@ -47,7 +51,9 @@ python3 deploy/ci/chart_run.py --bin "$HOOKLINE_BIN" --workdir "$WORK" \
 drop_database_and_queues "$RUN_DB" "$RUN_PREFIX"
 
 step "run deploy/compose.yaml's Hookline services"
-python3 deploy/ci/chart_run.py --bin "$HOOKLINE_BIN" --workdir "$WORK" \
+# Here the receiver is on loopback, not at the compose network's fixed receiver address:
+# the compose file takes HOOKLINE_EGRESS_ALLOW from the environment.
+HOOKLINE_EGRESS_ALLOW=127.0.0.1/32 python3 deploy/ci/chart_run.py --bin "$HOOKLINE_BIN" --workdir "$WORK" \
   compose --compose deploy/compose.yaml --readme deploy/README.md \
   --database-url "$PG_URL" --amqp-url "$AMQP_URL" --queue-prefix "$RUN_PREFIX"
 

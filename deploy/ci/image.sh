@@ -87,7 +87,7 @@ token_of() { grep -E '^hl_' | tail -n1; }
 
 step "embedded: podman run $IMAGE (serve), key from podman exec, one event to a receiver on the host"
 g=$(port) a=$(port)
-"${RUN[@]}" -d --name "$name-emb" -e HOOKLINE_GRPC_ADDR=127.0.0.1:$g -e HOOKLINE_ADMIN_ADDR=127.0.0.1:$a "$IMAGE" >/dev/null
+"${RUN[@]}" -d --name "$name-emb" -e HOOKLINE_EGRESS_ALLOW=127.0.0.1/32 -e HOOKLINE_GRPC_ADDR=127.0.0.1:$g -e HOOKLINE_ADMIN_ADDR=127.0.0.1:$a "$IMAGE" >/dev/null
 wait_ready "$name-emb" "$a"
 token=$("${PODMAN[@]}" exec "$name-emb" hookline admin create-key --name ci | token_of)
 [[ -n $token ]] || die "admin create-key in the container printed no token"
@@ -101,7 +101,7 @@ own_database_and_queues image
 token=$("${RUN[@]}" --rm -e HOOKLINE_DATABASE_URL="$PG_URL" "$IMAGE" admin create-key --name ci | token_of)
 [[ -n $token ]] || die "admin create-key (database URL only) printed no token"
 g=$(port) a=$(port)
-"${RUN[@]}" -d --name "$name-dist" -e HOOKLINE_DATABASE_URL="$PG_URL" -e HOOKLINE_AMQP_URL="$AMQP_URL" \
+"${RUN[@]}" -d --name "$name-dist" -e HOOKLINE_EGRESS_ALLOW=127.0.0.1/32 -e HOOKLINE_DATABASE_URL="$PG_URL" -e HOOKLINE_AMQP_URL="$AMQP_URL" \
   -e HOOKLINE_QUEUE_PREFIX="$RUN_PREFIX" -e HOOKLINE_GRPC_ADDR=127.0.0.1:$g -e HOOKLINE_ADMIN_ADDR=127.0.0.1:$a \
   "$IMAGE" serve >/dev/null
 wait_ready "$name-dist" "$a"

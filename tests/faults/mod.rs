@@ -93,6 +93,8 @@ impl Cluster {
             .env("HOOKLINE_DATA_DIR", &self.data_dir)
             .env("HOOKLINE_DATABASE_MAX_CONNECTIONS", "4")
             .env("HOOKLINE_RETRY_POLL_INTERVAL_MS", "100")
+            // The receiver listens on loopback, which the egress policy refuses by default.
+            .env("HOOKLINE_EGRESS_ALLOW", crate::support::LOOPBACK_RECEIVERS)
             .env(
                 "HOOKLINE_LOG",
                 std::env::var("HOOKLINE_FAULT_LOG").unwrap_or_else(|_| "error".into()),

@@ -38,25 +38,11 @@ async fn serve(env: &Env, admin: &str, allow: &str, tenant: Option<String>) -> S
             ],
         )
         .await;
-    let mut registry = RegistryServiceClient::connect(server.grpc.clone())
-        .await
-        .unwrap();
+    let channel = support::channel(&server).await;
+    let registry = RegistryServiceClient::new(channel.clone());
     let tenant = match tenant {
         Some(t) => t,
-        None => {
-            registry
-                .create_tenant(authed(
-                    pb::CreateTenantRequest {
-                        name: "acme".into(),
-                        ..Default::default()
-                    },
-                    admin,
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .id
-        }
+        None => support::create_tenant(&channel, admin, "acme", None).await,
     };
     Setup {
         server,

@@ -1,0 +1,140 @@
+//! Hookline's REST/JSON API. Each route comes from the `google.api.http` option of a
+//! method in `proto/hookline/v1` (`routes`); a request becomes that method's request
+//! message by the proto3 JSON mapping (`request`), is sent to the gRPC services of the
+//! same process with the caller's `Authorization` header (`call`) — so the same auth
+//! gate, rate limits, limits and handlers answer it — and the reply is written back as
+//! JSON, errors as JSON with their gRPC code (`error`). `openapi` describes the same
+//! routes as an OpenAPI 3.1 document, served at `GET /v1/openapi.json`.
+
+pub mod call;
+pub mod error;
+pub mod openapi;
+pub mod request;
+pub mod routes;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Uri};
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::Channel;
+
+pub use error::RestError;
+use routes::Route;
+
+/// Largest REST request body, in bytes. The gRPC services hold each message to its own
+/// limit after transcoding; this bounds what is read before that (JSON and base64 are
+/// larger than the protobuf they become).
+pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// Headers passed on to the gRPC call.
+const FORWARDED: [&str; 2] = ["authorization", "x-request-id"];
+
+/// Errors building the API from the descriptors.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("the hookline.v1 descriptors do not decode: {0}")]
+    Descriptors(#[from] prost_reflect::DescriptorError),
+}
+
+struct Api {
+    routes: Vec<Route>,
+    channel: Channel,
+    openapi: Bytes,
+}
+
+/// The REST API, calling the gRPC services on `channel`.
+pub fn router(channel: Channel) -> Result<axum::Router, BuildError> {
+    let pool = DescriptorPool::decode(hookline_proto::FILE_DESCRIPTOR_SET)?;
+    let routes = routes::from_pool(&pool);
+    let openapi = Bytes::from(openapi::document(&pool, &routes).to_string());
+    let api = Arc::new(Api {
+        routes,
+        channel,
+        openapi,
+    });
+    Ok(axum::Router::new()
+        .route("/v1/openapi.json", get(serve_openapi))
+        .fallback(transcode)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(api))
+}
+
+async fn serve_openapi(State(api): State<Arc<Api>>) -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "application/json")],
+        api.openapi.clone(),
+    )
+        .into_response()
+}
+
+async fn transcode(
+    State(api): State<Arc<Api>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, RestError> {
+    let matched = match routes::find(&api.routes, &method, uri.path()) {
+        Ok(m) => m,
+        Err(true) => {
+            return Err(RestError::method_not_allowed(format!(
+                "{} is not served for {method}",
+                uri.path()
+            )));
+        }
+        Err(false) => {
+            return Err(RestError::not_found(format!(
+                "no route {method} {}; the routes are listed at /v1/openapi.json",
+                uri.path()
+            )));
+        }
+    };
+    let message = request::build(&matched, uri.query(), &body)?;
+    let rpc = &matched.route.rpc;
+    let mut request = tonic::Request::new(Bytes::from(message.encode_to_vec()));
+    forward_headers(&headers, request.metadata_mut());
+    let path = format!("/{}/{}", rpc.parent_service().full_name(), rpc.name());
+    let reply = call::unary(api.channel.clone(), &path, request)
+        .await
+        .map_err(|s| RestError::from_status(&s))?;
+    let reply = DynamicMessage::decode(rpc.output(), reply.into_inner()).map_err(|e| {
+        tracing::error!(error = %e, rpc = %path, "a service answered with a message that does not decode");
+        RestError::from_status(&tonic::Status::internal("the service's answer does not decode"))
+    })?;
+    let options = SerializeOptions::new();
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::new(&mut out);
+    reply
+        .serialize_with_options(&mut ser, &options)
+        .map_err(|e| {
+            RestError::from_status(&tonic::Status::internal(format!("cannot write JSON: {e}")))
+        })?;
+    Ok(([(http::header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+fn forward_headers(headers: &HeaderMap, metadata: &mut MetadataMap) {
+    for name in FORWARDED {
+        if let Some(value) = headers.get(name)
+            && let Ok(value) = MetadataValue::try_from(value.as_bytes())
+        {
+            metadata.insert(name, value);
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}

@@ -216,6 +216,15 @@ async fn check_errors(rest: &Rest, token: &str, tenant_id: &str, delivery_id: &s
         .await;
     assert_eq!(status, 400, "a mistyped field: {body}");
 
+    let (status, body) = rest
+        .call("GET", "/v1/deliveries?status=BOGUS", Some(token), None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["error"]["field"], "status",
+        "a query parameter: {body}"
+    );
+
     let (status, body) = rest.call("GET", "/v1/tenants", None, None).await;
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["error"]["status"], "UNAUTHENTICATED", "{body}");

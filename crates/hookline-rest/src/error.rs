@@ -44,6 +44,16 @@ impl RestError {
         e
     }
 
+    /// A body that could not be read (413 when over [`crate::MAX_BODY_BYTES`]).
+    pub fn unreadable_body(status: StatusCode, why: String) -> Self {
+        let mut e = Self::bad_body(format!(
+            "the body cannot be read ({why}); the limit is {} bytes",
+            crate::MAX_BODY_BYTES
+        ));
+        e.http = Some(status);
+        e
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(Code::NotFound, message)
     }

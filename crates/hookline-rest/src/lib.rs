@@ -14,6 +14,7 @@ pub mod routes;
 
 use std::sync::Arc;
 
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -78,8 +79,9 @@ async fn transcode(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, RestError> {
+    let body = body.map_err(|e| RestError::unreadable_body(e.status(), e.body_text()))?;
     let matched = match routes::find(&api.routes, &method, uri.path()) {
         Ok(m) => m,
         Err(true) => {

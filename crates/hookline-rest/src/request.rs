@@ -28,6 +28,7 @@ pub fn build(
         for (key, value) in parse_query(query.unwrap_or_default())? {
             let field = key.clone();
             let value = query_value(&desc, &key, value)?;
+            check_alone(&desc, &key, &value)?;
             insert(&mut object, &key, value, true)
                 .map_err(|_| RestError::field(&field, "is given twice"))?;
         }
@@ -50,6 +51,15 @@ pub fn build(
             matched.route.rpc.input().name()
         ))
     })
+}
+
+/// Parses one query parameter on its own, so that an error names its field.
+fn check_alone(desc: &MessageDescriptor, path: &str, value: &Value) -> Result<(), RestError> {
+    let mut alone = Map::new();
+    let _ = insert(&mut alone, path, value.clone(), false);
+    DynamicMessage::deserialize(desc.clone(), Value::Object(alone))
+        .map(drop)
+        .map_err(|e| RestError::field(path, e))
 }
 
 /// Sets `path` (`a.b.c`) in `object`; `Err` when a different value is already there.

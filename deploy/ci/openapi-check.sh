@@ -6,20 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source deploy/ci/lib.sh
 
-ensure_openapi_validator() {
-  python3 -c 'import openapi_spec_validator' 2>/dev/null && return
-  local pyver dir
-  pyver=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  dir="$CACHE/python$pyver/openapi-spec-validator"
-  if ! PYTHONPATH=$dir python3 -c 'import openapi_spec_validator' 2>/dev/null; then
-    step "installing openapi-spec-validator from PyPI"
-    python3 -m pip install --quiet --disable-pip-version-check --target "$dir" \
-      "openapi-spec-validator>=0.7,<0.10" || die "pip install openapi-spec-validator failed"
-  fi
-  export PYTHONPATH=$dir${PYTHONPATH:+:$PYTHONPATH}
-}
-
-ensure_openapi_validator
+ensure_python_module openapi_spec_validator "openapi-spec-validator>=0.7,<0.10"
 hookline_bin
 
 step "starting hookline (embedded) with the REST API"

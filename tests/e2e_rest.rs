@@ -12,6 +12,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use support::receiver::{Behavior, Receiver};
 use support::{Backend, Env, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 on_both_backends!(rest_api_drives_the_whole_flow);
 
@@ -288,6 +289,55 @@ async fn rest_rate_limit_is_429() {
     };
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["status"], "RESOURCE_EXHAUSTED", "{body}");
+    server.terminate().await;
+    env.finish().await;
+}
+
+/// Beyond `rest_max_connections` a new connection is closed at once; once one closes,
+/// the next is served.
+#[tokio::test]
+async fn rest_connections_are_capped() {
+    let env = Env::with(Backend::Embedded).await;
+    env.admin_key().await;
+    let server = env
+        .serve_with(
+            "all",
+            &[
+                ("HOOKLINE_REST_ADDR", "127.0.0.1:0"),
+                ("HOOKLINE_REST_MAX_CONNECTIONS", "1"),
+            ],
+        )
+        .await;
+    let rest = Rest::of(&server);
+    let addr = rest.base.trim_start_matches("http://").to_string();
+    // One keep-alive connection, answered once, so the server surely holds it.
+    let mut held = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    held.write_all(b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    held.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let url = format!("{}/v1/openapi.json", rest.base);
+    let refused = rest.http.get(&url).send().await;
+    assert!(
+        refused.is_err(),
+        "a second connection is closed: {refused:?}"
+    );
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let served = rest.http.get(&url).send().await;
+        if served.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "served once the held connection closed"
+        );
+        // Polls the condition (the server noticing the close) until the deadline.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.terminate().await;
     env.finish().await;
 }

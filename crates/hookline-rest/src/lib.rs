@@ -7,6 +7,7 @@
 //! routes as an OpenAPI 3.1 document, served at `GET /v1/openapi.json`.
 
 pub mod call;
+pub mod conn;
 pub mod error;
 pub mod openapi;
 pub mod request;
@@ -130,13 +131,14 @@ fn forward_headers(headers: &HeaderMap, metadata: &mut MetadataMap) {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown`.
+/// Serves `router` on `listener`, at most `max_connections` open at once, until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    max_connections: usize,
     router: axum::Router,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
+    axum::serve(conn::CappedListener::new(listener, max_connections), router)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

@@ -102,6 +102,8 @@ pub struct Config {
     /// no REST API. It calls this process's gRPC API, so it serves what that serves.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rest_addr: Option<SocketAddr>,
+    /// Most REST connections open at once; beyond it new connections are closed at once.
+    pub rest_max_connections: usize,
 }
 
 impl Default for Config {
@@ -139,6 +141,7 @@ impl Default for Config {
             egress_deny: Vec::new(),
             egress_proxy: None,
             rest_addr: None,
+            rest_max_connections: 1024,
         }
     }
 }

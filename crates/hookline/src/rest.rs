@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 pub fn start(
     listener: TcpListener,
     grpc: SocketAddr,
+    max_connections: usize,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let at = listener.local_addr()?;
@@ -22,7 +23,9 @@ pub fn start(
     let router = hookline_rest::router(channel)?;
     let shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
-        if let Err(e) = hookline_rest::serve(listener, router, shutdown.clone()).await {
+        if let Err(e) =
+            hookline_rest::serve(listener, max_connections, router, shutdown.clone()).await
+        {
             tracing::error!(error = %e, "the REST API failed; stopping");
             shutdown.cancel();
         }

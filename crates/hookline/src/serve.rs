@@ -173,6 +173,7 @@ struct Listeners {
     admin: TcpListener,
     /// The REST/JSON API's, when `rest_addr` is set.
     rest: Option<TcpListener>,
+    rest_max_connections: usize,
     /// Connection caps and deadlines applied to every accepted gRPC connection.
     conn_limits: hookline_grpc::conn::ConnLimits,
 }
@@ -198,6 +199,7 @@ impl Listeners {
                 Some(addr) => Some(bind(addr, "REST", "--rest-addr", "HOOKLINE_REST_ADDR").await?),
                 None => None,
             },
+            rest_max_connections: config.rest_max_connections,
             conn_limits: config.conn_limits(),
         })
     }
@@ -215,7 +217,12 @@ impl Listeners {
         };
         let admin = tokio::spawn(admin_http::serve(self.admin, admin, shutdown.clone()));
         let rest = match self.rest {
-            Some(listener) => Some(rest::start(listener, at.grpc, shutdown)?),
+            Some(listener) => Some(rest::start(
+                listener,
+                at.grpc,
+                self.rest_max_connections,
+                shutdown,
+            )?),
             None => None,
         };
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(

@@ -121,6 +121,20 @@ async fn rest_api_drives_the_whole_flow(backend: Backend) {
     );
     receiver.set_secret("shop", created["secret"].as_str().unwrap());
 
+    // Follow the tenant's deliveries (a server stream, one JSON object per line).
+    let mut watch = rest
+        .http
+        .get(format!(
+            "{}/v1/deliveries:watch?tenantId={tenant_id}",
+            rest.base
+        ))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), 200);
+    assert_eq!(watch.headers()["content-type"], "application/x-ndjson");
+
     for n in 0..3 {
         let payload = base64::engine::general_purpose::STANDARD.encode(format!("{{\"n\":{n}}}"));
         let published = rest
@@ -139,6 +153,30 @@ async fn rest_api_drives_the_whole_flow(backend: Backend) {
         })
         .await;
     assert!(got.iter().all(|r| r.verified), "signatures verify");
+
+    let mut seen = String::new();
+    let watched = tokio::time::timeout(Duration::from_secs(30), async {
+        while !seen
+            .lines()
+            .any(|l| l.contains("DELIVERY_STATUS_SUCCEEDED"))
+        {
+            let chunk = watch
+                .chunk()
+                .await
+                .unwrap()
+                .expect("the watch stream stays open");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await;
+    assert!(
+        watched.is_ok(),
+        "a succeeded delivery on the watch stream: {seen}"
+    );
+    let line = seen.lines().next().unwrap();
+    let first: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(first["tenantId"], tenant_id.as_str(), "{line}");
+    drop(watch);
 
     // Deliveries, two per page, then the last page without a token.
     let first = rest

@@ -51,6 +51,24 @@ pub async fn unary(
     path: &str,
     request: Request<Bytes>,
 ) -> Result<tonic::Response<Bytes>, Status> {
+    let (mut grpc, path) = ready(channel, path).await?;
+    grpc.unary(request, path, RawCodec).await
+}
+
+/// Calls the server-streaming method `path` on `channel`.
+pub async fn server_streaming(
+    channel: Channel,
+    path: &str,
+    request: Request<Bytes>,
+) -> Result<tonic::Response<tonic::Streaming<Bytes>>, Status> {
+    let (mut grpc, path) = ready(channel, path).await?;
+    grpc.server_streaming(request, path, RawCodec).await
+}
+
+async fn ready(
+    channel: Channel,
+    path: &str,
+) -> Result<(tonic::client::Grpc<Channel>, http::uri::PathAndQuery), Status> {
     let path = http::uri::PathAndQuery::try_from(path)
         .map_err(|e| Status::internal(format!("bad method path {path}: {e}")))?;
     let mut grpc = tonic::client::Grpc::new(channel)
@@ -59,5 +77,5 @@ pub async fn unary(
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(format!("the gRPC services are not reachable: {e}")))?;
-    grpc.unary(request, path, RawCodec).await
+    Ok((grpc, path))
 }

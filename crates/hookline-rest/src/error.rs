@@ -111,8 +111,9 @@ fn field_of(message: &str) -> Option<String> {
     ok.then(|| head.to_string())
 }
 
-impl IntoResponse for RestError {
-    fn into_response(self) -> Response {
+impl RestError {
+    /// The JSON answer: `{"error": {"code", "status", "message", "field"}}`.
+    pub fn body(&self) -> serde_json::Value {
         let mut error = json!({
             "code": self.code as i32,
             "status": code_name(self.code),
@@ -121,8 +122,13 @@ impl IntoResponse for RestError {
         if let Some(field) = &self.field {
             error["field"] = json!(field);
         }
-        let mut response =
-            (self.http_status(), axum::Json(json!({ "error": error }))).into_response();
+        json!({ "error": error })
+    }
+}
+
+impl IntoResponse for RestError {
+    fn into_response(self) -> Response {
+        let mut response = (self.http_status(), axum::Json(self.body())).into_response();
         if let Some(secs) = self.retry_after
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {

@@ -22,7 +22,7 @@ use axum::routing::get;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Uri};
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::Channel;
 
@@ -103,22 +103,64 @@ async fn transcode(
     let mut request = tonic::Request::new(Bytes::from(message.encode_to_vec()));
     forward_headers(&headers, request.metadata_mut());
     let path = format!("/{}/{}", rpc.parent_service().full_name(), rpc.name());
+    if rpc.is_server_streaming() {
+        let stream = call::server_streaming(api.channel.clone(), &path, request)
+            .await
+            .map_err(|s| RestError::from_status(&s))?;
+        return Ok(ndjson(stream.into_inner(), rpc.output()));
+    }
     let reply = call::unary(api.channel.clone(), &path, request)
         .await
         .map_err(|s| RestError::from_status(&s))?;
-    let reply = DynamicMessage::decode(rpc.output(), reply.into_inner()).map_err(|e| {
-        tracing::error!(error = %e, rpc = %path, "a service answered with a message that does not decode");
-        RestError::from_status(&tonic::Status::internal("the service's answer does not decode"))
+    let out = to_json(&rpc.output(), reply.into_inner()).map_err(|s| RestError::from_status(&s))?;
+    Ok(([(http::header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+/// A service's answer as proto3 JSON.
+fn to_json(desc: &MessageDescriptor, encoded: Bytes) -> Result<Vec<u8>, tonic::Status> {
+    let reply = DynamicMessage::decode(desc.clone(), encoded).map_err(|e| {
+        tracing::error!(error = %e, message = desc.full_name(), "a service answered with a message that does not decode");
+        tonic::Status::internal("the service's answer does not decode")
     })?;
-    let options = SerializeOptions::new();
     let mut out = Vec::new();
     let mut ser = serde_json::Serializer::new(&mut out);
     reply
-        .serialize_with_options(&mut ser, &options)
-        .map_err(|e| {
-            RestError::from_status(&tonic::Status::internal(format!("cannot write JSON: {e}")))
-        })?;
-    Ok(([(http::header::CONTENT_TYPE, "application/json")], out).into_response())
+        .serialize_with_options(&mut ser, &SerializeOptions::new())
+        .map_err(|e| tonic::Status::internal(format!("cannot write JSON: {e}")))?;
+    Ok(out)
+}
+
+/// A server stream as one JSON object per line; an error ends it with an `{"error": …}` line.
+fn ndjson(stream: tonic::Streaming<Bytes>, desc: MessageDescriptor) -> Response {
+    let lines = futures::stream::unfold(Some(stream), move |state| {
+        let desc = desc.clone();
+        async move {
+            let mut stream = state?;
+            let (line, next) = match stream.message().await {
+                Ok(Some(encoded)) => match to_json(&desc, encoded) {
+                    Ok(line) => (line, Some(stream)),
+                    Err(status) => (error_line(&status), None),
+                },
+                Ok(None) => return None,
+                Err(status) => (error_line(&status), None),
+            };
+            let mut line = line;
+            line.push(b'\n');
+            Some((Ok::<_, std::convert::Infallible>(Bytes::from(line)), next))
+        }
+    });
+    (
+        [(http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+fn error_line(status: &tonic::Status) -> Vec<u8> {
+    RestError::from_status(status)
+        .body()
+        .to_string()
+        .into_bytes()
 }
 
 fn forward_headers(headers: &HeaderMap, metadata: &mut MetadataMap) {

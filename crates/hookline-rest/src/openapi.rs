@@ -54,10 +54,7 @@ fn operation(route: &Route) -> Value {
         "tags": [rpc.parent_service().name()],
         "summary": format!("{}.{}", rpc.parent_service().name(), rpc.name()),
         "responses": {
-            "200": {
-                "description": "OK",
-                "content": { "application/json": { "schema": reference(&rpc.output()) } },
-            },
+            "200": ok_response(route),
             "default": {
                 "description": "An error, with its gRPC code",
                 "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } },
@@ -83,6 +80,19 @@ fn operation(route: &Route) -> Value {
         op["parameters"] = Value::Array(parameters);
     }
     op
+}
+
+/// The answer: one JSON object, or for a server stream one object per line.
+fn ok_response(route: &Route) -> Value {
+    let output = reference(&route.rpc.output());
+    if route.rpc.is_server_streaming() {
+        json!({
+            "description": "A stream: one JSON object per line; an error ends it with an Error line",
+            "content": { "application/x-ndjson": { "schema": output } },
+        })
+    } else {
+        json!({ "description": "OK", "content": { "application/json": { "schema": output } } })
+    }
 }
 
 /// The schema of a field that can be given in the query string, if it can.

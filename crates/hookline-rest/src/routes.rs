@@ -35,7 +35,7 @@ pub struct Matched<'a> {
     pub vars: Vec<(String, String)>,
 }
 
-/// Every route of the unary methods in `pool` that carry an HTTP rule.
+/// Every route of the unary and server-streaming methods in `pool` that carry an HTTP rule.
 pub fn from_pool(pool: &DescriptorPool) -> Vec<Route> {
     let Some(ext) = pool.get_extension_by_name(HTTP_EXTENSION) else {
         return Vec::new();
@@ -43,7 +43,7 @@ pub fn from_pool(pool: &DescriptorPool) -> Vec<Route> {
     let mut routes = Vec::new();
     for service in pool.services() {
         for rpc in service.methods() {
-            if rpc.is_client_streaming() || rpc.is_server_streaming() {
+            if rpc.is_client_streaming() {
                 continue;
             }
             let options = rpc.options();
@@ -183,15 +183,11 @@ mod tests {
     }
 
     #[test]
-    fn every_unary_method_has_a_route() {
+    fn every_method_has_a_route() {
         let pool = DescriptorPool::decode(hookline_proto::FILE_DESCRIPTOR_SET).unwrap();
         let routes = from_pool(&pool);
-        let unary = pool
-            .services()
-            .flat_map(|s| s.methods().collect::<Vec<_>>())
-            .filter(|m| !m.is_server_streaming())
-            .count();
-        assert_eq!(routes.len(), unary);
+        let methods = pool.services().map(|s| s.methods().len()).sum::<usize>();
+        assert_eq!(routes.len(), methods);
         let m = find(&routes, &Method::POST, "/v1/deliveries/dl_1%20x:retry")
             .ok()
             .unwrap();

@@ -1,6 +1,6 @@
-//! One unary gRPC call with an already-encoded request, answered with the encoded
-//! response: the REST side calls the very services (auth gate, limits, handlers) every
-//! gRPC client calls, and never decodes a message it has not checked against its descriptor.
+//! One gRPC call (unary or server-streaming) with an already-encoded request, answered
+//! with the encoded response: the REST side calls the very services (auth gate, limits,
+//! handlers) every gRPC client calls, and never decodes a message it has not checked.
 
 use bytes::{Buf, BufMut, Bytes};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};

@@ -3,8 +3,9 @@
 //! message by the proto3 JSON mapping (`request`), is sent to the gRPC services of the
 //! same process with the caller's `Authorization` header (`call`) — so the same auth
 //! gate, rate limits, limits and handlers answer it — and the reply is written back as
-//! JSON, errors as JSON with their gRPC code (`error`). `openapi` describes the same
-//! routes as an OpenAPI 3.1 document, served at `GET /v1/openapi.json`.
+//! JSON (a server stream as one object per line), errors as JSON with their gRPC code
+//! (`error`). `openapi` describes the same routes as an OpenAPI 3.1 document, served at
+//! `GET /v1/openapi.json`; `conn` caps the open connections.
 
 pub mod call;
 pub mod conn;

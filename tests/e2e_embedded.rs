@@ -105,6 +105,7 @@ async fn first_start_token(env: &Env, settings: &[(&str, &str)]) -> (support::Se
         child,
         grpc: format!("http://{}", grpc.unwrap_or_default()),
         admin: String::new(),
+        rest: None,
     };
     (server, token.unwrap_or_default())
 }

@@ -535,6 +535,7 @@ async fn a_first_admin_key_never_shown_is_replaced_on_the_next_start() {
         child: blind,
         grpc: format!("http://{addr}"),
         admin: String::new(),
+        rest: None,
     };
     assert!(server.terminate().await.success());
 
@@ -567,6 +568,7 @@ async fn a_first_admin_key_never_shown_is_replaced_on_the_next_start() {
         child,
         grpc: format!("http://{addr}"),
         admin: String::new(),
+        rest: None,
     };
     assert!(server.terminate().await.success());
     assert_eq!(

@@ -54,20 +54,24 @@ private_helm_home() {
   export HELM_CACHE_HOME="$WORK/helm/cache" HELM_CONFIG_HOME="$WORK/helm/config" HELM_DATA_HOME="$WORK/helm/data"
 }
 
-# Makes PyYAML importable by python3 (pip into the cache when the machine lacks it).
-ensure_pyyaml() {
+# Makes the Python module $1 importable by python3, pip-installing $2 (a requirement)
+# into the cache when the machine lacks it.
+ensure_python_module() { # module, requirement
   command -v python3 >/dev/null || die "python3 is needed"
-  python3 -c 'import yaml' 2>/dev/null && return
+  python3 -c "import $1" 2>/dev/null && return
   local pyver dir
   pyver=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  dir="$CACHE/python$pyver/pyyaml"
-  if ! PYTHONPATH=$dir python3 -c 'import yaml' 2>/dev/null; then
-    step "installing PyYAML from PyPI"
-    python3 -m pip install --quiet --disable-pip-version-check --target "$dir" "PyYAML>=6,<7" ||
-      die "pip install PyYAML failed"
+  dir="$CACHE/python$pyver/$1"
+  if ! PYTHONPATH=$dir python3 -c "import $1" 2>/dev/null; then
+    step "installing $2 from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$dir" "$2" ||
+      die "pip install $2 failed"
   fi
   export PYTHONPATH=$dir${PYTHONPATH:+:$PYTHONPATH}
 }
+
+# Makes PyYAML importable by python3.
+ensure_pyyaml() { ensure_python_module yaml "PyYAML>=6,<7"; }
 
 # The hookline binary the run scripts use: $HOOKLINE_BIN, or the release build (built
 # here when missing; .ci/run builds it once and every script reuses it).

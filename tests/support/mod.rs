@@ -241,7 +241,7 @@ pub async fn spawn_serve(mut cmd: Command) -> Server {
         .expect("spawn hookline serve");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let (mut grpc, mut admin) = (None, None);
+    let (mut grpc, mut admin, mut rest) = (None, None, None);
     let started = tokio::time::timeout(Duration::from_secs(60), async {
         while grpc.is_none() || admin.is_none() {
             let line = lines
@@ -254,6 +254,10 @@ pub async fn spawn_serve(mut cmd: Command) -> Server {
             }
             if let Some(a) = line.strip_prefix("hookline: admin listening on ") {
                 admin = Some(a.to_string());
+            }
+            // Printed before the gRPC line when `rest_addr` is set.
+            if let Some(a) = line.strip_prefix("hookline: rest listening on ") {
+                rest = Some(format!("http://{a}"));
             }
         }
     })
@@ -268,6 +272,7 @@ pub async fn spawn_serve(mut cmd: Command) -> Server {
         child,
         grpc: format!("http://{}", grpc.unwrap_or_default()),
         admin: admin.unwrap_or_default(),
+        rest,
     }
 }
 
@@ -278,6 +283,8 @@ pub struct Server {
     pub grpc: String,
     /// `127.0.0.1:port` of the admin HTTP port.
     pub admin: String,
+    /// `http://127.0.0.1:port` of the REST API, when `HOOKLINE_REST_ADDR` was set.
+    pub rest: Option<String>,
 }
 
 impl Server {

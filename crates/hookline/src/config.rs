@@ -96,6 +96,14 @@ pub struct Config {
     /// ranges itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_proxy: Option<String>,
+
+    // --- REST/JSON API (crates/hookline-rest) ---
+    /// Where the REST/JSON API and its OpenAPI document (`/v1/openapi.json`) listen; unset:
+    /// no REST API. It calls this process's gRPC API, so it serves what that serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rest_addr: Option<SocketAddr>,
+    /// Most REST connections open at once; beyond it new connections are closed at once.
+    pub rest_max_connections: usize,
 }
 
 impl Default for Config {
@@ -132,6 +140,8 @@ impl Default for Config {
             egress_allow: Vec::new(),
             egress_deny: Vec::new(),
             egress_proxy: None,
+            rest_addr: None,
+            rest_max_connections: 1024,
         }
     }
 }
@@ -180,6 +190,10 @@ pub struct CliOverrides {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_proxy: Option<String>,
+    /// REST/JSON API listen address; unset: none [env: HOOKLINE_REST_ADDR]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rest_addr: Option<SocketAddr>,
 }
 
 impl Config {

@@ -29,6 +29,7 @@ use crate::backends::{self, AnyStore, Mode};
 use crate::config::Config;
 use crate::egress_config;
 use crate::keys::{self, Endpoints};
+use crate::rest;
 use crate::shutdown;
 use crate::{elsewhere, metrics_catalog};
 
@@ -132,10 +133,15 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         broker,
         metrics,
     };
-    let running = listeners.serve(router, admin_state, &shutdown)?;
+    let mut running = listeners.serve(router, admin_state, &shutdown)?;
+    let rest_at = running.rest.take().map(|(at, task)| {
+        tasks.push(task);
+        at
+    });
     let loopback_allowed = wiring.egress.policy().check([127, 0, 0, 1].into()).is_ok();
     let started = announce_start(
         &running.at,
+        rest_at,
         &services,
         &mode,
         store.registry().as_ref(),
@@ -165,6 +171,9 @@ const STOP_MARGIN: Duration = Duration::from_secs(10);
 struct Listeners {
     grpc: TcpListener,
     admin: TcpListener,
+    /// The REST/JSON API's, when `rest_addr` is set.
+    rest: Option<TcpListener>,
+    rest_max_connections: usize,
     /// Connection caps and deadlines applied to every accepted gRPC connection.
     conn_limits: hookline_grpc::conn::ConnLimits,
 }
@@ -186,6 +195,11 @@ impl Listeners {
                 "HOOKLINE_ADMIN_ADDR",
             )
             .await?,
+            rest: match config.rest_addr {
+                Some(addr) => Some(bind(addr, "REST", "--rest-addr", "HOOKLINE_REST_ADDR").await?),
+                None => None,
+            },
+            rest_max_connections: config.rest_max_connections,
             conn_limits: config.conn_limits(),
         })
     }
@@ -202,12 +216,22 @@ impl Listeners {
             admin: self.admin.local_addr()?,
         };
         let admin = tokio::spawn(admin_http::serve(self.admin, admin, shutdown.clone()));
+        let rest = match self.rest {
+            Some(listener) => Some(rest::start(
+                listener,
+                at.grpc,
+                self.rest_max_connections,
+                shutdown,
+            )?),
+            None => None,
+        };
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
             self.conn_limits.incoming(self.grpc),
             shutdown.clone().cancelled_owned(),
         ));
         Ok(Running {
             at,
+            rest,
             servers: shutdown::Servers { grpc, admin },
         })
     }
@@ -216,6 +240,8 @@ impl Listeners {
 /// The servers, started.
 struct Running {
     at: Endpoints,
+    /// The REST API's address and task, when it runs.
+    rest: Option<(SocketAddr, JoinHandle<()>)>,
     servers: shutdown::Servers,
 }
 
@@ -417,12 +443,17 @@ impl Wiring<'_> {
 /// bound ports from them) and, on an embedded installation's first start, the admin key.
 async fn announce_start(
     at: &Endpoints,
+    rest: Option<SocketAddr>,
     services: &BTreeSet<Service>,
     mode: &Mode,
     registry: &dyn RegistryStore,
     loopback_allowed: bool,
 ) -> anyhow::Result<()> {
     let names: Vec<_> = services.iter().map(|s| s.name()).collect();
+    if let Some(rest) = rest {
+        // Before the gRPC line: readers stop at the gRPC and admin lines.
+        announce(&format!("hookline: rest listening on {rest}"));
+    }
     announce(&format!("hookline: grpc listening on {}", at.grpc));
     announce(&format!("hookline: admin listening on {}", at.admin));
     announce(&format!("hookline: services {}", names.join(",")));

@@ -511,7 +511,6 @@ fn json_depth(field: &str, value: &[u8]) -> Result {
 mod tests {
     use super::*;
 
-
     #[test]
     fn urls() {
         assert!(subscription_url("url", "https://example.com/hook").is_ok());

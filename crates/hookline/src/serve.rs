@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use hookline_broker::Broker;
 use hookline_dispatcher::{Dispatcher, DispatcherConfig};
 use hookline_grpc::Authenticator;
+use hookline_grpc::conn::LimitedRouter as Router;
 use hookline_grpc::standard::{self, HealthReporter};
 use hookline_ingest::{IngestApi, IngestConfig, SubscriptionMatcher};
 use hookline_outbox::{Relay, RelayConfig};
@@ -22,13 +23,12 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use hookline_grpc::conn::LimitedRouter as Router;
 
 use crate::admin_http::{self, AdminState};
 use crate::backends::{self, AnyStore, Mode};
 use crate::config::Config;
-use crate::keys::{self, Endpoints};
 use crate::egress_config;
+use crate::keys::{self, Endpoints};
 use crate::shutdown;
 use crate::{elsewhere, metrics_catalog};
 

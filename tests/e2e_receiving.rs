@@ -15,55 +15,23 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use hookline_proto::v1 as pb;
-use hookline_proto::v1::ingest_service_client::IngestServiceClient;
-use hookline_proto::v1::registry_service_client::RegistryServiceClient;
 use serde_json::Value;
 use support::receiver::{Behavior, Receiver};
-use support::{Backend, Env, Server, authed};
+use support::tenant::TenantServer;
+use support::{Backend, authed};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
-use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(30);
+const POLL: &[(&str, &str)] = &[("HOOKLINE_RETRY_POLL_INTERVAL_MS", "50")];
 /// A fixed secret, so a receiver can be started before its subscription exists.
 const SECRET: &str = "whsec_c2VjcmV0LW9uZS1zZWNyZXQtb25lLXNlY3JldA==";
 const PAYLOAD: &[u8] = br#"{ "invoice" : "in_1", "amount": 123456789012345678901234567890 }"#;
 
-/// A running server, an admin key and a tenant.
-struct Hookline {
-    env: Env,
-    server: Server,
-    admin: String,
-    tenant: String,
-    registry: RegistryServiceClient<Channel>,
-    ingest: IngestServiceClient<Channel>,
-}
+/// The shared start, with this file's helpers below.
+type Hookline = TenantServer;
 
 impl Hookline {
-    async fn start(backend: Backend) -> Hookline {
-        let env = Env::with(backend).await;
-        let admin = env.admin_key().await;
-        let server = env
-            .serve_with("all", &[("HOOKLINE_RETRY_POLL_INTERVAL_MS", "50")])
-            .await;
-        let channel = support::channel(&server).await;
-        let tenant = support::create_tenant(&channel, &admin, "acme", None).await;
-        Hookline {
-            env,
-            server,
-            admin,
-            tenant,
-            registry: RegistryServiceClient::new(channel.clone()),
-            ingest: IngestServiceClient::new(channel),
-        }
-    }
-
-    async fn finish(self) {
-        let status = self.server.terminate().await;
-        assert!(status.success(), "hookline exited with {status}");
-        self.env.finish().await;
-    }
-
     /// A subscription to `url` signed with [`SECRET`]; returns its id.
     async fn subscribe(&mut self, url: String, format: pb::PayloadFormat) -> String {
         let sub = pb::Subscription {
@@ -149,7 +117,7 @@ fn assert_envelope(body: &[u8], event_type: &str) {
 }
 
 async fn raw_and_envelope_bodies_carry_the_event_type_header(backend: Backend) {
-    let mut h = Hookline::start(backend).await;
+    let mut h = Hookline::start(backend, POLL).await;
     let receiver = Receiver::start().await;
     for name in ["raw", "envelope"] {
         receiver.set_secret(name, SECRET);
@@ -241,7 +209,7 @@ async fn free_port() -> u16 {
 }
 
 impl Snippet {
-    async fn start(program: &str, file: &str, lib_var: &str, lib_dir: &str) -> Snippet {
+    async fn start([program, file, lib_var, lib_dir]: Launch) -> Snippet {
         let libs = libraries().join(lib_dir);
         assert!(
             libs.is_dir(),
@@ -322,10 +290,11 @@ async fn post_forged(port: u16, body: &[u8]) -> u16 {
         .unwrap_or_else(|_| panic!("no status in {answer:?}"))
 }
 
-/// One process snippet: a real delivery in `format` is verified and printed once, a
-/// forged one is refused with 400.
-async fn check_process_snippet(h: &mut Hookline, snippet: Snippet, format: pb::PayloadFormat) {
-    let mut snippet = snippet;
+/// One process snippet: a real delivery in `format` from Hookline on `backend` is verified
+/// and printed once, a forged one is refused with 400.
+async fn check_process_snippet(backend: Backend, launch: Launch, format: pb::PayloadFormat) {
+    let mut snippet = Snippet::start(launch).await;
+    let mut h = Hookline::start(backend, POLL).await;
     h.subscribe(snippet.url(), format).await;
     let event_id = h.publish("invoice.paid").await;
     let line = snippet.next_line("the delivery").await;
@@ -340,39 +309,38 @@ async fn check_process_snippet(h: &mut Hookline, snippet: Snippet, format: pb::P
     assert_eq!(post_forged(snippet.port, PAYLOAD).await, 400);
     let line = snippet.next_line("the forged request").await;
     assert!(line["rejected"].is_string(), "{line}");
+    h.finish().await;
 }
+
+/// How to run a snippet: program, file, the variable naming its library folder, and that
+/// folder under [`libraries`].
+type Launch = [&'static str; 4];
+const PYTHON: Launch = [
+    "python3",
+    "docs/receiving/receiver.py",
+    "PYTHONPATH",
+    "python",
+];
+const NODE: Launch = [
+    "node",
+    "docs/receiving/receiver.js",
+    "NODE_PATH",
+    "node/node_modules",
+];
 
 #[tokio::test]
 async fn the_python_snippet_verifies_a_real_delivery() {
-    let mut h = Hookline::start(Backend::Embedded).await;
-    let snippet = Snippet::start(
-        "python3",
-        "docs/receiving/receiver.py",
-        "PYTHONPATH",
-        "python",
-    )
-    .await;
-    check_process_snippet(&mut h, snippet, pb::PayloadFormat::Envelope).await;
-    h.finish().await;
+    check_process_snippet(Backend::Embedded, PYTHON, pb::PayloadFormat::Envelope).await;
 }
 
 #[tokio::test]
 async fn the_node_snippet_verifies_a_real_delivery() {
-    let mut h = Hookline::start(Backend::Embedded).await;
-    let snippet = Snippet::start(
-        "node",
-        "docs/receiving/receiver.js",
-        "NODE_PATH",
-        "node/node_modules",
-    )
-    .await;
-    check_process_snippet(&mut h, snippet, pb::PayloadFormat::Raw).await;
-    h.finish().await;
+    check_process_snippet(Backend::Distributed, NODE, pb::PayloadFormat::Raw).await;
 }
 
 #[tokio::test]
 async fn the_rust_snippet_verifies_a_real_delivery() {
-    let mut h = Hookline::start(Backend::Embedded).await;
+    let mut h = Hookline::start(Backend::Embedded, POLL).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let app = rust_receiver::router(SECRET, move |event_type, event| {
         let _ = tx.send((event_type.to_owned(), event));

@@ -65,12 +65,18 @@ impl PayloadFormat {
             PayloadFormat::Envelope => "envelope",
         }
     }
+}
 
-    pub fn parse(s: &str) -> Option<Self> {
+impl std::str::FromStr for PayloadFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "raw" => Some(PayloadFormat::Raw),
-            "envelope" => Some(PayloadFormat::Envelope),
-            _ => None,
+            "raw" => Ok(PayloadFormat::Raw),
+            "envelope" => Ok(PayloadFormat::Envelope),
+            _ => Err(format!(
+                "unknown payload format {s:?}; expected raw or envelope"
+            )),
         }
     }
 }

@@ -75,7 +75,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hookline_core::model::{
-    ApiKey, EventType, PayloadFormat, Subscription, SubscriptionSecret, SubscriptionState, Tenant,
+    ApiKey, EventType, Subscription, SubscriptionSecret, SubscriptionState, Tenant,
 };
 use hookline_core::quota::TenantQuotas;
 use hookline_core::{Id, IdKind};
@@ -438,12 +438,9 @@ fn subscription_from_row(row: &SqliteRow) -> Result<Subscription, sqlx::Error> {
         })
         .transpose()?;
     let format: String = row.try_get("payload_format")?;
-    let payload_format = PayloadFormat::parse(&format).ok_or_else(|| {
-        decode_error(
-            "payload_format",
-            format!("unknown payload format {format:?}"),
-        )
-    })?;
+    let payload_format = format
+        .parse()
+        .map_err(|e| decode_error("payload_format", e))?;
     Ok(Subscription {
         id: get_id(row, "id", IdKind::Subscription)?,
         tenant_id: get_id(row, "tenant_id", IdKind::Tenant)?,

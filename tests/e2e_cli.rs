@@ -191,6 +191,7 @@ async fn subscription_commands(backend: Backend) {
     let id = s(&created["id"]).to_string();
     let first_secret = s(&created["secret"]).to_string();
     assert!(first_secret.starts_with("whsec_"));
+    assert_eq!(created["payload_format"], "raw", "raw is the default");
 
     let updated = cli
         .json(&[
@@ -216,6 +217,20 @@ async fn subscription_commands(backend: Backend) {
         .json(&["subscriptions", "update", &id, "--all-event-types"])
         .await;
     assert_eq!(all["event_types"].as_array().map(Vec::len), Some(0));
+    let enveloped = cli
+        .json(&[
+            "subscriptions",
+            "update",
+            &id,
+            "--payload-format",
+            "envelope",
+        ])
+        .await;
+    assert_eq!(enveloped["payload_format"], "envelope");
+    let err = cli
+        .fails(&["subscriptions", "update", &id, "--payload-format", "xml"])
+        .await;
+    assert!(err.contains("raw") && err.contains("envelope"), "{err}");
 
     let disabled = cli.json(&["subscriptions", "disable", &id]).await;
     assert_eq!(disabled["state"], "disabled");

@@ -11,44 +11,14 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use hookline_proto::v1 as pb;
-use hookline_proto::v1::ingest_service_client::IngestServiceClient;
-use hookline_proto::v1::registry_service_client::RegistryServiceClient;
-use support::{Backend, Env, Server, authed};
+use support::tenant::TenantServer;
+use support::{Backend, authed};
 use tonic::Code;
-use tonic::transport::Channel;
 
-struct Limits {
-    env: Env,
-    server: Server,
-    admin: String,
-    tenant: String,
-    registry: RegistryServiceClient<Channel>,
-    ingest: IngestServiceClient<Channel>,
-}
+/// The shared start, with this file's helpers below.
+type Limits = TenantServer;
 
 impl Limits {
-    async fn start(backend: Backend) -> Self {
-        let env = Env::with(backend).await;
-        let admin = env.admin_key().await;
-        let server = env.serve("all").await;
-        let channel = support::channel(&server).await;
-        let tenant = support::create_tenant(&channel, &admin, "acme", None).await;
-        Limits {
-            env,
-            server,
-            admin,
-            tenant,
-            registry: RegistryServiceClient::new(channel.clone()),
-            ingest: IngestServiceClient::new(channel).max_decoding_message_size(8 << 20),
-        }
-    }
-
-    async fn finish(self) {
-        let status = self.server.terminate().await;
-        assert!(status.success(), "hookline exited with {status}");
-        self.env.finish().await;
-    }
-
     async fn create(
         &mut self,
         edit: impl FnOnce(&mut pb::CreateSubscriptionRequest),
@@ -120,7 +90,7 @@ fn headers(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 async fn header_names_are_bounded_and_platform_ones_refused(backend: Backend) {
-    let mut l = Limits::start(backend).await;
+    let mut l = Limits::start(backend, &[]).await;
     let long = "a".repeat(100_000);
     let message = invalid(
         l.create(|r| {
@@ -160,7 +130,7 @@ async fn header_names_are_bounded_and_platform_ones_refused(backend: Backend) {
 }
 
 async fn numbers_that_storage_cannot_hold_are_invalid_not_unavailable(backend: Backend) {
-    let mut l = Limits::start(backend).await;
+    let mut l = Limits::start(backend, &[]).await;
     invalid(
         l.create(|r| r.subscription.as_mut().unwrap().rate_limit_per_second = u32::MAX)
             .await,
@@ -195,7 +165,7 @@ async fn numbers_that_storage_cannot_hold_are_invalid_not_unavailable(backend: B
 }
 
 async fn given_secrets_must_be_24_to_64_bytes_not_all_equal(backend: Backend) {
-    let mut l = Limits::start(backend).await;
+    let mut l = Limits::start(backend, &[]).await;
     let b64 = |b: &[u8]| {
         format!(
             "whsec_{}",
@@ -235,7 +205,7 @@ async fn given_secrets_must_be_24_to_64_bytes_not_all_equal(backend: Backend) {
 }
 
 async fn payloads_are_bounded_in_depth_utf8_and_exact_bytes(backend: Backend) {
-    let mut l = Limits::start(backend).await;
+    let mut l = Limits::start(backend, &[]).await;
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     invalid(
         l.publish("order.created", deep.into_bytes()).await,
@@ -262,7 +232,7 @@ const SCHEMA: &str = r#"{"type":"object","required":["amount"],
                   "lines":{"type":"array","items":{"type":"string"}}}}"#;
 
 async fn the_schema_of_an_event_type_is_enforced_on_publish(backend: Backend) {
-    let mut l = Limits::start(backend).await;
+    let mut l = Limits::start(backend, &[]).await;
     invalid(
         l.event_type("bad.schema", r#"{"type":"no-such-type"}"#)
             .await,

@@ -5,6 +5,7 @@
 
 pub mod private;
 pub mod receiver;
+pub mod tenant;
 
 /// Turns `async fn name(backend: Backend)` test bodies into one `#[tokio::test]` per
 /// backend: `distributed::name` (PostgreSQL + RabbitMQ) and `embedded::name`.

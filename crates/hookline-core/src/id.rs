@@ -92,6 +92,14 @@ impl Id {
         Ok(Self::from_ulid(kind, ulid))
     }
 
+    /// When the id was made: the time part of its ULID (millisecond precision). `None` for
+    /// a string that is not a prefixed ULID.
+    pub fn created_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let (_, rest) = self.0.split_once('_')?;
+        let ms = Ulid::from_string(rest).ok()?.timestamp_ms();
+        chrono::DateTime::from_timestamp_millis(i64::try_from(ms).ok()?)
+    }
+
     /// Wraps a string read back from storage, where it was written as a valid id.
     pub fn from_trusted(value: String) -> Self {
         Id(value)
@@ -159,6 +167,12 @@ mod tests {
         assert!(err.to_string().contains("tenant_id"));
         assert!(err.to_string().contains("ten_"));
         assert!(Id::parse(IdKind::Tenant, "tenant_id", "ten_not-a-ulid").is_err());
+        let stamped = Id::from_ulid(IdKind::Event, Ulid::from_parts(1_700_000_000_123, 7));
+        assert_eq!(
+            stamped.created_at().map(|t| t.timestamp_millis()),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(Id::from_trusted("evt_nope".into()).created_at(), None);
         assert!(Id::parse(IdKind::Tenant, "tenant_id", "").is_err());
     }
 }

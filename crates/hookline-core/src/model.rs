@@ -49,6 +49,38 @@ impl SubscriptionState {
     }
 }
 
+/// What the body of a request to a subscription is: the payload as published, or the
+/// Standard Webhooks envelope `{"type", "timestamp", "data"}` around it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PayloadFormat {
+    #[default]
+    Raw,
+    Envelope,
+}
+
+impl PayloadFormat {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PayloadFormat::Raw => "raw",
+            PayloadFormat::Envelope => "envelope",
+        }
+    }
+}
+
+impl std::str::FromStr for PayloadFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(PayloadFormat::Raw),
+            "envelope" => Ok(PayloadFormat::Envelope),
+            _ => Err(format!(
+                "unknown payload format {s:?}; expected raw or envelope"
+            )),
+        }
+    }
+}
+
 /// An endpoint of a tenant and what it wants delivered to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscription {
@@ -74,6 +106,9 @@ pub struct Subscription {
     pub metadata: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The body sent: the raw payload or the Standard Webhooks envelope.
+    #[serde(default)]
+    pub payload_format: PayloadFormat,
 }
 
 /// A signing secret of a subscription. Several are live during a rotation.

@@ -279,6 +279,7 @@ mod tests {
             metadata: BTreeMap::new(),
             created_at: Utc::now(),
             updated_at: Utc::now(),
+            payload_format: Default::default(),
         }
     }
 

@@ -23,6 +23,7 @@
 //! retries ────┘                    └─  rate) ──▶ permit (concurrency) · sign · POST ──┘   (batch | linger)
 //! ```
 
+mod body;
 mod cache;
 mod circuit;
 mod config;

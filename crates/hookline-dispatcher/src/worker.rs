@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::field::Empty;
 
+use crate::body;
 use crate::cache::{Endpoint, Lookup, SubscriptionCache};
 use crate::circuit::Health;
 use crate::http::{self, Exchange};
@@ -241,18 +242,22 @@ impl Worker {
         }
         let msg_id = job.event_id.to_string();
         let timestamp = started_at.timestamp();
+        // The signature covers the body actually sent.
+        let payload = body::build(endpoint.subscription.payload_format, job, payload);
         let signature = signature_header(&keys, &msg_id, timestamp, &payload);
         let mut headers = endpoint.headers.clone();
-        // Ids, digits and base64 are always valid header values; a failure would be a bug,
-        // reported as a refused attempt rather than a panic.
+        // Ids, digits, base64 and validated event types are always valid header values; a
+        // failure would be a bug, reported as a refused attempt rather than a panic.
         match (
             HeaderValue::from_str(&msg_id),
             HeaderValue::from_str(&signature),
+            HeaderValue::from_str(&job.event_type),
         ) {
-            (Ok(id), Ok(sig)) => {
+            (Ok(id), Ok(sig), Ok(event_type)) => {
                 headers.insert("webhook-id", id);
                 headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
                 headers.insert("webhook-signature", sig);
+                headers.insert(body::EVENT_TYPE_HEADER, event_type);
             }
             _ => {
                 return Exchange::refused(

@@ -87,6 +87,30 @@ pub fn subscription_state(s: model::SubscriptionState) -> pb::SubscriptionState 
     }
 }
 
+pub fn payload_format(f: model::PayloadFormat) -> pb::PayloadFormat {
+    match f {
+        model::PayloadFormat::Raw => pb::PayloadFormat::Raw,
+        model::PayloadFormat::Envelope => pb::PayloadFormat::Envelope,
+    }
+}
+
+/// The model's format for a proto value; unspecified is raw. `field` names it in the error.
+pub fn payload_format_from(field: &str, value: i32) -> Result<model::PayloadFormat, tonic::Status> {
+    match pb::PayloadFormat::try_from(value) {
+        Ok(pb::PayloadFormat::Unspecified | pb::PayloadFormat::Raw) => {
+            Ok(model::PayloadFormat::Raw)
+        }
+        Ok(pb::PayloadFormat::Envelope) => Ok(model::PayloadFormat::Envelope),
+        Err(_) => Err(invalid(
+            field,
+            format!(
+                "unknown value {value}; allowed: PAYLOAD_FORMAT_RAW (1), \
+                 PAYLOAD_FORMAT_ENVELOPE (2)"
+            ),
+        )),
+    }
+}
+
 pub fn subscription(s: model::Subscription) -> pb::Subscription {
     pb::Subscription {
         id: s.id.into_string(),
@@ -106,6 +130,7 @@ pub fn subscription(s: model::Subscription) -> pb::Subscription {
         metadata: s.metadata,
         created_at: Some(timestamp(s.created_at)),
         updated_at: Some(timestamp(s.updated_at)),
+        payload_format: payload_format(s.payload_format) as i32,
     }
 }
 

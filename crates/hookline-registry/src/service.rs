@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use hookline_broker::Broker;
-use hookline_core::model::{RegistryChange, Subscription, SubscriptionSecret, SubscriptionState};
+use hookline_core::model::{
+    PayloadFormat, RegistryChange, Subscription, SubscriptionSecret, SubscriptionState,
+};
 use hookline_core::quota::Quotas;
 use hookline_core::{Id, IdKind, filter, validate};
 use hookline_egress::Egress;
@@ -141,6 +143,7 @@ struct SubscriptionFields {
     max_in_flight: Option<u32>,
     retry_schedule: Option<Vec<Duration>>,
     metadata: BTreeMap<String, String>,
+    payload_format: PayloadFormat,
 }
 
 fn validate_subscription(p: &str, s: &pb::Subscription) -> Result<SubscriptionFields, Status> {
@@ -167,6 +170,7 @@ fn validate_subscription(p: &str, s: &pb::Subscription) -> Result<SubscriptionFi
         }
         None => None,
     };
+    let payload_format = convert::payload_format_from(&f("payload_format"), s.payload_format)?;
     Ok(SubscriptionFields {
         url,
         description: s.description.clone(),
@@ -177,6 +181,7 @@ fn validate_subscription(p: &str, s: &pb::Subscription) -> Result<SubscriptionFi
         max_in_flight: (s.max_in_flight > 0).then_some(s.max_in_flight),
         retry_schedule,
         metadata: s.metadata.clone(),
+        payload_format,
     })
 }
 
@@ -302,6 +307,7 @@ impl RegistryService for RegistryApi {
                 SubscriptionState::Enabled
             },
             metadata: fields.metadata,
+            payload_format: fields.payload_format,
             secret: SubscriptionSecret {
                 id: Id::new(IdKind::Secret),
                 subscription_id: id.clone(),
@@ -393,6 +399,7 @@ impl RegistryService for RegistryApi {
                 "max_in_flight" => merged.max_in_flight = patch.max_in_flight,
                 "retry_policy" => merged.retry_policy = patch.retry_policy.clone(),
                 "metadata" => merged.metadata = patch.metadata.clone(),
+                "payload_format" => merged.payload_format = patch.payload_format,
                 "state" => {
                     sub.state = match pb::SubscriptionState::try_from(patch.state) {
                         Ok(pb::SubscriptionState::Enabled) => SubscriptionState::Enabled,
@@ -415,7 +422,7 @@ impl RegistryService for RegistryApi {
                         format!(
                             "{other:?} cannot be changed; allowed: url, description, event_types, \
                              channels, headers, rate_limit_per_second, max_in_flight, \
-                             retry_policy, state, metadata"
+                             retry_policy, state, metadata, payload_format"
                         ),
                     ));
                 }
@@ -434,6 +441,7 @@ impl RegistryService for RegistryApi {
         sub.max_in_flight = fields.max_in_flight;
         sub.retry_schedule = fields.retry_schedule;
         sub.metadata = fields.metadata;
+        sub.payload_format = fields.payload_format;
         let updated = self
             .store
             .update_subscription(&sub)

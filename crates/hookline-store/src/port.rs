@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use hookline_core::Id;
 use hookline_core::job::DeliveryJob;
 use hookline_core::model::{
-    ApiKey, Attempt, Delivery, DeliveryStatus, Event, EventType, Subscription, SubscriptionSecret,
-    SubscriptionState, Tenant,
+    ApiKey, Attempt, Delivery, DeliveryStatus, Event, EventType, PayloadFormat, Subscription,
+    SubscriptionSecret, SubscriptionState, Tenant,
 };
 use hookline_core::quota::TenantQuotas;
 
@@ -49,6 +49,7 @@ pub struct NewSubscription {
     pub metadata: BTreeMap<String, String>,
     /// The first signing secret.
     pub secret: SubscriptionSecret,
+    pub payload_format: PayloadFormat,
 }
 
 /// A new API key: only the SHA-256 of its token reaches the store.

@@ -116,7 +116,7 @@ macro_rules! subscription_cols {
     () => {
         "id, tenant_id, url, description, event_types, channels, headers, \
          rate_limit_per_second, max_in_flight, retry_schedule_ms, state, disabled_reason, \
-         metadata, created_at, updated_at"
+         metadata, created_at, updated_at, payload_format"
     };
 }
 
@@ -228,6 +228,10 @@ fn subscription_from_row(row: &PgRow) -> Result<Subscription, sqlx::Error> {
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
+    let format: String = row.try_get("payload_format")?;
+    let payload_format = format
+        .parse()
+        .map_err(|e| decode_error("payload_format", e))?;
     Ok(Subscription {
         id: get_id(row, "id", IdKind::Subscription)?,
         tenant_id: get_id(row, "tenant_id", IdKind::Tenant)?,
@@ -244,6 +248,7 @@ fn subscription_from_row(row: &PgRow) -> Result<Subscription, sqlx::Error> {
         metadata: get_map(row, "metadata")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        payload_format,
     })
 }
 
@@ -532,8 +537,8 @@ impl RegistryStore for PgStore {
         let row = sqlx::query(concat!(
             "INSERT INTO subscriptions (id, tenant_id, url, description, event_types, channels, \
              headers, rate_limit_per_second, max_in_flight, retry_schedule_ms, state, \
-             disabled_reason, metadata) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
+             disabled_reason, metadata, payload_format) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING ",
             subscription_cols!()
         ))
         .bind(new.id.as_str())
@@ -550,6 +555,7 @@ impl RegistryStore for PgStore {
         // A new subscription has no reason to be disabled yet (`NewSubscription` carries none).
         .bind(None::<&str>)
         .bind(Json(&new.metadata))
+        .bind(new.payload_format.as_str())
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| {
@@ -609,7 +615,7 @@ impl RegistryStore for PgStore {
             "UPDATE subscriptions SET url = $2, description = $3, event_types = $4, \
              channels = $5, headers = $6, rate_limit_per_second = $7, max_in_flight = $8, \
              retry_schedule_ms = $9, state = $10, disabled_reason = $11, metadata = $12, \
-             updated_at = now() WHERE id = $1 RETURNING ",
+             payload_format = $13, updated_at = now() WHERE id = $1 RETURNING ",
             subscription_cols!()
         ))
         .bind(sub.id.as_str())
@@ -624,6 +630,7 @@ impl RegistryStore for PgStore {
         .bind(sub.state.as_str())
         .bind(sub.disabled_reason.as_deref())
         .bind(Json(&sub.metadata))
+        .bind(sub.payload_format.as_str())
         .fetch_optional(&self.pool)
         .await?;
         Ok(subscription_from_row(&found(

@@ -287,7 +287,7 @@ macro_rules! subscription_cols {
     () => {
         "id, tenant_id, url, description, event_types, channels, headers, \
          rate_limit_per_second, max_in_flight, retry_schedule_ms, state, disabled_reason, \
-         metadata, created_at, updated_at"
+         metadata, created_at, updated_at, payload_format"
     };
 }
 
@@ -437,6 +437,10 @@ fn subscription_from_row(row: &SqliteRow) -> Result<Subscription, sqlx::Error> {
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
+    let format: String = row.try_get("payload_format")?;
+    let payload_format = format
+        .parse()
+        .map_err(|e| decode_error("payload_format", e))?;
     Ok(Subscription {
         id: get_id(row, "id", IdKind::Subscription)?,
         tenant_id: get_id(row, "tenant_id", IdKind::Tenant)?,
@@ -453,6 +457,7 @@ fn subscription_from_row(row: &SqliteRow) -> Result<Subscription, sqlx::Error> {
         metadata: get_map(row, "metadata")?,
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
+        payload_format,
     })
 }
 
@@ -820,8 +825,9 @@ impl RegistryStore for SqliteStore {
         let row = sqlx::query(concat!(
             "INSERT INTO subscriptions (id, tenant_id, url, description, event_types, channels, \
              headers, rate_limit_per_second, max_in_flight, retry_schedule_ms, state, \
-             disabled_reason, metadata, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14) RETURNING ",
+             disabled_reason, metadata, created_at, updated_at, payload_format) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15) \
+             RETURNING ",
             subscription_cols!()
         ))
         .bind(new.id.as_str())
@@ -839,6 +845,7 @@ impl RegistryStore for SqliteStore {
         .bind(None::<&str>)
         .bind(Json(&new.metadata))
         .bind(now)
+        .bind(new.payload_format.as_str())
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| {
@@ -900,7 +907,7 @@ impl RegistryStore for SqliteStore {
             "UPDATE subscriptions SET url = ?2, description = ?3, event_types = ?4, \
              channels = ?5, headers = ?6, rate_limit_per_second = ?7, max_in_flight = ?8, \
              retry_schedule_ms = ?9, state = ?10, disabled_reason = ?11, metadata = ?12, \
-             updated_at = ?13 WHERE id = ?1 RETURNING ",
+             updated_at = ?13, payload_format = ?14 WHERE id = ?1 RETURNING ",
             subscription_cols!()
         ))
         .bind(sub.id.as_str())
@@ -916,6 +923,7 @@ impl RegistryStore for SqliteStore {
         .bind(sub.disabled_reason.as_deref())
         .bind(Json(&sub.metadata))
         .bind(now)
+        .bind(sub.payload_format.as_str())
         .fetch_optional(&mut *tx)
         .await?;
         let row = found(row, "subscription", &sub.id)?;

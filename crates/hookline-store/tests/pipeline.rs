@@ -56,6 +56,7 @@ async fn subscription(store: &dyn Store, tenant_id: &Id) -> Id {
     let id = Id::new(IdKind::Subscription);
     store
         .create_subscription(&NewSubscription {
+            payload_format: Default::default(),
             secret: SubscriptionSecret {
                 id: Id::new(IdKind::Secret),
                 subscription_id: id.clone(),

@@ -21,6 +21,7 @@ on_both_backends! {
 fn new_subscription(tenant_id: &Id) -> NewSubscription {
     let id = Id::new(IdKind::Subscription);
     NewSubscription {
+        payload_format: Default::default(),
         secret: SubscriptionSecret {
             id: Id::new(IdKind::Secret),
             subscription_id: id.clone(),

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
-use hookline_core::model::{SubscriptionSecret, SubscriptionState};
+use hookline_core::model::{PayloadFormat, SubscriptionSecret, SubscriptionState};
 use hookline_core::{Id, IdKind};
 use hookline_store::{NewApiKey, NewSubscription, PageRequest, StoreError};
 use support::{Backend, Fixture, Store};
@@ -48,6 +48,7 @@ fn secret_for(subscription_id: &Id, value: &str) -> SubscriptionSecret {
 fn new_subscription(tenant_id: &Id) -> NewSubscription {
     let id = Id::new(IdKind::Subscription);
     NewSubscription {
+        payload_format: PayloadFormat::Envelope,
         secret: secret_for(&id, "whsec_c2VjcmV0LW9uZS1zZWNyZXQtb25lLXNlY3JldA=="),
         id,
         tenant_id: tenant_id.clone(),
@@ -206,6 +207,7 @@ async fn subscriptions_create_get_list_update_delete(fx: &Fixture) {
     assert_eq!(sub.state, SubscriptionState::Enabled);
     assert_eq!(sub.disabled_reason, None);
     assert_eq!(sub.metadata, new.metadata);
+    assert_eq!(sub.payload_format, PayloadFormat::Envelope);
     assert_eq!(store.get_subscription(&sub.id).await.expect("get"), sub);
 
     // The first secret was written with it.
@@ -284,6 +286,7 @@ async fn subscriptions_create_get_list_update_delete(fx: &Fixture) {
     changed.state = SubscriptionState::Disabled;
     changed.disabled_reason = Some("410 Gone".to_string());
     changed.metadata = BTreeMap::new();
+    changed.payload_format = PayloadFormat::Raw;
     changed.tenant_id = t2.clone();
     let updated = store.update_subscription(&changed).await.expect("update");
     assert_eq!(updated.tenant_id, t1, "the tenant is kept");
@@ -300,6 +303,7 @@ async fn subscriptions_create_get_list_update_delete(fx: &Fixture) {
     assert_eq!(updated.state, SubscriptionState::Disabled);
     assert_eq!(updated.disabled_reason.as_deref(), Some("410 Gone"));
     assert!(updated.metadata.is_empty());
+    assert_eq!(updated.payload_format, PayloadFormat::Raw);
     assert_eq!(store.get_subscription(&sub.id).await.expect("get"), updated);
 
     // Only enabled ones match.

@@ -112,6 +112,25 @@ pub struct Fields {
     /// repeat for several (on update, they replace all the headers).
     #[arg(long = "header", value_parser = parse_header)]
     headers: Vec<(String, String)>,
+    /// The request body: `raw` (the payload as published; the default) or `envelope`
+    /// (Standard Webhooks `{"type", "timestamp", "data"}`); see docs/RECEIVING.md.
+    #[arg(long, value_parser = ["raw", "envelope"])]
+    payload_format: Option<String>,
+}
+
+fn payload_format(name: &str) -> i32 {
+    match name {
+        "envelope" => pb::PayloadFormat::Envelope as i32,
+        _ => pb::PayloadFormat::Raw as i32,
+    }
+}
+
+fn payload_format_name(value: i32) -> String {
+    let format = pb::PayloadFormat::try_from(value).ok();
+    match format {
+        Some(pb::PayloadFormat::Unspecified) => "raw".to_string(),
+        other => enum_name(other.map(|f| f.as_str_name()), "PAYLOAD_FORMAT_"),
+    }
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -155,6 +174,7 @@ fn subscription_json(s: &pb::Subscription) -> Value {
         "retry_schedule_ms": schedule,
         "created_at": ts(s.created_at.as_ref()),
         "updated_at": ts(s.updated_at.as_ref()),
+        "payload_format": payload_format_name(s.payload_format),
     })
 }
 
@@ -307,6 +327,7 @@ async fn create(
             max_in_flight: fields.max_in_flight.unwrap_or(0),
             headers: fields.headers.into_iter().collect(),
             retry_policy: retry_policy(&fields.retry_schedule_ms),
+            payload_format: fields.payload_format.as_deref().map_or(0, payload_format),
             ..Default::default()
         }),
         start_disabled: disabled,
@@ -382,11 +403,15 @@ fn changes(
         sub.headers = fields.headers.into_iter().collect();
         paths.push("headers");
     }
+    if let Some(f) = fields.payload_format.as_deref() {
+        sub.payload_format = payload_format(f);
+        paths.push("payload_format");
+    }
     anyhow::ensure!(
         !paths.is_empty(),
         "nothing to change: give at least one of --url, --event-type, --channel, \
          --retry-schedule-ms, --description, --rate-limit, --max-in-flight, \
-         --header, --all-event-types, --all-channels, --default-retry-schedule, --no-headers"
+         --header, --payload-format, --all-event-types, --all-channels, --default-retry-schedule, --no-headers"
     );
     Ok((sub, paths))
 }

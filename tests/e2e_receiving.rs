@@ -199,7 +199,10 @@ fn install_libraries_once(libs: &std::path::Path) {
     if libs.is_dir() {
         return;
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/ci/receiving-deps.sh");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/ci/receiving-deps.sh"
+    );
     let status = std::process::Command::new("bash")
         .arg(script)
         .status()

@@ -379,3 +379,31 @@ async fn rest_connections_are_capped() {
     server.terminate().await;
     env.finish().await;
 }
+
+/// A request without a valid key is answered from its headers: its body (here 300 MiB
+/// announced, none sent) is never read, so it costs the server no memory.
+#[tokio::test]
+async fn a_request_without_a_key_is_refused_before_its_body_is_read() {
+    let env = Env::with(Backend::Embedded).await;
+    env.admin_key().await;
+    let server = env.serve_with("all", &rest_settings()).await;
+    let rest = Rest::of(&server);
+    let addr = rest.base.trim_start_matches("http://").to_string();
+    for auth in ["", "authorization: Bearer hl_not-a-key\r\n"] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/tenants HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+             {auth}content-length: {}\r\n\r\n",
+            300 * 1024 * 1024
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut status = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut status))
+            .await
+            .expect("answered without the body")
+            .unwrap();
+        assert_eq!(&status, b"HTTP/1.1 401", "with {auth:?}");
+    }
+    server.terminate().await;
+    env.finish().await;
+}

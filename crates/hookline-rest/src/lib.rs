@@ -5,7 +5,9 @@
 //! gate, rate limits, limits and handlers answer it — and the reply is written back as
 //! JSON (a server stream as one object per line), errors as JSON with their gRPC code
 //! (`error`). `openapi` describes the same routes as an OpenAPI 3.1 document, served at
-//! `GET /v1/openapi.json`; `conn` caps the open connections.
+//! `GET /v1/openapi.json`; `conn` caps the open connections. The caller's key is checked
+//! (with the same authenticator as the gRPC gate) before the body is read, so a request
+//! without a valid key costs no memory for its body.
 
 pub mod call;
 pub mod conn;
@@ -16,12 +18,12 @@ pub mod routes;
 
 use std::sync::Arc;
 
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
-use http::{HeaderMap, Method, Uri};
+use hookline_grpc::Authenticator;
+use http::{HeaderMap, StatusCode};
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -49,10 +51,13 @@ struct Api {
     routes: Vec<Route>,
     channel: Channel,
     openapi: Bytes,
+    /// Checks the caller's key before the body is read.
+    auth: Authenticator,
 }
 
-/// The REST API, calling the gRPC services on `channel`.
-pub fn router(channel: Channel) -> Result<axum::Router, BuildError> {
+/// The REST API, calling the gRPC services on `channel`; `auth` checks each caller's key
+/// before its body is read (the gRPC gate checks it again, from the same cache).
+pub fn router(channel: Channel, auth: Authenticator) -> Result<axum::Router, BuildError> {
     let pool = DescriptorPool::decode(hookline_proto::FILE_DESCRIPTOR_SET)?;
     let routes = routes::from_pool(&pool);
     let openapi = Bytes::from(openapi::document(&pool, &routes).to_string());
@@ -60,11 +65,11 @@ pub fn router(channel: Channel) -> Result<axum::Router, BuildError> {
         routes,
         channel,
         openapi,
+        auth,
     });
     Ok(axum::Router::new()
         .route("/v1/openapi.json", get(serve_openapi))
         .fallback(transcode)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api))
 }
 
@@ -76,14 +81,9 @@ async fn serve_openapi(State(api): State<Arc<Api>>) -> Response {
         .into_response()
 }
 
-async fn transcode(
-    State(api): State<Arc<Api>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, RestError> {
-    let body = body.map_err(|e| RestError::unreadable_body(e.status(), e.body_text()))?;
+async fn transcode(State(api): State<Arc<Api>>, request: Request) -> Result<Response, RestError> {
+    let (parts, body) = request.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let matched = match routes::find(&api.routes, &method, uri.path()) {
         Ok(m) => m,
         Err(true) => {
@@ -99,6 +99,14 @@ async fn transcode(
             )));
         }
     };
+    // The key before the body: without a valid key nothing more is read.
+    api.auth
+        .authenticate_header(headers.get(http::header::AUTHORIZATION))
+        .await
+        .map_err(|s| RestError::from_status(&s))?;
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| RestError::unreadable_body(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))?;
     let message = request::build(&matched, uri.query(), &body)?;
     let rpc = &matched.route.rpc;
     let mut request = tonic::Request::new(Bytes::from(message.encode_to_vec()));

@@ -13,6 +13,7 @@ pub fn start(
     listener: TcpListener,
     grpc: SocketAddr,
     max_connections: usize,
+    auth: hookline_grpc::Authenticator,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let at = listener.local_addr()?;
@@ -20,7 +21,7 @@ pub fn start(
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
         .context("the gRPC address as a URI")?
         .connect_lazy();
-    let router = hookline_rest::router(channel)?;
+    let router = hookline_rest::router(channel, auth)?;
     let shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
         if let Err(e) =

@@ -133,7 +133,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         broker,
         metrics,
     };
-    let mut running = listeners.serve(router, admin_state, &shutdown)?;
+    let mut running = listeners.serve(router, admin_state, &wiring.auth, &shutdown)?;
     let rest_at = running.rest.take().map(|(at, task)| {
         tasks.push(task);
         at
@@ -209,6 +209,7 @@ impl Listeners {
         self,
         router: Router,
         admin: AdminState,
+        auth: &Authenticator,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Running> {
         let at = Endpoints {
@@ -221,6 +222,7 @@ impl Listeners {
                 listener,
                 at.grpc,
                 self.rest_max_connections,
+                auth.clone(),
                 shutdown,
             )?),
             None => None,

@@ -135,6 +135,7 @@ impl Worker {
                 next: NextStep::Failed {
                     reason: DISABLED_REASON.to_owned(),
                 },
+                deferred_reason: None,
             };
             self.hand_over(outcome, message, None).await;
             return;
@@ -199,6 +200,7 @@ impl Worker {
             delivery_id: job.delivery_id.clone(),
             attempt: Some(attempt_record(&job, exchange)),
             next,
+            deferred_reason: None,
         };
         self.hand_over(outcome, message, None).await;
     }
@@ -216,6 +218,7 @@ impl Worker {
             delivery_id: job.delivery_id.clone(),
             attempt: None,
             next: NextStep::RetryAt(at),
+            deferred_reason: Some(reason.as_str().to_owned()),
         };
         self.hand_over(outcome, message, Some(reason)).await;
     }

@@ -15,6 +15,15 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// A subscription's recorded `circuit_open_until`, if it is still ahead of `now`: a time
+/// already past says nothing (the next request is the probe), so it is not shown.
+pub fn circuit_open_until(
+    until: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<prost_types::Timestamp> {
+    opt_timestamp(until.filter(|t| *t > now))
+}
+
 pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<prost_types::Timestamp> {
     t.map(timestamp)
 }
@@ -106,6 +115,7 @@ pub fn subscription(s: model::Subscription) -> pb::Subscription {
         metadata: s.metadata,
         created_at: Some(timestamp(s.created_at)),
         updated_at: Some(timestamp(s.updated_at)),
+        circuit_open_until: None,
     }
 }
 
@@ -195,6 +205,11 @@ pub fn delivery(d: model::Delivery) -> pb::Delivery {
         last_error: d.last_error.unwrap_or_default(),
         created_at: Some(timestamp(d.created_at)),
         updated_at: Some(timestamp(d.updated_at)),
+        deferred_until: d
+            .deferred_reason
+            .as_ref()
+            .and_then(|_| opt_timestamp(d.next_attempt_at)),
+        deferred_reason: d.deferred_reason.unwrap_or_default(),
     }
 }
 

@@ -336,7 +336,14 @@ impl RegistryService for RegistryApi {
         let sub = self
             .visible_subscription(&principal, &req.get_ref().subscription_id)
             .await?;
-        Ok(Response::new(convert::subscription(sub)))
+        let open_until = self
+            .store
+            .circuit_open_until(&sub.id)
+            .await
+            .map_err(from_store)?;
+        let mut sub = convert::subscription(sub);
+        sub.circuit_open_until = convert::circuit_open_until(open_until, chrono::Utc::now());
+        Ok(Response::new(sub))
     }
 
     async fn list_subscriptions(

@@ -137,6 +137,7 @@ fn outcome(delivery_id: &Id, attempt: Option<Attempt>, next: NextStep) -> Attemp
         delivery_id: delivery_id.clone(),
         attempt,
         next,
+        deferred_reason: None,
     }
 }
 

@@ -155,16 +155,18 @@ fn subscription_json(s: &pb::Subscription) -> Value {
         "retry_schedule_ms": schedule,
         "created_at": ts(s.created_at.as_ref()),
         "updated_at": ts(s.updated_at.as_ref()),
+        "circuit_open_until": ts(s.circuit_open_until.as_ref()),
     })
 }
 
-const HEADERS: [&str; 6] = [
+const HEADERS: [&str; 7] = [
     "ID",
     "STATE",
     "URL",
     "EVENT TYPES",
     "CREATED",
     "DISABLED BECAUSE",
+    "CIRCUIT OPEN UNTIL",
 ];
 
 fn subscription_row(s: &pb::Subscription) -> Vec<String> {
@@ -180,6 +182,7 @@ fn subscription_row(s: &pb::Subscription) -> Vec<String> {
         filters,
         ts(s.created_at.as_ref()),
         s.disabled_reason.clone(),
+        ts(s.circuit_open_until.as_ref()),
     ]
 }
 

@@ -284,7 +284,8 @@ const REQUEUE: &str = concat!(
         DELETE FROM retry_schedule WHERE delivery_id = ANY($1)), \
      requeued AS ( \
         UPDATE deliveries d \
-        SET status = 'pending', next_attempt_at = NULL, updated_at = now() \
+        SET status = 'pending', next_attempt_at = NULL, deferred_reason = NULL, \
+            updated_at = now() \
         WHERE d.id = ANY($1) \
         RETURNING ",
     job_cols!(),

@@ -2,7 +2,9 @@
 //! an endpoint that keeps failing opens its subscription's circuit; then
 //! `deliveries get`/`list` say the delivery is deferred (`circuit_open`, until when, the
 //! last attempt's error kept), `subscriptions get` says until when the circuit is open,
-//! and `deliveries retry` says when the delivery will really go.
+//! and `deliveries retry` says when the delivery will really go. Once the endpoint
+//! recovers, the probe closes the circuit and all of it clears (after the dispatcher's
+//! 30 s cool-down: this test takes that long).
 
 #[macro_use]
 mod support;
@@ -10,6 +12,7 @@ mod support;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use hookline_core::{Id, IdKind};
 use serde_json::Value;
 use support::cli::Cli;
 use support::receiver::{Behavior, Receiver};
@@ -131,6 +134,29 @@ async fn an_open_circuit_is_shown(backend: Backend) {
         text.contains("circuit breaker is open") && text.contains("at the earliest"),
         "{text}"
     );
+
+    // The endpoint recovers: after the cool-down the probe succeeds, the circuit closes
+    // and says so, and the delivery goes.
+    receiver.set_behavior("down", Behavior::Ok);
+    let registry = env.registry_store().await;
+    let sub_key = Id::parse(IdKind::Subscription, "subscription", &sub_id).expect("id");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let d = cli.json(&["deliveries", "get", &id]).await;
+        // Not only a time gone by: the dispatcher recorded the closing.
+        let stored = registry.circuit_open_until(&sub_key).await.expect("read");
+        if d["status"] == "succeeded" && stored.is_none() {
+            assert_eq!(d["deferred_reason"], "", "{d}");
+            let sub = cli.json(&["subscriptions", "get", &sub_id]).await;
+            assert_eq!(sub["circuit_open_until"], "", "{sub}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not delivered and closed within 90 s: {d}, stored {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     drop(server);
     env.finish().await;

@@ -1450,7 +1450,7 @@ async fn deferrals_and_open_circuits_are_recorded_and_cleared(fx: &Fixture) {
     again.deferred_reason = Some("rate_limit".to_string());
     store.record_outcomes(&[again]).await.expect("defer");
     store
-        .requeue_deliveries(&[d.clone()])
+        .requeue_deliveries(std::slice::from_ref(&d))
         .await
         .expect("requeue");
     let requeued = store.get_delivery(&d).await.expect("get");

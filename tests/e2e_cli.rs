@@ -150,18 +150,10 @@ async fn subscription_commands(backend: Backend) {
 
 /// Waits until `subscriptions get` shows `state`, or panics after 30 s.
 async fn wait_state(cli: &Cli<'_>, id: &str, state: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let sub = cli.json(&["subscriptions", "get", id]).await;
-        if sub["state"] == state {
-            return sub;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "subscription {id} not {state} within 30 s: {sub}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cli.json_until(&["subscriptions", "get", id], 30, state, |sub| {
+        sub["state"] == state
+    })
+    .await
 }
 
 async fn enable_after_gone(backend: Backend) {

@@ -30,42 +30,27 @@ fn time(v: &Value) -> DateTime<Utc> {
 
 /// Waits until `deliveries get <id>` says the delivery is deferred, and returns it.
 async fn wait_deferred(cli: &Cli<'_>, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = cli.json(&["deliveries", "get", id]).await;
-        if got["deferred_reason"] != "" {
-            return got;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "delivery {id} not deferred within 60 s: {got}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cli.json_until(&["deliveries", "get", id], 60, "deferred", |d| {
+        d["deferred_reason"] != ""
+    })
+    .await
 }
 
 async fn an_open_circuit_is_shown(backend: Backend) {
     let env = Env::with(backend).await;
     let receiver = Receiver::start().await;
     let (cli, server) = Cli::start(&env).await;
-    let tenant = cli.tenant().await;
-    let url = receiver.endpoint("down", Behavior::Always(500));
     // Retries every 100 ms: the circuit opens after ten failed attempts of one delivery.
     let schedule = vec!["100"; 30].join(",");
-    let sub = cli
-        .json(&[
-            "subscriptions",
-            "create",
-            "--tenant",
-            &tenant,
-            "--url",
-            &url,
-            "--retry-schedule-ms",
-            &schedule,
-        ])
+    let (tenant, sub) = cli
+        .subscribe_with(
+            &receiver,
+            "down",
+            Behavior::Always(500),
+            &["--retry-schedule-ms", &schedule],
+        )
         .await;
     let sub_id = sub["id"].as_str().expect("subscription id").to_string();
-    receiver.set_secret("down", sub["secret"].as_str().expect("secret"));
     let closed = cli.json(&["subscriptions", "get", &sub_id]).await;
     assert_eq!(
         closed["circuit_open_until"], "",

@@ -1,6 +1,8 @@
 //! Running the `hookline` client commands against a test server, as a user would: one
 //! server, one key, `--json` output parsed.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use super::receiver::{Behavior, Receiver};
@@ -84,9 +86,20 @@ impl<'a> Cli<'a> {
         name: &str,
         behavior: Behavior,
     ) -> (String, Value) {
+        self.subscribe_with(receiver, name, behavior, &[]).await
+    }
+
+    /// [`subscribe`](Self::subscribe) with more `subscriptions create` flags.
+    pub async fn subscribe_with(
+        &self,
+        receiver: &Receiver,
+        name: &str,
+        behavior: Behavior,
+        flags: &[&str],
+    ) -> (String, Value) {
         let tenant = self.tenant().await;
         let url = receiver.endpoint(name, behavior);
-        let create = [
+        let mut create = vec![
             "subscriptions",
             "create",
             "--tenant",
@@ -94,6 +107,7 @@ impl<'a> Cli<'a> {
             "--url",
             &url,
         ];
+        create.extend_from_slice(flags);
         let sub = self.json(&create).await;
         receiver.set_secret(name, sub["secret"].as_str().expect("secret"));
         (tenant, sub)
@@ -102,5 +116,28 @@ impl<'a> Cli<'a> {
     pub async fn tenant(&self) -> String {
         let t = self.json(&["tenants", "create", "--name", "acme"]).await;
         t["id"].as_str().expect("tenant id").to_string()
+    }
+
+    /// Runs `hookline <args> --json` until `done` holds for its output, which it returns;
+    /// panics after `secs` seconds, saying what was awaited.
+    pub async fn json_until(
+        &self,
+        args: &[&str],
+        secs: u64,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let got = self.json(args).await;
+            if done(&got) {
+                return got;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{args:?}: not {what} within {secs} s: {got}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

@@ -15,13 +15,18 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
-/// A subscription's recorded `circuit_open_until`, if it is still ahead of `now`: a time
-/// already past says nothing (the next request is the probe), so it is not shown.
-pub fn circuit_open_until(
-    until: Option<DateTime<Utc>>,
-    now: DateTime<Utc>,
-) -> Option<prost_types::Timestamp> {
-    opt_timestamp(until.filter(|t| *t > now))
+/// Until when subscription `id`'s circuit is open, as recorded by a dispatcher, if that
+/// is still ahead: a time already past says nothing (the next request is the probe).
+pub async fn circuit_open_until(
+    store: &dyn hookline_store::port::RegistryStore,
+    id: &hookline_core::Id,
+) -> Result<Option<prost_types::Timestamp>, tonic::Status> {
+    let until = store
+        .circuit_open_until(id)
+        .await
+        .map_err(crate::status::from_store)?;
+    let now = Utc::now();
+    Ok(opt_timestamp(until.filter(|t| *t > now)))
 }
 
 pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<prost_types::Timestamp> {

@@ -336,13 +336,9 @@ impl RegistryService for RegistryApi {
         let sub = self
             .visible_subscription(&principal, &req.get_ref().subscription_id)
             .await?;
-        let open_until = self
-            .store
-            .circuit_open_until(&sub.id)
-            .await
-            .map_err(from_store)?;
+        let open_until = convert::circuit_open_until(self.store.as_ref(), &sub.id).await?;
         let mut sub = convert::subscription(sub);
-        sub.circuit_open_until = convert::circuit_open_until(open_until, chrono::Utc::now());
+        sub.circuit_open_until = open_until;
         Ok(Response::new(sub))
     }
 

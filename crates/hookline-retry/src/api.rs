@@ -240,13 +240,10 @@ impl DeliveryService for DeliveryApi {
             .await
             .map_err(from_store)?;
         // Queued now, but a dispatcher whose circuit is open puts it off: say until when.
-        let open_until = self
-            .registry
-            .circuit_open_until(&delivery.subscription_id)
-            .await
-            .map_err(from_store)?;
+        let open_until =
+            convert::circuit_open_until(self.registry.as_ref(), &delivery.subscription_id).await?;
         let mut delivery = convert::delivery(delivery);
-        if let Some(until) = convert::circuit_open_until(open_until, chrono::Utc::now()) {
+        if let Some(until) = open_until {
             delivery.deferred_reason = hookline_core::model::deferral::CIRCUIT_OPEN.to_owned();
             delivery.deferred_until = Some(until);
         }

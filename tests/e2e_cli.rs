@@ -10,107 +10,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
+use support::cli::Cli;
 use support::receiver::{Behavior, Receiver};
-use support::{Backend, Env, Server};
-
-/// Runs client commands against one server with one key.
-struct Cli<'a> {
-    env: &'a Env,
-    /// `host:port`, the form `hookline serve` prints.
-    server: String,
-    token: String,
-}
-
-impl<'a> Cli<'a> {
-    async fn start(env: &'a Env) -> (Cli<'a>, Server) {
-        let token = env.admin_key().await;
-        let server = env.serve("all").await;
-        let addr = server.grpc.trim_start_matches("http://").to_string();
-        (
-            Cli {
-                env,
-                server: addr,
-                token,
-            },
-            server,
-        )
-    }
-
-    async fn output(&self, args: &[&str]) -> std::process::Output {
-        self.env
-            .command()
-            .args(args)
-            .args(["--server", &self.server, "--token", &self.token])
-            .output()
-            .await
-            .unwrap_or_else(|e| panic!("run hookline {args:?}: {e}"))
-    }
-
-    /// Runs `hookline <args> --json`, requires success and parses the output.
-    async fn json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.push("--json");
-        let out = self.output(&all).await;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "hookline {all:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_str(&stdout)
-            .unwrap_or_else(|e| panic!("hookline {all:?} printed no JSON ({e}): {stdout}"))
-    }
-
-    /// Runs `hookline <args>`, requires success, returns stdout.
-    async fn text(&self, args: &[&str]) -> String {
-        let out = self.output(args).await;
-        assert!(
-            out.status.success(),
-            "hookline {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs `hookline <args>`, requires failure, returns stderr.
-    async fn fails(&self, args: &[&str]) -> String {
-        let out = self.output(args).await;
-        assert!(
-            !out.status.success(),
-            "hookline {args:?} succeeded: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    /// A new tenant with a subscription to the receiver's endpoint `name`, whose secret
-    /// the receiver checks signatures with.
-    async fn subscribe(
-        &self,
-        receiver: &Receiver,
-        name: &str,
-        behavior: Behavior,
-    ) -> (String, Value) {
-        let tenant = self.tenant().await;
-        let url = receiver.endpoint(name, behavior);
-        let create = [
-            "subscriptions",
-            "create",
-            "--tenant",
-            &tenant,
-            "--url",
-            &url,
-        ];
-        let sub = self.json(&create).await;
-        receiver.set_secret(name, s(&sub["secret"]));
-        (tenant, sub)
-    }
-
-    async fn tenant(&self) -> String {
-        let t = self.json(&["tenants", "create", "--name", "acme"]).await;
-        t["id"].as_str().expect("tenant id").to_string()
-    }
-}
+use support::{Backend, Env};
 
 fn s(v: &Value) -> &str {
     v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
@@ -263,18 +165,10 @@ async fn subscription_commands(backend: Backend) {
 
 /// Waits until `subscriptions get` shows `state`, or panics after 30 s.
 async fn wait_state(cli: &Cli<'_>, id: &str, state: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let sub = cli.json(&["subscriptions", "get", id]).await;
-        if sub["state"] == state {
-            return sub;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "subscription {id} not {state} within 30 s: {sub}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cli.json_until(&["subscriptions", "get", id], 30, state, |sub| {
+        sub["state"] == state
+    })
+    .await
 }
 
 async fn enable_after_gone(backend: Backend) {

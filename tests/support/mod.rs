@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod private;
 pub mod receiver;
 pub mod tenant;
@@ -104,17 +105,37 @@ impl Env {
 
     /// The event store of the test's backend, opened beside the server.
     pub async fn event_store(&self) -> std::sync::Arc<dyn hookline_store::port::EventStore> {
+        self.stores().await.0
+    }
+
+    /// The registry store of the test's backend, opened beside the server.
+    pub async fn registry_store(&self) -> std::sync::Arc<dyn hookline_store::port::RegistryStore> {
+        self.stores().await.1
+    }
+
+    async fn stores(
+        &self,
+    ) -> (
+        std::sync::Arc<dyn hookline_store::port::EventStore>,
+        std::sync::Arc<dyn hookline_store::port::RegistryStore>,
+    ) {
         match &self.db {
-            Some(db) => std::sync::Arc::new(
-                hookline_store::PgStore::connect(db.url(), 2)
-                    .await
-                    .expect("connect to the test database"),
-            ),
-            None => std::sync::Arc::new(
-                hookline_store::SqliteStore::open(&self.data_dir.join("hookline.db"))
-                    .await
-                    .expect("open the embedded database"),
-            ),
+            Some(db) => {
+                let store = std::sync::Arc::new(
+                    hookline_store::PgStore::connect(db.url(), 2)
+                        .await
+                        .expect("connect to the test database"),
+                );
+                (store.clone(), store)
+            }
+            None => {
+                let store = std::sync::Arc::new(
+                    hookline_store::SqliteStore::open(&self.data_dir.join("hookline.db"))
+                        .await
+                        .expect("open the embedded database"),
+                );
+                (store.clone(), store)
+            }
         }
     }
 

@@ -195,6 +195,17 @@ impl DeliveryStatus {
     }
 }
 
+/// `Delivery::deferred_reason` values: why a dispatcher put a delivery off without an
+/// attempt.
+pub mod deferral {
+    /// The subscription's circuit breaker is open.
+    pub const CIRCUIT_OPEN: &str = "circuit_open";
+    /// The subscription's in-flight limit is reached.
+    pub const IN_FLIGHT: &str = "in_flight";
+    /// The subscription's rate limit is reached.
+    pub const RATE_LIMIT: &str = "rate_limit";
+}
+
 /// One event on its way to one subscription. Its id is stable across retries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivery {
@@ -211,6 +222,11 @@ pub struct Delivery {
     pub last_error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Why the delivery was last put off without an attempt (`circuit_open`,
+    /// `in_flight`, `rate_limit`); it runs again at `next_attempt_at`. `None` once an
+    /// attempt is recorded or the delivery is queued again.
+    #[serde(default)]
+    pub deferred_reason: Option<String>,
 }
 
 /// Why an attempt got no HTTP answer, or what was wrong with the answer.

@@ -26,6 +26,7 @@
 mod body;
 mod cache;
 mod circuit;
+mod circuit_record;
 mod config;
 mod failure;
 mod http;
@@ -199,6 +200,7 @@ impl Dispatcher {
 
         let follower = tokio::spawn(cache.clone().follow(broker.clone(), shutdown.clone()));
         let (writer_tx, writer) = writer::spawn(deliveries, cfg.write_batch, cfg.write_linger);
+        let recorder = circuit_record::CircuitRecorder::spawn(registry.clone());
         let worker = Arc::new(Worker {
             client,
             cache,
@@ -206,7 +208,7 @@ impl Dispatcher {
             broker,
             writer: writer_tx,
             shutdown: shutdown.clone(),
-            limits: Limits::new(&cfg),
+            limits: Limits::recording(&cfg, Some(recorder)),
             permits: Arc::new(Semaphore::new(cfg.concurrency)),
         });
         tracing::info!(

@@ -33,12 +33,13 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use hookline_core::Id;
-use hookline_core::model::Subscription;
+use hookline_core::model::{Subscription, deferral};
 use rand::Rng;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::circuit::{Circuit, Gate, Health, Transition};
+use crate::circuit_record::CircuitRecorder;
 use crate::config::{CircuitConfig, DispatcherConfig};
 use crate::metrics;
 
@@ -63,9 +64,9 @@ pub(crate) enum DeferReason {
 impl DeferReason {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            DeferReason::InFlight => "in_flight",
-            DeferReason::RateLimit => "rate_limit",
-            DeferReason::CircuitOpen => "circuit_open",
+            DeferReason::InFlight => deferral::IN_FLIGHT,
+            DeferReason::RateLimit => deferral::RATE_LIMIT,
+            DeferReason::CircuitOpen => deferral::CIRCUIT_OPEN,
         }
     }
 }
@@ -97,6 +98,8 @@ struct Shared {
     circuit: CircuitConfig,
     gates: Mutex<Gates>,
     open_circuits: AtomicI64,
+    /// Where circuit transitions are written for users to see, if anywhere.
+    recorder: Option<CircuitRecorder>,
 }
 
 struct Gates {
@@ -212,7 +215,13 @@ impl Drop for Ticket {
 }
 
 impl Limits {
+    #[cfg(test)]
     pub(crate) fn new(cfg: &DispatcherConfig) -> Self {
+        Self::recording(cfg, None)
+    }
+
+    /// Limits whose circuit transitions are also handed to `recorder`.
+    pub(crate) fn recording(cfg: &DispatcherConfig, recorder: Option<CircuitRecorder>) -> Self {
         metrics::circuits_open(0);
         Self {
             shared: Arc::new(Shared {
@@ -226,6 +235,7 @@ impl Limits {
                     last_sweep: Instant::now(),
                 }),
                 open_circuits: AtomicI64::new(0),
+                recorder,
             }),
         }
     }
@@ -425,6 +435,14 @@ impl Shared {
 
     /// Logs a change of circuit state and keeps the open-circuit gauge.
     fn transitioned(&self, id: &Id, transition: Transition) {
+        if let Some(recorder) = &self.recorder {
+            match transition {
+                Transition::Opened { cool_down, .. } | Transition::Reopened { cool_down } => {
+                    recorder.opened(id, cool_down)
+                }
+                Transition::Closed => recorder.closed(id),
+            }
+        }
         match transition {
             Transition::Opened {
                 cool_down,

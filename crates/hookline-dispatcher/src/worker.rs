@@ -136,6 +136,7 @@ impl Worker {
                 next: NextStep::Failed {
                     reason: DISABLED_REASON.to_owned(),
                 },
+                deferred_reason: None,
             };
             self.hand_over(outcome, message, None).await;
             return;
@@ -200,6 +201,7 @@ impl Worker {
             delivery_id: job.delivery_id.clone(),
             attempt: Some(attempt_record(&job, exchange)),
             next,
+            deferred_reason: None,
         };
         self.hand_over(outcome, message, None).await;
     }
@@ -217,6 +219,7 @@ impl Worker {
             delivery_id: job.delivery_id.clone(),
             attempt: None,
             next: NextStep::RetryAt(at),
+            deferred_reason: Some(reason.as_str().to_owned()),
         };
         self.hand_over(outcome, message, Some(reason)).await;
     }

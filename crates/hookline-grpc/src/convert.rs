@@ -15,6 +15,20 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// Until when subscription `id`'s circuit is open, as recorded by a dispatcher, if that
+/// is still ahead: a time already past says nothing (the next request is the probe).
+pub async fn circuit_open_until(
+    store: &dyn hookline_store::port::RegistryStore,
+    id: &hookline_core::Id,
+) -> Result<Option<prost_types::Timestamp>, tonic::Status> {
+    let until = store
+        .circuit_open_until(id)
+        .await
+        .map_err(crate::status::from_store)?;
+    let now = Utc::now();
+    Ok(opt_timestamp(until.filter(|t| *t > now)))
+}
+
 pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<prost_types::Timestamp> {
     t.map(timestamp)
 }
@@ -131,6 +145,7 @@ pub fn subscription(s: model::Subscription) -> pb::Subscription {
         created_at: Some(timestamp(s.created_at)),
         updated_at: Some(timestamp(s.updated_at)),
         payload_format: payload_format(s.payload_format) as i32,
+        circuit_open_until: None,
     }
 }
 
@@ -220,6 +235,11 @@ pub fn delivery(d: model::Delivery) -> pb::Delivery {
         last_error: d.last_error.unwrap_or_default(),
         created_at: Some(timestamp(d.created_at)),
         updated_at: Some(timestamp(d.updated_at)),
+        deferred_until: d
+            .deferred_reason
+            .as_ref()
+            .and_then(|_| opt_timestamp(d.next_attempt_at)),
+        deferred_reason: d.deferred_reason.unwrap_or_default(),
     }
 }
 

@@ -342,7 +342,10 @@ impl RegistryService for RegistryApi {
         let sub = self
             .visible_subscription(&principal, &req.get_ref().subscription_id)
             .await?;
-        Ok(Response::new(convert::subscription(sub)))
+        let open_until = convert::circuit_open_until(self.store.as_ref(), &sub.id).await?;
+        let mut sub = convert::subscription(sub);
+        sub.circuit_open_until = open_until;
+        Ok(Response::new(sub))
     }
 
     async fn list_subscriptions(

@@ -239,7 +239,15 @@ impl DeliveryService for DeliveryApi {
             .get_delivery(&delivery.id)
             .await
             .map_err(from_store)?;
-        Ok(Response::new(convert::delivery(delivery)))
+        // Queued now, but a dispatcher whose circuit is open puts it off: say until when.
+        let open_until =
+            convert::circuit_open_until(self.registry.as_ref(), &delivery.subscription_id).await?;
+        let mut delivery = convert::delivery(delivery);
+        if let Some(until) = open_until {
+            delivery.deferred_reason = hookline_core::model::deferral::CIRCUIT_OPEN.to_owned();
+            delivery.deferred_until = Some(until);
+        }
+        Ok(Response::new(delivery))
     }
 
     async fn replay_failed(

@@ -167,6 +167,16 @@ pub trait RegistryStore: Send + Sync + 'static {
     ) -> Result<Page<ApiKey>, StoreError>;
     async fn get_api_key(&self, id: &Id) -> Result<ApiKey, StoreError>;
     async fn revoke_api_key(&self, id: &Id) -> Result<ApiKey, StoreError>;
+
+    /// Records that a dispatcher's circuit breaker holds the subscription's deliveries
+    /// back until `until` (`None`: the circuit closed). A missing subscription is no error.
+    async fn set_circuit_open_until(
+        &self,
+        id: &Id,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError>;
+    /// Until when the subscription's circuit was last recorded open, if it was.
+    async fn circuit_open_until(&self, id: &Id) -> Result<Option<DateTime<Utc>>, StoreError>;
 }
 
 /// Figures the admin port exports as gauges.
@@ -280,6 +290,21 @@ pub struct AttemptOutcome {
     /// skipped, so retrying `record_outcomes` is safe.
     pub attempt: Option<Attempt>,
     pub next: NextStep,
+    /// Why the delivery was put off without an attempt (`circuit_open`, `in_flight`,
+    /// `rate_limit`), with `next` the time it runs again. Kept only for an outcome with
+    /// no attempt and a `RetryAt`: see [`AttemptOutcome::deferral`].
+    pub deferred_reason: Option<String>,
+}
+
+impl AttemptOutcome {
+    /// The delivery's `deferred_reason` after this outcome: a deferral says why it waits;
+    /// anything else (an attempt, success, failure) clears it.
+    pub fn deferral(&self) -> Option<String> {
+        match (&self.attempt, &self.next) {
+            (None, NextStep::RetryAt(_)) => self.deferred_reason.clone(),
+            _ => None,
+        }
+    }
 }
 
 /// Which deliveries to list.

@@ -147,7 +147,8 @@ macro_rules! event_cols {
 macro_rules! delivery_cols {
     () => {
         "id, event_id, tenant_id, subscription_id, event_type, status, attempt_count, \
-         next_attempt_at, last_attempt_at, last_status_code, last_error, created_at, updated_at"
+         next_attempt_at, last_attempt_at, last_status_code, last_error, created_at, updated_at, \
+         deferred_reason"
     };
 }
 
@@ -958,6 +959,29 @@ impl RegistryStore for PgStore {
         .fetch_optional(&self.pool)
         .await?;
         Ok(api_key_from_row(&found(row, "API key", id)?)?)
+    }
+
+    async fn set_circuit_open_until(
+        &self,
+        id: &Id,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError> {
+        // Runtime state, not configuration: `updated_at` stays.
+        sqlx::query("UPDATE subscriptions SET circuit_open_until = $2 WHERE id = $1")
+            .bind(id.as_str())
+            .bind(until)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn circuit_open_until(&self, id: &Id) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let until: Option<Option<DateTime<Utc>>> =
+            sqlx::query_scalar("SELECT circuit_open_until FROM subscriptions WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(until.flatten())
     }
 }
 

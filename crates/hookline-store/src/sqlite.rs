@@ -318,7 +318,8 @@ macro_rules! event_cols {
 macro_rules! delivery_cols {
     () => {
         "id, event_id, tenant_id, subscription_id, event_type, status, attempt_count, \
-         next_attempt_at, last_attempt_at, last_status_code, last_error, created_at, updated_at"
+         next_attempt_at, last_attempt_at, last_status_code, last_error, created_at, updated_at, \
+         deferred_reason"
     };
 }
 
@@ -1282,6 +1283,34 @@ impl RegistryStore for SqliteStore {
         let row = found(row, "API key", id)?;
         tx.commit().await?;
         Ok(api_key_from_row(&row)?)
+    }
+
+    async fn set_circuit_open_until(
+        &self,
+        id: &Id,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError> {
+        // Runtime state, not configuration: `updated_at` stays.
+        let (mut tx, _now) = self.write().await?;
+        sqlx::query("UPDATE subscriptions SET circuit_open_until = ?2 WHERE id = ?1")
+            .bind(id.as_str())
+            .bind(until.map(micros))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn circuit_open_until(&self, id: &Id) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let until: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT circuit_open_until FROM subscriptions WHERE id = ?1")
+                .bind(id.as_str())
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(until
+            .flatten()
+            .map(|us| from_micros("circuit_open_until", us))
+            .transpose()?)
     }
 }
 

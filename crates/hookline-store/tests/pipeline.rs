@@ -37,6 +37,7 @@ on_both_backends! {
     current_thread deleting_subscriptions_and_tenants_cascades_through_the_pipeline(3);
     current_thread subscriptions_are_disabled_with_a_reason_and_enabled_again(2);
     current_thread the_traceparent_of_a_publish_comes_back_with_every_job_of_its_deliveries(2);
+    current_thread deferrals_and_open_circuits_are_recorded_and_cleared(2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -138,6 +139,7 @@ fn outcome(delivery_id: &Id, attempt: Option<Attempt>, next: NextStep) -> Attemp
         delivery_id: delivery_id.clone(),
         attempt,
         next,
+        deferred_reason: None,
     }
 }
 
@@ -1401,6 +1403,83 @@ async fn subscriptions_are_disabled_with_a_reason_and_enabled_again(fx: &Fixture
     assert!(
         matches!(&err, StoreError::NotFound { entity: "subscription", id } if id == missing.as_str()),
         "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deferral and circuit state
+// ---------------------------------------------------------------------------------------------
+
+/// A deferral (no attempt, a `RetryAt`) keeps its reason next to `next_attempt_at` and the
+/// last attempt's error; the next attempt, or queueing again, clears it. A circuit's
+/// open-until time is set, read and cleared; a missing subscription is no error.
+async fn deferrals_and_open_circuits_are_recorded_and_cleared(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store).await;
+    let s = subscription(store, &t).await;
+    let d = publish(store, &t, &[&s]).await[0].delivery_id.clone();
+    let failed = attempt(&d, Some(500), None);
+    let soon = micros(Utc::now() + TimeDelta::seconds(1));
+    store
+        .record_outcomes(&[outcome(&d, Some(failed), NextStep::RetryAt(soon))])
+        .await
+        .expect("attempt");
+    let later = micros(Utc::now() + TimeDelta::seconds(30));
+    let mut deferral = outcome(&d, None, NextStep::RetryAt(later));
+    deferral.deferred_reason = Some("circuit_open".to_string());
+    store.record_outcomes(&[deferral]).await.expect("defer");
+    let got = store.get_delivery(&d).await.expect("get");
+    assert_eq!(got.deferred_reason.as_deref(), Some("circuit_open"));
+    assert_eq!(got.next_attempt_at, Some(later));
+    assert_eq!(got.last_error.as_deref(), Some("HTTP 500"));
+    assert_eq!(got.attempt_count, 1, "a deferral is no attempt");
+
+    // A reason on an outcome with an attempt is not kept.
+    let mut next = outcome(
+        &d,
+        Some(attempt(&d, Some(503), None)),
+        NextStep::RetryAt(soon),
+    );
+    next.deferred_reason = Some("circuit_open".to_string());
+    store.record_outcomes(&[next]).await.expect("attempt");
+    assert_eq!(
+        store.get_delivery(&d).await.expect("get").deferred_reason,
+        None
+    );
+
+    let mut again = outcome(&d, None, NextStep::RetryAt(later));
+    again.deferred_reason = Some("rate_limit".to_string());
+    store.record_outcomes(&[again]).await.expect("defer");
+    store
+        .requeue_deliveries(std::slice::from_ref(&d))
+        .await
+        .expect("requeue");
+    let requeued = store.get_delivery(&d).await.expect("get");
+    assert_eq!(requeued.status, DeliveryStatus::Pending);
+    assert_eq!(
+        requeued.deferred_reason, None,
+        "queued again: no longer deferred"
+    );
+
+    assert_eq!(store.circuit_open_until(&s).await.expect("read"), None);
+    store
+        .set_circuit_open_until(&s, Some(later))
+        .await
+        .expect("open");
+    assert_eq!(
+        store.circuit_open_until(&s).await.expect("read"),
+        Some(later)
+    );
+    store.set_circuit_open_until(&s, None).await.expect("close");
+    assert_eq!(store.circuit_open_until(&s).await.expect("read"), None);
+    let missing = Id::new(IdKind::Subscription);
+    store
+        .set_circuit_open_until(&missing, Some(later))
+        .await
+        .expect("a missing subscription is no error");
+    assert_eq!(
+        store.circuit_open_until(&missing).await.expect("read"),
+        None
     );
 }
 

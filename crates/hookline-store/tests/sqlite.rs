@@ -153,11 +153,13 @@ async fn write_acknowledged_work(store: &SqliteStore) -> Acknowledged {
                 delivery_id: retrying.clone(),
                 attempt: Some(failed_attempt(&retrying)),
                 next: NextStep::RetryAt(Utc::now() + TimeDelta::hours(1)),
+                deferred_reason: None,
             },
             AttemptOutcome {
                 delivery_id: succeeded.clone(),
                 attempt: None,
                 next: NextStep::Succeeded,
+                deferred_reason: None,
             },
         ])
         .await
@@ -462,6 +464,7 @@ async fn store_writes_wait_for_another_writer_of_the_file_instead_of_failing() {
                             delivery_id: d.clone(),
                             attempt: Some(failed_attempt(&d)),
                             next: NextStep::RetryAt(Utc::now()),
+                            deferred_reason: None,
                         }])
                         .await
                         .expect("record while another writer holds the lock");
@@ -544,6 +547,7 @@ async fn one_shared_pool_serialises_racing_writes_too() {
                             delivery_id: d.clone(),
                             attempt: Some(failed_attempt(&d)),
                             next: NextStep::RetryAt(Utc::now()),
+                            deferred_reason: None,
                         }])
                         .await
                         .expect("record");

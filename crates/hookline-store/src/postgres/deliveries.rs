@@ -59,6 +59,7 @@ fn delivery_from_row(row: &PgRow) -> Result<Delivery, sqlx::Error> {
         last_attempt_at: row.try_get("last_attempt_at")?,
         last_status_code: get_status_code(row, "last_status_code")?,
         last_error: row.try_get("last_error")?,
+        deferred_reason: row.try_get("deferred_reason")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -126,7 +127,7 @@ const LOCK_DELIVERIES: &str =
 /// attempt number, and which of the batch's attempt ids it already has.
 const READ_DELIVERIES: &str = "\
 SELECT d.id, d.status, d.attempt_count, d.next_attempt_at, d.last_attempt_at,
-       d.last_status_code, d.last_error,
+       d.last_status_code, d.last_error, d.deferred_reason,
        COALESCE((SELECT max(a.attempt_number) FROM attempts a WHERE a.delivery_id = d.id), 0)
            AS last_number,
        ARRAY(SELECT a.id FROM attempts a WHERE a.delivery_id = d.id AND a.id = ANY($2))
@@ -146,11 +147,11 @@ changed AS (
     UPDATE deliveries d
     SET status = u.status, attempt_count = u.attempt_count, next_attempt_at = u.next_attempt_at,
         last_attempt_at = u.last_attempt_at, last_status_code = u.last_status_code,
-        last_error = u.last_error, updated_at = now()
+        last_error = u.last_error, deferred_reason = u.deferred_reason, updated_at = now()
     FROM unnest($10::text[], $11::text[], $12::int4[], $13::timestamptz[], $14::timestamptz[],
-                $15::int4[], $16::text[])
+                $15::int4[], $16::text[], $21::text[])
         AS u(id, status, attempt_count, next_attempt_at, last_attempt_at, last_status_code,
-             last_error)
+             last_error, deferred_reason)
     WHERE d.id = u.id
 ),
 scheduled AS (
@@ -172,6 +173,7 @@ struct Tally {
     last_attempt_at: Option<DateTime<Utc>>,
     last_status_code: Option<i32>,
     last_error: Option<String>,
+    deferred_reason: Option<String>,
     last_number: i32,
     known_attempts: HashSet<String>,
     changed: bool,
@@ -186,6 +188,7 @@ impl Tally {
             last_attempt_at: row.try_get("last_attempt_at")?,
             last_status_code: row.try_get("last_status_code")?,
             last_error: row.try_get("last_error")?,
+            deferred_reason: row.try_get("deferred_reason")?,
             last_number: row.try_get("last_number")?,
             known_attempts: row
                 .try_get::<Vec<String>, _>("known_attempts")?
@@ -261,7 +264,8 @@ const PROMOTE: &str = concat!(
         RETURNING r.delivery_id, r.due_at), \
      promoted AS ( \
         UPDATE deliveries d \
-        SET status = 'pending', next_attempt_at = NULL, updated_at = now() \
+        SET status = 'pending', next_attempt_at = NULL, deferred_reason = NULL, \
+            updated_at = now() \
         FROM taken t WHERE d.id = t.delivery_id \
         RETURNING ",
     job_cols!(),
@@ -280,7 +284,8 @@ const REQUEUE: &str = concat!(
         DELETE FROM retry_schedule WHERE delivery_id = ANY($1)), \
      requeued AS ( \
         UPDATE deliveries d \
-        SET status = 'pending', next_attempt_at = NULL, updated_at = now() \
+        SET status = 'pending', next_attempt_at = NULL, deferred_reason = NULL, \
+            updated_at = now() \
         WHERE d.id = ANY($1) \
         RETURNING ",
     job_cols!(),
@@ -363,6 +368,7 @@ impl DeliveryStore for PgStore {
                     });
                 }
             }
+            t.deferred_reason = outcome.deferral();
             t.changed = true;
         }
 
@@ -383,6 +389,7 @@ impl DeliveryStore for PgStore {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
+        let mut d_deferred = Vec::with_capacity(n);
         let (mut s_ids, mut s_due, mut s_number, mut unscheduled) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (id, t) in changed {
@@ -393,6 +400,7 @@ impl DeliveryStore for PgStore {
             d_last_at.push(t.last_attempt_at);
             d_code.push(t.last_status_code);
             d_error.push(t.last_error.as_deref());
+            d_deferred.push(t.deferred_reason.as_deref());
             match (t.status, t.next_attempt_at) {
                 (DeliveryStatus::Retrying, Some(due)) => {
                     s_ids.push(id.as_str());
@@ -424,6 +432,7 @@ impl DeliveryStore for PgStore {
             .bind(&s_due)
             .bind(&s_number)
             .bind(&unscheduled)
+            .bind(&d_deferred)
             .execute(&mut *tx)
             .await
             .map_err(|e| {

@@ -61,6 +61,7 @@ fn delivery_from_row(row: &SqliteRow) -> Result<Delivery, sqlx::Error> {
         last_attempt_at: get_opt_time(row, "last_attempt_at")?,
         last_status_code: get_status_code(row, "last_status_code")?,
         last_error: row.try_get("last_error")?,
+        deferred_reason: row.try_get("deferred_reason")?,
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
     })
@@ -117,7 +118,7 @@ fn push_filter(q: &mut QueryBuilder<Sqlite>, filter: &DeliveryFilter) {
 /// exists, and its highest attempt number.
 const READ_DELIVERIES: &str = "\
 SELECT d.id, d.status, d.attempt_count, d.next_attempt_at, d.last_attempt_at,
-       d.last_status_code, d.last_error,
+       d.last_status_code, d.last_error, d.deferred_reason,
        COALESCE((SELECT max(a.attempt_number) FROM attempts a WHERE a.delivery_id = d.id), 0)
            AS last_number
 FROM deliveries d
@@ -137,12 +138,12 @@ static INSERT_ATTEMPTS: BulkInsert = BulkInsert::new(
 
 /// The new state of each delivery of the JSON array `?1` of
 /// `[id, status, attempt_count, next_attempt_at, last_attempt_at, last_status_code,
-/// last_error]`, changed at `?2`.
+/// last_error, deferred_reason]`, changed at `?2`.
 const WRITE_DELIVERIES: &str = "\
 UPDATE deliveries
 SET status = u.value ->> 1, attempt_count = u.value ->> 2, next_attempt_at = u.value ->> 3,
     last_attempt_at = u.value ->> 4, last_status_code = u.value ->> 5,
-    last_error = u.value ->> 6, updated_at = ?2
+    last_error = u.value ->> 6, deferred_reason = u.value ->> 7, updated_at = ?2
 FROM json_each(?1) AS u
 WHERE deliveries.id = u.value ->> 0";
 
@@ -159,7 +160,8 @@ const UNSCHEDULE: &str =
 
 /// Marks the deliveries of the JSON array `?1` pending (queued for their next attempt) at `?2`.
 const MARK_PENDING: &str = "\
-UPDATE deliveries SET status = 'pending', next_attempt_at = NULL, updated_at = ?2
+UPDATE deliveries SET status = 'pending', next_attempt_at = NULL, deferred_reason = NULL,
+    updated_at = ?2
 WHERE id IN (SELECT value FROM json_each(?1))";
 
 /// A delivery's state while the outcomes of a batch are applied to it, in order.
@@ -170,6 +172,7 @@ struct Tally {
     last_attempt_at: Option<i64>,
     last_status_code: Option<i64>,
     last_error: Option<String>,
+    deferred_reason: Option<String>,
     last_number: i64,
     known_attempts: HashSet<String>,
     changed: bool,
@@ -184,6 +187,7 @@ impl Tally {
             last_attempt_at: row.try_get("last_attempt_at")?,
             last_status_code: row.try_get("last_status_code")?,
             last_error: row.try_get("last_error")?,
+            deferred_reason: row.try_get("deferred_reason")?,
             last_number: row.try_get("last_number")?,
             known_attempts: HashSet::new(),
             changed: false,
@@ -216,6 +220,7 @@ type DeliveryState<'a> = (
     Option<i64>,
     Option<i64>,
     Option<i64>,
+    Option<&'a str>,
     Option<&'a str>,
 );
 
@@ -304,6 +309,7 @@ impl DeliveryStore for SqliteStore {
                     });
                 }
             }
+            t.deferred_reason = outcome.deferral();
             t.changed = true;
         }
 
@@ -319,6 +325,7 @@ impl DeliveryStore for SqliteStore {
                 t.last_attempt_at,
                 t.last_status_code,
                 t.last_error.as_deref(),
+                t.deferred_reason.as_deref(),
             ));
             match (t.status, t.next_attempt_at) {
                 (DeliveryStatus::Retrying, Some(due)) => {

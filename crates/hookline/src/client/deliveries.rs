@@ -4,7 +4,7 @@ use clap::Subcommand;
 use hookline_proto::v1 as pb;
 use serde_json::{Value, json};
 
-use super::output::{Format, enum_name, nonzero, print_table, seconds_ago, ts};
+use super::output::{enum_name, nonzero, print_table, seconds_ago, ts};
 use super::{ClientArgs, request, rpc};
 
 #[derive(Debug, Subcommand)]
@@ -75,7 +75,18 @@ pub fn delivery_json(d: &pb::Delivery) -> Value {
         "last_attempt_at": ts(d.last_attempt_at.as_ref()),
         "created_at": ts(d.created_at.as_ref()),
         "updated_at": ts(d.updated_at.as_ref()),
+        "deferred_reason": d.deferred_reason,
+        "deferred_until": ts(d.deferred_until.as_ref()),
     })
+}
+
+/// `circuit_open until <time>`, or empty when the delivery is not deferred.
+fn deferral(d: &pb::Delivery) -> String {
+    match (d.deferred_reason.as_str(), d.deferred_until.as_ref()) {
+        ("", _) => String::new(),
+        (reason, None) => reason.to_owned(),
+        (reason, until) => format!("{reason} until {}", ts(until)),
+    }
 }
 
 pub fn delivery_row(d: &pb::Delivery) -> Vec<String> {
@@ -91,10 +102,11 @@ pub fn delivery_row(d: &pb::Delivery) -> Vec<String> {
         d.event_type.clone(),
         d.subscription_id.clone(),
         ts(d.next_attempt_at.as_ref()),
+        deferral(d),
     ]
 }
 
-const HEADERS: [&str; 7] = [
+const HEADERS: [&str; 8] = [
     "ID",
     "STATUS",
     "ATTEMPTS",
@@ -102,6 +114,7 @@ const HEADERS: [&str; 7] = [
     "EVENT TYPE",
     "SUBSCRIPTION",
     "NEXT ATTEMPT",
+    "DEFERRED",
 ];
 
 fn attempt_json(a: &pb::Attempt) -> Value {
@@ -129,12 +142,6 @@ fn attempt_row(a: &pb::Attempt) -> Vec<String> {
         error,
         String::from_utf8_lossy(&a.response_excerpt).into_owned(),
     ]
-}
-
-fn print_one(format: Format, d: &pb::Delivery) {
-    format.one(&delivery_json(d), || {
-        print_table(&HEADERS, vec![delivery_row(d)]);
-    });
 }
 
 pub async fn deliveries(args: &ClientArgs, cmd: DeliveryCommand) -> anyhow::Result<()> {
@@ -186,7 +193,17 @@ pub async fn deliveries(args: &ClientArgs, cmd: DeliveryCommand) -> anyhow::Resu
         DeliveryCommand::Retry { id } => {
             let msg = pb::RetryDeliveryRequest { delivery_id: id };
             let d = api.retry_delivery(request(&client, msg)?).await;
-            print_one(format, &d.map_err(rpc)?.into_inner());
+            let d = d.map_err(rpc)?.into_inner();
+            format.one(&delivery_json(&d), || {
+                print_table(&HEADERS, vec![delivery_row(&d)]);
+                if !d.deferred_reason.is_empty() {
+                    println!(
+                        "\nQueued again, but the subscription's circuit breaker is open: \
+                         it goes at {} at the earliest.",
+                        ts(d.deferred_until.as_ref())
+                    );
+                }
+            });
         }
         DeliveryCommand::Replay {
             subscription,

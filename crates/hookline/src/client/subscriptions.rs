@@ -175,16 +175,18 @@ fn subscription_json(s: &pb::Subscription) -> Value {
         "created_at": ts(s.created_at.as_ref()),
         "updated_at": ts(s.updated_at.as_ref()),
         "payload_format": payload_format_name(s.payload_format),
+        "circuit_open_until": ts(s.circuit_open_until.as_ref()),
     })
 }
 
-const HEADERS: [&str; 6] = [
+const HEADERS: [&str; 7] = [
     "ID",
     "STATE",
     "URL",
     "EVENT TYPES",
     "CREATED",
     "DISABLED BECAUSE",
+    "CIRCUIT OPEN UNTIL",
 ];
 
 fn subscription_row(s: &pb::Subscription) -> Vec<String> {
@@ -200,6 +202,7 @@ fn subscription_row(s: &pb::Subscription) -> Vec<String> {
         filters,
         ts(s.created_at.as_ref()),
         s.disabled_reason.clone(),
+        ts(s.circuit_open_until.as_ref()),
     ]
 }
 

@@ -51,6 +51,7 @@ pub use config::{CircuitConfig, DispatcherConfig};
 use crate::cache::SubscriptionCache;
 use crate::limits::Limits;
 use crate::worker::Worker;
+use hookline_changes::RegistryChanges;
 
 /// How long, at shutdown, the outcomes of drained deliveries get to be written (after
 /// [`DispatcherConfig::shutdown_drain`]); what is not written by then is not acked, so
@@ -82,6 +83,9 @@ pub struct Dispatcher {
     registry: Arc<dyn RegistryStore>,
     deliveries: Arc<dyn DeliveryStore>,
     broker: Arc<dyn Broker>,
+    /// The process's registry change stream; `None`: the dispatcher follows the broker's
+    /// changes itself when it runs.
+    changes: Option<RegistryChanges>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -168,7 +172,15 @@ impl Dispatcher {
             registry,
             deliveries,
             broker,
+            changes: None,
         })
+    }
+
+    /// Keeps the subscription cache fresh from `changes`, the process's one follower of
+    /// the registry change stream.
+    pub fn with_changes(mut self, changes: RegistryChanges) -> Self {
+        self.changes = Some(changes);
+        self
     }
 
     /// Consumes `deliveries` and `retries` until `shutdown` is cancelled, then stops
@@ -186,6 +198,7 @@ impl Dispatcher {
             registry,
             deliveries,
             broker,
+            changes,
         } = self;
 
         let mut streams = Vec::with_capacity(QueueName::ALL.len());
@@ -198,7 +211,11 @@ impl Dispatcher {
         }
         let mut messages = futures::stream::select_all(streams);
 
-        let follower = tokio::spawn(cache.clone().follow(broker.clone(), shutdown.clone()));
+        let changes = match changes {
+            Some(changes) => changes,
+            None => RegistryChanges::follow(broker.as_ref(), shutdown.clone()).await,
+        };
+        let follower = cache.clone().follow(&changes, shutdown.clone());
         let (writer_tx, writer) = writer::spawn(deliveries, cfg.write_batch, cfg.write_linger);
         let recorder = circuit_record::CircuitRecorder::spawn(registry.clone());
         let worker = Arc::new(Worker {

@@ -324,20 +324,15 @@ impl Worker {
                     tenant_id: sub.tenant_id.clone(),
                     subscription_id: sub.id.clone(),
                 };
-                match serde_json::to_vec(&change) {
-                    Ok(body) => {
-                        if let Err(e) = self.broker.announce(body).await {
-                            tracing::warn!(error = %e, "cannot announce the disabled subscription; caches expire on their own");
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot encode a registry change"),
+                if let Err(e) = hookline_changes::announce(self.broker.as_ref(), &change).await {
+                    tracing::warn!(error = %e, "cannot announce the disabled subscription; caches expire on their own");
                 }
             }
             Err(e) => {
                 tracing::warn!(subscription_id = %sub.id, error = %e, "endpoint answered 410 Gone but the subscription could not be disabled");
             }
         }
-        self.cache.invalidate_subscription(&sub.id);
+        self.cache.invalidate_subscription(&sub.id).await;
     }
 
     /// Passes the outcome to the writer, waiting for room (backpressure).

@@ -95,14 +95,7 @@ impl RegistryApi {
     /// announcement fails (the caller must not retry a committed create); caches also
     /// expire on their own, so a lost announcement delays, never loses, the change.
     async fn announce(&self, change: RegistryChange) {
-        let body = match serde_json::to_vec(&change) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode registry change");
-                return;
-            }
-        };
-        if let Err(e) = self.broker.announce(body).await {
+        if let Err(e) = hookline_changes::announce(self.broker.as_ref(), &change).await {
             tracing::warn!(error = %e, ?change, "registry change not announced; caches will catch up when their entries expire");
         }
     }

@@ -16,12 +16,12 @@ use hookline_egress::Egress;
 use hookline_grpc::auth::generate_token;
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
 use hookline_grpc::{
-    Authenticator, Gate, MessageLimits, Principal, convert, page_request, principal,
+    Authenticator, Gate, MessageLimits, Principal, convert, page_request, page_response, principal,
 };
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::registry_service_server::RegistryService;
 use hookline_store::StoreError;
-use hookline_store::port::{NewApiKey, NewSubscription, Page, RegistryStore};
+use hookline_store::port::{NewApiKey, NewSubscription, RegistryStore};
 use tonic::{Request, Response, Status};
 
 use crate::fields::{schema_text, secret_or_generate};
@@ -111,10 +111,6 @@ impl RegistryApi {
         principal.check_tenant(&sub.tenant_id, "subscription", id.as_str())?;
         Ok(sub)
     }
-}
-
-fn next_token<T>(page: &Page<T>) -> String {
-    page.next_cursor.clone().unwrap_or_default()
 }
 
 fn tenant_id(field: &str, value: &str) -> Result<Id, Status> {
@@ -227,9 +223,9 @@ impl RegistryService for RegistryApi {
             .list_tenants(&page_req)
             .await
             .map_err(from_store)?;
-        let next_page_token = next_token(&page);
+        let (tenants, next_page_token) = page_response(page, convert::tenant);
         Ok(Response::new(pb::ListTenantsResponse {
-            tenants: page.items.into_iter().map(convert::tenant).collect(),
+            tenants,
             next_page_token,
         }))
     }
@@ -351,9 +347,9 @@ impl RegistryService for RegistryApi {
             .list_subscriptions(&tenant, &page_req)
             .await
             .map_err(from_store)?;
-        let next_page_token = next_token(&page);
+        let (subscriptions, next_page_token) = page_response(page, convert::subscription);
         Ok(Response::new(pb::ListSubscriptionsResponse {
-            subscriptions: page.items.into_iter().map(convert::subscription).collect(),
+            subscriptions,
             next_page_token,
         }))
     }
@@ -607,9 +603,9 @@ impl RegistryService for RegistryApi {
             .list_event_types(req.include_archived, &page_req)
             .await
             .map_err(from_store)?;
-        let next_page_token = next_token(&page);
+        let (event_types, next_page_token) = page_response(page, convert::event_type);
         Ok(Response::new(pb::ListEventTypesResponse {
-            event_types: page.items.into_iter().map(convert::event_type).collect(),
+            event_types,
             next_page_token,
         }))
     }
@@ -706,9 +702,9 @@ impl RegistryService for RegistryApi {
             .list_api_keys(tenant.as_ref(), &page_req)
             .await
             .map_err(from_store)?;
-        let next_page_token = next_token(&page);
+        let (api_keys, next_page_token) = page_response(page, convert::api_key);
         Ok(Response::new(pb::ListApiKeysResponse {
-            api_keys: page.items.into_iter().map(convert::api_key).collect(),
+            api_keys,
             next_page_token,
         }))
     }

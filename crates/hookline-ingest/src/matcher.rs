@@ -35,6 +35,29 @@ pub enum TenantSubscriptions {
     },
 }
 
+impl TenantSubscriptions {
+    /// The ids of the subscriptions that want an event, with the tenant's quotas; `None`
+    /// if the tenant is unknown.
+    pub fn matching(&self, event_type: &str, channels: &[String]) -> Option<Matched> {
+        match self {
+            TenantSubscriptions::Missing => None,
+            TenantSubscriptions::Present {
+                quotas,
+                subscriptions,
+            } => Some(Matched {
+                quotas: *quotas,
+                subscription_ids: subscriptions
+                    .iter()
+                    .filter(|s| {
+                        subscription_wants(&s.event_types, &s.channels, event_type, channels)
+                    })
+                    .map(|s| s.id.clone())
+                    .collect(),
+            }),
+        }
+    }
+}
+
 /// The subscriptions that want an event, and the quotas of their tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Matched {
@@ -80,32 +103,6 @@ impl SubscriptionMatcher {
             Err(e) => return Err(e),
         };
         Ok(Arc::new(loaded))
-    }
-
-    /// The ids of the subscriptions that want an event, with the tenant's quotas; `None`
-    /// if the tenant is unknown.
-    pub async fn matching(
-        &self,
-        tenant_id: &Id,
-        event_type: &str,
-        channels: &[String],
-    ) -> Result<Option<Matched>, StoreError> {
-        Ok(match &*self.tenant(tenant_id).await? {
-            TenantSubscriptions::Missing => None,
-            TenantSubscriptions::Present {
-                quotas,
-                subscriptions,
-            } => Some(Matched {
-                quotas: *quotas,
-                subscription_ids: subscriptions
-                    .iter()
-                    .filter(|s| {
-                        subscription_wants(&s.event_types, &s.channels, event_type, channels)
-                    })
-                    .map(|s| s.id.clone())
-                    .collect(),
-            }),
-        })
     }
 
     pub async fn invalidate_tenant(&self, tenant_id: &Id) {

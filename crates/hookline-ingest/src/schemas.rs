@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hookline_core::schema::PayloadSchema;
-use hookline_core::validate::ValidationError;
 use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 
@@ -53,19 +52,6 @@ impl SchemaCache {
             }),
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => return Err(e),
-        })
-    }
-
-    /// Checks one payload against its event type's schema, if any.
-    pub(crate) async fn check(
-        &self,
-        field: &str,
-        event_type: &str,
-        payload: &[u8],
-    ) -> Result<Result<(), ValidationError>, StoreError> {
-        Ok(match self.get(event_type).await? {
-            Some(schema) => schema.check(field, event_type, payload),
-            None => Ok(()),
         })
     }
 

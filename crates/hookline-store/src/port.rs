@@ -29,7 +29,52 @@ pub struct Page<T> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PageRequest {
     pub after: Option<String>,
+    /// At most this many items; 0 means [`DEFAULT_PAGE_LIMIT`], and more than
+    /// [`MAX_PAGE_LIMIT`] is clamped (see [`PageRequest::effective_limit`]).
     pub limit: u32,
+}
+
+/// Page length when a request asks for 0.
+pub const DEFAULT_PAGE_LIMIT: u32 = 50;
+/// The longest page a list call returns.
+pub const MAX_PAGE_LIMIT: u32 = 1000;
+
+impl PageRequest {
+    /// The first page, of the longest length a list call returns: for callers that read
+    /// every page of a list.
+    pub fn first_of_max() -> Self {
+        Self {
+            after: None,
+            limit: MAX_PAGE_LIMIT,
+        }
+    }
+
+    /// A page asked for by a client: `page_token` the cursor ("" for the first page),
+    /// `page_size` its length. A length over [`MAX_PAGE_LIMIT`] is refused (the message
+    /// says what is allowed) rather than quietly shortened.
+    pub fn from_client(page_size: u32, page_token: &str) -> Result<Self, StoreError> {
+        if page_size > MAX_PAGE_LIMIT {
+            return Err(StoreError::invalid(
+                "page_size",
+                format!(
+                    "is {page_size}; the limit is {MAX_PAGE_LIMIT} (0 means {DEFAULT_PAGE_LIMIT})"
+                ),
+            ));
+        }
+        Ok(Self {
+            after: (!page_token.is_empty()).then(|| page_token.to_string()),
+            limit: page_size,
+        })
+    }
+
+    /// The page length this request gets: 0 means [`DEFAULT_PAGE_LIMIT`], longer than
+    /// [`MAX_PAGE_LIMIT`] is clamped.
+    pub fn effective_limit(&self) -> u32 {
+        match self.limit {
+            0 => DEFAULT_PAGE_LIMIT,
+            n => n.min(MAX_PAGE_LIMIT),
+        }
+    }
 }
 
 /// A new subscription; the store stamps `created_at`/`updated_at`.

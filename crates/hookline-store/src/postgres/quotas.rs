@@ -7,8 +7,11 @@ use hookline_core::quota::{self, TenantQuotas};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
-use super::{found, get_opt_u32, opt_u32_param, tenant_from_row};
+use super::rows::{get_opt_u32, tenant_from_row};
 use crate::StoreError;
+use crate::codec::opt_u32_param;
+use crate::error::Db;
+use crate::error::found;
 
 /// The override columns of a tenant row.
 pub(super) fn quotas_from_row(row: &PgRow) -> Result<TenantQuotas, sqlx::Error> {
@@ -39,8 +42,9 @@ pub(super) async fn set(pool: &PgPool, id: &Id, q: &TenantQuotas) -> Result<Tena
         q.max_events_per_second,
     )?)
     .fetch_optional(pool)
-    .await?;
-    Ok(tenant_from_row(&found(row, "tenant", id)?)?)
+    .await
+    .db()?;
+    tenant_from_row(&found(row, "tenant", id)?).db()
 }
 
 /// Inside the transaction that inserts a subscription: locks the tenant row (so creates of
@@ -55,13 +59,17 @@ pub(super) async fn check_subscriptions(
     let row = sqlx::query("SELECT max_subscriptions FROM tenants WHERE id = $1 FOR NO KEY UPDATE")
         .bind(tenant_id.as_str())
         .fetch_optional(&mut **tx)
-        .await?;
+        .await
+        .db()?;
     let row = found(row, "tenant", tenant_id)?;
-    let limit = get_opt_u32(&row, "max_subscriptions")?.unwrap_or(default_limit);
+    let limit = get_opt_u32(&row, "max_subscriptions")
+        .db()?
+        .unwrap_or(default_limit);
     let count: i64 = sqlx::query("SELECT count(*) FROM subscriptions WHERE tenant_id = $1")
         .bind(tenant_id.as_str())
         .fetch_one(&mut **tx)
-        .await?
-        .try_get(0)?;
+        .await
+        .and_then(|row| row.try_get(0))
+        .db()?;
     Ok(quota::check_subscriptions(tenant_id, count, limit)?)
 }

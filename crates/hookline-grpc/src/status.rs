@@ -68,3 +68,33 @@ pub fn shutting_down() -> Status {
 pub fn is_shutting_down(status: &Status) -> bool {
     status.code() == tonic::Code::Unavailable && status.message() == SHUTTING_DOWN
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn store_errors_tell_fix_your_request_from_try_again() {
+        let code = |e: StoreError| from_store(e).code();
+        assert_eq!(
+            code(StoreError::invalid("url", "bad")),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(StoreError::Conflict("taken".into())),
+            Code::AlreadyExists
+        );
+        assert_eq!(code(StoreError::Retryable("raced".into())), Code::Aborted);
+        assert_eq!(code(StoreError::unavailable("down")), Code::Unavailable);
+        assert_eq!(code(StoreError::Internal("corrupt".into())), Code::Internal);
+        let full = StoreError::Unavailable {
+            message: "disk full".into(),
+            out_of_space: true,
+        };
+        assert!(from_store(full).message().contains("out of disk space"));
+        let invalid = from_store(StoreError::invalid("page_size", "is 2000"));
+        assert_eq!(invalid.message(), "page_size: is 2000");
+    }
+}

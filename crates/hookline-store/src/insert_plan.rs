@@ -138,3 +138,63 @@ fn first_jobs(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use hookline_core::model::Event;
+
+    use super::*;
+
+    fn keyed(tenant: &Id, key: &str, subscriptions: &[&Id]) -> NewEvent {
+        NewEvent {
+            event: Event {
+                id: Id::new(IdKind::Event),
+                tenant_id: tenant.clone(),
+                event_type: "invoice.paid".to_string(),
+                payload: b"{}".to_vec(),
+                channels: Vec::new(),
+                idempotency_key: Some(key.to_string()),
+                created_at: Utc::now(),
+            },
+            subscription_ids: subscriptions.iter().map(|s| (*s).clone()).collect(),
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn repeats_in_a_batch_answer_the_first_and_subscriptions_get_one_delivery() {
+        let (t, s) = (Id::new(IdKind::Tenant), Id::new(IdKind::Subscription));
+        let events = [keyed(&t, "k", &[&s, &s]), keyed(&t, "k", &[&s])];
+        let plans = plan(&events);
+        let Plan::Insert(deliveries) = &plans[0] else {
+            panic!("the first is inserted")
+        };
+        assert_eq!(deliveries.len(), 1);
+        assert!(matches!(plans[1], Plan::RepeatOf(0)));
+        let stored = Stored {
+            events: [events[0].event.id.to_string()].into(),
+            deliveries: [deliveries[0].0.to_string()].into(),
+            originals: HashMap::new(),
+        };
+        let outcomes = assemble(&events, &plans, &stored).expect("assembled");
+        assert!(matches!(&outcomes[0], InsertOutcome::Created { jobs, .. } if jobs.len() == 1));
+        assert!(matches!(
+            &outcomes[1],
+            InsertOutcome::Duplicate { deliveries: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn a_key_whose_event_vanished_asks_to_publish_again() {
+        let t = Id::new(IdKind::Tenant);
+        let events = [keyed(&t, "k", &[])];
+        let plans = plan(&events);
+        // Not inserted (the key was taken) and no original found: it was deleted meanwhile.
+        let err = assemble(&events, &plans, &Stored::default()).expect_err("vanished");
+        assert!(
+            matches!(&err, StoreError::Retryable(m) if m.contains("publish again")),
+            "{err:?}"
+        );
+    }
+}

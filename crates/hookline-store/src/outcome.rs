@@ -134,3 +134,77 @@ fn attempt_error(attempt: &Attempt) -> Option<String> {
 pub(crate) fn int4(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+    use hookline_core::IdKind;
+
+    use super::*;
+
+    fn tally() -> Tally {
+        Tally {
+            status: DeliveryStatus::Pending,
+            attempt_count: 0,
+            next_attempt_at: None,
+            last_attempt_at: None,
+            last_status_code: None,
+            last_error: None,
+            deferred_reason: None,
+            last_number: 0,
+            known_attempts: HashSet::new(),
+            changed: false,
+        }
+    }
+
+    fn outcome(delivery: &Id, code: u16, next: NextStep) -> AttemptOutcome {
+        AttemptOutcome {
+            delivery_id: delivery.clone(),
+            attempt: Some(Attempt {
+                id: Id::new(IdKind::Attempt),
+                delivery_id: delivery.clone(),
+                attempt_number: 0,
+                started_at: Utc::now(),
+                duration_ms: 5,
+                status_code: Some(code),
+                error_class: None,
+                error_message: None,
+                response_excerpt: Vec::new(),
+            }),
+            next,
+            deferred_reason: None,
+        }
+    }
+
+    #[test]
+    fn outcomes_apply_in_order_and_a_repeated_attempt_is_skipped() {
+        let d = Id::new(IdKind::Delivery);
+        let due = Utc::now() + TimeDelta::seconds(30);
+        let first = outcome(&d, 503, NextStep::RetryAt(due));
+        let failed = NextStep::Failed {
+            reason: "schedule spent".to_string(),
+        };
+        let outcomes = [first.clone(), outcome(&d, 500, failed), first];
+        let mut tallies = HashMap::from([(d.to_string(), tally())]);
+        let attempts = apply(&mut tallies, &outcomes);
+        assert_eq!(attempts.len(), 2, "the repeat of the first is skipped");
+        assert_eq!(attempts[1].number, 2);
+        let t = &tallies[d.as_str()];
+        assert_eq!(t.status, DeliveryStatus::Failed);
+        assert_eq!(t.attempt_count, 2);
+        assert_eq!(
+            t.last_error.as_deref(),
+            Some("schedule spent (last attempt: HTTP 500)")
+        );
+        assert_eq!(t.schedule(), None);
+    }
+
+    #[test]
+    fn a_retry_is_scheduled_for_the_next_attempt_number() {
+        let d = Id::new(IdKind::Delivery);
+        let due = Utc::now();
+        let mut tallies = HashMap::from([(d.to_string(), tally())]);
+        apply(&mut tallies, &[outcome(&d, 429, NextStep::RetryAt(due))]);
+        assert_eq!(tallies[d.as_str()].schedule(), Some((due, 2)));
+    }
+}

@@ -414,3 +414,29 @@ pub trait DeliveryStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Delivery>, StoreError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_rules_zero_means_the_default_and_the_maximum_is_the_limit() {
+        assert_eq!(PageRequest::default().effective_limit(), DEFAULT_PAGE_LIMIT);
+        let long = PageRequest {
+            after: None,
+            limit: MAX_PAGE_LIMIT + 1,
+        };
+        assert_eq!(long.effective_limit(), MAX_PAGE_LIMIT);
+        let page = PageRequest::from_client(MAX_PAGE_LIMIT, "ten_x").expect("at the limit");
+        assert_eq!(page.after.as_deref(), Some("ten_x"));
+        assert_eq!(
+            PageRequest::from_client(0, "").expect("default").after,
+            None
+        );
+        let err = PageRequest::from_client(MAX_PAGE_LIMIT + 1, "").expect_err("over");
+        assert_eq!(
+            err.to_string(),
+            "page_size: is 1001; the limit is 1000 (0 means 50)"
+        );
+    }
+}

@@ -56,6 +56,15 @@ pub(crate) fn retry_schedule_param(
         .transpose()
 }
 
+/// The `disabled_reason` stored with a state: an enabled subscription has no reason to be
+/// disabled.
+pub(crate) fn disabled_reason(state: SubscriptionState, reason: Option<&str>) -> Option<&str> {
+    match state {
+        SubscriptionState::Enabled => None,
+        SubscriptionState::Disabled => reason,
+    }
+}
+
 /// The duration an attempt is stored with. A measurement, not an input to refuse: what an
 /// `integer` cannot hold is clamped.
 pub(crate) fn stored_duration_ms(attempt: &Attempt) -> i32 {

@@ -141,6 +141,18 @@ pub(crate) fn found<T>(
     row.ok_or_else(|| not_found(entity, id))
 }
 
+/// NotFound for the first of `asked` that is not among `existing` (in the order asked).
+pub(crate) fn all_found<'a>(
+    entity: &'static str,
+    mut asked: impl Iterator<Item = &'a str>,
+    existing: &std::collections::HashSet<String>,
+) -> Result<(), StoreError> {
+    match asked.find(|id| !existing.contains(*id)) {
+        Some(missing) => Err(not_found(entity, missing)),
+        None => Ok(()),
+    }
+}
+
 /// The messages of violated constraints, the same from both adapters (each adapter says
 /// which constraint was violated; these say what it means).
 pub(crate) mod violated {

@@ -6,9 +6,9 @@
 //! binary ([`postgres::MIGRATOR`], [`sqlite::MIGRATOR`]).
 //!
 //! What does not depend on the database is written once, in modules of plain functions:
-//! paging ([`paging`]), values to and from columns ([`codec`]), the plan and the answer of an
-//! insert of events ([`insert_plan`]), the state machine of attempt outcomes ([`outcome`])
-//! and the errors with their messages ([`error`]). Each adapter folder holds only its SQL,
+//! paging (`paging`), values to and from columns (`codec`), the plan and the answer of an
+//! insert of events (`insert_plan`), the state machine of attempt outcomes (`outcome`) and
+//! the errors with their messages (`error`). Each adapter folder holds only its SQL,
 //! its row decoding and its translation of driver errors.
 
 mod codec;

@@ -28,7 +28,7 @@ use super::rows::{get_id, get_u32, map_rows};
 use crate::StoreError;
 use crate::codec::{self, stored_duration_ms, stored_excerpt};
 use crate::error::Db;
-use crate::error::{found, not_found, violated};
+use crate::error::{all_found, found, violated};
 use crate::outcome::{self, NewAttempt, Tally, int4};
 use crate::paging::{attempt_cursor, fetch_limit, into_page};
 use crate::port::{AttemptOutcome, DeliveryFilter, DeliveryStore, Page, PageRequest};
@@ -405,10 +405,8 @@ impl DeliveryStore for PgStore {
             .db()?
             .into_iter()
             .collect();
-        if let Some(missing) = ids.iter().find(|id| !existing.contains(id.as_str())) {
-            // Dropping the transaction rolls it back: nothing changes.
-            return Err(not_found("delivery", missing));
-        }
+        // On NotFound, dropping the transaction rolls it back: nothing changes.
+        all_found("delivery", ids.iter().map(Id::as_str), &existing)?;
         let rows = sqlx::query(REQUEUE)
             .bind(&sorted)
             .fetch_all(&mut *tx)

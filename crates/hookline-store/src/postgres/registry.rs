@@ -21,7 +21,7 @@ use super::rows::{
     tenant_from_row,
 };
 use crate::StoreError;
-use crate::codec::{opt_u32_param, retry_schedule_param};
+use crate::codec::{self, opt_u32_param, retry_schedule_param};
 use crate::error::Db;
 use crate::error::{found, not_found, violated};
 use crate::paging::{cursor, fetch_limit, into_page};
@@ -256,11 +256,7 @@ impl RegistryStore for PgStore {
         state: SubscriptionState,
         reason: Option<&str>,
     ) -> Result<Subscription, StoreError> {
-        // An enabled subscription has no reason to be disabled.
-        let reason = match state {
-            SubscriptionState::Enabled => None,
-            SubscriptionState::Disabled => reason,
-        };
+        let reason = codec::disabled_reason(state, reason);
         let row = sqlx::query(concat!(
             "UPDATE subscriptions SET state = $2, disabled_reason = $3, updated_at = now() \
              WHERE id = $1 RETURNING ",

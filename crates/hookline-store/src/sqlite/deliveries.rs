@@ -30,7 +30,7 @@ use super::{SqliteStore, id_array};
 use crate::StoreError;
 use crate::codec::{self, stored_duration_ms, stored_excerpt};
 use crate::error::Db;
-use crate::error::{found, not_found, violated};
+use crate::error::{all_found, found, violated};
 use crate::outcome::{self, NewAttempt, Tally};
 use crate::paging::{attempt_cursor, fetch_limit, into_page};
 use crate::port::{AttemptOutcome, DeliveryFilter, DeliveryStore, Page, PageRequest};
@@ -385,10 +385,8 @@ impl DeliveryStore for SqliteStore {
         .db()?
         .into_iter()
         .collect();
-        if let Some(missing) = asked.iter().find(|id| !existing.contains(**id)) {
-            // Dropping the transaction rolls it back: nothing changes.
-            return Err(not_found("delivery", missing));
-        }
+        // On NotFound, dropping the transaction rolls it back: nothing changes.
+        all_found("delivery", asked.iter().copied(), &existing)?;
         sqlx::query(UNSCHEDULE)
             .bind(id_array(asked.iter().copied()))
             .execute(&mut *tx)

@@ -22,7 +22,7 @@ use super::rows::{
     subscription_from_row, tenant_from_row,
 };
 use crate::StoreError;
-use crate::codec::{opt_u32_param, retry_schedule_param};
+use crate::codec::{self, opt_u32_param, retry_schedule_param};
 use crate::error::Db;
 use crate::error::{found, not_found, violated};
 use crate::paging::{cursor, fetch_limit, into_page};
@@ -279,11 +279,7 @@ impl RegistryStore for SqliteStore {
         state: SubscriptionState,
         reason: Option<&str>,
     ) -> Result<Subscription, StoreError> {
-        // An enabled subscription has no reason to be disabled.
-        let reason = match state {
-            SubscriptionState::Enabled => None,
-            SubscriptionState::Disabled => reason,
-        };
+        let reason = codec::disabled_reason(state, reason);
         let (mut tx, now) = self.write().await?;
         let row = sqlx::query(concat!(
             "UPDATE subscriptions SET state = ?2, disabled_reason = ?3, updated_at = ?4 \

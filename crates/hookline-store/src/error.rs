@@ -96,9 +96,20 @@ impl<T> Db<T> for Result<T, sqlx::Error> {
 /// is read by its adapter (`postgres::error`, `sqlite::error`), which knows its codes.
 pub(crate) fn translate(err: sqlx::Error) -> StoreError {
     use sqlx::Error as E;
+    use sqlx::error::ErrorKind;
     match err {
         E::Database(db) => {
             let db = db.as_ref();
+            // Constraints the adapter did not name (see its `map_violation`).
+            match db.kind() {
+                ErrorKind::UniqueViolation | ErrorKind::ForeignKeyViolation => {
+                    return StoreError::Conflict(db.message().to_string());
+                }
+                ErrorKind::NotNullViolation | ErrorKind::CheckViolation => {
+                    return StoreError::invalid("value", db.message());
+                }
+                _ => {}
+            }
             if db
                 .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
                 .is_some()

@@ -32,8 +32,6 @@ pub(crate) fn database(db: &dyn DatabaseError) -> StoreError {
                 .unwrap_or("value");
             StoreError::invalid(column, message)
         }
-        // integrity constraints the caller did not name
-        c if c.starts_with("23") => StoreError::Conflict(message),
         _ => StoreError::Internal(format!("database error {code}: {message}")),
     }
 }

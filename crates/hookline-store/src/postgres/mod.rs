@@ -165,6 +165,7 @@ mod events;
 mod quotas;
 mod registry;
 mod rows;
+mod secrets;
 
 #[async_trait]
 impl StoreHealth for PgStore {

@@ -11,15 +11,14 @@ use hookline_core::model::{
 };
 use hookline_core::quota::TenantQuotas;
 use sqlx::types::Json;
-use sqlx::{Postgres, Transaction};
 
 use super::PgStore;
 use super::error::{Violation, map_violation};
 use super::quotas;
 use super::rows::{
-    api_key_from_row, event_type_from_row, map_rows, secret_from_row, subscription_from_row,
-    tenant_from_row,
+    api_key_from_row, event_type_from_row, map_rows, subscription_from_row, tenant_from_row,
 };
+use super::secrets::insert_secret;
 use crate::StoreError;
 use crate::codec::{self, opt_u32_param, retry_schedule_param};
 use crate::error::Db;
@@ -289,32 +288,7 @@ impl RegistryStore for PgStore {
         subscription_id: &Id,
         now: DateTime<Utc>,
     ) -> Result<Vec<SubscriptionSecret>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            secret_cols!(),
-            " FROM subscription_secrets \
-             WHERE subscription_id = $1 AND (expires_at IS NULL OR expires_at > $2) \
-             ORDER BY created_at DESC, id DESC"
-        ))
-        .bind(subscription_id.as_str())
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
-        if rows.is_empty() {
-            // A subscription always has a current secret, so nothing live means no
-            // subscription; check, to tell the caller which.
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM subscriptions WHERE id = $1)")
-                    .bind(subscription_id.as_str())
-                    .fetch_one(&self.pool)
-                    .await
-                    .db()?;
-            if !exists {
-                return Err(not_found("subscription", subscription_id));
-            }
-        }
-        map_rows(&rows, secret_from_row)
+        self.live_secrets_of(subscription_id, now).await
     }
 
     async fn rotate_secret(
@@ -322,39 +296,7 @@ impl RegistryStore for PgStore {
         new: &SubscriptionSecret,
         old_expires_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let sub_id = new.subscription_id.as_str();
-        let mut tx = self.pool.begin().await.db()?;
-        // Touching the subscription row checks it exists and serialises concurrent rotations
-        // of it (a no-key-update lock: deliveries referencing it can still be inserted).
-        let touched = sqlx::query("UPDATE subscriptions SET updated_at = now() WHERE id = $1")
-            .bind(sub_id)
-            .execute(&mut *tx)
-            .await
-            .db()?;
-        if touched.rows_affected() == 0 {
-            return Err(not_found("subscription", &new.subscription_id));
-        }
-        // Secrets already past their expiry are of no use to anyone.
-        sqlx::query(
-            "DELETE FROM subscription_secrets \
-             WHERE subscription_id = $1 AND expires_at IS NOT NULL AND expires_at <= now()",
-        )
-        .bind(sub_id)
-        .execute(&mut *tx)
-        .await
-        .db()?;
-        sqlx::query(
-            "UPDATE subscription_secrets SET expires_at = $2 \
-             WHERE subscription_id = $1 AND expires_at IS NULL",
-        )
-        .bind(sub_id)
-        .bind(old_expires_at)
-        .execute(&mut *tx)
-        .await
-        .db()?;
-        insert_secret(&mut tx, &new.subscription_id, new).await?;
-        tx.commit().await.db()?;
-        Ok(())
+        self.rotate_secret_to(new, old_expires_at).await
     }
 
     async fn create_event_type(
@@ -583,33 +525,4 @@ impl RegistryStore for PgStore {
                 .db()?;
         Ok(until.flatten())
     }
-}
-
-/// Inserts `secret` as a secret of `subscription_id` inside `tx`.
-async fn insert_secret(
-    tx: &mut Transaction<'_, Postgres>,
-    subscription_id: &Id,
-    secret: &SubscriptionSecret,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO subscription_secrets (id, subscription_id, secret, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(secret.id.as_str())
-    .bind(subscription_id.as_str())
-    .bind(&secret.secret)
-    .bind(secret.created_at)
-    .bind(secret.expires_at)
-    .execute(&mut **tx)
-    .await
-    .map_err(|e| {
-        map_violation(e, |v| match v {
-            Violation::Unique("subscription_secrets_pkey") => {
-                Some(violated::secret_exists(&secret.id))
-            }
-            Violation::Unique(_) => Some(violated::current_secret_exists(subscription_id)),
-            Violation::ForeignKey(_) => Some(not_found("subscription", subscription_id)),
-        })
-    })?;
-    Ok(())
 }

@@ -16,7 +16,6 @@ const SQLITE_IOERR: i64 = 10;
 const SQLITE_FULL: i64 = 13;
 const SQLITE_CANTOPEN: i64 = 14;
 const SQLITE_TOOBIG: i64 = 18;
-const SQLITE_CONSTRAINT: i64 = 19;
 
 /// What an error SQLite reported means for the caller, by primary result code.
 pub(crate) fn database(db: &dyn DatabaseError) -> StoreError {
@@ -41,7 +40,6 @@ pub(crate) fn database(db: &dyn DatabaseError) -> StoreError {
             StoreError::unavailable(message)
         }
         Some(SQLITE_TOOBIG) => StoreError::invalid("value", message),
-        Some(SQLITE_CONSTRAINT) => StoreError::Conflict(message),
         _ => StoreError::Internal(format!("database error {code:?}: {message}")),
     }
 }

@@ -348,6 +348,7 @@ mod events;
 mod quotas;
 mod registry;
 mod rows;
+mod secrets;
 
 /// A set of ids as the JSON array that `json_each(?)` takes apart.
 fn id_array<'a>(ids: impl IntoIterator<Item = &'a str>) -> Json<Vec<&'a str>> {

@@ -11,16 +11,17 @@ use hookline_core::model::{
     ApiKey, EventType, Subscription, SubscriptionSecret, SubscriptionState, Tenant,
 };
 use hookline_core::quota::TenantQuotas;
+use sqlx::Row;
 use sqlx::types::Json;
-use sqlx::{Row, Sqlite, Transaction};
 
 use super::SqliteStore;
 use super::error::{Violation, map_violation};
 use super::quotas;
 use super::rows::{
-    api_key_from_row, event_type_from_row, from_micros, map_rows, micros, secret_from_row,
-    subscription_from_row, tenant_from_row,
+    api_key_from_row, event_type_from_row, from_micros, map_rows, micros, subscription_from_row,
+    tenant_from_row,
 };
+use super::secrets::insert_secret;
 use crate::StoreError;
 use crate::codec::{self, opt_u32_param, retry_schedule_param};
 use crate::error::Db;
@@ -316,32 +317,7 @@ impl RegistryStore for SqliteStore {
         subscription_id: &Id,
         now: DateTime<Utc>,
     ) -> Result<Vec<SubscriptionSecret>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            secret_cols!(),
-            " FROM subscription_secrets \
-             WHERE subscription_id = ?1 AND (expires_at IS NULL OR expires_at > ?2) \
-             ORDER BY created_at DESC, id DESC"
-        ))
-        .bind(subscription_id.as_str())
-        .bind(micros(now))
-        .fetch_all(&self.reader)
-        .await
-        .db()?;
-        if rows.is_empty() {
-            // A subscription always has a current secret, so nothing live means no
-            // subscription; check, to tell the caller which.
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM subscriptions WHERE id = ?1)")
-                    .bind(subscription_id.as_str())
-                    .fetch_one(&self.reader)
-                    .await
-                    .db()?;
-            if !exists {
-                return Err(not_found("subscription", subscription_id));
-            }
-        }
-        map_rows(&rows, secret_from_row)
+        self.live_secrets_of(subscription_id, now).await
     }
 
     async fn rotate_secret(
@@ -349,41 +325,7 @@ impl RegistryStore for SqliteStore {
         new: &SubscriptionSecret,
         old_expires_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let sub_id = new.subscription_id.as_str();
-        let (mut tx, now) = self.write().await?;
-        // Touching the subscription row checks it exists; the write transaction already
-        // serialises concurrent rotations.
-        let touched = sqlx::query("UPDATE subscriptions SET updated_at = ?2 WHERE id = ?1")
-            .bind(sub_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .db()?;
-        if touched.rows_affected() == 0 {
-            return Err(not_found("subscription", &new.subscription_id));
-        }
-        // Secrets already past their expiry are of no use to anyone.
-        sqlx::query(
-            "DELETE FROM subscription_secrets \
-             WHERE subscription_id = ?1 AND expires_at IS NOT NULL AND expires_at <= ?2",
-        )
-        .bind(sub_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .db()?;
-        sqlx::query(
-            "UPDATE subscription_secrets SET expires_at = ?2 \
-             WHERE subscription_id = ?1 AND expires_at IS NULL",
-        )
-        .bind(sub_id)
-        .bind(micros(old_expires_at))
-        .execute(&mut *tx)
-        .await
-        .db()?;
-        insert_secret(&mut tx, &new.subscription_id, new).await?;
-        tx.commit().await.db()?;
-        Ok(())
+        self.rotate_secret_to(new, old_expires_at).await
     }
 
     async fn create_event_type(
@@ -650,32 +592,3 @@ impl RegistryStore for SqliteStore {
 
 /// One minute in microseconds: how often a key's `last_used_at` is refreshed at most.
 const MINUTE_MICROS: i64 = 60_000_000;
-
-/// Inserts `secret` as a secret of `subscription_id` inside `tx`.
-async fn insert_secret(
-    tx: &mut Transaction<'_, Sqlite>,
-    subscription_id: &Id,
-    secret: &SubscriptionSecret,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO subscription_secrets (id, subscription_id, secret, created_at, expires_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )
-    .bind(secret.id.as_str())
-    .bind(subscription_id.as_str())
-    .bind(&secret.secret)
-    .bind(micros(secret.created_at))
-    .bind(secret.expires_at.map(micros))
-    .execute(&mut **tx)
-    .await
-    .map_err(|e| {
-        map_violation(e, |v| match v {
-            Violation::Unique("subscription_secrets.id") => {
-                Some(violated::secret_exists(&secret.id))
-            }
-            Violation::Unique(_) => Some(violated::current_secret_exists(subscription_id)),
-            Violation::ForeignKey => Some(not_found("subscription", subscription_id)),
-        })
-    })?;
-    Ok(())
-}

@@ -10,6 +10,7 @@ use std::time::Duration;
 use hookline_core::model::{
     Attempt, DeliveryStatus, ErrorClass, PayloadFormat, RESPONSE_EXCERPT_LIMIT, SubscriptionState,
 };
+use hookline_core::quota::TenantQuotas;
 use hookline_core::{Id, IdKind};
 
 use crate::StoreError;
@@ -19,7 +20,7 @@ use crate::StoreError;
 // ---------------------------------------------------------------------------------------------
 
 /// A `u32` the store keeps in an `integer` column: more than `i32::MAX` is refused.
-pub(crate) fn opt_u32_param(field: &str, value: Option<u32>) -> Result<Option<i32>, StoreError> {
+fn opt_u32_param(field: &str, value: Option<u32>) -> Result<Option<i32>, StoreError> {
     value
         .map(|v| {
             i32::try_from(v).map_err(|_| {
@@ -35,10 +36,43 @@ pub(crate) fn opt_u32_param(field: &str, value: Option<u32>) -> Result<Option<i3
         .transpose()
 }
 
+/// The limits of a subscription as its columns hold them, checked: the same for a new
+/// subscription and an update.
+pub(crate) struct SubscriptionLimits {
+    pub rate_limit_per_second: Option<i32>,
+    pub max_in_flight: Option<i32>,
+    pub retry_schedule_ms: Option<Vec<i64>>,
+}
+
+impl SubscriptionLimits {
+    pub(crate) fn check(
+        rate_limit_per_second: Option<u32>,
+        max_in_flight: Option<u32>,
+        retry_schedule: Option<&[Duration]>,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            rate_limit_per_second: opt_u32_param("rate_limit_per_second", rate_limit_per_second)?,
+            max_in_flight: opt_u32_param("max_in_flight", max_in_flight)?,
+            retry_schedule_ms: retry_schedule_param(retry_schedule)?,
+        })
+    }
+}
+
+/// A tenant's quota overrides as their columns hold them, checked (in column order:
+/// `max_subscriptions`, `max_deliveries_per_event`, `max_events_per_second`).
+pub(crate) fn quota_params(q: &TenantQuotas) -> Result<[Option<i32>; 3], StoreError> {
+    Ok([
+        opt_u32_param("quotas.max_subscriptions", q.max_subscriptions)?,
+        opt_u32_param(
+            "quotas.max_deliveries_per_event",
+            q.max_deliveries_per_event,
+        )?,
+        opt_u32_param("quotas.max_events_per_second", q.max_events_per_second)?,
+    ])
+}
+
 /// A retry schedule as milliseconds; a delay too long for an `i64` of them is refused.
-pub(crate) fn retry_schedule_param(
-    schedule: Option<&[Duration]>,
-) -> Result<Option<Vec<i64>>, StoreError> {
+fn retry_schedule_param(schedule: Option<&[Duration]>) -> Result<Option<Vec<i64>>, StoreError> {
     schedule
         .map(|delays| {
             delays

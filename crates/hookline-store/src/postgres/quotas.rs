@@ -9,7 +9,7 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::rows::{get_opt_u32, tenant_from_row};
 use crate::StoreError;
-use crate::codec::opt_u32_param;
+use crate::codec::quota_params;
 use crate::error::Db;
 use crate::error::found;
 
@@ -23,24 +23,20 @@ pub(super) fn quotas_from_row(row: &PgRow) -> Result<TenantQuotas, sqlx::Error> 
 }
 
 pub(super) async fn set(pool: &PgPool, id: &Id, q: &TenantQuotas) -> Result<Tenant, StoreError> {
+    let [
+        max_subscriptions,
+        max_deliveries_per_event,
+        max_events_per_second,
+    ] = quota_params(q)?;
     let row = sqlx::query(concat!(
         "UPDATE tenants SET max_subscriptions = $2, max_deliveries_per_event = $3, \
          max_events_per_second = $4, updated_at = now() WHERE id = $1 RETURNING ",
         tenant_cols!()
     ))
     .bind(id.as_str())
-    .bind(opt_u32_param(
-        "quotas.max_subscriptions",
-        q.max_subscriptions,
-    )?)
-    .bind(opt_u32_param(
-        "quotas.max_deliveries_per_event",
-        q.max_deliveries_per_event,
-    )?)
-    .bind(opt_u32_param(
-        "quotas.max_events_per_second",
-        q.max_events_per_second,
-    )?)
+    .bind(max_subscriptions)
+    .bind(max_deliveries_per_event)
+    .bind(max_events_per_second)
     .fetch_optional(pool)
     .await
     .db()?;

@@ -88,8 +88,9 @@ use crate::error::{Db, translate};
 use crate::port::StoreHealth;
 use rows::from_micros;
 
-/// The schema, embedded at build time from `migrations/sqlite` (see
-/// [`crate::postgres::MIGRATOR`] for why the proc macro is called directly).
+/// The schema, embedded at build time from `migrations/sqlite`. The workspace leaves sqlx's
+/// `macros` feature off (no database at build time), so the proc macro that `migrate!`
+/// forwards to is called directly; it reads files, never a database.
 pub static MIGRATOR: Migrator = sqlx::sqlx_macros::migrate!("./migrations/sqlite");
 
 /// Connections of the read pool (also the pool the embedded queue is given). Readers never

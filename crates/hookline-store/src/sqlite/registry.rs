@@ -23,7 +23,7 @@ use super::rows::{
 };
 use super::secrets::insert_secret;
 use crate::StoreError;
-use crate::codec::{self, opt_u32_param, retry_schedule_param};
+use crate::codec::{self, SubscriptionLimits};
 use crate::error::Db;
 use crate::error::{found, not_found, violated};
 use crate::paging::{cursor, fetch_limit, into_page};
@@ -144,9 +144,11 @@ impl RegistryStore for SqliteStore {
         new: &NewSubscription,
         default_limit: u32,
     ) -> Result<Subscription, StoreError> {
-        let rate_limit = opt_u32_param("rate_limit_per_second", new.rate_limit_per_second)?;
-        let max_in_flight = opt_u32_param("max_in_flight", new.max_in_flight)?;
-        let retry = retry_schedule_param(new.retry_schedule.as_deref())?.map(Json);
+        let limits = SubscriptionLimits::check(
+            new.rate_limit_per_second,
+            new.max_in_flight,
+            new.retry_schedule.as_deref(),
+        )?;
 
         let (mut tx, now) = self.write().await?;
         quotas::check_subscriptions(&mut tx, &new.tenant_id, default_limit).await?;
@@ -165,9 +167,9 @@ impl RegistryStore for SqliteStore {
         .bind(Json(&new.event_types))
         .bind(Json(&new.channels))
         .bind(Json(&new.headers))
-        .bind(rate_limit)
-        .bind(max_in_flight)
-        .bind(retry)
+        .bind(limits.rate_limit_per_second)
+        .bind(limits.max_in_flight)
+        .bind(limits.retry_schedule_ms.map(Json))
         .bind(new.state.as_str())
         // A new subscription has no reason to be disabled yet (`NewSubscription` carries none).
         .bind(None::<&str>)
@@ -226,9 +228,11 @@ impl RegistryStore for SqliteStore {
     }
 
     async fn update_subscription(&self, sub: &Subscription) -> Result<Subscription, StoreError> {
-        let rate_limit = opt_u32_param("rate_limit_per_second", sub.rate_limit_per_second)?;
-        let max_in_flight = opt_u32_param("max_in_flight", sub.max_in_flight)?;
-        let retry = retry_schedule_param(sub.retry_schedule.as_deref())?.map(Json);
+        let limits = SubscriptionLimits::check(
+            sub.rate_limit_per_second,
+            sub.max_in_flight,
+            sub.retry_schedule.as_deref(),
+        )?;
         let (mut tx, now) = self.write().await?;
         let row = sqlx::query(concat!(
             "UPDATE subscriptions SET url = ?2, description = ?3, event_types = ?4, \
@@ -243,9 +247,9 @@ impl RegistryStore for SqliteStore {
         .bind(Json(&sub.event_types))
         .bind(Json(&sub.channels))
         .bind(Json(&sub.headers))
-        .bind(rate_limit)
-        .bind(max_in_flight)
-        .bind(retry)
+        .bind(limits.rate_limit_per_second)
+        .bind(limits.max_in_flight)
+        .bind(limits.retry_schedule_ms.map(Json))
         .bind(sub.state.as_str())
         .bind(sub.disabled_reason.as_deref())
         .bind(Json(&sub.metadata))

@@ -10,6 +10,7 @@ mod egress_config;
 mod elsewhere;
 mod keys;
 mod metrics_catalog;
+mod console;
 mod rest;
 mod serve;
 mod shutdown;

@@ -29,7 +29,7 @@ use crate::backends::{self, AnyStore, Mode};
 use crate::config::Config;
 use crate::egress_config;
 use crate::keys::{self, Endpoints};
-use crate::rest;
+use crate::{console, rest};
 use crate::shutdown;
 use crate::{elsewhere, metrics_catalog};
 
@@ -95,7 +95,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     mode.check_services(&services)?;
     let egress_settings = egress_config::Egress::from_config(&config)?;
     let egress = hookline_egress::Egress::system(egress_settings.policy);
-    let listeners = Listeners::bind(&config).await?;
+    let mut listeners = Listeners::bind(&config).await?;
     let metrics = install_metrics()?;
     let drain = Duration::from_secs(config.shutdown_drain_secs);
     let shutdown = CancellationToken::new();
@@ -121,13 +121,31 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         wiring.auth.clone(),
         shutdown.clone(),
     )];
-    let router = wiring.start_services(&services, &mut tasks).await?;
+    let mut in_process = hookline_console::Services::default();
+    let router = wiring
+        .start_services(&services, &mut tasks, &mut in_process)
+        .await?;
     let router = elsewhere::add_fallbacks(router, &services);
     tasks.push(tokio::spawn(report_gauges(
         store.health(),
         broker.clone(),
         shutdown.clone(),
     )));
+    let console_at = match listeners.console.take() {
+        Some(listener) => {
+            let (at, task) = console::start(
+                listener,
+                &config,
+                in_process,
+                wiring.auth.clone(),
+                broker.clone(),
+                &shutdown,
+            )?;
+            tasks.push(task);
+            Some(at)
+        }
+        None => None,
+    };
     let admin_state = AdminState {
         store: store.health(),
         broker,
@@ -141,7 +159,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let loopback_allowed = wiring.egress.policy().check([127, 0, 0, 1].into()).is_ok();
     let started = announce_start(
         &running.at,
-        rest_at,
+        [("rest", rest_at), ("console", console_at)],
         &services,
         &mode,
         store.registry().as_ref(),
@@ -174,6 +192,8 @@ struct Listeners {
     /// The REST/JSON API's, when `rest_addr` is set.
     rest: Option<TcpListener>,
     rest_max_connections: usize,
+    /// The web console's, when `console_addr` is set.
+    console: Option<TcpListener>,
     /// Connection caps and deadlines applied to every accepted gRPC connection.
     conn_limits: hookline_grpc::conn::ConnLimits,
 }
@@ -200,6 +220,12 @@ impl Listeners {
                 None => None,
             },
             rest_max_connections: config.rest_max_connections,
+            console: match config.console_addr {
+                Some(addr) => {
+                    Some(bind(addr, "the web console", "--console-addr", "HOOKLINE_CONSOLE_ADDR").await?)
+                }
+                None => None,
+            },
             conn_limits: config.conn_limits(),
         })
     }
@@ -301,10 +327,12 @@ struct Wiring<'a> {
 impl Wiring<'_> {
     /// Mounts the gRPC services of `services` (with health and reflection) and spawns
     /// their background tasks into `tasks`.
+    /// `in_process` receives the same services without their gate, for the console.
     async fn start_services(
         &self,
         services: &BTreeSet<Service>,
         tasks: &mut Vec<JoinHandle<()>>,
+        in_process: &mut hookline_console::Services,
     ) -> anyhow::Result<Router> {
         let (health, health_service) = standard::health();
         let mut router = self
@@ -316,13 +344,13 @@ impl Wiring<'_> {
             .add_service(standard::reflection_v1()?)
             .add_service(standard::reflection_v1alpha()?);
         if services.contains(&Service::Registry) {
-            router = self.registry(router, &health).await;
+            router = self.registry(router, &health, in_process).await;
         }
         if services.contains(&Service::Ingest) {
-            router = self.ingest(router, &health, tasks).await;
+            router = self.ingest(router, &health, tasks, in_process).await;
         }
         if services.contains(&Service::Retry) {
-            router = self.retry(router, &health, tasks).await;
+            router = self.retry(router, &health, tasks, in_process).await;
         }
         if services.contains(&Service::Dispatcher) {
             tasks.push(self.dispatcher()?);
@@ -330,7 +358,12 @@ impl Wiring<'_> {
         Ok(router)
     }
 
-    async fn registry(&self, router: Router, health: &HealthReporter) -> Router {
+    async fn registry(
+        &self,
+        router: Router,
+        health: &HealthReporter,
+        in_process: &mut hookline_console::Services,
+    ) -> Router {
         let api = RegistryApi::new(
             self.store.registry(),
             self.broker.clone(),
@@ -341,6 +374,7 @@ impl Wiring<'_> {
         health
             .set_serving::<pb::registry_service_server::RegistryServiceServer<RegistryApi>>()
             .await;
+        in_process.add(pb::registry_service_server::RegistryServiceServer::new(api.clone()));
         router.add_service(api.into_server())
     }
 
@@ -349,6 +383,7 @@ impl Wiring<'_> {
         router: Router,
         health: &HealthReporter,
         tasks: &mut Vec<JoinHandle<()>>,
+        in_process: &mut hookline_console::Services,
     ) -> Router {
         let matcher = SubscriptionMatcher::new(self.store.registry());
         tasks.push(tokio::spawn(
@@ -371,6 +406,7 @@ impl Wiring<'_> {
         health
             .set_serving::<pb::ingest_service_server::IngestServiceServer<IngestApi>>()
             .await;
+        in_process.add(pb::ingest_service_server::IngestServiceServer::new(api.clone()));
         router.add_service(api.into_server())
     }
 
@@ -379,6 +415,7 @@ impl Wiring<'_> {
         router: Router,
         health: &HealthReporter,
         tasks: &mut Vec<JoinHandle<()>>,
+        in_process: &mut hookline_console::Services,
     ) -> Router {
         let (config, store) = (self.config, self.store);
         let scheduler = Scheduler::new(
@@ -411,6 +448,7 @@ impl Wiring<'_> {
         health
             .set_serving::<pb::delivery_service_server::DeliveryServiceServer<DeliveryApi>>()
             .await;
+        in_process.add(pb::delivery_service_server::DeliveryServiceServer::new(api.clone()));
         router.add_service(api.into_server())
     }
 
@@ -445,16 +483,18 @@ impl Wiring<'_> {
 /// bound ports from them) and, on an embedded installation's first start, the admin key.
 async fn announce_start(
     at: &Endpoints,
-    rest: Option<SocketAddr>,
+    http: [(&str, Option<SocketAddr>); 2],
     services: &BTreeSet<Service>,
     mode: &Mode,
     registry: &dyn RegistryStore,
     loopback_allowed: bool,
 ) -> anyhow::Result<()> {
     let names: Vec<_> = services.iter().map(|s| s.name()).collect();
-    if let Some(rest) = rest {
-        // Before the gRPC line: readers stop at the gRPC and admin lines.
-        announce(&format!("hookline: rest listening on {rest}"));
+    for (name, addr) in http {
+        if let Some(addr) = addr {
+            // Before the gRPC line: readers stop at the gRPC and admin lines.
+            announce(&format!("hookline: {name} listening on {addr}"));
+        }
     }
     announce(&format!("hookline: grpc listening on {}", at.grpc));
     announce(&format!("hookline: admin listening on {}", at.admin));

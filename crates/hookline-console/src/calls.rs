@@ -1,0 +1,80 @@
+//! Calls to this process's gRPC services, in-process, as a principal the console has
+//! established (a pasted key checked by the same [`Authenticator`] as the gate, or a
+//! verified portal link). The services receive the principal in the request's
+//! extensions exactly as the gate would put it there, so every tenant check and rule is
+//! theirs; the console never decides what a principal may see.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use hookline_grpc::Principal;
+use hookline_proto::v1 as pb;
+use tonic::body::Body;
+use tonic::service::Routes;
+
+/// The gRPC services of this process without their gate: reachable only from inside
+/// the process, through [`Services::as_principal`].
+#[derive(Clone, Default)]
+pub struct Services {
+    routes: Routes,
+}
+
+impl Services {
+    /// Adds a service's server, not wrapped in the gate.
+    pub fn add<S>(&mut self, server: S)
+    where
+        S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes = std::mem::take(&mut self.routes).add_service(server);
+    }
+
+    pub(crate) fn as_principal(&self, principal: Principal) -> Clients {
+        let transport = AsPrincipal {
+            routes: self.routes.clone(),
+            principal,
+        };
+        Clients {
+            registry: pb::registry_service_client::RegistryServiceClient::new(transport.clone())
+                .max_decoding_message_size(usize::MAX),
+            ingest: pb::ingest_service_client::IngestServiceClient::new(transport.clone())
+                .max_decoding_message_size(usize::MAX),
+            delivery: pb::delivery_service_client::DeliveryServiceClient::new(transport)
+                .max_decoding_message_size(usize::MAX),
+        }
+    }
+}
+
+/// The three service clients, calling as one principal.
+pub(crate) struct Clients {
+    pub registry: pb::registry_service_client::RegistryServiceClient<AsPrincipal>,
+    pub ingest: pb::ingest_service_client::IngestServiceClient<AsPrincipal>,
+    pub delivery: pb::delivery_service_client::DeliveryServiceClient<AsPrincipal>,
+}
+
+/// A transport that hands each request to the services with `principal` attached.
+#[derive(Clone)]
+pub(crate) struct AsPrincipal {
+    routes: Routes,
+    principal: Principal,
+}
+
+impl tower_service::Service<http::Request<Body>> for AsPrincipal {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = <Routes as tower_service::Service<http::Request<Body>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        tower_service::Service::<http::Request<Body>>::poll_ready(&mut self.routes, cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        req.extensions_mut().insert(self.principal.clone());
+        self.routes.call(req)
+    }
+}

@@ -58,7 +58,7 @@ async fn publish(server: &Server, admin: &str, tenant: &str) -> String {
             pb::PublishRequest {
                 tenant_id: tenant.into(),
                 event_type: "order.created".into(),
-                payload: br#"{"order": 42, "total": "19.90"}"#.to_vec().into(),
+                payload: br#"{"order": 42, "total": "19.90"}"#.to_vec(),
                 ..Default::default()
             },
             admin,
@@ -85,7 +85,10 @@ async fn console_in_a_browser(backend: Backend) {
     };
 
     b.goto(&format!("{console}/console/")).await;
-    assert!(b.url().await.ends_with("/console/login"), "not signed in: sent to the login page");
+    assert!(
+        b.url().await.ends_with("/console/login"),
+        "not signed in: sent to the login page"
+    );
     shot("login").await;
     sign_in(&b, &console, &admin).await;
     assert_eq!(b.text("#who").await, "admin key");
@@ -103,11 +106,14 @@ async fn console_in_a_browser(backend: Backend) {
     shot("subscription").await;
 
     // The live view shows the delivery as it is made and attempted.
-    b.goto(&format!("{console}/console/live?tenant={tenant}")).await;
+    b.goto(&format!("{console}/console/live?tenant={tenant}"))
+        .await;
     b.client
         .wait()
         .at_most(support::browser::WAIT)
-        .for_element(fantoccini::Locator::XPath("//span[@id='live-state' and text()='live']"))
+        .for_element(fantoccini::Locator::XPath(
+            "//span[@id='live-state' and text()='live']",
+        ))
         .await
         .expect("the live stream opens");
     publish(&server, &admin, &tenant).await;
@@ -115,7 +121,9 @@ async fn console_in_a_browser(backend: Backend) {
     b.client
         .wait()
         .at_most(support::browser::WAIT)
-        .for_element(fantoccini::Locator::XPath("//tr[@class='live-delivery']/td[text()='retrying']"))
+        .for_element(fantoccini::Locator::XPath(
+            "//tr[@class='live-delivery']/td[text()='retrying']",
+        ))
         .await
         .expect("the live row shows the failed first attempt");
     shot("live").await;
@@ -131,21 +139,30 @@ async fn console_in_a_browser(backend: Backend) {
     })
     .await;
     receiver
-        .wait_for("console", support::browser::WAIT, "two requests", |r| r.len() == 2)
+        .wait_for("console", support::browser::WAIT, "two requests", |r| {
+            r.len() == 2
+        })
         .await;
     shot("delivery").await;
 
     // Filters: succeeded lists it, failed does not.
-    b.goto(&format!("{console}/console/deliveries?tenant={tenant}&status=succeeded&event_type=order.created")).await;
+    b.goto(&format!(
+        "{console}/console/deliveries?tenant={tenant}&status=succeeded&event_type=order.created"
+    ))
+    .await;
     assert_eq!(b.count("#deliveries a.delivery-link").await, 1);
     shot("deliveries").await;
-    b.goto(&format!("{console}/console/deliveries?tenant={tenant}&status=failed")).await;
+    b.goto(&format!(
+        "{console}/console/deliveries?tenant={tenant}&status=failed"
+    ))
+    .await;
     assert_eq!(b.count("#deliveries a.delivery-link").await, 0);
-    b.goto(&format!("{console}/console/events?tenant={tenant}")).await;
+    b.goto(&format!("{console}/console/events?tenant={tenant}"))
+        .await;
     assert!(b.text("#events").await.contains("\"order\": 42"));
     shot("events").await;
 
-    tenant_scoping_and_portal(&b, &server, &admin, &console, &tenant).await;
+    tenant_scoping_and_portal(&b, &server, &admin, &console, &tenant, shots).await;
     b.close().await;
     server.terminate().await;
     env.finish().await;
@@ -153,7 +170,14 @@ async fn console_in_a_browser(backend: Backend) {
 
 /// A tenant key sees its own tenant only; a portal link opens it without a key until
 /// it expires.
-async fn tenant_scoping_and_portal(b: &Browser, server: &Server, admin: &str, console: &str, tenant: &str) {
+async fn tenant_scoping_and_portal(
+    b: &Browser,
+    server: &Server,
+    admin: &str,
+    console: &str,
+    tenant: &str,
+    shots: bool,
+) {
     let other = create_tenant(b, console, "globex").await;
     b.fill("#url", "http://127.0.0.1:9/other").await;
     b.click("#create-subscription").await;
@@ -161,7 +185,13 @@ async fn tenant_scoping_and_portal(b: &Browser, server: &Server, admin: &str, co
     let channel = support::channel(server).await;
     let mut registry = pb::registry_service_client::RegistryServiceClient::new(channel);
     let key = registry
-        .create_api_key(authed(pb::CreateApiKeyRequest { name: "console".into(), tenant_id: tenant.into() }, admin))
+        .create_api_key(authed(
+            pb::CreateApiKeyRequest {
+                name: "console".into(),
+                tenant_id: tenant.into(),
+            },
+            admin,
+        ))
         .await
         .expect("a tenant key")
         .into_inner()
@@ -172,7 +202,10 @@ async fn tenant_scoping_and_portal(b: &Browser, server: &Server, admin: &str, co
     assert!(b.text("#who").await.starts_with("tenant key"));
     b.goto(&format!("{console}/console/tenants")).await;
     let listed = b.text("#tenants").await;
-    assert!(listed.contains(tenant) && !listed.contains(&other), "{listed}");
+    assert!(
+        listed.contains(tenant) && !listed.contains(&other),
+        "{listed}"
+    );
     for path in [
         format!("/console/tenants/{other}"),
         format!("/console/deliveries?tenant={other}"),
@@ -181,33 +214,42 @@ async fn tenant_scoping_and_portal(b: &Browser, server: &Server, admin: &str, co
     ] {
         b.goto(&format!("{console}{path}")).await;
         let page = b.source().await;
-        assert!(page.contains("id=\"error\"") && !page.contains("order.created"), "{path} showed: {page}");
+        assert!(
+            page.contains("id=\"error\"") && !page.contains("order.created"),
+            "{path} showed: {page}"
+        );
     }
 
     // A portal link for its own tenant, five seconds long.
     b.goto(&format!("{console}/console/tenants/{tenant}")).await;
     b.fill("#ttl_secs", "5").await;
     b.click("#create-portal-link").await;
-    let link = b.find("#portal-link").await.attr("href").await.expect("href").expect("a link");
+    let link = b
+        .find("#portal-link")
+        .await
+        .attr("href")
+        .await
+        .expect("href")
+        .expect("a link");
     sign_out(b).await;
     b.goto(&link).await;
     assert!(b.text("#who").await.starts_with("portal"));
-    b.goto(&format!("{console}/console/deliveries?tenant={tenant}")).await;
+    b.goto(&format!("{console}/console/deliveries?tenant={tenant}"))
+        .await;
     assert_eq!(b.count("#deliveries a.delivery-link").await, 1);
-    shot_portal(b).await;
+    if shots {
+        b.screenshot("portal").await;
+    }
     b.goto(&format!("{console}/console/tenants/{other}")).await;
     b.find("#error").await;
     // Expired: the session ends and the link no longer opens.
     b.goto(&format!("{console}/console/tenants")).await;
-    b.reload_until("signed out at the link's expiry", |page| page.contains("id=\"api_key\"")).await;
+    b.reload_until("signed out at the link's expiry", |page| {
+        page.contains("id=\"api_key\"")
+    })
+    .await;
     b.goto(&link).await;
     assert!(b.text("#error").await.contains("expired"));
-}
-
-async fn shot_portal(b: &Browser) {
-    if b.url().await.contains("127.0.0.1") {
-        b.screenshot("portal").await;
-    }
 }
 
 on_both_backends!(console_in_a_browser);
@@ -218,17 +260,30 @@ async fn forms_need_the_session_csrf_token_and_cookies_are_locked_down() {
     let env = Env::with(Backend::Embedded).await;
     let (server, admin, console) = start(&env).await;
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    let page = http.get(format!("{console}/console/login")).send().await.unwrap();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = http
+        .get(format!("{console}/console/login"))
+        .send()
+        .await
+        .unwrap();
     let login_cookie = cookie(&page, "hookline_console_login");
-    assert!(page.headers()["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
     let body = page.text().await.unwrap();
     let token = hidden_csrf(&body);
     // Without the login form's token: refused.
     let refused = http
         .post(format!("{console}/console/login"))
         .header("cookie", format!("hookline_console_login={login_cookie}"))
-        .header("content-type", "application/x-www-form-urlencoded").body(form(&[("csrf", "forged"), ("api_key", admin.as_str())]))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("csrf", "forged"), ("api_key", admin.as_str())]))
         .send()
         .await
         .unwrap();
@@ -236,25 +291,43 @@ async fn forms_need_the_session_csrf_token_and_cookies_are_locked_down() {
     let ok = http
         .post(format!("{console}/console/login"))
         .header("cookie", format!("hookline_console_login={login_cookie}"))
-        .header("content-type", "application/x-www-form-urlencoded").body(form(&[("csrf", token.as_str()), ("api_key", admin.as_str())]))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[
+            ("csrf", token.as_str()),
+            ("api_key", admin.as_str()),
+        ]))
         .send()
         .await
         .unwrap();
     assert_eq!(ok.status(), 303);
-    let set = ok.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();
-    let session_line = set.iter().find(|c| c.starts_with("hookline_console=")).expect("a session cookie");
+    let set = ok
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    let session_line = set
+        .iter()
+        .find(|c| c.starts_with("hookline_console="))
+        .expect("a session cookie");
     for flag in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/console"] {
         assert!(session_line.contains(flag), "{session_line} lacks {flag}");
     }
     let session = session_line.split(';').next().unwrap().to_string();
-    let overview = http.get(format!("{console}/console/")).header("cookie", &session).send().await.unwrap();
+    let overview = http
+        .get(format!("{console}/console/"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(overview.status(), 200);
     let csrf = hidden_csrf(&overview.text().await.unwrap());
     // A form without this session's token changes nothing.
     let forged = http
         .post(format!("{console}/console/tenants"))
         .header("cookie", &session)
-        .header("content-type", "application/x-www-form-urlencoded").body(form(&[("csrf", "forged"), ("name", "evil")]))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("csrf", "forged"), ("name", "evil")]))
         .send()
         .await
         .unwrap();
@@ -271,12 +344,18 @@ async fn forms_need_the_session_csrf_token_and_cookies_are_locked_down() {
     let out = http
         .post(format!("{console}/console/logout"))
         .header("cookie", &session)
-        .header("content-type", "application/x-www-form-urlencoded").body(form(&[("csrf", csrf.as_str())]))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("csrf", csrf.as_str())]))
         .send()
         .await
         .unwrap();
     assert_eq!(out.status(), 303);
-    let after = http.get(format!("{console}/console/")).header("cookie", &session).send().await.unwrap();
+    let after = http
+        .get(format!("{console}/console/"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(after.headers()["location"], "/console/login");
     portal_links_over_the_api(&http, &console, &admin).await;
     server.terminate().await;
@@ -286,23 +365,41 @@ async fn forms_need_the_session_csrf_token_and_cookies_are_locked_down() {
 /// `POST /console/api/portal-links`: a key is required, a forged link is refused.
 async fn portal_links_over_the_api(http: &reqwest::Client, console: &str, admin: &str) {
     let api = format!("{console}/console/api/portal-links");
-    let anonymous = http.post(&api).header("content-type", "application/json").body(serde_json::json!({"tenant_id": "x"}).to_string()).send().await.unwrap();
+    let anonymous = http
+        .post(&api)
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"tenant_id": "x"}).to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anonymous.status(), 401);
     let missing = http
         .post(&api)
         .bearer_auth(admin)
-        .header("content-type", "application/json").body(serde_json::json!({"tenant_id": "ten_01JAAAAAAAAAAAAAAAAAAAAAAA", "ttl_secs": 60}).to_string())
+        .header("content-type", "application/json")
+        .body(
+            serde_json::json!({"tenant_id": "ten_01JAAAAAAAAAAAAAAAAAAAAAAA", "ttl_secs": 60})
+                .to_string(),
+        )
         .send()
         .await
         .unwrap();
     assert!(missing.status().is_client_error(), "{}", missing.status());
     let forged = http
-        .get(format!("{console}/console/portal?token=v1.ten_01JAAAAAAAAAAAAAAAAAAAAAAA.99999999999.AAAA"))
+        .get(format!(
+            "{console}/console/portal?token=v1.ten_01JAAAAAAAAAAAAAAAAAAAAAAA.99999999999.AAAA"
+        ))
         .send()
         .await
         .unwrap();
     assert_eq!(forged.status(), 403);
-    assert!(forged.text().await.unwrap().contains("signature does not match"));
+    assert!(
+        forged
+            .text()
+            .await
+            .unwrap()
+            .contains("signature does not match")
+    );
 }
 
 fn cookie(res: &reqwest::Response, name: &str) -> String {
@@ -326,5 +423,9 @@ fn hidden_csrf(page: &str) -> String {
 
 /// An `application/x-www-form-urlencoded` body (values here need no escaping but `"`).
 fn form(fields: &[(&str, &str)]) -> String {
-    fields.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+    fields
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
 }

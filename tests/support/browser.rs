@@ -40,10 +40,22 @@ fn ensure_installed() {
             .status()
             .is_ok_and(|s| s.success())
     };
-    let packages = ["install", "-y", "--no-install-recommends", "chromium", "chromium-driver"];
+    let packages = [
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "chromium",
+        "chromium-driver",
+    ];
     if !apt(&packages) {
-        assert!(apt(&["update"]), "apt-get update failed; install chromium and chromium-driver");
-        assert!(apt(&packages), "cannot install chromium and chromium-driver with apt-get");
+        assert!(
+            apt(&["update"]),
+            "apt-get update failed; install chromium and chromium-driver"
+        );
+        assert!(
+            apt(&packages),
+            "cannot install chromium and chromium-driver with apt-get"
+        );
     }
 }
 
@@ -56,7 +68,9 @@ pub struct Browser {
 
 impl Browser {
     pub async fn start() -> Browser {
-        tokio::task::spawn_blocking(ensure_installed).await.expect("install chromium");
+        tokio::task::spawn_blocking(ensure_installed)
+            .await
+            .expect("install chromium");
         let port = free_port();
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
@@ -79,7 +93,11 @@ impl Browser {
         // chromedriver accepts sessions once it listens: connect until it does.
         let client = loop {
             let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-            match ClientBuilder::new(connector).capabilities(caps.clone()).connect(&url).await {
+            match ClientBuilder::new(connector)
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
                 Ok(c) => break c,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     let _ = e;
@@ -98,14 +116,27 @@ impl Browser {
     }
 
     pub async fn goto(&self, url: &str) {
-        self.client.goto(url).await.unwrap_or_else(|e| panic!("open {url}: {e}"));
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("open {url}: {e}"));
     }
 
     /// The element for `css`, waiting for it to appear.
     pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
-        match self.client.wait().at_most(WAIT).for_element(Locator::Css(css)).await {
+        match self
+            .client
+            .wait()
+            .at_most(WAIT)
+            .for_element(Locator::Css(css))
+            .await
+        {
             Ok(element) => element,
-            Err(e) => panic!("no element {css} within {WAIT:?}: {e}; page {}: {}", self.url().await, self.source().await),
+            Err(e) => panic!(
+                "no element {css} within {WAIT:?}: {e}; page {}: {}",
+                self.url().await,
+                self.source().await
+            ),
         }
     }
 
@@ -114,7 +145,11 @@ impl Browser {
     }
 
     pub async fn count(&self, css: &str) -> usize {
-        self.client.find_all(Locator::Css(css)).await.map(|v| v.len()).unwrap_or(0)
+        self.client
+            .find_all(Locator::Css(css))
+            .await
+            .map(|v| v.len())
+            .unwrap_or(0)
     }
 
     /// Types `value` into the field `css`, replacing what it held.
@@ -125,11 +160,19 @@ impl Browser {
     }
 
     pub async fn click(&self, css: &str) {
-        self.find(css).await.click().await.unwrap_or_else(|e| panic!("click {css}: {e}"));
+        self.find(css)
+            .await
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
     }
 
     pub async fn url(&self) -> String {
-        self.client.current_url().await.map(|u| u.to_string()).unwrap_or_default()
+        self.client
+            .current_url()
+            .await
+            .map(|u| u.to_string())
+            .unwrap_or_default()
     }
 
     pub async fn source(&self) -> String {
@@ -144,7 +187,10 @@ impl Browser {
             if done(&page) {
                 return page;
             }
-            assert!(tokio::time::Instant::now() < deadline, "not {what} within {WAIT:?}: {page}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not {what} within {WAIT:?}: {page}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
             self.client.refresh().await.expect("reload");
         }

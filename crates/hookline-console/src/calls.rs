@@ -23,8 +23,11 @@ impl Services {
     /// Adds a service's server, not wrapped in the gate.
     pub fn add<S>(&mut self, server: S)
     where
-        S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-            + tonic::server::NamedService
+        S: tower_service::Service<
+                http::Request<Body>,
+                Response = http::Response<Body>,
+                Error = Infallible,
+            > + tonic::server::NamedService
             + Clone
             + Send
             + Sync

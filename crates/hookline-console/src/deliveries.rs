@@ -2,16 +2,16 @@
 //! delivery's attempts (status, duration, error class, response excerpt), with the retry
 //! button. Event type is filtered on the page: the service filters the rest.
 
+use axum::extract::Form;
 use axum::extract::{Path, Query};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::extract::Form;
 use chrono::{NaiveDateTime, TimeZone, Utc};
 use hookline_proto::v1 as pb;
 use maud::{Markup, html};
 use serde::Deserialize;
 
 use crate::pages::{PAGE_SIZE, pick_tenant, tenant_of};
-use crate::session::{Ctx, CsrfForm};
+use crate::session::{CsrfForm, Ctx};
 use crate::view::{self, PageError, button, ts};
 
 /// Characters of a response body shown per attempt.
@@ -58,8 +58,14 @@ fn time_filter(field: &str, value: &str) -> Result<Option<prost_types::Timestamp
     }
     let parsed = NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M")
         .or_else(|_| NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S"))
-        .map_err(|_| PageError::bad_request(format!("{field} is {value:?}; expected YYYY-MM-DDTHH:MM (UTC)")))?;
-    Ok(Some(hookline_grpc::convert::timestamp(Utc.from_utc_datetime(&parsed))))
+        .map_err(|_| {
+            PageError::bad_request(format!(
+                "{field} is {value:?}; expected YYYY-MM-DDTHH:MM (UTC)"
+            ))
+        })?;
+    Ok(Some(hookline_grpc::convert::timestamp(
+        Utc.from_utc_datetime(&parsed),
+    )))
 }
 
 pub(crate) async fn list(mut ctx: Ctx, Query(f): Query<Filters>) -> Result<Response, PageError> {
@@ -78,7 +84,13 @@ pub(crate) async fn list(mut ctx: Ctx, Query(f): Query<Filters>) -> Result<Respo
         page_size: PAGE_SIZE,
         page_token: String::new(),
     };
-    let mut list = ctx.clients.delivery.list_deliveries(req).await?.into_inner().deliveries;
+    let mut list = ctx
+        .clients
+        .delivery
+        .list_deliveries(req)
+        .await?
+        .into_inner()
+        .deliveries;
     if !f.event_type.is_empty() {
         list.retain(|d| d.event_type == f.event_type);
     }
@@ -131,14 +143,20 @@ fn delivery_table(list: &[pb::Delivery]) -> Markup {
 }
 
 fn code_or_dash(code: u32) -> String {
-    if code == 0 { "—".into() } else { code.to_string() }
+    if code == 0 {
+        "—".into()
+    } else {
+        code.to_string()
+    }
 }
 
 pub(crate) async fn show(mut ctx: Ctx, Path(id): Path<String>) -> Result<Response, PageError> {
     let answer = ctx
         .clients
         .delivery
-        .get_delivery(pb::GetDeliveryRequest { delivery_id: id.clone() })
+        .get_delivery(pb::GetDeliveryRequest {
+            delivery_id: id.clone(),
+        })
         .await?
         .into_inner();
     let d = answer.delivery.unwrap_or_default();
@@ -171,11 +189,17 @@ pub(crate) async fn show(mut ctx: Ctx, Path(id): Path<String>) -> Result<Respons
     Ok(view::page(&ctx, &format!("Delivery {}", d.id), body).into_response())
 }
 
-pub(crate) async fn retry(mut ctx: Ctx, Path(id): Path<String>, Form(f): Form<CsrfForm>) -> Result<Response, PageError> {
+pub(crate) async fn retry(
+    mut ctx: Ctx,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, PageError> {
     ctx.check_csrf(&f.csrf)?;
     ctx.clients
         .delivery
-        .retry_delivery(pb::RetryDeliveryRequest { delivery_id: id.clone() })
+        .retry_delivery(pb::RetryDeliveryRequest {
+            delivery_id: id.clone(),
+        })
         .await?;
     Ok(Redirect::to(&format!("/console/deliveries/{id}")).into_response())
 }

@@ -82,20 +82,44 @@ pub fn router(
     Router::new()
         .route("/console", get(pages::overview))
         .route("/console/", get(pages::overview))
-        .route("/console/login", get(session::login_page).post(session::login))
+        .route(
+            "/console/login",
+            get(session::login_page).post(session::login),
+        )
         .route("/console/logout", post(session::logout))
         .route("/console/assets/{name}", get(view::asset))
-        .route("/console/tenants", get(pages::tenants).post(pages::create_tenant))
+        .route(
+            "/console/tenants",
+            get(pages::tenants).post(pages::create_tenant),
+        )
         .route("/console/tenants/{id}", get(pages::tenant))
-        .route("/console/event-types", get(pages::event_types).post(pages::create_event_type))
+        .route(
+            "/console/event-types",
+            get(pages::event_types).post(pages::create_event_type),
+        )
         .route("/console/events", get(pages::events))
         .route("/console/events/{id}", get(pages::event))
         .route("/console/subscriptions", post(subscriptions::create))
-        .route("/console/subscriptions/{id}", get(subscriptions::show).post(subscriptions::edit))
-        .route("/console/subscriptions/{id}/state", post(subscriptions::set_state))
-        .route("/console/subscriptions/{id}/rotate", post(subscriptions::rotate))
-        .route("/console/subscriptions/{id}/test", post(subscriptions::send_test))
-        .route("/console/subscriptions/{id}/replay", post(subscriptions::replay))
+        .route(
+            "/console/subscriptions/{id}",
+            get(subscriptions::show).post(subscriptions::edit),
+        )
+        .route(
+            "/console/subscriptions/{id}/state",
+            post(subscriptions::set_state),
+        )
+        .route(
+            "/console/subscriptions/{id}/rotate",
+            post(subscriptions::rotate),
+        )
+        .route(
+            "/console/subscriptions/{id}/test",
+            post(subscriptions::send_test),
+        )
+        .route(
+            "/console/subscriptions/{id}/replay",
+            post(subscriptions::replay),
+        )
         .route("/console/deliveries", get(deliveries::list))
         .route("/console/deliveries/{id}", get(deliveries::show))
         .route("/console/deliveries/{id}/retry", post(deliveries::retry))

@@ -57,12 +57,20 @@ fn urlencode(value: &str) -> String {
         .collect()
 }
 
-pub(crate) async fn stream(mut ctx: Ctx, Query(q): Query<LiveQuery>) -> Result<Response, PageError> {
+pub(crate) async fn stream(
+    mut ctx: Ctx,
+    Query(q): Query<LiveQuery>,
+) -> Result<Response, PageError> {
     let req = pb::WatchDeliveriesRequest {
         tenant_id: tenant_of(&ctx, &q.tenant).unwrap_or_default(),
         subscription_id: q.subscription,
     };
-    let watch = ctx.clients.delivery.watch_deliveries(req).await?.into_inner();
+    let watch = ctx
+        .clients
+        .delivery
+        .watch_deliveries(req)
+        .await?
+        .into_inner();
     let events = watch.map(|item| {
         let event = match item {
             Ok(d) => Event::default().event("delivery").data(
@@ -76,9 +84,11 @@ pub(crate) async fn stream(mut ctx: Ctx, Query(q): Query<LiveQuery>) -> Result<R
                 })
                 .to_string(),
             ),
-            Err(status) => Event::default().event("end").data(status.message().to_string()),
+            Err(status) => Event::default().event("end").data(status.message()),
         };
         Ok::<_, Infallible>(event)
     });
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }

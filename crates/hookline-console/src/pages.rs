@@ -40,7 +40,10 @@ pub(crate) async fn pick_tenant(ctx: &mut Ctx, path: &str) -> Result<Markup, Pag
     let tenants = ctx
         .clients
         .registry
-        .list_tenants(pb::ListTenantsRequest { page_size: PAGE_SIZE, page_token: String::new() })
+        .list_tenants(pb::ListTenantsRequest {
+            page_size: PAGE_SIZE,
+            page_token: String::new(),
+        })
         .await?
         .into_inner()
         .tenants;
@@ -57,7 +60,10 @@ pub(crate) async fn overview(state: State, mut ctx: Ctx) -> Result<Response, Pag
             let depth = state.0.broker.queue_depth(queue).await.ok();
             rows.push((queue.as_str().to_string(), depth));
         }
-        rows.push(("dead letters".into(), state.0.broker.dead_letter_depth().await.ok()));
+        rows.push((
+            "dead letters".into(),
+            state.0.broker.dead_letter_depth().await.ok(),
+        ));
         Some(rows)
     } else {
         None
@@ -66,7 +72,9 @@ pub(crate) async fn overview(state: State, mut ctx: Ctx) -> Result<Response, Pag
         Some(t) => Some(
             ctx.clients
                 .registry
-                .get_tenant(pb::GetTenantRequest { tenant_id: t.as_str().into() })
+                .get_tenant(pb::GetTenantRequest {
+                    tenant_id: t.as_str().into(),
+                })
                 .await?
                 .into_inner(),
         ),
@@ -94,14 +102,19 @@ pub(crate) async fn tenants(mut ctx: Ctx) -> Result<Response, PageError> {
         Some(own) => vec![
             ctx.clients
                 .registry
-                .get_tenant(pb::GetTenantRequest { tenant_id: own.as_str().into() })
+                .get_tenant(pb::GetTenantRequest {
+                    tenant_id: own.as_str().into(),
+                })
                 .await?
                 .into_inner(),
         ],
         None => {
             ctx.clients
                 .registry
-                .list_tenants(pb::ListTenantsRequest { page_size: PAGE_SIZE, page_token: String::new() })
+                .list_tenants(pb::ListTenantsRequest {
+                    page_size: PAGE_SIZE,
+                    page_token: String::new(),
+                })
                 .await?
                 .into_inner()
                 .tenants
@@ -132,23 +145,40 @@ pub(crate) struct NameForm {
     description: String,
 }
 
-pub(crate) async fn create_tenant(mut ctx: Ctx, Form(f): Form<NameForm>) -> Result<Response, PageError> {
+pub(crate) async fn create_tenant(
+    mut ctx: Ctx,
+    Form(f): Form<NameForm>,
+) -> Result<Response, PageError> {
     ctx.check_csrf(&f.csrf)?;
     let t = ctx
         .clients
         .registry
-        .create_tenant(pb::CreateTenantRequest { name: f.name, ..Default::default() })
+        .create_tenant(pb::CreateTenantRequest {
+            name: f.name,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     Ok(Redirect::to(&format!("/console/tenants/{}", t.id)).into_response())
 }
 
 pub(crate) async fn tenant(mut ctx: Ctx, Path(id): Path<String>) -> Result<Response, PageError> {
-    let t = ctx.clients.registry.get_tenant(pb::GetTenantRequest { tenant_id: id.clone() }).await?.into_inner();
+    let t = ctx
+        .clients
+        .registry
+        .get_tenant(pb::GetTenantRequest {
+            tenant_id: id.clone(),
+        })
+        .await?
+        .into_inner();
     let subs = ctx
         .clients
         .registry
-        .list_subscriptions(pb::ListSubscriptionsRequest { tenant_id: id.clone(), page_size: PAGE_SIZE, page_token: String::new() })
+        .list_subscriptions(pb::ListSubscriptionsRequest {
+            tenant_id: id.clone(),
+            page_size: PAGE_SIZE,
+            page_token: String::new(),
+        })
         .await?
         .into_inner()
         .subscriptions;
@@ -204,7 +234,11 @@ pub(crate) async fn event_types(mut ctx: Ctx) -> Result<Response, PageError> {
     let list = ctx
         .clients
         .registry
-        .list_event_types(pb::ListEventTypesRequest { include_archived: true, page_size: PAGE_SIZE, page_token: String::new() })
+        .list_event_types(pb::ListEventTypesRequest {
+            include_archived: true,
+            page_size: PAGE_SIZE,
+            page_token: String::new(),
+        })
         .await?
         .into_inner()
         .event_types;
@@ -228,16 +262,26 @@ pub(crate) async fn event_types(mut ctx: Ctx) -> Result<Response, PageError> {
     Ok(view::page(&ctx, "Event types", body).into_response())
 }
 
-pub(crate) async fn create_event_type(mut ctx: Ctx, Form(f): Form<NameForm>) -> Result<Response, PageError> {
+pub(crate) async fn create_event_type(
+    mut ctx: Ctx,
+    Form(f): Form<NameForm>,
+) -> Result<Response, PageError> {
     ctx.check_csrf(&f.csrf)?;
     ctx.clients
         .registry
-        .create_event_type(pb::CreateEventTypeRequest { name: f.name, description: f.description, schema: String::new() })
+        .create_event_type(pb::CreateEventTypeRequest {
+            name: f.name,
+            description: f.description,
+            schema: String::new(),
+        })
         .await?;
     Ok(Redirect::to("/console/event-types").into_response())
 }
 
-pub(crate) async fn events(mut ctx: Ctx, Query(q): Query<TenantQuery>) -> Result<Response, PageError> {
+pub(crate) async fn events(
+    mut ctx: Ctx,
+    Query(q): Query<TenantQuery>,
+) -> Result<Response, PageError> {
     let Some(tenant) = tenant_of(&ctx, &q.tenant) else {
         let pick = pick_tenant(&mut ctx, "/console/events").await?;
         return Ok(view::page(&ctx, "Events", pick).into_response());
@@ -276,7 +320,12 @@ pub(crate) async fn events(mut ctx: Ctx, Query(q): Query<TenantQuery>) -> Result
 }
 
 pub(crate) async fn event(mut ctx: Ctx, Path(id): Path<String>) -> Result<Response, PageError> {
-    let e = ctx.clients.ingest.get_event(pb::GetEventRequest { event_id: id }).await?.into_inner();
+    let e = ctx
+        .clients
+        .ingest
+        .get_event(pb::GetEventRequest { event_id: id })
+        .await?
+        .into_inner();
     let payload = serde_json::from_slice::<serde_json::Value>(&e.payload)
         .ok()
         .and_then(|v| serde_json::to_string_pretty(&v).ok())

@@ -45,16 +45,22 @@ pub enum TokenError {
 }
 
 fn mac(secret: &[u8], tenant: &str, expires: i64) -> Hmac<Sha256> {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
-        .expect("HMAC takes a key of any length");
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes a key of any length");
     mac.update(format!("hookline-portal:{VERSION}:{tenant}:{expires}").as_bytes());
     mac
 }
 
 /// A token for `tenant` valid until `expires` (unix seconds).
 pub fn sign(secret: &[u8], tenant: &Id, expires: i64) -> String {
-    let tag = mac(secret, tenant.as_str(), expires).finalize().into_bytes();
-    format!("{VERSION}.{}.{expires}.{}", tenant.as_str(), URL_SAFE_NO_PAD.encode(tag))
+    let tag = mac(secret, tenant.as_str(), expires)
+        .finalize()
+        .into_bytes();
+    format!(
+        "{VERSION}.{}.{expires}.{}",
+        tenant.as_str(),
+        URL_SAFE_NO_PAD.encode(tag)
+    )
 }
 
 /// The tenant of a valid token and how long it remains valid.
@@ -63,13 +69,19 @@ pub fn verify(secret: &[u8], token: &str, now: i64) -> Result<(Id, Duration), To
         return Err(TokenError::Malformed);
     }
     let mut parts = token.split('.');
-    let (Some(VERSION), Some(tenant), Some(expires), Some(tag), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(VERSION), Some(tenant), Some(expires), Some(tag), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
         return Err(TokenError::Malformed);
     };
     let expires: i64 = expires.parse().map_err(|_| TokenError::Malformed)?;
-    let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TokenError::Malformed)?;
+    let tag = URL_SAFE_NO_PAD
+        .decode(tag)
+        .map_err(|_| TokenError::Malformed)?;
     mac(secret, tenant, expires)
         .verify_slice(&tag)
         .map_err(|_| TokenError::BadSignature)?;
@@ -93,8 +105,12 @@ pub(crate) async fn open(
     Query(q): Query<OpenQuery>,
 ) -> Result<Response, PageError> {
     let console = state.0;
-    let (tenant, left) = verify(&console.config.portal_secret, &q.token, Utc::now().timestamp())
-        .map_err(|e| PageError::forbidden(e.to_string()))?;
+    let (tenant, left) = verify(
+        &console.config.portal_secret,
+        &q.token,
+        Utc::now().timestamp(),
+    )
+    .map_err(|e| PageError::forbidden(e.to_string()))?;
     session::start_portal(&console, &headers, tenant, left)
 }
 
@@ -116,7 +132,11 @@ async fn make_link(
     req: &LinkRequest,
 ) -> Result<(String, chrono::DateTime<Utc>), PageError> {
     let max = console.config.portal_max_ttl.as_secs();
-    let ttl = if req.ttl_secs == 0 { DEFAULT_TTL.as_secs() } else { req.ttl_secs };
+    let ttl = if req.ttl_secs == 0 {
+        DEFAULT_TTL.as_secs()
+    } else {
+        req.ttl_secs
+    };
     if !(MIN_TTL_SECS..=max).contains(&ttl) {
         return Err(PageError::bad_request(format!(
             "ttl_secs is {ttl}; allowed: {MIN_TTL_SECS} to {max} (setting console_portal_max_ttl_secs)"
@@ -124,7 +144,9 @@ async fn make_link(
     }
     let tenant = clients
         .registry
-        .get_tenant(pb::GetTenantRequest { tenant_id: req.tenant_id.clone() })
+        .get_tenant(pb::GetTenantRequest {
+            tenant_id: req.tenant_id.clone(),
+        })
         .await?
         .into_inner();
     let tenant = Id::parse(IdKind::Tenant, "tenant_id", &tenant.id)
@@ -135,11 +157,17 @@ async fn make_link(
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("localhost");
-    let scheme = match headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()) {
+    let scheme = match headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+    {
         Some("https") => "https",
         _ => "http",
     };
-    Ok((format!("{scheme}://{host}/console/portal?token={token}"), expires))
+    Ok((
+        format!("{scheme}://{host}/console/portal?token={token}"),
+        expires,
+    ))
 }
 
 /// `POST /console/portal-links` from the console's form.
@@ -185,7 +213,10 @@ mod tests {
     fn a_token_opens_its_tenant_until_it_expires() {
         let tenant = Id::new(IdKind::Tenant);
         let token = sign(b"secret", &tenant, 1000);
-        assert_eq!(verify(b"secret", &token, 400), Ok((tenant, Duration::from_secs(600))));
+        assert_eq!(
+            verify(b"secret", &token, 400),
+            Ok((tenant, Duration::from_secs(600)))
+        );
         assert_eq!(verify(b"secret", &token, 1000), Err(TokenError::Expired));
         assert_eq!(verify(b"other", &token, 400), Err(TokenError::BadSignature));
     }
@@ -199,6 +230,9 @@ mod tests {
         let later = token.replace(".1000.", ".9999.");
         assert_eq!(verify(b"k", &later, 0), Err(TokenError::BadSignature));
         assert_eq!(verify(b"k", "v1.x", 0), Err(TokenError::Malformed));
-        assert_eq!(verify(b"k", &"a".repeat(500), 0), Err(TokenError::Malformed));
+        assert_eq!(
+            verify(b"k", &"a".repeat(500), 0),
+            Err(TokenError::Malformed)
+        );
     }
 }

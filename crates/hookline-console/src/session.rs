@@ -59,7 +59,10 @@ pub struct Sessions {
 
 impl Sessions {
     fn insert(&self, credential: Credential, ttl: Duration) -> Result<String, PageError> {
-        let mut map = self.map.lock().map_err(|_| PageError::internal("session lock"))?;
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| PageError::internal("session lock"))?;
         if map.len() >= MAX_SESSIONS {
             let now = Instant::now();
             map.retain(|_, s| s.expires > now);
@@ -135,7 +138,10 @@ impl Ctx {
 impl FromRequestParts<Arc<Console>> for Ctx {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, console: &Arc<Console>) -> Result<Self, Response> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        console: &Arc<Console>,
+    ) -> Result<Self, Response> {
         let to_login = || Redirect::to("/console/login").into_response();
         let Some(id) = cookie(&parts.headers, SESSION_COOKIE) else {
             return Err(to_login());
@@ -211,7 +217,13 @@ fn secure_origin(headers: &HeaderMap) -> bool {
 }
 
 /// A `Set-Cookie` value for the console's path.
-fn set_cookie(headers: &HeaderMap, name: &str, value: &str, max_age: Option<u64>, cross_site: bool) -> HeaderValue {
+fn set_cookie(
+    headers: &HeaderMap,
+    name: &str,
+    value: &str,
+    max_age: Option<u64>,
+    cross_site: bool,
+) -> HeaderValue {
     let mut c = format!("{name}={value}; Path=/console; HttpOnly");
     if cross_site {
         // Sent inside the operator's iframe: third-party context, partitioned per top site.
@@ -241,7 +253,13 @@ pub(crate) fn start_portal(
     };
     let id = console.sessions.insert(credential, ttl)?;
     let embeddable = console.config.frame_ancestors.trim() != "'none'";
-    let cookie = set_cookie(headers, SESSION_COOKIE, &id, Some(ttl.as_secs()), embeddable);
+    let cookie = set_cookie(
+        headers,
+        SESSION_COOKIE,
+        &id,
+        Some(ttl.as_secs()),
+        embeddable,
+    );
     Ok(([(SET_COOKIE, cookie)], Redirect::to("/console/")).into_response())
 }
 
@@ -288,7 +306,9 @@ pub(crate) async fn login(
     }
     authenticate(&console, key).await.map_err(PageError::from)?;
     let ttl = console.config.session_ttl;
-    let id = console.sessions.insert(Credential::Key(key.to_string()), ttl)?;
+    let id = console
+        .sessions
+        .insert(Credential::Key(key.to_string()), ttl)?;
     let session = set_cookie(&headers, SESSION_COOKIE, &id, Some(ttl.as_secs()), false);
     let clear = set_cookie(&headers, LOGIN_CSRF_COOKIE, "", Some(0), false);
     Ok((

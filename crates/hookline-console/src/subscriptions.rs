@@ -8,12 +8,17 @@ use hookline_proto::v1 as pb;
 use maud::html;
 use serde::Deserialize;
 
-use crate::session::{Ctx, CsrfForm};
+use crate::session::{CsrfForm, Ctx};
 use crate::view::{self, PageError, button, csrf, ts};
 
 /// Event types from a comma-separated field.
 fn event_types(field: &str) -> Vec<String> {
-    field.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+    field
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -28,7 +33,10 @@ pub(crate) struct SubscriptionForm {
     description: String,
 }
 
-pub(crate) async fn create(mut ctx: Ctx, Form(f): Form<SubscriptionForm>) -> Result<Response, PageError> {
+pub(crate) async fn create(
+    mut ctx: Ctx,
+    Form(f): Form<SubscriptionForm>,
+) -> Result<Response, PageError> {
     ctx.check_csrf(&f.csrf)?;
     let created = ctx
         .clients
@@ -57,7 +65,9 @@ pub(crate) async fn show(mut ctx: Ctx, Path(id): Path<String>) -> Result<Respons
     let s = ctx
         .clients
         .registry
-        .get_subscription(pb::GetSubscriptionRequest { subscription_id: id.clone() })
+        .get_subscription(pb::GetSubscriptionRequest {
+            subscription_id: id.clone(),
+        })
         .await?
         .into_inner();
     let enabled = s.state == pb::SubscriptionState::Enabled as i32;
@@ -121,7 +131,9 @@ async fn update(ctx: &mut Ctx, patch: pb::Subscription, paths: &[&str]) -> Resul
         .registry
         .update_subscription(pb::UpdateSubscriptionRequest {
             subscription: Some(patch),
-            update_mask: Some(prost_types::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: paths.iter().map(|p| p.to_string()).collect(),
+            }),
         })
         .await?;
     Ok(())
@@ -139,18 +151,33 @@ pub(crate) async fn set_state(
     Form(f): Form<CsrfForm>,
 ) -> Result<Response, PageError> {
     ctx.check_csrf(&f.csrf)?;
-    let state = if q.enable { pb::SubscriptionState::Enabled } else { pb::SubscriptionState::Disabled };
-    let patch = pb::Subscription { id: id.clone(), state: state as i32, ..Default::default() };
+    let state = if q.enable {
+        pb::SubscriptionState::Enabled
+    } else {
+        pb::SubscriptionState::Disabled
+    };
+    let patch = pb::Subscription {
+        id: id.clone(),
+        state: state as i32,
+        ..Default::default()
+    };
     update(&mut ctx, patch, &["state"]).await?;
     Ok(Redirect::to(&format!("/console/subscriptions/{id}")).into_response())
 }
 
-pub(crate) async fn rotate(mut ctx: Ctx, Path(id): Path<String>, Form(f): Form<CsrfForm>) -> Result<Response, PageError> {
+pub(crate) async fn rotate(
+    mut ctx: Ctx,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, PageError> {
     ctx.check_csrf(&f.csrf)?;
     let secret = ctx
         .clients
         .registry
-        .rotate_secret(pb::RotateSecretRequest { subscription_id: id.clone(), ..Default::default() })
+        .rotate_secret(pb::RotateSecretRequest {
+            subscription_id: id.clone(),
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .secret;
@@ -169,12 +196,18 @@ pub(crate) struct TestForm {
     payload: String,
 }
 
-pub(crate) async fn send_test(mut ctx: Ctx, Path(id): Path<String>, Form(f): Form<TestForm>) -> Result<Response, PageError> {
+pub(crate) async fn send_test(
+    mut ctx: Ctx,
+    Path(id): Path<String>,
+    Form(f): Form<TestForm>,
+) -> Result<Response, PageError> {
     ctx.check_csrf(&f.csrf)?;
     let s = ctx
         .clients
         .registry
-        .get_subscription(pb::GetSubscriptionRequest { subscription_id: id.clone() })
+        .get_subscription(pb::GetSubscriptionRequest {
+            subscription_id: id.clone(),
+        })
         .await?
         .into_inner();
     let published = ctx
@@ -183,7 +216,7 @@ pub(crate) async fn send_test(mut ctx: Ctx, Path(id): Path<String>, Form(f): For
         .publish(pb::PublishRequest {
             tenant_id: s.tenant_id.clone(),
             event_type: f.event_type,
-            payload: f.payload.into_bytes().into(),
+            payload: f.payload.into_bytes(),
             ..Default::default()
         })
         .await?
@@ -196,12 +229,19 @@ pub(crate) async fn send_test(mut ctx: Ctx, Path(id): Path<String>, Form(f): For
     Ok(view::page(&ctx, "Test event sent", body).into_response())
 }
 
-pub(crate) async fn replay(mut ctx: Ctx, Path(id): Path<String>, Form(f): Form<CsrfForm>) -> Result<Response, PageError> {
+pub(crate) async fn replay(
+    mut ctx: Ctx,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, PageError> {
     ctx.check_csrf(&f.csrf)?;
     let n = ctx
         .clients
         .delivery
-        .replay_failed(pb::ReplayFailedRequest { subscription_id: id.clone(), ..Default::default() })
+        .replay_failed(pb::ReplayFailedRequest {
+            subscription_id: id.clone(),
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .replayed;

@@ -25,7 +25,11 @@ pub(crate) async fn asset(Path(name): Path<String>) -> Response {
 }
 
 /// Adds the headers every console answer carries.
-pub(crate) async fn security_headers(frame_ancestors: String, req: Request, next: Next) -> Response {
+pub(crate) async fn security_headers(
+    frame_ancestors: String,
+    req: Request,
+    next: Next,
+) -> Response {
     let mut res = next.run(req).await;
     let csp = format!(
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; \
@@ -35,9 +39,15 @@ pub(crate) async fn security_headers(frame_ancestors: String, req: Request, next
     if let Ok(v) = HeaderValue::from_str(&csp) {
         h.insert(header::CONTENT_SECURITY_POLICY, v);
     }
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     // Portal links carry their token in the URL: never send it on.
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.entry(header::CACHE_CONTROL)
         .or_insert(HeaderValue::from_static("no-store"));
     res
@@ -46,9 +56,15 @@ pub(crate) async fn security_headers(frame_ancestors: String, req: Request, next
 /// A page with navigation for a signed-in caller.
 pub(crate) fn page(ctx: &Ctx, title: &str, body: Markup) -> Markup {
     let who = match (&ctx.principal, ctx.portal) {
-        (p, true) => format!("portal · tenant {}", p.tenant().map(|t| t.as_str()).unwrap_or("")),
+        (p, true) => format!(
+            "portal · tenant {}",
+            p.tenant().map(|t| t.as_str()).unwrap_or("")
+        ),
         (p, false) if p.is_admin() => "admin key".to_string(),
-        (p, false) => format!("tenant key · {}", p.tenant().map(|t| t.as_str()).unwrap_or("")),
+        (p, false) => format!(
+            "tenant key · {}",
+            p.tenant().map(|t| t.as_str()).unwrap_or("")
+        ),
     };
     let body = html! {
         nav {
@@ -176,7 +192,10 @@ impl PageError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, m)
     }
     pub fn internal(what: &str) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {what}"))
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal error: {what}"),
+        )
     }
 }
 
@@ -184,7 +203,9 @@ impl From<tonic::Status> for PageError {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code;
         let status = match s.code() {
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+                StatusCode::BAD_REQUEST
+            }
             Code::Unauthenticated => StatusCode::UNAUTHORIZED,
             Code::PermissionDenied => StatusCode::FORBIDDEN,
             Code::NotFound => StatusCode::NOT_FOUND,

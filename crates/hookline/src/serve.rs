@@ -29,8 +29,8 @@ use crate::backends::{self, AnyStore, Mode};
 use crate::config::Config;
 use crate::egress_config;
 use crate::keys::{self, Endpoints};
-use crate::{console, rest};
 use crate::shutdown;
+use crate::{console, rest};
 use crate::{elsewhere, metrics_catalog};
 
 /// The services one process can run.
@@ -221,9 +221,15 @@ impl Listeners {
             },
             rest_max_connections: config.rest_max_connections,
             console: match config.console_addr {
-                Some(addr) => {
-                    Some(bind(addr, "the web console", "--console-addr", "HOOKLINE_CONSOLE_ADDR").await?)
-                }
+                Some(addr) => Some(
+                    bind(
+                        addr,
+                        "the web console",
+                        "--console-addr",
+                        "HOOKLINE_CONSOLE_ADDR",
+                    )
+                    .await?,
+                ),
                 None => None,
             },
             conn_limits: config.conn_limits(),
@@ -374,7 +380,9 @@ impl Wiring<'_> {
         health
             .set_serving::<pb::registry_service_server::RegistryServiceServer<RegistryApi>>()
             .await;
-        in_process.add(pb::registry_service_server::RegistryServiceServer::new(api.clone()));
+        in_process.add(pb::registry_service_server::RegistryServiceServer::new(
+            api.clone(),
+        ));
         router.add_service(api.into_server())
     }
 
@@ -406,7 +414,9 @@ impl Wiring<'_> {
         health
             .set_serving::<pb::ingest_service_server::IngestServiceServer<IngestApi>>()
             .await;
-        in_process.add(pb::ingest_service_server::IngestServiceServer::new(api.clone()));
+        in_process.add(pb::ingest_service_server::IngestServiceServer::new(
+            api.clone(),
+        ));
         router.add_service(api.into_server())
     }
 
@@ -448,7 +458,9 @@ impl Wiring<'_> {
         health
             .set_serving::<pb::delivery_service_server::DeliveryServiceServer<DeliveryApi>>()
             .await;
-        in_process.add(pb::delivery_service_server::DeliveryServiceServer::new(api.clone()));
+        in_process.add(pb::delivery_service_server::DeliveryServiceServer::new(
+            api.clone(),
+        ));
         router.add_service(api.into_server())
     }
 

@@ -118,6 +118,8 @@ pub struct Config {
     pub console_portal_secret: Option<String>,
     /// Longest lifetime a portal link may be given, in seconds.
     pub console_portal_max_ttl_secs: u64,
+    /// Most console connections open at once; beyond it new connections are closed at once.
+    pub console_max_connections: usize,
 }
 
 impl Default for Config {
@@ -160,6 +162,7 @@ impl Default for Config {
             console_frame_ancestors: "'none'".into(),
             console_portal_secret: None,
             console_portal_max_ttl_secs: 24 * 3600,
+            console_max_connections: 256,
         }
     }
 }

@@ -35,6 +35,10 @@ pub fn check_config(config: &Config) -> anyhow::Result<()> {
         "console_portal_max_ttl_secs is {}; allowed: {lo} to {hi}",
         config.console_portal_max_ttl_secs
     );
+    anyhow::ensure!(
+        config.console_max_connections >= 1,
+        "console_max_connections must be at least 1"
+    );
     let ancestors = config.console_frame_ancestors.trim();
     anyhow::ensure!(
         !ancestors.is_empty()
@@ -68,9 +72,12 @@ pub fn start(
     settings.frame_ancestors = config.console_frame_ancestors.trim().to_string();
     settings.portal_max_ttl = Duration::from_secs(config.console_portal_max_ttl_secs);
     let router = hookline_console::router(settings, services, auth, broker);
+    let config_max = config.console_max_connections;
     let shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
-        if let Err(e) = hookline_console::serve(listener, router, shutdown.clone()).await {
+        // The REST API's server: the same cap on open connections, the same graceful stop.
+        let max = config_max;
+        if let Err(e) = hookline_rest::serve(listener, max, router, shutdown.clone()).await {
             tracing::error!(error = %e, "the web console failed; stopping");
             shutdown.cancel();
         }

@@ -124,16 +124,19 @@ impl Browser {
 
     /// The element for `css`, waiting for it to appear.
     pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
-        match self
-            .client
-            .wait()
-            .at_most(WAIT)
-            .for_element(Locator::Css(css))
-            .await
-        {
+        self.wait_for(Locator::Css(css)).await
+    }
+
+    /// The element for `xpath`, waiting for it to appear.
+    pub async fn find_xpath(&self, xpath: &str) -> fantoccini::elements::Element {
+        self.wait_for(Locator::XPath(xpath)).await
+    }
+
+    async fn wait_for(&self, locator: Locator<'_>) -> fantoccini::elements::Element {
+        match self.client.wait().at_most(WAIT).for_element(locator).await {
             Ok(element) => element,
             Err(e) => panic!(
-                "no element {css} within {WAIT:?}: {e}; page {}: {}",
+                "no element {locator:?} within {WAIT:?}: {e}; page {}: {}",
                 self.url().await,
                 self.source().await
             ),

@@ -60,6 +60,31 @@ pub(crate) struct Clients {
     pub delivery: pb::delivery_service_client::DeliveryServiceClient<AsPrincipal>,
 }
 
+impl Clients {
+    /// The first page of tenants the caller may list.
+    pub async fn tenants(&mut self) -> Result<Vec<pb::Tenant>, tonic::Status> {
+        let req = pb::ListTenantsRequest {
+            page_size: crate::pages::PAGE_SIZE,
+            page_token: String::new(),
+        };
+        Ok(self.registry.list_tenants(req).await?.into_inner().tenants)
+    }
+
+    pub async fn tenant(&mut self, id: &str) -> Result<pb::Tenant, tonic::Status> {
+        let req = pb::GetTenantRequest {
+            tenant_id: id.to_string(),
+        };
+        Ok(self.registry.get_tenant(req).await?.into_inner())
+    }
+
+    pub async fn subscription(&mut self, id: &str) -> Result<pb::Subscription, tonic::Status> {
+        let req = pb::GetSubscriptionRequest {
+            subscription_id: id.to_string(),
+        };
+        Ok(self.registry.get_subscription(req).await?.into_inner())
+    }
+}
+
 /// A transport that hands each request to the services with `principal` attached.
 #[derive(Clone)]
 pub(crate) struct AsPrincipal {

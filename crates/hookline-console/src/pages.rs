@@ -37,16 +37,7 @@ pub(crate) fn tenant_of(ctx: &Ctx, asked: &str) -> Option<String> {
 
 /// For an admin who named no tenant: links to pick one.
 pub(crate) async fn pick_tenant(ctx: &mut Ctx, path: &str) -> Result<Markup, PageError> {
-    let tenants = ctx
-        .clients
-        .registry
-        .list_tenants(pb::ListTenantsRequest {
-            page_size: PAGE_SIZE,
-            page_token: String::new(),
-        })
-        .await?
-        .into_inner()
-        .tenants;
+    let tenants = ctx.clients.tenants().await?;
     Ok(html! {
         p { "Choose a tenant:" }
         ul { @for t in &tenants { li { a href={ (path) "?tenant=" (t.id) } { (t.name) " " code { (t.id) } } } } }
@@ -69,15 +60,7 @@ pub(crate) async fn overview(state: State, mut ctx: Ctx) -> Result<Response, Pag
         None
     };
     let own = match ctx.own_tenant().cloned() {
-        Some(t) => Some(
-            ctx.clients
-                .registry
-                .get_tenant(pb::GetTenantRequest {
-                    tenant_id: t.as_str().into(),
-                })
-                .await?
-                .into_inner(),
-        ),
+        Some(t) => Some(ctx.clients.tenant(t.as_str()).await?),
         None => None,
     };
     let body = html! {
@@ -99,26 +82,8 @@ pub(crate) async fn overview(state: State, mut ctx: Ctx) -> Result<Response, Pag
 
 pub(crate) async fn tenants(mut ctx: Ctx) -> Result<Response, PageError> {
     let list = match ctx.own_tenant().cloned() {
-        Some(own) => vec![
-            ctx.clients
-                .registry
-                .get_tenant(pb::GetTenantRequest {
-                    tenant_id: own.as_str().into(),
-                })
-                .await?
-                .into_inner(),
-        ],
-        None => {
-            ctx.clients
-                .registry
-                .list_tenants(pb::ListTenantsRequest {
-                    page_size: PAGE_SIZE,
-                    page_token: String::new(),
-                })
-                .await?
-                .into_inner()
-                .tenants
-        }
+        Some(own) => vec![ctx.clients.tenant(own.as_str()).await?],
+        None => ctx.clients.tenants().await?,
     };
     let body = html! {
         table id="tenants" {
@@ -163,14 +128,7 @@ pub(crate) async fn create_tenant(
 }
 
 pub(crate) async fn tenant(mut ctx: Ctx, Path(id): Path<String>) -> Result<Response, PageError> {
-    let t = ctx
-        .clients
-        .registry
-        .get_tenant(pb::GetTenantRequest {
-            tenant_id: id.clone(),
-        })
-        .await?
-        .into_inner();
+    let t = ctx.clients.tenant(&id).await?;
     let subs = ctx
         .clients
         .registry

@@ -15,7 +15,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::Utc;
 use hmac::{Hmac, KeyInit, Mac};
 use hookline_core::{Id, IdKind};
-use hookline_proto::v1 as pb;
 use http::HeaderMap;
 use maud::html;
 use serde::Deserialize;
@@ -142,13 +141,7 @@ async fn make_link(
             "ttl_secs is {ttl}; allowed: {MIN_TTL_SECS} to {max} (setting console_portal_max_ttl_secs)"
         )));
     }
-    let tenant = clients
-        .registry
-        .get_tenant(pb::GetTenantRequest {
-            tenant_id: req.tenant_id.clone(),
-        })
-        .await?
-        .into_inner();
+    let tenant = clients.tenant(&req.tenant_id).await?;
     let tenant = Id::parse(IdKind::Tenant, "tenant_id", &tenant.id)
         .map_err(|e| PageError::bad_request(e.to_string()))?;
     let expires = Utc::now() + chrono::Duration::seconds(ttl as i64);

@@ -62,14 +62,7 @@ pub(crate) async fn create(
 }
 
 pub(crate) async fn show(mut ctx: Ctx, Path(id): Path<String>) -> Result<Response, PageError> {
-    let s = ctx
-        .clients
-        .registry
-        .get_subscription(pb::GetSubscriptionRequest {
-            subscription_id: id.clone(),
-        })
-        .await?
-        .into_inner();
+    let s = ctx.clients.subscription(&id).await?;
     let enabled = s.state == pb::SubscriptionState::Enabled as i32;
     let base = format!("/console/subscriptions/{}", s.id);
     let body = html! {
@@ -202,14 +195,7 @@ pub(crate) async fn send_test(
     Form(f): Form<TestForm>,
 ) -> Result<Response, PageError> {
     ctx.check_csrf(&f.csrf)?;
-    let s = ctx
-        .clients
-        .registry
-        .get_subscription(pb::GetSubscriptionRequest {
-            subscription_id: id.clone(),
-        })
-        .await?
-        .into_inner();
+    let s = ctx.clients.subscription(&id).await?;
     let published = ctx
         .clients
         .ingest

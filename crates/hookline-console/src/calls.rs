@@ -1,8 +1,8 @@
-//! Calls to this process's gRPC services, in-process, as a principal the console has
-//! established (a pasted key checked by the same [`Authenticator`] as the gate, or a
-//! verified portal link). The services receive the principal in the request's
-//! extensions exactly as the gate would put it there, so every tenant check and rule is
-//! theirs; the console never decides what a principal may see.
+//! Calls to this process's gRPC services, in process, as a principal the console has
+//! admitted (a pasted key, by the gate's own `Authenticator::admit`, or a verified
+//! portal link). The request carries the principal in its extensions, the gate's trusted
+//! in-process path, so the gate's message limits and every handler's tenant checks and
+//! rules apply; the console never decides what a principal may see.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -12,29 +12,15 @@ use hookline_proto::v1 as pb;
 use tonic::body::Body;
 use tonic::service::Routes;
 
-/// The gRPC services of this process without their gate: reachable only from inside
-/// the process, through [`Services::as_principal`].
-#[derive(Clone, Default)]
-pub struct Services {
+/// This process's gRPC services (each behind its gate), called in process.
+#[derive(Clone)]
+pub(crate) struct Services {
     routes: Routes,
 }
 
 impl Services {
-    /// Adds a service's server, not wrapped in the gate.
-    pub fn add<S>(&mut self, server: S)
-    where
-        S: tower_service::Service<
-                http::Request<Body>,
-                Response = http::Response<Body>,
-                Error = Infallible,
-            > + tonic::server::NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
-        self.routes = std::mem::take(&mut self.routes).add_service(server);
+    pub fn new(routes: Routes) -> Self {
+        Self { routes }
     }
 
     pub(crate) fn as_principal(&self, principal: Principal) -> Clients {

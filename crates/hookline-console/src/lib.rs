@@ -1,6 +1,6 @@
 //! Hookline's web console and tenant portal, served by the `hookline` binary on its own
 //! port (`console_addr`). Pages are rendered on the server (maud) from the answers of
-//! this process's own gRPC services, called in-process with the session's principal
+//! this process's own gRPC services, called in process with the session's principal
 //! (`calls`), so the services — not the console — decide what a key may see and change.
 //! A session comes from a pasted API key or from a signed, short-lived portal link
 //! (`session`, `portal`); every form carries the session's CSRF token. JavaScript runs
@@ -23,8 +23,9 @@ use axum::routing::{get, post};
 use hookline_broker::Broker;
 use hookline_grpc::Authenticator;
 
-pub use calls::Services;
 pub use session::Sessions;
+
+use crate::calls::Services;
 
 /// Settings of the console.
 #[derive(Clone)]
@@ -67,13 +68,13 @@ pub(crate) type State = axum::extract::State<Arc<Console>>;
 /// The console's routes, all under `/console`.
 pub fn router(
     config: ConsoleConfig,
-    services: Services,
+    services: tonic::service::Routes,
     auth: Authenticator,
     broker: Arc<dyn Broker>,
 ) -> Router {
     let console = Arc::new(Console {
         config,
-        services,
+        services: Services::new(services),
         auth,
         sessions: Sessions::default(),
         broker,

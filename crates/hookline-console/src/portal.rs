@@ -188,11 +188,7 @@ pub(crate) async fn create_from_api(
     Json(req): Json<LinkRequest>,
 ) -> Result<Response, PageError> {
     let console = state.0;
-    let principal = console
-        .auth
-        .authenticate_header(headers.get(http::header::AUTHORIZATION))
-        .await?;
-    console.auth.limits().check_rate(&principal)?;
+    let principal = console.auth.admit(&headers).await?;
     let mut clients = console.services.as_principal(principal);
     let (url, expires) = make_link(&console, &mut clients, &headers, &req).await?;
     Ok(Json(serde_json::json!({ "url": url, "expires_at": expires.to_rfc3339() })).into_response())

@@ -150,26 +150,29 @@ impl FromRequestParts<Arc<Console>> for Ctx {
             return Err(to_login());
         };
         let (principal, portal) = match &session.credential {
-            Credential::Key(key) => match authenticate(console, key).await {
+            // The key again, and its rate: a revoked key ends the session.
+            Credential::Key(key) => match admit(console, key).await {
                 Ok(p) => (p, false),
-                Err(_) => {
+                Err(s) if s.code() == tonic::Code::Unauthenticated => {
                     console.sessions.remove(&id);
                     return Err(to_login());
                 }
+                Err(s) => return Err(PageError::from(s).into_response()),
             },
-            Credential::Portal { tenant_id, key_id } => (
-                Principal::Tenant {
+            Credential::Portal { tenant_id, key_id } => {
+                let p = Principal::Tenant {
                     key_id: key_id.clone(),
                     tenant_id: tenant_id.clone(),
-                },
-                true,
-            ),
+                };
+                // The same per-key rate, per portal session.
+                console
+                    .auth
+                    .limits()
+                    .check_rate(&p)
+                    .map_err(|s| PageError::from(s).into_response())?;
+                (p, true)
+            }
         };
-        console
-            .auth
-            .limits()
-            .check_rate(&principal)
-            .map_err(|s| PageError::from(s).into_response())?;
         Ok(Ctx {
             clients: console.services.as_principal(principal.clone()),
             principal,
@@ -179,11 +182,13 @@ impl FromRequestParts<Arc<Console>> for Ctx {
     }
 }
 
-/// The principal of `key`, by the gate's own authenticator.
-pub(crate) async fn authenticate(console: &Console, key: &str) -> Result<Principal, tonic::Status> {
+/// The principal of `key`, admitted by the gate's own check (key and rate).
+async fn admit(console: &Console, key: &str) -> Result<Principal, tonic::Status> {
     let header = HeaderValue::from_str(&format!("Bearer {key}"))
         .map_err(|_| tonic::Status::unauthenticated("the API key has characters no key has"))?;
-    console.auth.authenticate_header(Some(&header)).await
+    let mut headers = HeaderMap::new();
+    headers.insert(http::header::AUTHORIZATION, header);
+    console.auth.admit(&headers).await
 }
 
 /// The value of cookie `name`.
@@ -304,7 +309,7 @@ pub(crate) async fn login(
             key.len()
         )));
     }
-    authenticate(&console, key).await.map_err(PageError::from)?;
+    admit(&console, key).await.map_err(PageError::from)?;
     let ttl = console.config.session_ttl;
     let id = console
         .sessions

@@ -1,13 +1,13 @@
 //! Mounts the web console and tenant portal (crate `hookline-console`) on its own port.
-//! It calls this process's services in-process, without their gate, as the principal
-//! it established with the gate's own authenticator (or a verified portal link).
+//! It calls this process's services in process (the gate's trusted path, as REST does),
+//! as the principal it admitted with the gate's own authenticator or a portal link.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hookline_broker::Broker;
-use hookline_console::{ConsoleConfig, Services};
+use hookline_console::ConsoleConfig;
 use rand::RngCore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -54,7 +54,7 @@ pub fn check_config(config: &Config) -> anyhow::Result<()> {
 pub fn start(
     listener: TcpListener,
     config: &Config,
-    services: Services,
+    services: tonic::service::Routes,
     auth: hookline_grpc::Authenticator,
     broker: Arc<dyn Broker>,
     shutdown: &CancellationToken,

@@ -121,22 +121,20 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         wiring.auth.clone(),
         shutdown.clone(),
     )];
-    let mut in_process = hookline_console::Services::default();
-    let router = wiring
-        .start_services(&services, &mut tasks, &mut in_process)
-        .await?;
+    let router = wiring.start_services(&services, &mut tasks).await?;
     let router = elsewhere::add_fallbacks(router, &services);
     tasks.push(tokio::spawn(report_gauges(
         store.health(),
         broker.clone(),
         shutdown.clone(),
     )));
+    // The console calls the same services (gate included) in process, as REST does.
     let console_at = match listeners.console.take() {
         Some(listener) => {
             let (at, task) = console::start(
                 listener,
                 &config,
-                in_process,
+                router.clone(),
                 wiring.auth.clone(),
                 broker.clone(),
                 &shutdown,
@@ -339,25 +337,23 @@ struct Wiring<'a> {
 impl Wiring<'_> {
     /// Mounts the gRPC services of `services` (with health and reflection) and spawns
     /// their background tasks into `tasks`.
-    /// `in_process` receives the same services without their gate, for the console.
     async fn start_services(
         &self,
         services: &BTreeSet<Service>,
         tasks: &mut Vec<JoinHandle<()>>,
-        in_process: &mut hookline_console::Services,
     ) -> anyhow::Result<Router> {
         let (health, health_service) = standard::health();
         let mut router = Router::new(health_service)
             .add_service(standard::reflection_v1()?)
             .add_service(standard::reflection_v1alpha()?);
         if services.contains(&Service::Registry) {
-            router = self.registry(router, &health, in_process).await;
+            router = self.registry(router, &health).await;
         }
         if services.contains(&Service::Ingest) {
-            router = self.ingest(router, &health, tasks, in_process).await;
+            router = self.ingest(router, &health, tasks).await;
         }
         if services.contains(&Service::Retry) {
-            router = self.retry(router, &health, tasks, in_process).await;
+            router = self.retry(router, &health, tasks).await;
         }
         if services.contains(&Service::Dispatcher) {
             tasks.push(self.dispatcher()?);
@@ -365,12 +361,7 @@ impl Wiring<'_> {
         Ok(router)
     }
 
-    async fn registry(
-        &self,
-        router: Router,
-        health: &HealthReporter,
-        in_process: &mut hookline_console::Services,
-    ) -> Router {
+    async fn registry(&self, router: Router, health: &HealthReporter) -> Router {
         let api = RegistryApi::new(
             self.store.registry(),
             self.broker.clone(),
@@ -381,9 +372,6 @@ impl Wiring<'_> {
         health
             .set_serving::<pb::registry_service_server::RegistryServiceServer<RegistryApi>>()
             .await;
-        in_process.add(pb::registry_service_server::RegistryServiceServer::new(
-            api.clone(),
-        ));
         router.add_service(api.into_server())
     }
 
@@ -392,7 +380,6 @@ impl Wiring<'_> {
         router: Router,
         health: &HealthReporter,
         tasks: &mut Vec<JoinHandle<()>>,
-        in_process: &mut hookline_console::Services,
     ) -> Router {
         let matcher = SubscriptionMatcher::new(self.store.registry());
         tasks.push(tokio::spawn(
@@ -415,9 +402,6 @@ impl Wiring<'_> {
         health
             .set_serving::<pb::ingest_service_server::IngestServiceServer<IngestApi>>()
             .await;
-        in_process.add(pb::ingest_service_server::IngestServiceServer::new(
-            api.clone(),
-        ));
         router.add_service(api.into_server())
     }
 
@@ -426,7 +410,6 @@ impl Wiring<'_> {
         router: Router,
         health: &HealthReporter,
         tasks: &mut Vec<JoinHandle<()>>,
-        in_process: &mut hookline_console::Services,
     ) -> Router {
         let (config, store) = (self.config, self.store);
         let scheduler = Scheduler::new(
@@ -459,9 +442,6 @@ impl Wiring<'_> {
         health
             .set_serving::<pb::delivery_service_server::DeliveryServiceServer<DeliveryApi>>()
             .await;
-        in_process.add(pb::delivery_service_server::DeliveryServiceServer::new(
-            api.clone(),
-        ));
         router.add_service(api.into_server())
     }
 

@@ -150,6 +150,14 @@ async fn console_in_a_browser(backend: Backend) {
         .await;
     assert!(b.text("#events").await.contains("\"order\": 42"));
     shot("events").await;
+    // An event's payload in full, and the catalogue of event types.
+    b.click("#events td a").await;
+    assert!(b.text("#payload").await.contains("\"total\": \"19.90\""));
+    b.goto(&format!("{console}/console/event-types")).await;
+    b.find("#event-types").await;
+    b.goto(&format!("{console}/console/tenants/{tenant}")).await;
+    assert!(b.text("#subscriptions").await.contains("enabled"));
+    shot("tenant").await;
 
     tenant_scoping_and_portal(&b, &server, &admin, &console, &tenant, shots).await;
     b.close().await;

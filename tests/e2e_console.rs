@@ -74,48 +74,66 @@ async fn console_in_a_browser(backend: Backend) {
     let env = Env::with(backend).await;
     let (server, admin, console) = start(&env).await;
     let receiver = Receiver::start().await;
+    // Screenshots from the embedded run only.
     let shots = matches!(backend, Backend::Embedded);
-    let shot = |name: &'static str| {
-        let b = &b;
-        async move {
-            if shots {
-                b.screenshot(name).await;
-            }
-        }
-    };
+    let tenant = live_delivery_and_retry(&b, &server, &admin, &console, &receiver, shots).await;
+    browse(&b, &console, &tenant, shots).await;
+    let other = tenant_scoping(&b, &server, &admin, &console, &tenant).await;
+    portal_link(&b, &console, &tenant, &other, shots).await;
+    b.close().await;
+    server.terminate().await;
+    env.finish().await;
+}
 
+/// Saves a screenshot when `on`.
+async fn shot(b: &Browser, on: bool, name: &str) {
+    if on {
+        b.screenshot(name).await;
+    }
+}
+
+/// Signs in as admin, subscribes a tenant to the receiver, sees the delivery live, and
+/// retries it from its attempts page; returns the tenant.
+async fn live_delivery_and_retry(
+    b: &Browser,
+    server: &Server,
+    admin: &str,
+    console: &str,
+    receiver: &Receiver,
+    shots: bool,
+) -> String {
     b.goto(&format!("{console}/console/")).await;
     assert!(
         b.url().await.ends_with("/console/login"),
         "not signed in: sent to the login page"
     );
-    shot("login").await;
-    sign_in(&b, &console, &admin).await;
+    shot(b, shots, "login").await;
+    sign_in(b, console, admin).await;
     assert_eq!(b.text("#who").await, "admin key");
-    shot("overview").await;
+    shot(b, shots, "overview").await;
 
     // A subscription to the receiver, made in the browser. The first answer is 429 with
     // an hour's Retry-After: only the retry button brings the second attempt now.
-    let tenant = create_tenant(&b, &console, "acme").await;
+    let tenant = create_tenant(b, console, "acme").await;
     let url = receiver.endpoint("console", Behavior::TooManyTimes(1, 3600));
     b.fill("#url", &url).await;
     b.click("#create-subscription").await;
     receiver.set_secret("console", &b.text("#secret").await);
     b.click("#subscription-link").await;
     assert_eq!(b.text("#state").await.trim(), "enabled");
-    shot("subscription").await;
+    shot(b, shots, "subscription").await;
 
     // The live view shows the delivery as it is made and attempted.
     b.goto(&format!("{console}/console/live?tenant={tenant}"))
         .await;
     b.find_xpath("//span[@id='live-state' and text()='live']")
         .await;
-    publish(&server, &admin, &tenant).await;
+    publish(server, admin, &tenant).await;
     b.find("tr.live-delivery").await;
     // The first attempt was answered 429: the row turns to retrying.
     b.find_xpath("//tr[@class='live-delivery']/td[text()='retrying']")
         .await;
-    shot("live").await;
+    shot(b, shots, "live").await;
 
     // Its attempts, then the retry button and the second attempt.
     b.click("tr.live-delivery a").await;
@@ -132,15 +150,20 @@ async fn console_in_a_browser(backend: Backend) {
             r.len() == 2
         })
         .await;
-    shot("delivery").await;
+    shot(b, shots, "delivery").await;
+    tenant
+}
 
+/// The deliveries with filters, the events and their payloads, event types and the
+/// tenant's page.
+async fn browse(b: &Browser, console: &str, tenant: &str, shots: bool) {
     // Filters: succeeded lists it, failed does not.
     b.goto(&format!(
         "{console}/console/deliveries?tenant={tenant}&status=succeeded&event_type=order.created"
     ))
     .await;
     assert_eq!(b.count("#deliveries a.delivery-link").await, 1);
-    shot("deliveries").await;
+    shot(b, shots, "deliveries").await;
     b.goto(&format!(
         "{console}/console/deliveries?tenant={tenant}&status=failed"
     ))
@@ -149,7 +172,7 @@ async fn console_in_a_browser(backend: Backend) {
     b.goto(&format!("{console}/console/events?tenant={tenant}"))
         .await;
     assert!(b.text("#events").await.contains("\"order\": 42"));
-    shot("events").await;
+    shot(b, shots, "events").await;
     // An event's payload in full, and the catalogue of event types.
     b.click("#events td a").await;
     assert!(b.text("#payload").await.contains("\"total\": \"19.90\""));
@@ -157,24 +180,17 @@ async fn console_in_a_browser(backend: Backend) {
     b.find("#event-types").await;
     b.goto(&format!("{console}/console/tenants/{tenant}")).await;
     assert!(b.text("#subscriptions").await.contains("enabled"));
-    shot("tenant").await;
-
-    tenant_scoping_and_portal(&b, &server, &admin, &console, &tenant, shots).await;
-    b.close().await;
-    server.terminate().await;
-    env.finish().await;
+    shot(b, shots, "tenant").await;
 }
 
-/// A tenant key sees its own tenant only; a portal link opens it without a key until
-/// it expires.
-async fn tenant_scoping_and_portal(
+/// A tenant key sees its own tenant only; returns the other tenant, which has data.
+async fn tenant_scoping(
     b: &Browser,
     server: &Server,
     admin: &str,
     console: &str,
     tenant: &str,
-    shots: bool,
-) {
+) -> String {
     let other = create_tenant(b, console, "globex").await;
     b.fill("#url", "http://127.0.0.1:9/other").await;
     b.click("#create-subscription").await;
@@ -216,8 +232,12 @@ async fn tenant_scoping_and_portal(
             "{path} showed: {page}"
         );
     }
+    other
+}
 
-    // A portal link for its own tenant, five seconds long.
+/// A portal link opens the tenant without a key until it expires.
+async fn portal_link(b: &Browser, console: &str, tenant: &str, other: &str, shots: bool) {
+    // Made by the tenant key for its own tenant, five seconds long.
     b.goto(&format!("{console}/console/tenants/{tenant}")).await;
     b.fill("#ttl_secs", "5").await;
     b.click("#create-portal-link").await;
@@ -234,9 +254,7 @@ async fn tenant_scoping_and_portal(
     b.goto(&format!("{console}/console/deliveries?tenant={tenant}"))
         .await;
     assert_eq!(b.count("#deliveries a.delivery-link").await, 1);
-    if shots {
-        b.screenshot("portal").await;
-    }
+    shot(b, shots, "portal").await;
     b.goto(&format!("{console}/console/tenants/{other}")).await;
     b.find("#error").await;
     // Expired: the session ends and the link no longer opens.
@@ -261,56 +279,7 @@ async fn forms_need_the_session_csrf_token_and_cookies_are_locked_down() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let page = http
-        .get(format!("{console}/console/login"))
-        .send()
-        .await
-        .unwrap();
-    let login_cookie = cookie(&page, "hookline_console_login");
-    assert!(
-        page.headers()["content-security-policy"]
-            .to_str()
-            .unwrap()
-            .contains("frame-ancestors 'none'")
-    );
-    let body = page.text().await.unwrap();
-    let token = hidden_csrf(&body);
-    // Without the login form's token: refused.
-    let refused = http
-        .post(format!("{console}/console/login"))
-        .header("cookie", format!("hookline_console_login={login_cookie}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form(&[("csrf", "forged"), ("api_key", admin.as_str())]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status(), 403);
-    let ok = http
-        .post(format!("{console}/console/login"))
-        .header("cookie", format!("hookline_console_login={login_cookie}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form(&[
-            ("csrf", token.as_str()),
-            ("api_key", admin.as_str()),
-        ]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), 303);
-    let set = ok
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_string())
-        .collect::<Vec<_>>();
-    let session_line = set
-        .iter()
-        .find(|c| c.starts_with("hookline_console="))
-        .expect("a session cookie");
-    for flag in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/console"] {
-        assert!(session_line.contains(flag), "{session_line} lacks {flag}");
-    }
-    let session = session_line.split(';').next().unwrap().to_string();
+    let session = sign_in_over_http(&http, &console, &admin).await;
     let overview = http
         .get(format!("{console}/console/"))
         .header("cookie", &session)
@@ -357,6 +326,58 @@ async fn forms_need_the_session_csrf_token_and_cookies_are_locked_down() {
     portal_links_over_the_api(&http, &console, &admin).await;
     server.terminate().await;
     env.finish().await;
+}
+
+/// Signs in with `key` as a browser would, checking the login form's CSRF token and the
+/// session cookie's flags; returns the `hookline_console=…` cookie pair.
+async fn sign_in_over_http(http: &reqwest::Client, console: &str, admin: &str) -> String {
+    let page = http
+        .get(format!("{console}/console/login"))
+        .send()
+        .await
+        .unwrap();
+    let login_cookie = cookie(&page, "hookline_console_login");
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
+    let body = page.text().await.unwrap();
+    let token = hidden_csrf(&body);
+    // Without the login form's token: refused.
+    let refused = http
+        .post(format!("{console}/console/login"))
+        .header("cookie", format!("hookline_console_login={login_cookie}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("csrf", "forged"), ("api_key", admin)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let ok = http
+        .post(format!("{console}/console/login"))
+        .header("cookie", format!("hookline_console_login={login_cookie}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("csrf", token.as_str()), ("api_key", admin)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 303);
+    let set = ok
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    let session_line = set
+        .iter()
+        .find(|c| c.starts_with("hookline_console="))
+        .expect("a session cookie");
+    for flag in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/console"] {
+        assert!(session_line.contains(flag), "{session_line} lacks {flag}");
+    }
+    session_line.split(';').next().unwrap().to_string()
 }
 
 /// `POST /console/api/portal-links`: a key is required, a forged link is refused.

@@ -169,6 +169,11 @@ async fn browse(b: &Browser, console: &str, tenant: &str, shots: bool) {
     ))
     .await;
     assert_eq!(b.count("#deliveries a.delivery-link").await, 0);
+    b.goto(&format!(
+        "{console}/console/deliveries?tenant={tenant}&since=2099-01-01T00:00"
+    ))
+    .await;
+    assert_eq!(b.count("#deliveries a.delivery-link").await, 0);
     b.goto(&format!("{console}/console/events?tenant={tenant}"))
         .await;
     assert!(b.text("#events").await.contains("\"order\": 42"));
@@ -181,6 +186,36 @@ async fn browse(b: &Browser, console: &str, tenant: &str, shots: bool) {
     b.goto(&format!("{console}/console/tenants/{tenant}")).await;
     assert!(b.text("#subscriptions").await.contains("enabled"));
     shot(b, shots, "tenant").await;
+    subscription_actions(b).await;
+}
+
+/// Disable, enable, edit, rotate the secret and send a test event, from the
+/// subscription's page.
+async fn subscription_actions(b: &Browser) {
+    b.click("#subscriptions td a").await;
+    // Each waits for the page the form leads to, not the one it was on.
+    b.click("#disable").await;
+    b.find_xpath("//dd[@id='state'][starts-with(normalize-space(.), 'disabled')]")
+        .await;
+    b.click("#enable").await;
+    b.find_xpath("//dd[@id='state'][starts-with(normalize-space(.), 'enabled')]")
+        .await;
+    b.fill("#description", "orders of acme").await;
+    b.click("#save").await;
+    b.reload_until("the description saved", |page| {
+        page.contains("value=\"orders of acme\"")
+    })
+    .await;
+    let page = b.url().await;
+    b.click("#rotate").await;
+    assert!(b.text("#secret").await.starts_with("whsec_"));
+    b.goto(&page).await;
+    b.click("#replay").await;
+    assert!(b.text("#replayed").await.starts_with("0 failed deliveries"));
+    b.goto(&page).await;
+    b.fill("#test_type", "order.test").await;
+    b.click("#send-test").await;
+    assert!(b.text("#published").await.contains("1 deliveries created"));
 }
 
 /// A tenant key sees its own tenant only; returns the other tenant, which has data.
@@ -253,7 +288,7 @@ async fn portal_link(b: &Browser, console: &str, tenant: &str, other: &str, shot
     assert!(b.text("#who").await.starts_with("portal"));
     b.goto(&format!("{console}/console/deliveries?tenant={tenant}"))
         .await;
-    assert_eq!(b.count("#deliveries a.delivery-link").await, 1);
+    assert!(b.count("#deliveries a.delivery-link").await >= 1);
     shot(b, shots, "portal").await;
     b.goto(&format!("{console}/console/tenants/{other}")).await;
     b.find("#error").await;

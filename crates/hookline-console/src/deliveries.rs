@@ -52,7 +52,11 @@ fn status_filter(value: &str) -> Result<pb::DeliveryStatus, PageError> {
     })
 }
 
-fn time_filter(field: &str, value: &str) -> Result<Option<prost_types::Timestamp>, PageError> {
+/// A `YYYY-MM-DDTHH:MM[:SS]` form field (UTC), as a timestamp; empty: none.
+pub(crate) fn time_filter(
+    field: &str,
+    value: &str,
+) -> Result<Option<prost_types::Timestamp>, PageError> {
     if value.is_empty() {
         return Ok(None);
     }

@@ -8,6 +8,7 @@ use hookline_proto::v1 as pb;
 use maud::html;
 use serde::Deserialize;
 
+use crate::deliveries::time_filter;
 use crate::session::{CsrfForm, Ctx};
 use crate::view::{self, PageError, button, csrf, ts};
 
@@ -65,6 +66,7 @@ pub(crate) async fn show(mut ctx: Ctx, Path(id): Path<String>) -> Result<Respons
     let s = ctx.clients.subscription(&id).await?;
     let enabled = s.state == pb::SubscriptionState::Enabled as i32;
     let base = format!("/console/subscriptions/{}", s.id);
+    let day_ago = (chrono::Utc::now() - chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M");
     let body = html! {
         dl {
             dt { "tenant" } dd { a href={ "/console/tenants/" (s.tenant_id) } { code { (s.tenant_id) } } }
@@ -80,7 +82,6 @@ pub(crate) async fn show(mut ctx: Ctx, Path(id): Path<String>) -> Result<Respons
             @if enabled { (button(&ctx, &format!("{base}/state?enable=false"), "Disable", "disable")) }
             @else { (button(&ctx, &format!("{base}/state?enable=true"), "Enable", "enable")) }
             (button(&ctx, &format!("{base}/rotate"), "Rotate secret", "rotate"))
-            (button(&ctx, &format!("{base}/replay"), "Replay failed deliveries", "replay"))
         }
         h2 { "Edit" }
         form method="post" action=(base) class="card" {
@@ -89,6 +90,13 @@ pub(crate) async fn show(mut ctx: Ctx, Path(id): Path<String>) -> Result<Respons
             label for="event_types" { "Event types" } input id="event_types" name="event_types" value=(s.event_types.join(", "));
             label for="description" { "Description" } input id="description" name="description" value=(s.description);
             button type="submit" id="save" { "Save" }
+        }
+        h2 { "Replay failed deliveries" }
+        form method="post" action={ (base) "/replay" } class="card" {
+            (csrf(&ctx))
+            label for="since" { "Failed since (UTC)" }
+            input id="since" name="since" type="datetime-local" required value=(day_ago);
+            button type="submit" id="replay" { "Replay failed deliveries" }
         }
         h2 { "Send a test event" }
         form method="post" action={ (base) "/test" } class="card" {
@@ -215,10 +223,17 @@ pub(crate) async fn send_test(
     Ok(view::page(&ctx, "Test event sent", body).into_response())
 }
 
+#[derive(Deserialize)]
+pub(crate) struct ReplayForm {
+    csrf: String,
+    /// `YYYY-MM-DDTHH:MM` (UTC).
+    since: String,
+}
+
 pub(crate) async fn replay(
     mut ctx: Ctx,
     Path(id): Path<String>,
-    Form(f): Form<CsrfForm>,
+    Form(f): Form<ReplayForm>,
 ) -> Result<Response, PageError> {
     ctx.check_csrf(&f.csrf)?;
     let n = ctx
@@ -226,7 +241,8 @@ pub(crate) async fn replay(
         .delivery
         .replay_failed(pb::ReplayFailedRequest {
             subscription_id: id.clone(),
-            ..Default::default()
+            since: time_filter("since", &f.since)?,
+            until: None,
         })
         .await?
         .into_inner()

@@ -17,11 +17,12 @@
 //! * violated constraints become [`StoreError::Conflict`] (unique) or
 //!   [`StoreError::NotFound`] (a foreign key to something that is not there).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{
     ApiKey, EventType, Subscription, SubscriptionSecret, SubscriptionState, Tenant,
 };
@@ -168,6 +169,7 @@ macro_rules! job_cols {
 }
 
 // The data plane's modules come after the column lists so that they can use them.
+mod client_certs;
 mod deliveries;
 mod events;
 mod quotas;
@@ -572,6 +574,7 @@ impl RegistryStore for PgStore {
         // The secret belongs to the subscription being created, whatever its
         // `subscription_id` field says.
         insert_secret(&mut tx, &new.id, &new.secret).await?;
+        client_certs::put(&mut tx, &new.id, new.client_identity.as_ref()).await?;
         tx.commit().await?;
         Ok(subscription)
     }
@@ -982,6 +985,21 @@ impl RegistryStore for PgStore {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(until.flatten())
+    }
+
+    async fn set_client_identity(
+        &self,
+        id: &Id,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<(), StoreError> {
+        client_certs::set(&self.pool, id, identity).await
+    }
+
+    async fn client_identities(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, ClientIdentity>, StoreError> {
+        client_certs::load(&self.pool, ids).await
     }
 }
 

@@ -66,7 +66,7 @@
 //!   nothing for a foreign key), so where the PostgreSQL adapter reads the name to say what
 //!   was wrong, this one checks first, inside the (exclusive) write transaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -74,6 +74,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{
     ApiKey, EventType, Subscription, SubscriptionSecret, SubscriptionState, Tenant,
 };
@@ -342,6 +343,7 @@ macro_rules! jobs_of_ids {
 }
 
 // The data plane's modules come after the column lists so that they can use them.
+mod client_certs;
 mod deliveries;
 mod events;
 mod quotas;
@@ -863,6 +865,7 @@ impl RegistryStore for SqliteStore {
         // The secret belongs to the subscription being created, whatever its
         // `subscription_id` field says.
         insert_secret(&mut tx, &new.id, &new.secret).await?;
+        client_certs::put(&mut tx, &new.id, new.client_identity.as_ref()).await?;
         tx.commit().await?;
         Ok(subscription)
     }
@@ -1311,6 +1314,22 @@ impl RegistryStore for SqliteStore {
             .flatten()
             .map(|us| from_micros("circuit_open_until", us))
             .transpose()?)
+    }
+
+    async fn set_client_identity(
+        &self,
+        id: &Id,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<(), StoreError> {
+        let (tx, now) = self.write().await?;
+        client_certs::set(tx, now, id, identity).await
+    }
+
+    async fn client_identities(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, ClientIdentity>, StoreError> {
+        client_certs::load(&self.reader, ids).await
     }
 }
 

@@ -21,6 +21,7 @@ on_both_backends! {
 fn new_subscription(tenant_id: &Id) -> NewSubscription {
     let id = Id::new(IdKind::Subscription);
     NewSubscription {
+        client_identity: None,
         payload_format: Default::default(),
         secret: SubscriptionSecret {
             id: Id::new(IdKind::Secret),

@@ -101,6 +101,24 @@ pub fn describe(certificate_pem: &str) -> Result<CertificateInfo> {
     info("certificate_pem", &chain[0])
 }
 
+/// Checks a bundle of PEM CA certificates trusted for receivers: at least one, each an
+/// X.509 certificate. Returns how many it holds.
+pub fn ca_bundle(field: &str, pem: &str) -> Result<usize> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| ValidationError::new(field, format!("is not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(ValidationError::new(
+            field,
+            "holds no `-----BEGIN CERTIFICATE-----` block",
+        ));
+    }
+    for der in &certs {
+        parse(field, der)?;
+    }
+    Ok(certs.len())
+}
+
 /// Every certificate of a PEM chain: at least one, at most [`MAX_CHAIN_LEN`].
 fn chain(field: &str, pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     let chain = CertificateDer::pem_slice_iter(pem.as_bytes())

@@ -51,13 +51,7 @@ async fn serve<'a>(env: &'a Env, settings: &[(&str, &str)]) -> (Cli<'a>, Server)
 
 async fn publish(cli: &Cli<'_>, tenant: &str, n: u32) {
     let data = format!(r#"{{"n":{n}}}"#);
-    let args = [
-        "publish",
-        "--tenant",
-        tenant,
-        "--type",
-        "invoice.paid",
-    ];
+    let args = ["publish", "--tenant", tenant, "--type", "invoice.paid"];
     let mut all = args.to_vec();
     all.extend(["--data", &data]);
     cli.json(&all).await;

@@ -373,7 +373,18 @@ mod tests {
     }
 
     fn client(timeout_ms: u64) -> HttpClient {
-        build_client(Duration::from_millis(timeout_ms), loopback(), None).unwrap()
+        client_with(Duration::from_millis(timeout_ms), loopback(), None)
+    }
+
+    /// A client with no extra roots and no client certificate.
+    fn client_with(timeout: Duration, egress: Egress, proxy: Option<&Url>) -> HttpClient {
+        let cfg = DispatcherConfig {
+            request_timeout: timeout,
+            egress,
+            egress_proxy: proxy.cloned(),
+            ..DispatcherConfig::default()
+        };
+        build_client(&cfg, &[], None).unwrap()
     }
 
     async fn send(client: &HttpClient, url: Url) -> Exchange {
@@ -460,7 +471,7 @@ mod tests {
     async fn a_refused_literal_address_gets_no_connection() {
         let listener = CountingListener::bind("127.0.0.1:0").await;
         let addr = listener.addr;
-        let default = build_client(Duration::from_secs(5), Egress::default(), None).unwrap();
+        let default = client_with(Duration::from_secs(5), Egress::default(), None);
         for text in [
             format!("http://{addr}/"),
             format!("http://[::ffff:127.0.0.1]:{}/", addr.port()),
@@ -489,7 +500,7 @@ mod tests {
         let lookup = Arc::new(ScriptedLookup::default());
         let allow = vec![parse_range("127.0.0.1").unwrap()];
         let egress = Egress::new(EgressPolicy::new(allow, vec![]), lookup.clone());
-        let client = build_client(Duration::from_secs(5), egress, None).unwrap();
+        let client = client_with(Duration::from_secs(5), egress, None);
         let url = Url::parse(&format!("http://rebind.test:{}/", addr.port())).unwrap();
         lookup.set("rebind.test", &["127.0.0.2".parse().unwrap()]);
         let exchange = send(&client, url.clone()).await;
@@ -553,7 +564,7 @@ mod tests {
         });
         // The default policy refuses loopback, but the operator's proxy is exempt.
         let proxy = Url::parse(&format!("http://localhost:{port}")).unwrap();
-        let client = build_client(Duration::from_secs(5), Egress::default(), Some(&proxy)).unwrap();
+        let client = client_with(Duration::from_secs(5), Egress::default(), Some(&proxy));
         let exchange = send(&client, Url::parse("http://hooks.example/hook").unwrap()).await;
         assert_eq!(exchange.status, Some(StatusCode::OK), "{exchange:?}");
         let refused = send(&client, Url::parse("http://10.0.0.1/hook").unwrap()).await;

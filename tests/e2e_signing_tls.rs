@@ -2,7 +2,8 @@
 //! `hookline serve` and its CLI, on both backends:
 //! - an ed25519 (`v1a`) subscription shows only `whpk_` public keys, and its signatures
 //!   are verified by Python `cryptography` following the specification's signing string
-//!   (an implementation that is not ours), before and during a rotation (two keys sign);
+//!   (an implementation that is not ours: docs/receiving/verify_v1a.py, shown in
+//!   docs/RECEIVING.md), before and during a rotation (two keys sign);
 //! - an HTTPS receiver that requires a client certificate from its CA (certificates made
 //!   here with rcgen) gets deliveries from a subscription carrying one, and refuses one
 //!   without: that delivery fails with attempts of class `tls` naming the certificate.
@@ -138,10 +139,21 @@ fn python_verify(req: &Received, body: Option<&[u8]>, public_keys: &[&str]) -> V
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "verify_v1a.py failed: {}",
+        "docs/receiving/verify_v1a.py failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("verify_v1a.py prints JSON")
+}
+
+#[test]
+fn the_document_shows_the_v1a_verifier_that_runs() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../");
+    let doc = std::fs::read_to_string(format!("{root}docs/RECEIVING.md")).unwrap();
+    let code = std::fs::read_to_string(format!("{root}docs/receiving/verify_v1a.py")).unwrap();
+    assert!(
+        doc.contains(code.trim_end()),
+        "docs/RECEIVING.md does not show docs/receiving/verify_v1a.py as it is"
+    );
 }
 
 async fn v1a_signatures_verify_in_python_across_a_rotation(backend: Backend) {

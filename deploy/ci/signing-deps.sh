@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs Python `cryptography` (pinned) for the test that verifies `v1a` (ed25519)
-# signatures with an implementation that is not Hookline's (tests/e2e_signing_tls.rs),
+# signatures with an implementation that is not Hookline's (docs/receiving/verify_v1a.py, run by
+# tests/e2e_signing_tls.rs),
 # into ${HOOKLINE_CI_CACHE:-~/.cache/hookline-ci}/signing/python (for PYTHONPATH), when the
 # system's python3 cannot import it. Nothing is installed system-wide; a second run does
 # nothing.

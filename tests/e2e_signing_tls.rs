@@ -110,16 +110,19 @@ fn python_path() -> Option<PathBuf> {
 /// Which of `public_keys` Python finds a valid `v1a` entry for in `req` (with `body`
 /// instead of the body received, when given), and how many `v1a` entries it saw.
 fn python_verify(req: &Received, body: Option<&[u8]>, public_keys: &[&str]) -> Value {
+    let headers: serde_json::Map<String, Value> =
+        ["webhook-id", "webhook-timestamp", "webhook-signature"]
+            .into_iter()
+            .map(|h| (h.to_owned(), Value::String(req.header(h))))
+            .collect();
     let input = json!({
-        "id": req.header("webhook-id"),
-        "timestamp": req.header("webhook-timestamp"),
+        "headers": headers,
         "body_b64": STANDARD.encode(body.unwrap_or(&req.body)),
-        "signature": req.header("webhook-signature"),
         "public_keys": public_keys,
     });
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/signing/verify_v1a.py"
+        "/../../docs/receiving/verify_v1a.py"
     );
     let mut cmd = std::process::Command::new("python3");
     cmd.arg(script)

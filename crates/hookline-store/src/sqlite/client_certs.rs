@@ -9,8 +9,8 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::types::Json;
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::not_found;
 use crate::StoreError;
+use crate::error::{Db, not_found};
 
 /// Sets (or with `None` removes) the client certificate of `id` inside `tx`.
 pub(super) async fn put(
@@ -31,13 +31,15 @@ pub(super) async fn put(
             .bind(&identity.certificate_pem)
             .bind(&identity.private_key_pem)
             .execute(&mut **tx)
-            .await?;
+            .await
+            .db()?;
         }
         None => {
             sqlx::query("DELETE FROM subscription_client_certs WHERE subscription_id = ?1")
                 .bind(id.as_str())
                 .execute(&mut **tx)
-                .await?;
+                .await
+                .db()?;
         }
     }
     Ok(())
@@ -54,12 +56,13 @@ pub(super) async fn set(
         .bind(id.as_str())
         .bind(now)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .db()?;
     if updated.rows_affected() == 0 {
         return Err(not_found("subscription", id));
     }
     put(&mut tx, id, identity).await?;
-    tx.commit().await?;
+    tx.commit().await.db()?;
     Ok(())
 }
 
@@ -80,16 +83,17 @@ pub(super) async fn load(
     )
     .bind(Json(&wanted))
     .fetch_all(reader)
-    .await?;
+    .await
+    .db()?;
     let mut out = HashMap::with_capacity(rows.len());
     for row in rows {
-        let id: String = row.try_get("subscription_id")?;
+        let id: String = row.try_get("subscription_id").db()?;
         if let Some(&id) = by_name.get(id.as_str()) {
             out.insert(
                 id.clone(),
                 ClientIdentity {
-                    certificate_pem: row.try_get("certificate_pem")?,
-                    private_key_pem: row.try_get("private_key_pem")?,
+                    certificate_pem: row.try_get("certificate_pem").db()?,
+                    private_key_pem: row.try_get("private_key_pem").db()?,
                 },
             );
         }

@@ -6,9 +6,7 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use chrono::Utc;
 use hookline_core::client_cert::ClientIdentity;
-use hookline_core::model::{SubscriptionSecret, SubscriptionState};
 use hookline_core::{Id, IdKind};
 use hookline_store::{NewSubscription, StoreError};
 use support::{Backend, Fixture};
@@ -25,29 +23,9 @@ fn identity(tag: &str) -> ClientIdentity {
 }
 
 fn new_subscription(tenant_id: &Id, client_identity: Option<ClientIdentity>) -> NewSubscription {
-    let id = Id::new(IdKind::Subscription);
     NewSubscription {
         client_identity,
-        payload_format: Default::default(),
-        secret: SubscriptionSecret {
-            id: Id::new(IdKind::Secret),
-            subscription_id: id.clone(),
-            secret: "whsec_c2VjcmV0LW9uZS1zZWNyZXQtb25lLXNlY3JldA==".into(),
-            created_at: Utc::now(),
-            expires_at: None,
-        },
-        id,
-        tenant_id: tenant_id.clone(),
-        url: "https://receiver.example/hooks".into(),
-        description: String::new(),
-        event_types: vec![],
-        channels: vec![],
-        headers: BTreeMap::new(),
-        rate_limit_per_second: None,
-        max_in_flight: None,
-        retry_schedule: None,
-        state: SubscriptionState::Enabled,
-        metadata: BTreeMap::new(),
+        ..support::new_subscription(tenant_id)
     }
 }
 

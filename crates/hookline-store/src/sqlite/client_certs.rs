@@ -7,9 +7,10 @@ use hookline_core::Id;
 use hookline_core::client_cert::ClientIdentity;
 use sqlx::sqlite::SqlitePool;
 use sqlx::types::Json;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 
 use crate::StoreError;
+use crate::codec;
 use crate::error::{Db, not_found};
 
 /// Sets (or with `None` removes) the client certificate of `id` inside `tx`.
@@ -74,29 +75,14 @@ pub(super) async fn load(
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let by_name: HashMap<&str, &Id> = ids.iter().map(|id| (id.as_str(), id)).collect();
-    let wanted: Vec<&str> = by_name.keys().copied().collect();
-    let rows = sqlx::query(
+    let wanted: Vec<&str> = ids.iter().map(Id::as_str).collect();
+    let rows = sqlx::query_as(
         "SELECT subscription_id, certificate_pem, private_key_pem \
-         FROM subscription_client_certs \
-         WHERE subscription_id IN (SELECT value FROM json_each(?1))",
+         FROM subscription_client_certs WHERE subscription_id IN (SELECT value FROM json_each(?1))",
     )
     .bind(Json(&wanted))
     .fetch_all(reader)
     .await
     .db()?;
-    let mut out = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let id: String = row.try_get("subscription_id").db()?;
-        if let Some(&id) = by_name.get(id.as_str()) {
-            out.insert(
-                id.clone(),
-                ClientIdentity {
-                    certificate_pem: row.try_get("certificate_pem").db()?,
-                    private_key_pem: row.try_get("private_key_pem").db()?,
-                },
-            );
-        }
-    }
-    Ok(out)
+    codec::client_identities(rows).db()
 }

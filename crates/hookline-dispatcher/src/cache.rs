@@ -1,7 +1,8 @@
 //! Subscriptions as the dispatcher needs them, without a database read per delivery.
 //!
 //! An entry holds the subscription, its parsed URL, the headers every request to it
-//! carries, its retry policy, and the decoded signing keys of its live secrets. It is
+//! carries, its retry policy, the decoded signing keys of its live secrets and its client
+//! certificate. It is
 //! read through the registry port on a miss (one load per subscription even when many
 //! deliveries miss at once), dropped when the change stream brings a change of the
 //! subscription or its tenant, dropped wholesale on a `Resync`, and expires after
@@ -15,6 +16,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use hookline_changes::{ChangeCache, RegistryChanges, RegistryNotice};
 use hookline_core::Id;
+use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{RegistryChange, Subscription};
 use hookline_core::retry::RetryPolicy;
 use hookline_core::signing::SigningKey;
@@ -41,6 +43,8 @@ pub(crate) struct Endpoint {
     pub(crate) policy: RetryPolicy,
     /// Decoded keys of the secrets live when the entry was loaded, with their expiry.
     keys: Vec<(SigningKey, Option<DateTime<Utc>>)>,
+    /// The client certificate presented to the receiver; `None`: the default one.
+    pub(crate) identity: Option<ClientIdentity>,
 }
 
 impl Endpoint {
@@ -84,6 +88,7 @@ impl Endpoint {
             headers,
             policy,
             keys,
+            identity: None,
         }
     }
 
@@ -168,11 +173,13 @@ impl SubscriptionCache {
                 }
             })
             .collect();
-        Ok(Lookup::Found(Arc::new(Endpoint::new(
-            subscription,
-            keys,
-            &self.user_agent,
-        ))))
+        let mut endpoint = Endpoint::new(subscription, keys, &self.user_agent);
+        endpoint.identity = self
+            .registry
+            .client_identities(std::slice::from_ref(subscription_id))
+            .await?
+            .remove(subscription_id);
+        Ok(Lookup::Found(Arc::new(endpoint)))
     }
 
     pub(crate) async fn invalidate_subscription(&self, subscription_id: &Id) {

@@ -27,6 +27,7 @@ mod body;
 mod cache;
 mod circuit;
 mod circuit_record;
+mod clients;
 mod config;
 mod failure;
 mod http;
@@ -46,7 +47,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{CircuitConfig, DispatcherConfig};
+pub use config::{CircuitConfig, DispatcherConfig, ReceiverTls};
 
 use crate::cache::SubscriptionCache;
 use crate::limits::Limits;
@@ -63,8 +64,8 @@ pub const OUTCOME_FLUSH: Duration = Duration::from_secs(5);
 pub enum DispatcherError {
     #[error("invalid dispatcher configuration: {0}")]
     InvalidConfig(String),
-    #[error("cannot build the HTTP client: {0}")]
-    HttpClient(#[source] reqwest::Error),
+    #[error("{0}")]
+    HttpClient(String),
     #[error("cannot consume the {queue} queue: {source}")]
     Consume {
         queue: QueueName,
@@ -78,7 +79,7 @@ pub enum DispatcherError {
 /// A dispatcher, ready to [`run`](Dispatcher::run).
 pub struct Dispatcher {
     cfg: DispatcherConfig,
-    client: http::HttpClient,
+    client: Arc<clients::Clients>,
     cache: Arc<SubscriptionCache>,
     registry: Arc<dyn RegistryStore>,
     deliveries: Arc<dyn DeliveryStore>,
@@ -158,12 +159,7 @@ impl Dispatcher {
                 cfg.user_agent
             ))
         })?;
-        let client = http::build_client(
-            cfg.request_timeout,
-            cfg.egress.clone(),
-            cfg.egress_proxy.as_ref(),
-        )
-        .map_err(DispatcherError::HttpClient)?;
+        let client = Arc::new(clients::Clients::new(&cfg).map_err(DispatcherError::HttpClient)?);
         let cache = Arc::new(SubscriptionCache::new(registry.clone(), user_agent));
         Ok(Self {
             cfg,
@@ -219,7 +215,7 @@ impl Dispatcher {
         let (writer_tx, writer) = writer::spawn(deliveries, cfg.write_batch, cfg.write_linger);
         let recorder = circuit_record::CircuitRecorder::spawn(registry.clone());
         let worker = Arc::new(Worker {
-            client,
+            clients: client,
             cache,
             registry,
             broker,

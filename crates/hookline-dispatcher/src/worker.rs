@@ -37,6 +37,7 @@ use tracing::field::Empty;
 use crate::body;
 use crate::cache::{Endpoint, Lookup, SubscriptionCache};
 use crate::circuit::Health;
+use crate::clients::Clients;
 use crate::http::{self, Exchange};
 use crate::limits::{Decision, DeferReason, Limits};
 use crate::metrics;
@@ -51,7 +52,8 @@ pub(crate) const GONE_REASON: &str = "endpoint answered 410 Gone";
 
 /// What every delivery task shares.
 pub(crate) struct Worker {
-    pub(crate) client: http::HttpClient,
+    /// The HTTP clients, one per client certificate presented.
+    pub(crate) clients: Arc<Clients>,
     pub(crate) cache: Arc<SubscriptionCache>,
     pub(crate) registry: Arc<dyn RegistryStore>,
     pub(crate) broker: Arc<dyn Broker>,
@@ -269,7 +271,11 @@ impl Worker {
                 );
             }
         }
-        http::post(&self.client, url, headers, payload, started_at).await
+        let client = match self.clients.get(endpoint.identity.as_ref()) {
+            Ok(client) => client,
+            Err(e) => return Exchange::refused(started_at, e),
+        };
+        http::post(&client, url, headers, payload, started_at).await
     }
 
     /// What happens to the delivery after this attempt. A 410 also disables the

@@ -451,6 +451,7 @@ impl Wiring<'_> {
                 shutdown_drain: Duration::from_secs(config.shutdown_drain_secs),
                 egress: self.egress.clone(),
                 egress_proxy: self.egress_proxy.clone(),
+                receiver_tls: crate::receiver_tls::from_config(config)?,
                 ..DispatcherConfig::default()
             },
             self.store.registry(),

@@ -6,6 +6,8 @@
 
 pub mod port;
 pub mod postgres;
+pub mod sealed;
+pub mod sealing;
 pub mod sqlite;
 
 pub use port::{
@@ -13,6 +15,7 @@ pub use port::{
     NewApiKey, NewEvent, NewSubscription, NextStep, Page, PageRequest, RegistryStore, StoreHealth,
 };
 pub use postgres::PgStore;
+pub use sealed::SealedRegistry;
 pub use sqlite::SqliteStore;
 
 /// Failures of the store.
@@ -27,6 +30,9 @@ pub enum StoreError {
     /// The write would take the tenant over a quota; nothing was stored.
     #[error(transparent)]
     Quota(#[from] hookline_core::quota::QuotaExceeded),
+    /// A sealed value could not be opened (a key missing from the keyring, or damage).
+    #[error("cannot open a sealed value: {0}")]
+    Sealing(String),
     /// Anything else the database or the driver reported.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

@@ -171,6 +171,7 @@ macro_rules! job_cols {
 mod deliveries;
 mod events;
 mod quotas;
+mod sealing;
 
 // ---------------------------------------------------------------------------------------------
 // Row mapping

@@ -345,6 +345,7 @@ macro_rules! jobs_of_ids {
 mod deliveries;
 mod events;
 mod quotas;
+mod sealing;
 
 // ---------------------------------------------------------------------------------------------
 // Row mapping

@@ -73,7 +73,12 @@ mod tests {
         ] {
             assert!(is_sensitive_header(name), "{name}");
         }
-        for name in ["X-Team", "Content-Language", "X-Tenant", "Set-Cookie-Policy"] {
+        for name in [
+            "X-Team",
+            "Content-Language",
+            "X-Tenant",
+            "Set-Cookie-Policy",
+        ] {
             assert!(!is_sensitive_header(name), "{name}");
         }
     }
@@ -81,17 +86,28 @@ mod tests {
     #[test]
     fn masking_hides_only_sensitive_values() {
         let shown = mask_headers(map(&[("Authorization", "Bearer t"), ("X-Team", "billing")]));
-        assert_eq!(shown, map(&[("Authorization", MASK), ("X-Team", "billing")]));
+        assert_eq!(
+            shown,
+            map(&[("Authorization", MASK), ("X-Team", "billing")])
+        );
     }
 
     #[test]
     fn sending_the_mask_back_keeps_the_stored_value() {
         let stored = map(&[("Authorization", "Bearer t")]);
-        let mut given = map(&[("authorization", MASK), ("X-New-Token", MASK), ("X-Team", "b")]);
+        let mut given = map(&[
+            ("authorization", MASK),
+            ("X-New-Token", MASK),
+            ("X-Team", "b"),
+        ]);
         unmask_headers(&mut given, &stored);
         assert_eq!(
             given,
-            map(&[("authorization", "Bearer t"), ("X-New-Token", MASK), ("X-Team", "b")])
+            map(&[
+                ("authorization", "Bearer t"),
+                ("X-New-Token", MASK),
+                ("X-Team", "b")
+            ])
         );
     }
 }

@@ -190,7 +190,10 @@ fn backoff() -> ExponentialBuilder {
 /// not go away.
 fn is_transient(error: &StoreError) -> bool {
     match error {
-        StoreError::NotFound { .. } | StoreError::Conflict(_) | StoreError::Quota(_) => false,
+        StoreError::NotFound { .. }
+        | StoreError::Conflict(_)
+        | StoreError::Quota(_)
+        | StoreError::Sealing(_) => false,
         StoreError::Database(e) => match e.as_database_error() {
             // 40001 serialization_failure, 40P01 deadlock_detected.
             Some(db) => matches!(db.code().as_deref(), Some("40001" | "40P01")),

@@ -20,6 +20,13 @@ pub fn from_store(e: StoreError) -> Status {
             )
         }
         StoreError::Quota(q) => from_quota(q),
+        StoreError::Sealing(msg) => {
+            tracing::error!(error = %msg, "a sealed secret cannot be opened");
+            Status::internal(
+                "a stored secret cannot be opened with this server's encryption keyring; the \
+                 operator must add the key that sealed it (HOOKLINE_ENCRYPTION_KEY)",
+            )
+        }
         other => {
             tracing::error!(error = %other, "database error");
             Status::unavailable("the database is unavailable; try again shortly")

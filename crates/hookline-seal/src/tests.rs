@@ -16,7 +16,10 @@ fn seals_and_opens_without_plaintext_in_the_sealed_form() {
     let sealed = k.seal("whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=");
     assert!(sealed.starts_with("hlsealed:v1:k1:"), "{sealed}");
     assert!(!sealed.contains("c2VjcmV0"));
-    assert_eq!(k.open(&sealed).unwrap(), "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=");
+    assert_eq!(
+        k.open(&sealed).unwrap(),
+        "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ="
+    );
     // A fresh nonce each time.
     assert_ne!(k.seal("same"), k.seal("same"));
 }

@@ -63,7 +63,10 @@ impl SealedRegistry {
         }
     }
 
-    fn open_secret(&self, mut secret: SubscriptionSecret) -> Result<SubscriptionSecret, StoreError> {
+    fn open_secret(
+        &self,
+        mut secret: SubscriptionSecret,
+    ) -> Result<SubscriptionSecret, StoreError> {
         secret.secret = self.open(&secret.secret)?;
         Ok(secret)
     }
@@ -199,7 +202,9 @@ impl RegistryStore for SealedRegistry {
         description: &str,
         schema: Option<&str>,
     ) -> Result<EventType, StoreError> {
-        self.inner.create_event_type(name, description, schema).await
+        self.inner
+            .create_event_type(name, description, schema)
+            .await
     }
     async fn get_event_type(&self, name: &str) -> Result<EventType, StoreError> {
         self.inner.get_event_type(name).await

@@ -190,7 +190,11 @@ pub async fn survey(rows: &dyn SealedRows) -> Result<BTreeSet<String>, SealingEr
             after = last.clone();
             for (key, value) in &page {
                 rewrite(col, key, value, |v| {
-                    seen.insert(hookline_seal::sealed_key_id(v).unwrap_or("plaintext").into());
+                    seen.insert(
+                        hookline_seal::sealed_key_id(v)
+                            .unwrap_or("plaintext")
+                            .into(),
+                    );
                     Ok(None)
                 })?;
             }

@@ -104,6 +104,18 @@ pub struct Config {
     pub rest_addr: Option<SocketAddr>,
     /// Most REST connections open at once; beyond it new connections are closed at once.
     pub rest_max_connections: usize,
+
+    // --- Secrets at rest (crates/hookline-seal, docs/SECURITY.md) ---
+    /// The keyring sealing signing secrets and custom header values:
+    /// `<id>:<base64 of 32 bytes>[,<id>:<key>…]`, the first key sealing, the others only
+    /// opening (during a rotation). Prefer `encryption_key_file` outside development.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<String>,
+    /// A file holding the keyring, one `<id>:<key>` per line, the first sealing. With
+    /// neither setting the embedded mode uses `<data_dir>/encryption.key`, made (0600) at
+    /// its first start; the distributed mode stores secrets unsealed, with a warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -142,6 +154,8 @@ impl Default for Config {
             egress_proxy: None,
             rest_addr: None,
             rest_max_connections: 1024,
+            encryption_key: None,
+            encryption_key_file: None,
         }
     }
 }

@@ -24,7 +24,9 @@ impl SealedRows for PgStore {
         after: &str,
         limit: u32,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        let SealedColumn { table, key, column, .. } = col;
+        let SealedColumn {
+            table, key, column, ..
+        } = col;
         let (read, _) = cast(col);
         // Identifiers come from the constant `SEALED_COLUMNS`, never from input.
         let sql = format!(
@@ -48,7 +50,9 @@ impl SealedRows for PgStore {
         old: &str,
         new: &str,
     ) -> Result<bool, StoreError> {
-        let SealedColumn { table, key, column, .. } = col;
+        let SealedColumn {
+            table, key, column, ..
+        } = col;
         let (_, write) = cast(col);
         let sql = format!(
             "UPDATE {table} SET {column} = $1{write} WHERE {key} = $2 AND {column} = $3{write}"

@@ -17,7 +17,9 @@ impl SealedRows for SqliteStore {
         after: &str,
         limit: u32,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        let SealedColumn { table, key, column, .. } = col;
+        let SealedColumn {
+            table, key, column, ..
+        } = col;
         // Identifiers come from the constant `SEALED_COLUMNS`, never from input.
         let sql = format!(
             "SELECT {key} AS k, {column} AS v FROM {table} \
@@ -40,10 +42,10 @@ impl SealedRows for SqliteStore {
         old: &str,
         new: &str,
     ) -> Result<bool, StoreError> {
-        let SealedColumn { table, key, column, .. } = col;
-        let sql = format!(
-            "UPDATE {table} SET {column} = ?1 WHERE {key} = ?2 AND {column} = ?3"
-        );
+        let SealedColumn {
+            table, key, column, ..
+        } = col;
+        let sql = format!("UPDATE {table} SET {column} = ?1 WHERE {key} = ?2 AND {column} = ?3");
         let done = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(new)
             .bind(key_value)

@@ -160,8 +160,12 @@ async fn walk_column(
                 report.seen.insert(standing_name(&standing, v));
                 match (standing, how) {
                     (Standing::Unknown(id), _) => Err(fail(SealError::UnknownKey(id))),
-                    (Standing::Current, _) | (Standing::Old(_), Walk::SealPlain) => Ok(None),
                     (Standing::Plain, _) => Ok(Some(keyring.seal(v))),
+                    // Opened, not only matched by id: a different key under a known id
+                    // is found here rather than at the first delivery.
+                    (Standing::Current, _) | (Standing::Old(_), Walk::SealPlain) => {
+                        keyring.open(v).map(|_| None).map_err(fail)
+                    }
                     (Standing::Old(_), Walk::Rotate) => {
                         Ok(Some(keyring.seal(&keyring.open(v).map_err(fail)?)))
                     }

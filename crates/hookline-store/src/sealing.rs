@@ -48,6 +48,33 @@ pub const SEALED_COLUMNS: &[SealedColumn] = &[
     },
 ];
 
+/// The statements of the walk on `col`: (page, swap). Parameters are `$1`… in both
+/// dialects (sqlx binds SQLite's `$N` by number). Page: `$1` the key to start after,
+/// `$2` the limit. Swap: `$1` new value, `$2` key, `$3` old value. PostgreSQL compares
+/// keys in the "C" collation (byte order, as SQLite does) and reads JSON as text.
+pub fn statements(col: &SealedColumn, postgres: bool) -> (String, String) {
+    let SealedColumn {
+        table,
+        key,
+        column,
+        shape,
+    } = col;
+    let (read, write) = match (postgres, shape) {
+        (true, Shape::JsonObject) => ("::text", "::jsonb"),
+        _ => ("", ""),
+    };
+    let collate = if postgres { " COLLATE \"C\"" } else { "" };
+    // Identifiers come from the constant `SEALED_COLUMNS`, never from input.
+    let page = format!(
+        "SELECT {key} AS k, {column}{read} AS v FROM {table} \
+         WHERE {key}{collate} > $1 AND {column} IS NOT NULL ORDER BY {key}{collate} LIMIT $2"
+    );
+    let swap = format!(
+        "UPDATE {table} SET {column} = $1{write} WHERE {key} = $2 AND {column} = $3{write}"
+    );
+    (page, swap)
+}
+
 /// What an adapter offers the walk.
 #[async_trait]
 pub trait SealedRows: Send + Sync {

@@ -178,6 +178,9 @@ pub async fn rotate(store: &AnyStore, config: &Config, at: &StoreAt) -> anyhow::
 fn summary(keyring: &Keyring, report: &SealReport) -> String {
     let current = keyring.current_id();
     let unused: Vec<_> = keyring.ids().into_iter().skip(1).collect();
+    if report.rows == 0 {
+        return format!("no stored secrets yet; new ones are sealed under key {current:?}.");
+    }
     let before: Vec<_> = report.seen.iter().map(String::as_str).collect();
     let mut text = format!(
         "re-sealed {} of {} rows under key {current:?} (values were under: {}).",

@@ -1,20 +1,13 @@
 //! The sealed columns on PostgreSQL: paging through them and compare-and-set writes, for
-//! the walk in `crate::sealing` (sealing plaintext rows, key rotation).
+//! the walk in `crate::sealing` (sealing plaintext rows, key rotation), with the
+//! statements `crate::sealing::statements` writes.
 
 use async_trait::async_trait;
 use sqlx::Row;
 
 use super::PgStore;
 use crate::StoreError;
-use crate::sealing::{SealedColumn, SealedRows, Shape};
-
-/// How a column is read as text and compared with text read earlier.
-fn cast(col: &SealedColumn) -> (&'static str, &'static str) {
-    match col.shape {
-        Shape::Text => ("", ""),
-        Shape::JsonObject => ("::text", "::jsonb"),
-    }
-}
+use crate::sealing::{SealedColumn, SealedRows, statements};
 
 #[async_trait]
 impl SealedRows for PgStore {
@@ -24,15 +17,7 @@ impl SealedRows for PgStore {
         after: &str,
         limit: u32,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        let SealedColumn {
-            table, key, column, ..
-        } = col;
-        let (read, _) = cast(col);
-        // Identifiers come from the constant `SEALED_COLUMNS`, never from input.
-        let sql = format!(
-            "SELECT {key} AS k, {column}{read} AS v FROM {table} \
-             WHERE {key} COLLATE \"C\" > $1 AND {column} IS NOT NULL ORDER BY {key} COLLATE \"C\" LIMIT $2"
-        );
+        let (sql, _) = statements(col, true);
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after)
             .bind(i64::from(limit))
@@ -46,20 +31,14 @@ impl SealedRows for PgStore {
     async fn swap(
         &self,
         col: &SealedColumn,
-        key_value: &str,
+        key: &str,
         old: &str,
         new: &str,
     ) -> Result<bool, StoreError> {
-        let SealedColumn {
-            table, key, column, ..
-        } = col;
-        let (_, write) = cast(col);
-        let sql = format!(
-            "UPDATE {table} SET {column} = $1{write} WHERE {key} = $2 AND {column} = $3{write}"
-        );
+        let (_, sql) = statements(col, true);
         let done = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(new)
-            .bind(key_value)
+            .bind(key)
             .bind(old)
             .execute(self.pool())
             .await?;

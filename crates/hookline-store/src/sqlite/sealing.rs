@@ -1,13 +1,13 @@
-//! The sealed columns on SQLite: paging through them and compare-and-set writes, for the
-//! walk in `crate::sealing` (sealing plaintext rows, key rotation). JSON columns are TEXT
-//! here, so one statement serves both shapes.
+//! The sealed columns on SQLite: paging through them and compare-and-set writes, for
+//! the walk in `crate::sealing` (sealing plaintext rows, key rotation), with the
+//! statements `crate::sealing::statements` writes.
 
 use async_trait::async_trait;
 use sqlx::Row;
 
 use super::SqliteStore;
 use crate::StoreError;
-use crate::sealing::{SealedColumn, SealedRows};
+use crate::sealing::{SealedColumn, SealedRows, statements};
 
 #[async_trait]
 impl SealedRows for SqliteStore {
@@ -17,14 +17,7 @@ impl SealedRows for SqliteStore {
         after: &str,
         limit: u32,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        let SealedColumn {
-            table, key, column, ..
-        } = col;
-        // Identifiers come from the constant `SEALED_COLUMNS`, never from input.
-        let sql = format!(
-            "SELECT {key} AS k, {column} AS v FROM {table} \
-             WHERE {key} > ?1 AND {column} IS NOT NULL ORDER BY {key} LIMIT ?2"
-        );
+        let (sql, _) = statements(col, false);
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after)
             .bind(i64::from(limit))
@@ -38,17 +31,14 @@ impl SealedRows for SqliteStore {
     async fn swap(
         &self,
         col: &SealedColumn,
-        key_value: &str,
+        key: &str,
         old: &str,
         new: &str,
     ) -> Result<bool, StoreError> {
-        let SealedColumn {
-            table, key, column, ..
-        } = col;
-        let sql = format!("UPDATE {table} SET {column} = ?1 WHERE {key} = ?2 AND {column} = ?3");
+        let (_, sql) = statements(col, false);
         let done = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(new)
-            .bind(key_value)
+            .bind(key)
             .bind(old)
             .execute(self.pool())
             .await?;

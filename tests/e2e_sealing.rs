@@ -218,11 +218,11 @@ async fn key_ids(env: &Env) -> Vec<String> {
 async fn secrets_are_sealed_at_rest_and_masked_in_answers(backend: Backend) {
     let env = Env::with(backend).await;
     let admin = env.admin_key().await;
-    let settings: Vec<(&str, String)> = match backend {
-        Backend::Distributed => vec![("HOOKLINE_ENCRYPTION_KEY", key("k1"))],
+    let mut settings: Vec<(&str, String)> = vec![("HOOKLINE_REST_ADDR", "127.0.0.1:0".into())];
+    if backend == Backend::Distributed {
         // The embedded mode makes its own key file.
-        Backend::Embedded => vec![],
-    };
+        settings.push(("HOOKLINE_ENCRYPTION_KEY", key("k1")));
+    }
     let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let server = env.serve_with("all", &settings).await;
     let receiver = Receiver::start().await;
@@ -250,6 +250,21 @@ async fn secrets_are_sealed_at_rest_and_masked_in_answers(backend: Backend) {
         .expect("ListSubscriptions")
         .into_inner();
     assert_eq!(listed.subscriptions[0].headers["Authorization"], "********");
+    // REST answers what gRPC does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rest = server.rest.clone().expect("the REST address");
+    let text = reqwest::Client::new()
+        .get(format!("{rest}/v1/subscriptions/{id}"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("REST GetSubscription")
+        .text()
+        .await
+        .expect("a body");
+    let got: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(got["headers"]["Authorization"], "********", "{got}");
+    assert_eq!(got["headers"]["X-Team"], TEAM, "{got}");
 
     // Sending the masked headers back (a read-modify-write) keeps the stored values.
     let mut patch = shown.clone();

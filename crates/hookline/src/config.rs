@@ -110,7 +110,7 @@ pub struct Config {
     /// `<id>:<base64 of 32 bytes>[,<id>:<key>…]`, the first key sealing, the others only
     /// opening (during a rotation). Prefer `encryption_key_file` outside development.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub encryption_key: Option<String>,
+    pub encryption_key: Option<SecretSetting>,
     /// A file holding the keyring, one `<id>:<key>` per line, the first sealing. With
     /// neither setting the embedded mode uses `<data_dir>/encryption.key`, made (0600) at
     /// its first start; the distributed mode stores secrets unsealed, with a warning.
@@ -325,3 +325,14 @@ impl Config {
 
 /// The longest shutdown drain accepted: a stop should not take more than minutes.
 const MAX_SHUTDOWN_DRAIN_SECS: u64 = 600;
+
+/// A setting that is a secret: read like a string, never shown by `Debug`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretSetting(pub String);
+
+impl std::fmt::Debug for SecretSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}

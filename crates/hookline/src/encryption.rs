@@ -35,7 +35,11 @@ enum Source {
 
 /// The keyring the settings name, if any.
 fn configured(config: &Config) -> anyhow::Result<Option<(Keyring, Source)>> {
-    let key = config.encryption_key.as_deref().filter(|k| !k.is_empty());
+    let key = config
+        .encryption_key
+        .as_ref()
+        .map(|k| k.0.as_str())
+        .filter(|k| !k.is_empty());
     let file = config
         .encryption_key_file
         .as_deref()
@@ -195,4 +199,66 @@ fn summary(keyring: &Keyring, report: &SealReport) -> String {
         ));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SecretSetting;
+
+    fn temp_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "hookline-encryption-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    }
+
+    #[test]
+    fn the_key_setting_is_never_shown() {
+        let spec = Keyring::generate_spec("k1").unwrap().to_string();
+        let config = Config {
+            encryption_key: Some(SecretSetting(spec.clone())),
+            ..Config::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(spec.trim()), "{shown}");
+        assert!(configured(&config).unwrap().is_some());
+    }
+
+    #[test]
+    fn both_settings_are_refused() {
+        let config = Config {
+            encryption_key: Some(SecretSetting("k1:x".into())),
+            encryption_key_file: Some("/nonexistent".into()),
+            ..Config::default()
+        };
+        let err = configured(&config).err().expect("refused").to_string();
+        assert!(err.contains("set one of them"), "{err}");
+    }
+
+    #[test]
+    fn a_generated_key_file_is_private_and_never_overwritten() {
+        let dir = temp_dir();
+        let file = dir.join(KEY_FILE);
+        let ring = generate_key_file(&file).unwrap();
+        assert_eq!(ring.ids(), vec![GENERATED_KEY_ID]);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let before = std::fs::read(&file).unwrap();
+        assert!(generate_key_file(&file).is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), before);
+        assert_eq!(read_key_file(&file).unwrap().ids(), vec!["k1"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

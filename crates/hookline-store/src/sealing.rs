@@ -75,6 +75,9 @@ pub fn statements(col: &SealedColumn, postgres: bool) -> (String, String) {
     (page, swap)
 }
 
+/// A compare-and-set write of one row: key, the value read, the value to write.
+pub type Swap = (String, String, String);
+
 /// What an adapter offers the walk.
 #[async_trait]
 pub trait SealedRows: Send + Sync {
@@ -86,14 +89,9 @@ pub trait SealedRows: Send + Sync {
         after: &str,
         limit: u32,
     ) -> Result<Vec<(String, String)>, StoreError>;
-    /// Writes `new` into the row `key` if it still holds `old`; whether it did.
-    async fn swap(
-        &self,
-        col: &SealedColumn,
-        key: &str,
-        old: &str,
-        new: &str,
-    ) -> Result<bool, StoreError>;
+    /// One transaction: writes each `(key, old, new)`'s `new` into row `key` if it still
+    /// holds `old`; how many rows it wrote.
+    async fn swap(&self, col: &SealedColumn, rows: &[Swap]) -> Result<usize, StoreError>;
 }
 
 /// What a walk does to each stored value.
@@ -174,6 +172,7 @@ async fn walk_column(
             return Ok(raced);
         };
         after = last.clone();
+        let mut swaps = Vec::new();
         for (key, value) in &page {
             report.rows += 1;
             let fail = |source| SealingError::Seal {
@@ -199,12 +198,13 @@ async fn walk_column(
                 }
             })?;
             if let Some(new) = rewritten {
-                if rows.swap(col, key, value, &new).await? {
-                    report.rewritten += 1;
-                } else {
-                    raced = true;
-                }
+                swaps.push((key.clone(), value.clone(), new));
             }
+        }
+        if !swaps.is_empty() {
+            let written = rows.swap(col, &swaps).await?;
+            report.rewritten += written as u64;
+            raced |= written < swaps.len();
         }
     }
 }

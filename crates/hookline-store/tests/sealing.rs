@@ -182,7 +182,8 @@ where
     // A value that changed since it was read is not overwritten.
     let col = &SEALED_COLUMNS[0];
     let (row, value) = store.page(col, "", 1).await.expect("page").remove(0);
-    assert!(!store.swap(col, &row, "stale", "x").await.expect("swap"));
+    let stale = (row, "stale".to_string(), "x".to_string());
+    assert_eq!(store.swap(col, &[stale]).await.expect("swap"), 0);
     assert_eq!(store.page(col, "", 1).await.expect("page")[0].1, value);
 }
 

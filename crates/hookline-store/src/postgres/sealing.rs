@@ -1,4 +1,4 @@
-//! The sealed columns on PostgreSQL: paging through them and compare-and-set writes, for
+//! The sealed columns on PostgreSQL: paging through them and compare-and-set writes (a page per transaction), for
 //! the walk in `crate::sealing` (sealing plaintext rows, key rotation), with the
 //! statements `crate::sealing::statements` writes.
 
@@ -7,7 +7,7 @@ use sqlx::Row;
 
 use super::PgStore;
 use crate::StoreError;
-use crate::sealing::{SealedColumn, SealedRows, statements};
+use crate::sealing::{SealedColumn, SealedRows, Swap, statements};
 
 #[async_trait]
 impl SealedRows for PgStore {
@@ -28,20 +28,20 @@ impl SealedRows for PgStore {
             .collect()
     }
 
-    async fn swap(
-        &self,
-        col: &SealedColumn,
-        key: &str,
-        old: &str,
-        new: &str,
-    ) -> Result<bool, StoreError> {
+    async fn swap(&self, col: &SealedColumn, rows: &[Swap]) -> Result<usize, StoreError> {
         let (_, sql) = statements(col, true);
-        let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(new)
-            .bind(key)
-            .bind(old)
-            .execute(self.pool())
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut tx = self.pool().begin().await?;
+        let mut written = 0;
+        for (key, old, new) in rows {
+            let done = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(new)
+                .bind(key)
+                .bind(old)
+                .execute(&mut *tx)
+                .await?;
+            written += usize::from(done.rows_affected() == 1);
+        }
+        tx.commit().await?;
+        Ok(written)
     }
 }

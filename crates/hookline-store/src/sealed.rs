@@ -36,7 +36,7 @@ impl SealedRegistry {
     fn open(&self, stored: &str) -> Result<String, StoreError> {
         self.keyring
             .open(stored)
-            .map_err(|e| StoreError::Sealing(e.to_string()))
+            .map_err(|e| StoreError::Internal(format!("cannot open a sealed value: {e}")))
     }
 
     fn seal_headers(&self, headers: &BTreeMap<String, String>) -> BTreeMap<String, String> {

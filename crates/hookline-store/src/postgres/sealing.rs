@@ -7,6 +7,7 @@ use sqlx::Row;
 
 use super::PgStore;
 use crate::StoreError;
+use crate::error::Db;
 use crate::sealing::{SealedColumn, SealedRows, Swap, statements};
 
 #[async_trait]
@@ -22,15 +23,16 @@ impl SealedRows for PgStore {
             .bind(after)
             .bind(i64::from(limit))
             .fetch_all(self.pool())
-            .await?;
+            .await
+            .db()?;
         rows.iter()
-            .map(|r| Ok((r.try_get("k")?, r.try_get("v")?)))
+            .map(|r| Ok((r.try_get("k").db()?, r.try_get("v").db()?)))
             .collect()
     }
 
     async fn swap(&self, col: &SealedColumn, rows: &[Swap]) -> Result<usize, StoreError> {
         let (_, sql) = statements(col, true);
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin().await.db()?;
         let mut written = 0;
         for (key, old, new) in rows {
             let done = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
@@ -38,10 +40,11 @@ impl SealedRows for PgStore {
                 .bind(key)
                 .bind(old)
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .db()?;
             written += usize::from(done.rows_affected() == 1);
         }
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(written)
     }
 }

@@ -7,6 +7,7 @@ use sqlx::Row;
 
 use super::SqliteStore;
 use crate::StoreError;
+use crate::error::Db;
 use crate::sealing::{SealedColumn, SealedRows, Swap, statements};
 
 #[async_trait]
@@ -22,9 +23,10 @@ impl SealedRows for SqliteStore {
             .bind(after)
             .bind(i64::from(limit))
             .fetch_all(self.pool())
-            .await?;
+            .await
+            .db()?;
         rows.iter()
-            .map(|r| Ok((r.try_get("k")?, r.try_get("v")?)))
+            .map(|r| Ok((r.try_get("k").db()?, r.try_get("v").db()?)))
             .collect()
     }
 
@@ -39,10 +41,11 @@ impl SealedRows for SqliteStore {
                 .bind(key)
                 .bind(old)
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .db()?;
             written += usize::from(done.rows_affected() == 1);
         }
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(written)
     }
 }

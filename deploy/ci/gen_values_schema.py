@@ -198,6 +198,8 @@ schema = {
                          "existingSecretKey": string(minLength=1)}, ["existingSecretKey"]),
         "amqp": obj({"url": string(pattern="^$|^amqps?://"), "existingSecret": string(),
                      "existingSecretKey": string(minLength=1)}, ["existingSecretKey"]),
+        "encryption": obj({"existingSecret": string(), "existingSecretKey": string(minLength=1)},
+                          ["existingSecretKey"]),
         "config": obj({
             "queuePrefix": string(pattern="^[A-Za-z0-9][A-Za-z0-9_.:-]{0,100}$"),
             "log": string(minLength=1),
@@ -297,7 +299,7 @@ schema = {
     },
     # Everything the templates read without a fallback; dropping one of these (for
     # example `--set securityContext=null`) would silently weaken or break the objects.
-    "required": ["image", "serviceAccount", "database", "amqp", "config", "containerPorts",
+    "required": ["image", "serviceAccount", "database", "amqp", "encryption", "config", "containerPorts",
                  "podSecurityContext", "securityContext", "probes", "revisionHistoryLimit",
                  "registry", "ingest", "dispatcher", "retry", "migrations", "ingress",
                  "networkPolicy", "metrics", "tests", "egress", "receiverTls"],

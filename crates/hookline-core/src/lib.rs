@@ -13,6 +13,7 @@ pub mod quota;
 pub mod redact;
 pub mod retry;
 pub mod schema;
+pub mod sensitive;
 pub mod signing;
 pub mod validate;
 

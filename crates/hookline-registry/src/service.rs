@@ -11,7 +11,7 @@ use hookline_core::model::{
     PayloadFormat, RegistryChange, Subscription, SubscriptionSecret, SubscriptionState,
 };
 use hookline_core::quota::Quotas;
-use hookline_core::{Id, IdKind, filter, validate};
+use hookline_core::{Id, IdKind, filter, sensitive, validate};
 use hookline_egress::Egress;
 use hookline_grpc::auth::generate_token;
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
@@ -436,7 +436,10 @@ impl RegistryService for RegistryApi {
                 }
             }
         }
-        let fields = validate_subscription("subscription.", &merged)?;
+        let mut fields = validate_subscription("subscription.", &merged)?;
+        // `merged` came from the masked form: a masked value (also one a client sent back
+        // unchanged) keeps what is stored.
+        sensitive::unmask_headers(&mut fields.headers, &sub.headers);
         if mask.paths.iter().any(|p| p == "url") {
             self.check_egress("subscription.url", &fields.url).await?;
         }

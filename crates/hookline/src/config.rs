@@ -132,6 +132,18 @@ pub struct Config {
     pub console_portal_max_ttl_secs: u64,
     /// Most console connections open at once; beyond it new connections are closed at once.
     pub console_max_connections: usize,
+
+    // --- Secrets at rest (crates/hookline-seal, docs/SECURITY.md) ---
+    /// The keyring sealing signing secrets and custom header values:
+    /// `<id>:<base64 of 32 bytes>[,<id>:<key>…]`, the first key sealing, the others only
+    /// opening (during a rotation). Prefer `encryption_key_file` outside development.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<SecretSetting>,
+    /// A file holding the keyring, one `<id>:<key>` per line, the first sealing. With
+    /// neither setting the embedded mode uses `<data_dir>/encryption.key`, made (0600) at
+    /// its first start; the distributed mode stores secrets unsealed, with a warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -173,6 +185,8 @@ impl Default for Config {
             receiver_ca_file: None,
             rest_addr: None,
             rest_max_connections: 1024,
+            encryption_key: None,
+            encryption_key_file: None,
             console_addr: None,
             console_frame_ancestors: "'none'".into(),
             console_portal_secret: None,
@@ -353,3 +367,14 @@ impl Config {
 
 /// The longest shutdown drain accepted: a stop should not take more than minutes.
 const MAX_SHUTDOWN_DRAIN_SECS: u64 = 600;
+
+/// A setting that is a secret: read like a string, never shown by `Debug`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretSetting(pub String);
+
+impl std::fmt::Debug for SecretSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}

@@ -102,10 +102,11 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let shutdown = CancellationToken::new();
     shutdown::on_signal(shutdown.clone(), drain);
 
-    let store = backends::open_store(&mode.store(), &config).await?;
+    let mut store = backends::open_store(&mode.store(), &config).await?;
     if config.migrate_on_start || matches!(mode, Mode::Embedded { .. }) {
         store.migrate().await?;
     }
+    crate::encryption::attach(&mut store, &config, &mode.store(), true).await?;
     let broker =
         backends::open_broker(&mode, &config, &store, connection_name(&config, &services)).await?;
     let wiring = Wiring {

@@ -166,6 +166,7 @@ mod events;
 mod quotas;
 mod registry;
 mod rows;
+mod sealing;
 mod secrets;
 
 #[async_trait]

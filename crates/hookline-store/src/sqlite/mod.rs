@@ -350,6 +350,7 @@ mod events;
 mod quotas;
 mod registry;
 mod rows;
+mod sealing;
 mod secrets;
 
 /// A set of ids as the JSON array that `json_each(?)` takes apart.

@@ -7,12 +7,13 @@
 //! (or the `NewSubscription` equivalent) and one entry in
 //! [`crate::sealing::SEALED_COLUMNS`], which the start-up sealing and the key rotation walk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hookline_core::Id;
+use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{
     ApiKey, EventType, Subscription, SubscriptionSecret, SubscriptionState, Tenant,
 };
@@ -69,6 +70,19 @@ impl SealedRegistry {
     ) -> Result<SubscriptionSecret, StoreError> {
         secret.secret = self.open(&secret.secret)?;
         Ok(secret)
+    }
+
+    /// The stored form of a client certificate: its private key sealed.
+    fn seal_identity(&self, identity: &ClientIdentity) -> ClientIdentity {
+        ClientIdentity {
+            certificate_pem: identity.certificate_pem.clone(),
+            private_key_pem: self.keyring.seal(&identity.private_key_pem),
+        }
+    }
+
+    fn open_identity(&self, mut identity: ClientIdentity) -> Result<ClientIdentity, StoreError> {
+        identity.private_key_pem = self.open(&identity.private_key_pem)?;
+        Ok(identity)
     }
 
     /// The stored form of a subscription's secret fields.
@@ -133,6 +147,7 @@ impl RegistryStore for SealedRegistry {
         let sealed = NewSubscription {
             headers: self.seal_headers(&new.headers),
             secret: self.seal_secret(&new.secret),
+            client_identity: new.client_identity.as_ref().map(|c| self.seal_identity(c)),
             ..new.clone()
         };
         let created = self
@@ -260,5 +275,25 @@ impl RegistryStore for SealedRegistry {
     }
     async fn circuit_open_until(&self, id: &Id) -> Result<Option<DateTime<Utc>>, StoreError> {
         self.inner.circuit_open_until(id).await
+    }
+
+    async fn set_client_identity(
+        &self,
+        id: &Id,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<(), StoreError> {
+        let sealed = identity.map(|c| self.seal_identity(c));
+        self.inner.set_client_identity(id, sealed.as_ref()).await
+    }
+
+    async fn client_identities(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, ClientIdentity>, StoreError> {
+        let stored = self.inner.client_identities(ids).await?;
+        stored
+            .into_iter()
+            .map(|(id, c)| Ok((id, self.open_identity(c)?)))
+            .collect()
     }
 }

@@ -46,6 +46,12 @@ pub const SEALED_COLUMNS: &[SealedColumn] = &[
         column: "headers",
         shape: Shape::JsonObject,
     },
+    SealedColumn {
+        table: "subscription_client_certs",
+        key: "subscription_id",
+        column: "private_key_pem",
+        shape: Shape::Text,
+    },
 ];
 
 /// The statements of the walk on `col`: (page, swap). Parameters are `$1`… in both

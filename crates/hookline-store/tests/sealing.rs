@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
+use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{PayloadFormat, SubscriptionSecret, SubscriptionState};
 use hookline_core::{Id, IdKind};
 use hookline_seal::{Keyring, SealError};
@@ -18,6 +19,7 @@ use hookline_testkit::{TestDb, unique_name};
 const SECRET: &str = "whsec_c2VhbGVkLXN0b3JlLXRlc3Qtc2VjcmV0LTAx";
 const ROTATED: &str = "whsec_c2VhbGVkLXN0b3JlLXRlc3Qtc2VjcmV0LTAy";
 const BEARER: &str = "Bearer store-sealing-test";
+const CLIENT_KEY: &str = "-----BEGIN PRIVATE KEY-----store-sealing-test-key";
 
 fn ring(spec: &str) -> Arc<Keyring> {
     Arc::new(Keyring::parse(spec).expect("keyring"))
@@ -62,6 +64,10 @@ async fn subscription(store: &dyn RegistryStore) -> Id {
         state: SubscriptionState::Enabled,
         metadata: BTreeMap::new(),
         payload_format: PayloadFormat::Raw,
+        client_identity: Some(ClientIdentity {
+            certificate_pem: "-----BEGIN CERTIFICATE-----public".into(),
+            private_key_pem: CLIENT_KEY.into(),
+        }),
     };
     store.create_subscription(&new).await.expect("subscription");
     store
@@ -95,11 +101,16 @@ async fn assert_reads_plaintext(store: &dyn RegistryStore, id: &Id) {
         .map(|s| s.secret)
         .collect();
     assert_eq!(live, vec![ROTATED.to_string(), SECRET.to_string()]);
+    let identities = store
+        .client_identities(std::slice::from_ref(id))
+        .await
+        .expect("identities");
+    assert_eq!(identities[id].private_key_pem, CLIENT_KEY);
 }
 
 fn assert_sealed_under(values: &[String], id: &str) {
     let joined = values.join(" ");
-    for clear in [SECRET, ROTATED, BEARER, "billing"] {
+    for clear in [SECRET, ROTATED, BEARER, "billing", CLIENT_KEY] {
         assert!(!joined.contains(clear), "{clear} in clear: {joined}");
     }
     assert!(joined.contains(&format!("hlsealed:v1:{id}:")), "{joined}");
@@ -122,7 +133,10 @@ where
     let report = sealing::walk(store.as_ref(), &ring(&k1), Walk::SealPlain)
         .await
         .expect("seal");
-    assert_eq!(report.rewritten, 3, "two secrets and one headers row");
+    assert_eq!(
+        report.rewritten, 4,
+        "two secrets, one headers row and one client key"
+    );
     assert_sealed_under(&raw(store.as_ref()).await, "k1");
     let again = sealing::walk(store.as_ref(), &ring(&k1), Walk::SealPlain)
         .await
@@ -135,7 +149,7 @@ where
     let rotated = sealing::walk(store.as_ref(), &both, Walk::Rotate)
         .await
         .expect("rotate");
-    assert_eq!(rotated.rewritten, 3);
+    assert_eq!(rotated.rewritten, 4);
     assert_sealed_under(&raw(store.as_ref()).await, "k2");
     assert_reads_plaintext(&SealedRegistry::new(store.clone(), ring(&k2)), &id).await;
     let survey = sealing::survey(store.as_ref()).await.expect("survey");

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod pki;
 pub mod private;
 pub mod receiver;
 pub mod tenant;

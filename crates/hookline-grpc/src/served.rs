@@ -87,10 +87,13 @@ const LOCAL_PIPE_BYTES: usize = 256 * 1024;
 
 impl LocalConnector {
     /// A connector and the stream of connections it makes, to serve beside the network.
-    pub fn new() -> (Self, impl Stream<Item = io::Result<ApiConn>> + Send + 'static) {
+    pub fn new() -> (
+        Self,
+        impl Stream<Item = io::Result<ApiConn>> + Send + 'static,
+    ) {
         let (to_server, from_clients) = mpsc::channel(16);
-        let incoming =
-            tokio_stream::wrappers::ReceiverStream::new(from_clients).map(|s| Ok(ApiConn::Local(s)));
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(from_clients)
+            .map(|s| Ok(ApiConn::Local(s)));
         (Self { to_server }, incoming)
     }
 
@@ -115,7 +118,10 @@ impl tower_service::Service<http::Uri> for LocalConnector {
         Box::pin(async move {
             let (client, server) = tokio::io::duplex(LOCAL_PIPE_BYTES);
             to_server.send(server).await.map_err(|_| {
-                io::Error::new(io::ErrorKind::ConnectionRefused, "the gRPC server has stopped")
+                io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "the gRPC server has stopped",
+                )
             })?;
             Ok(TokioIo::new(client))
         })

@@ -274,10 +274,7 @@ struct Served {
 
 impl ReloadingCert {
     fn load(files: &TlsFiles, provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
-        let source = (
-            read(&files.cert, "tls_cert")?,
-            read(&files.key, "tls_key")?,
-        );
+        let source = (read(&files.cert, "tls_cert")?, read(&files.key, "tls_key")?);
         let key = certified_key(files, &source, &provider)?;
         Ok(Self {
             cert: files.cert.clone(),
@@ -314,7 +311,9 @@ impl ReloadingCert {
                 served.key = Arc::new(key);
                 served.source = source;
             }
-            Err(e) => tracing::warn!(error = %e, "new TLS files do not load; serving the previous certificate"),
+            Err(e) => {
+                tracing::warn!(error = %e, "new TLS files do not load; serving the previous certificate")
+            }
         }
     }
 }

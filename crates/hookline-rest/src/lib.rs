@@ -185,11 +185,24 @@ fn forward_headers(headers: &HeaderMap, metadata: &mut MetadataMap) {
 /// Serves `router` on `listener`, at most `max_connections` open at once, until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<hookline_grpc::tls::TlsServer>,
     max_connections: usize,
     router: axum::Router,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(conn::CappedListener::new(listener, max_connections), router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    use hookline_grpc::tls::{Listener, TlsListener};
+    let capped = conn::CappedListener::new(listener, max_connections);
+    let stop = shutdown.cancelled_owned();
+    match tls {
+        Some(tls) => {
+            axum::serve(TlsListener::new(capped, &tls, Listener::Rest), router)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        None => {
+            axum::serve(capped, router)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    }
 }

@@ -335,6 +335,12 @@ async fn postgres_verify_full() {
         .await
         .expect("migrate within 60 s")
         .expect("run hookline migrate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "verify-full trusted an unknown CA");
+    eprintln!("verify-full with another CA: {stderr}");
+    assert!(
+        stderr.contains("certificate") || stderr.contains("UnknownIssuer"),
+        "{stderr}"
+    );
     env.finish().await;
 }

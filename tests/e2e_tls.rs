@@ -280,15 +280,7 @@ async fn amqps_through_a_tls_endpoint_delivers() {
     };
     let receiver = Receiver::start().await;
     let (tenant, _) = cli.subscribe(&receiver, "tls", Behavior::Ok).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let publish = [
-        "publish", "--tenant", &tenant, "--type", "a.b", "--data", "{}",
-    ];
-    // The new subscription reaches ingest through the broker; publish until it matches.
-    while cli.json(&publish).await["deliveries_created"] != 1 {
-        assert!(tokio::time::Instant::now() < deadline, "never matched");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cli.publish_until_matched(&tenant, 30).await;
     receiver
         .wait_for(
             "tls",

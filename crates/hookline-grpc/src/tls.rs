@@ -191,6 +191,33 @@ where
     None
 }
 
+/// Serves `app` on `listener` (an axum listener: admin HTTP, REST) until `stop`, in TLS
+/// as the given kind of listener when `tls` is set.
+pub async fn serve_http<L>(
+    listener: L,
+    tls: Option<(&TlsServer, Listener)>,
+    app: axum::Router,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Io: Unpin,
+    L::Addr: std::fmt::Debug,
+{
+    match tls {
+        Some((server, kind)) => {
+            axum::serve(TlsListener::new(listener, server, kind), app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    }
+}
+
 type Handshake<IO, A> = Pin<Box<dyn Future<Output = Option<(TlsStream<IO>, A)>> + Send>>;
 
 /// An axum listener (admin HTTP, REST) that serves TLS over `L`'s connections.

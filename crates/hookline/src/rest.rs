@@ -1,6 +1,5 @@
 //! Mounts the REST/JSON API (crate `hookline-rest`) on its own port, calling the gRPC
-//! API of this process through an in-process connection: one implementation of every
-//! rule, one auth gate, whatever TLS the gRPC port requires.
+//! services of this process in process: one implementation of every rule, one gate.
 
 use std::net::SocketAddr;
 
@@ -13,13 +12,13 @@ use tokio_util::sync::CancellationToken;
 pub fn start(
     listener: TcpListener,
     tls: Option<TlsServer>,
-    channel: tonic::transport::Channel,
+    services: tonic::service::Routes,
     max_connections: usize,
     auth: hookline_grpc::Authenticator,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let at = listener.local_addr()?;
-    let router = hookline_rest::router(channel, auth)?;
+    let router = hookline_rest::router(services, auth)?;
     let shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
         if let Err(e) =

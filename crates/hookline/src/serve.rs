@@ -11,8 +11,7 @@ use anyhow::{Context, bail};
 use hookline_broker::Broker;
 use hookline_dispatcher::{Dispatcher, DispatcherConfig};
 use hookline_grpc::Authenticator;
-use hookline_grpc::conn::LimitedRouter as Router;
-use hookline_grpc::served::{self, LocalConnector};
+use hookline_grpc::served;
 use hookline_grpc::standard::{self, HealthReporter};
 use hookline_grpc::tls::TlsServer;
 use hookline_ingest::{IngestApi, IngestConfig, SubscriptionMatcher};
@@ -25,6 +24,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes as Router;
 
 use crate::admin_http::{self, AdminState};
 use crate::backends::{self, AnyStore, Mode};
@@ -219,7 +219,8 @@ impl Listeners {
         })
     }
 
-    /// Starts serving gRPC and admin HTTP on the bound ports until `shutdown`.
+    /// Starts serving gRPC and admin HTTP on the bound ports until `shutdown`; the REST
+    /// API, when it runs, calls `router`'s services in process.
     fn serve(
         self,
         router: Router,
@@ -238,26 +239,25 @@ impl Listeners {
             admin,
             shutdown.clone(),
         ));
-        let (local, local_incoming) = LocalConnector::new();
         let rest = match self.rest {
             Some(listener) => Some(rest::start(
                 listener,
                 self.tls.as_ref().filter(|_| self.tls_rest).cloned(),
-                local.channel(),
+                router.clone(),
                 self.rest_max_connections,
                 auth.clone(),
                 shutdown,
             )?),
             None => None,
         };
-        let incoming = served::incoming(
-            &self.conn_limits,
-            self.grpc,
-            self.tls.as_ref(),
-            local_incoming,
-        );
+        let grpc = self
+            .conn_limits
+            .apply(tonic::transport::Server::builder())
+            .layer(hookline_grpc::conn::CompletionLayer)
+            .add_routes(router);
+        let incoming = served::incoming(&self.conn_limits, self.grpc, self.tls.as_ref());
         let grpc = tokio::spawn(
-            router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
+            grpc.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
         );
         Ok(Running {
             at,
@@ -335,12 +335,7 @@ impl Wiring<'_> {
         tasks: &mut Vec<JoinHandle<()>>,
     ) -> anyhow::Result<Router> {
         let (health, health_service) = standard::health();
-        let mut router = self
-            .config
-            .conn_limits()
-            .apply(tonic::transport::Server::builder())
-            .layer(hookline_grpc::conn::CompletionLayer)
-            .add_service(health_service)
+        let mut router = Router::new(health_service)
             .add_service(standard::reflection_v1()?)
             .add_service(standard::reflection_v1alpha()?);
         if services.contains(&Service::Registry) {

@@ -196,19 +196,8 @@ pub async fn serve(
     router: axum::Router,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    use hookline_grpc::tls::{Listener, TlsListener};
+    use hookline_grpc::tls::{Listener, serve_http};
     let capped = conn::CappedListener::new(listener, max_connections);
-    let stop = shutdown.cancelled_owned();
-    match tls {
-        Some(tls) => {
-            axum::serve(TlsListener::new(capped, &tls, Listener::Rest), router)
-                .with_graceful_shutdown(stop)
-                .await
-        }
-        None => {
-            axum::serve(capped, router)
-                .with_graceful_shutdown(stop)
-                .await
-        }
-    }
+    let tls = tls.as_ref().map(|t| (t, Listener::Rest));
+    serve_http(capped, tls, router, shutdown.cancelled_owned()).await
 }

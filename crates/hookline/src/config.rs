@@ -131,6 +131,21 @@ pub struct Config {
     pub amqp_cert_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub amqp_key_file: Option<PathBuf>,
+    // --- Web console and tenant portal (crates/hookline-console) ---
+    /// Where the web console listens (pages under `/console`); unset: no console.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_addr: Option<SocketAddr>,
+    /// CSP `frame-ancestors` of the console: `'none'` forbids embedding; list origins
+    /// (`https://app.example.com`) to embed the tenant portal in an iframe.
+    pub console_frame_ancestors: String,
+    /// Secret (at least 32 characters) signing portal links; unset: a random one per
+    /// process, so links die with it and one replica does not honour another's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_portal_secret: Option<String>,
+    /// Longest lifetime a portal link may be given, in seconds.
+    pub console_portal_max_ttl_secs: u64,
+    /// Most console connections open at once; beyond it new connections are closed at once.
+    pub console_max_connections: usize,
 }
 
 impl Default for Config {
@@ -177,6 +192,11 @@ impl Default for Config {
             amqp_ca_file: None,
             amqp_cert_file: None,
             amqp_key_file: None,
+            console_addr: None,
+            console_frame_ancestors: "'none'".into(),
+            console_portal_secret: None,
+            console_portal_max_ttl_secs: 24 * 3600,
+            console_max_connections: 256,
         }
     }
 }
@@ -229,6 +249,10 @@ pub struct CliOverrides {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rest_addr: Option<SocketAddr>,
+    /// Web console listen address; unset: none [env: HOOKLINE_CONSOLE_ADDR]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -290,6 +314,7 @@ impl Config {
         }
         crate::egress_config::Egress::from_config(&config)?;
         config.tls_files()?;
+        crate::console::check_config(&config)?;
         Ok(config)
     }
 

@@ -271,6 +271,17 @@ schema = {
                 "extraEgress": array(),
             }, ["enabled"]),
         }, ["allow", "deny", "proxy", "networkPolicy"]),
+        "receiverTls": obj({
+            # A Secret name (DNS subdomain) or empty for none.
+            "clientCertSecret": string(
+                "Secret with tls.crt and tls.key: the default client certificate for receivers",
+                maxLength=253, pattern="^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"),
+            "caSecret": string(
+                "Secret with extra PEM CA certificates trusted for receivers",
+                maxLength=253, pattern="^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"),
+            "caSecretKey": string("Key of the CA bundle in caSecret",
+                                  minLength=1, maxLength=253, pattern="^[-._a-zA-Z0-9]+$"),
+        }, ["clientCertSecret", "caSecret", "caSecretKey"]),
         "metrics": obj({
             "scrapeAnnotations": boolean(),
             "serviceMonitor": obj({
@@ -292,7 +303,7 @@ schema = {
     "required": ["image", "serviceAccount", "database", "amqp", "config", "containerPorts",
                  "podSecurityContext", "securityContext", "probes", "revisionHistoryLimit",
                  "registry", "ingest", "dispatcher", "retry", "migrations", "ingress",
-                 "networkPolicy", "metrics", "tests", "egress"],
+                 "networkPolicy", "metrics", "tests", "egress", "receiverTls"],
 }
 
 json.dump(schema, sys.stdout, indent=2)

@@ -146,6 +146,10 @@ pub fn subscription(s: model::Subscription) -> pb::Subscription {
         updated_at: Some(timestamp(s.updated_at)),
         payload_format: payload_format(s.payload_format) as i32,
         circuit_open_until: None,
+        // Filled by the registry (its `security` module), which reads secrets and
+        // certificates.
+        signature_scheme: 0,
+        client_certificate: None,
     }
 }
 

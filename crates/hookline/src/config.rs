@@ -97,6 +97,18 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_proxy: Option<String>,
 
+    // --- TLS to receivers (docs/SECURITY.md, "Mutual TLS to receivers") ---
+    /// A PEM client certificate chain presented to receivers that ask for one, unless the
+    /// subscription carries its own; needs `receiver_client_key_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver_client_cert_file: Option<PathBuf>,
+    /// The PEM private key of `receiver_client_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver_client_key_file: Option<PathBuf>,
+    /// PEM CA certificates trusted for receivers beside the system's (private PKI).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver_ca_file: Option<PathBuf>,
+
     // --- REST/JSON API (crates/hookline-rest) ---
     /// Where the REST/JSON API and its OpenAPI document (`/v1/openapi.json`) listen; unset:
     /// no REST API. It calls this process's gRPC API, so it serves what that serves.
@@ -182,6 +194,9 @@ impl Default for Config {
             egress_allow: Vec::new(),
             egress_deny: Vec::new(),
             egress_proxy: None,
+            receiver_client_cert_file: None,
+            receiver_client_key_file: None,
+            receiver_ca_file: None,
             rest_addr: None,
             rest_max_connections: 1024,
             tls_cert: None,
@@ -314,6 +329,7 @@ impl Config {
         }
         crate::egress_config::Egress::from_config(&config)?;
         config.tls_files()?;
+        crate::receiver_tls::from_config(&config)?;
         crate::console::check_config(&config)?;
         Ok(config)
     }

@@ -11,6 +11,7 @@ mod egress_config;
 mod elsewhere;
 mod keys;
 mod metrics_catalog;
+mod receiver_tls;
 mod rest;
 mod serve;
 mod shutdown;

@@ -159,6 +159,7 @@ macro_rules! job_cols {
 }
 
 // The modules come after the column lists so that they can use them.
+mod client_certs;
 mod deliveries;
 pub(crate) mod error;
 mod events;

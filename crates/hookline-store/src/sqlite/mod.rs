@@ -343,6 +343,7 @@ macro_rules! jobs_of_ids {
 // The data plane's modules come after the column lists so that they can use them.
 // The modules come after the column lists so that they can use them.
 mod bulk;
+mod client_certs;
 mod deliveries;
 pub(crate) mod error;
 mod events;

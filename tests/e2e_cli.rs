@@ -199,14 +199,7 @@ async fn enable_after_gone(backend: Backend) {
     assert_eq!(enabled["state"], "enabled");
     assert_eq!(enabled["disabled_reason"], "");
     // The announcement of the change reaches ingest; publish until it matches again.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while cli.json(&publish).await["deliveries_created"] != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never matched again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cli.publish_until_matched(&tenant, 30).await;
     receiver
         .wait_for(
             "gone",

@@ -197,9 +197,12 @@ schema = {
         "database": obj({"url": string(pattern="^$|^postgres(ql)?://"), "existingSecret": string(),
                          "existingSecretKey": string(minLength=1)}, ["existingSecretKey"]),
         "amqp": obj({"url": string(pattern="^$|^amqps?://"), "existingSecret": string(),
-                     "existingSecretKey": string(minLength=1)}, ["existingSecretKey"]),
+                     "existingSecretKey": string(minLength=1), "tlsSecretName": string(),
+                     "clientCert": boolean()}, ["existingSecretKey"]),
         "encryption": obj({"existingSecret": string(), "existingSecretKey": string(minLength=1)},
                           ["existingSecretKey"]),
+        "tls": obj({"enabled": boolean(), "secretName": string(), "clientAuth": boolean()},
+                   ["enabled"]),
         "config": obj({
             "queuePrefix": string(pattern="^[A-Za-z0-9][A-Za-z0-9_.:-]{0,100}$"),
             "log": string(minLength=1),

@@ -113,6 +113,27 @@ impl<'a> Cli<'a> {
         (tenant, sub)
     }
 
+    /// Publishes an empty `a.b` event to `tenant` until it matches one subscription (a
+    /// new or re-enabled subscription reaches ingest through the broker); panics after
+    /// `secs` seconds.
+    pub async fn publish_until_matched(&self, tenant: &str, secs: u64) -> Value {
+        let publish = [
+            "publish", "--tenant", tenant, "--type", "a.b", "--data", "{}",
+        ];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let published = self.json(&publish).await;
+            if published["deliveries_created"] == 1 {
+                return published;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no subscription matched within {secs} s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn tenant(&self) -> String {
         let t = self.json(&["tenants", "create", "--name", "acme"]).await;
         t["id"].as_str().expect("tenant id").to_string()

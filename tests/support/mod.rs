@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod cli;
+pub mod pki;
 pub mod private;
 pub mod receiver;
 pub mod tenant;

@@ -62,6 +62,51 @@ pub struct PrivatePostgres {
 impl PrivatePostgres {
     /// `initdb` into a temporary directory, then starts the server on a free port.
     pub fn start() -> PrivatePostgres {
+        Self::start_with(|_| {})
+    }
+
+    /// [`start`](Self::start) with `ssl = on`, serving `leaf` (made for 127.0.0.1).
+    pub fn start_tls(leaf: &super::pki::Leaf) -> PrivatePostgres {
+        Self::start_with(|pg| {
+            let data = pg.dir.join("data");
+            std::fs::write(data.join("server.crt"), &leaf.cert).expect("write server.crt");
+            let key = data.join("server.key");
+            std::fs::write(&key, &leaf.key).expect("write server.key");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod server.key");
+            if pg.as_postgres {
+                let owner = std::fs::metadata(&pg.dir).map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    m.uid()
+                });
+                for f in ["server.crt", "server.key"] {
+                    std::os::unix::fs::chown(data.join(f), owner.as_ref().ok().copied(), None)
+                        .expect("chown the TLS files");
+                }
+            }
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("postgresql.conf"))
+                .expect("open postgresql.conf");
+            use std::io::Write;
+            writeln!(
+                conf,
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+            )
+            .expect("enable ssl");
+        })
+    }
+
+    /// A URL that requires TLS and checks the server's certificate against `root`.
+    pub fn url_verify_full(&self, root: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={root}",
+            self.port
+        )
+    }
+
+    fn start_with(configure: impl FnOnce(&PrivatePostgres)) -> PrivatePostgres {
         let started = Instant::now();
         let bin = postgres_bin();
         let dir = temp_dir("hookline-pg-");
@@ -95,6 +140,7 @@ impl PrivatePostgres {
             "UTF8",
         ]);
         run(initdb, "initdb");
+        configure(&pg);
         pg.start_again();
         pg.started_in = started.elapsed();
         pg
@@ -159,8 +205,15 @@ impl Drop for PrivatePostgres {
 
 /// `HOOKLINE_TEST_PG_BIN`, or the newest `/usr/lib/postgresql/*/bin` holding `initdb`.
 fn postgres_bin() -> PathBuf {
+    postgres_bin_if_any().expect(
+        "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin; set HOOKLINE_TEST_PG_BIN",
+    )
+}
+
+/// [`postgres_bin`], or `None` when this machine has no PostgreSQL server binaries.
+pub fn postgres_bin_if_any() -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("HOOKLINE_TEST_PG_BIN") {
-        return PathBuf::from(dir);
+        return Some(PathBuf::from(dir));
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -170,9 +223,7 @@ fn postgres_bin() -> PathBuf {
         .filter(|bin| bin.join("initdb").is_file())
         .collect();
     found.sort();
-    found.pop().expect(
-        "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin; set HOOKLINE_TEST_PG_BIN",
-    )
+    found.pop()
 }
 
 /// A RabbitMQ node of the test's own.

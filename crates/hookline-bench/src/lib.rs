@@ -75,6 +75,15 @@ pub struct BenchOptions {
     /// gRPC URL of a running server or cluster to benchmark instead of spawning one.
     #[arg(long, default_value = "", hide_default_value = true)]
     pub server: String,
+    /// PEM CA certificates to trust for an https:// --server instead of the public roots.
+    #[arg(long, env = "HOOKLINE_CA")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate for a --server that requires one (mTLS).
+    #[arg(long, env = "HOOKLINE_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, env = "HOOKLINE_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     /// Admin API key for --server (a spawned server gets a fresh key).
     #[arg(long, env = "HOOKLINE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -330,7 +339,7 @@ async fn measure(
     })?;
     let mut channels = Vec::with_capacity(plan.connections);
     for _ in 0..plan.connections {
-        channels.push(connect(&target.grpc).await?);
+        channels.push(connect(&target.grpc, &target.tls).await?);
     }
 
     // Setup: a tenant and the subscriptions, in the layout's order.
@@ -478,13 +487,15 @@ async fn measure(
 }
 
 /// One gRPC connection to the target.
-async fn connect(url: &str) -> Result<Channel, BenchError> {
-    Endpoint::from_shared(url.to_string())
-        .map_err(|e| {
-            BenchError::Usage(format!(
-                "{url:?} is not a URL like http://127.0.0.1:50051: {e}"
-            ))
-        })?
+async fn connect(url: &str, tls: &hookline_client::TlsOptions) -> Result<Channel, BenchError> {
+    let usage = |e: &dyn std::fmt::Display| {
+        BenchError::Usage(format!(
+            "{url:?} is not a URL like http://127.0.0.1:50051: {e}"
+        ))
+    };
+    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| usage(&e))?;
+    tls.apply(url, endpoint)
+        .map_err(|e| usage(&e))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .tcp_nodelay(true)

@@ -42,6 +42,8 @@ pub struct Target {
     pub processes: Vec<Watched>,
     /// `spawned` or `server`.
     pub kind: &'static str,
+    /// What an `https://` server is trusted with and shown (--ca, --client-cert/-key).
+    pub tls: hookline_client::TlsOptions,
     /// The storage and broker the server uses, for people (no credentials).
     pub backend: String,
     spawned: Option<Spawned>,
@@ -77,7 +79,7 @@ impl Target {
         let mut notes = Vec::new();
         let Some(sp) = self.spawned.as_mut() else {
             if let (true, Some(tenant)) = (cleanup, tenant) {
-                match delete_tenant(&self.grpc, &self.token, tenant).await {
+                match delete_tenant(self, tenant).await {
                     Ok(()) => {}
                     Err(e) => notes.push(format!("could not delete tenant {tenant}: {e}")),
                 }
@@ -131,7 +133,14 @@ fn remote(args: &BenchOptions) -> Result<Target, BenchError> {
             "--server needs an admin API key: pass --token or set HOOKLINE_TOKEN".into(),
         ));
     };
+    let tls = hookline_client::TlsOptions::from_files(
+        args.ca.as_deref(),
+        args.client_cert.as_deref(),
+        args.client_key.as_deref(),
+    )
+    .map_err(|e| BenchError::Usage(e.to_string()))?;
     Ok(Target {
+        tls,
         grpc: args.server.clone(),
         token,
         processes: watched_pids(&args.pids),
@@ -308,6 +317,7 @@ async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
                 token: String::new(),
                 processes: Vec::new(),
                 kind: "spawned",
+                tls: Default::default(),
                 backend: String::new(),
                 spawned: Some(spawned),
             };
@@ -329,6 +339,7 @@ async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
         .chain(watched_pids(&args.pids))
         .collect(),
         kind: "spawned",
+        tls: Default::default(),
         backend: backend.join(", "),
         spawned: Some(spawned),
     };
@@ -506,12 +517,15 @@ async fn delete_queues(amqp_url: &str, prefix: &str) -> Result<(), String> {
         .map_err(|_| "timed out after 30 s".to_string())?
 }
 
-async fn delete_tenant(grpc: &str, token: &str, tenant: &str) -> Result<(), String> {
+async fn delete_tenant(target: &Target, tenant: &str) -> Result<(), String> {
+    let (grpc, token) = (&target.grpc, &target.token);
     let auth = format!("Bearer {token}")
         .parse()
         .map_err(|_| "the API key cannot go in a header".to_string())?;
     let work = async {
-        let channel = crate::connect(grpc).await.map_err(|e| e.to_string())?;
+        let channel = crate::connect(grpc, &target.tls)
+            .await
+            .map_err(|e| e.to_string())?;
         RegistryServiceClient::new(channel)
             .delete_tenant(crate::authed(
                 pb::DeleteTenantRequest {

@@ -35,6 +35,7 @@
 //! # }
 //! ```
 
+pub mod amqp_tls;
 mod embedded;
 mod rabbit;
 mod reconnect;
@@ -49,6 +50,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::Stream;
 
+pub use amqp_tls::AmqpTlsFiles;
 pub use embedded::{EmbeddedBroker, EmbeddedConfig};
 pub use rabbit::{RabbitBroker, RabbitConfig};
 

@@ -63,6 +63,8 @@ pub struct RabbitConfig {
     /// (`x-delivery-limit`): a poison message that keeps crashing consumers
     /// ends in the dead-letter queue. Fixed when the queues are created.
     pub delivery_limit: u32,
+    /// What `amqps://` trusts and presents (see [`crate::amqp_tls`]).
+    pub tls: crate::AmqpTlsFiles,
 }
 
 impl Default for RabbitConfig {
@@ -77,6 +79,7 @@ impl Default for RabbitConfig {
             connect_timeout: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(30),
             delivery_limit: 20,
+            tls: crate::AmqpTlsFiles::default(),
         }
     }
 }
@@ -104,6 +107,7 @@ impl fmt::Debug for RabbitConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("delivery_limit", &self.delivery_limit)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -147,8 +151,9 @@ impl RabbitBroker {
                 cfg.reconnect_min_backoff, cfg.reconnect_max_backoff
             )));
         }
+        let tls = crate::amqp_tls::tls_config(&cfg.url, &cfg.tls)?;
         let max_wait = cfg.reconnect_max_wait;
-        let shared = Arc::new(Shared::new(cfg, uri, topology));
+        let shared = Arc::new(Shared::new(cfg, uri, tls, topology));
         let manager = tokio::spawn(reconnect::run(shared.clone()));
         match shared.live(Some(max_wait)).await {
             Ok(_) => Ok(Self {

@@ -95,17 +95,25 @@ pub(crate) enum Link {
 pub(crate) struct Shared {
     pub(crate) cfg: RabbitConfig,
     pub(crate) uri: AMQPUri,
+    /// What the TLS of an `amqps://` URL trusts and presents.
+    tls: lapin::tcp::OwnedTLSConfig,
     pub(crate) topology: Topology,
     link: watch::Sender<Link>,
     pub(crate) shutdown: CancellationToken,
 }
 
 impl Shared {
-    pub(crate) fn new(cfg: RabbitConfig, uri: AMQPUri, topology: Topology) -> Self {
+    pub(crate) fn new(
+        cfg: RabbitConfig,
+        uri: AMQPUri,
+        tls: lapin::tcp::OwnedTLSConfig,
+        topology: Topology,
+    ) -> Self {
         let (link, _) = watch::channel(Link::Connecting { last_error: None });
         Self {
             cfg,
             uri,
+            tls,
             topology,
             link,
             shutdown: CancellationToken::new(),
@@ -206,6 +214,14 @@ impl ConnectError {
         };
         let authority = &shared.uri.authority;
         let at = format!("{}:{}", authority.host, authority.port);
+        let tls = shared.uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+        if let Some(message) = crate::amqp_tls::handshake_failure(tls, &at, error) {
+            // A plaintext port or an untrusted certificate: retrying will not help.
+            return Self {
+                message,
+                permanent: true,
+            };
+        }
         let message = match code {
             Some(403) if step == "connect" => format!(
                 "RabbitMQ refused the login for user {} on {at}: check amqp_url",
@@ -291,12 +307,15 @@ async fn establish(shared: &Shared, generation: u64) -> Result<Arc<Live>, Connec
     let cfg = &shared.cfg;
     let properties =
         ConnectionProperties::default().with_connection_name(cfg.connection_name.as_str().into());
-    let conn = match tokio::time::timeout(
-        cfg.connect_timeout,
-        Connection::connect_uri(shared.uri.clone(), properties),
-    )
-    .await
-    {
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|e| ConnectError::new(shared, "connect", &e))?;
+    let connect = Connection::connect_uri_with_config(
+        shared.uri.clone(),
+        properties,
+        shared.tls.clone(),
+        runtime,
+    );
+    let conn = match tokio::time::timeout(cfg.connect_timeout, connect).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(error)) => return Err(ConnectError::new(shared, "connect", &error)),
         Err(_) => {

@@ -3,8 +3,8 @@
 
 use crate::Error;
 
-/// The URL tonic connects to for `server`: `host:port` gains `http://`; `http://…` is
-/// kept. `https://…` is refused until the client speaks TLS (tracked in issue #10).
+/// The URL tonic connects to for `server`: `host:port` gains `http://`; `http://…` and
+/// `https://…` (TLS) are kept.
 pub fn normalize(server: &str) -> Result<String, Error> {
     let invalid = |reason: &str| Error::InvalidEndpoint {
         server: server.to_string(),
@@ -17,19 +17,18 @@ pub fn normalize(server: &str) -> Result<String, Error> {
         ));
     }
     let url = match server.split_once("://") {
-        Some(("http", rest)) if !rest.is_empty() && !rest.starts_with('/') => server.to_string(),
-        Some(("https", _)) => {
-            return Err(invalid(
-                "https:// needs TLS, which this client does not speak yet; use http://",
-            ));
+        Some(("http" | "https", rest)) if !rest.is_empty() && !rest.starts_with('/') => {
+            server.to_string()
         }
         None if server.contains(':') && !server.contains('/') => format!("http://{server}"),
-        None | Some(("http", _)) => {
-            return Err(invalid("expected host:port or http://host:port"));
+        None | Some(("http" | "https", _)) => {
+            return Err(invalid(
+                "expected host:port, http://host:port or https://host:port",
+            ));
         }
         Some((scheme, _)) => {
             return Err(invalid(&format!(
-                "scheme {scheme:?} is not supported; expected host:port or http://host:port"
+                "scheme {scheme:?} is not supported; expected host:port, http://host:port or https://host:port"
             )));
         }
     };
@@ -51,7 +50,8 @@ mod tests {
             "http://localhost:50051"
         );
         assert_eq!(normalize("[::1]:50051").unwrap(), "http://[::1]:50051");
-        for bad in ["", "ftp://x:1", "https://x:443", "localhost", "http://"] {
+        assert_eq!(normalize("https://x:443").unwrap(), "https://x:443");
+        for bad in ["", "ftp://x:1", "https://", "localhost", "http://"] {
             assert!(normalize(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -9,6 +9,9 @@ pub enum Error {
     /// The server address is not `host:port` or `http://host:port`.
     #[error("server address {server:?} is not valid: {reason}")]
     InvalidEndpoint { server: String, reason: String },
+    /// A TLS file (`--ca`, `--client-cert`, `--client-key`) cannot be used.
+    #[error("TLS file {path}: {reason}")]
+    TlsFile { path: String, reason: String },
     /// No API key was given to the builder.
     #[error(
         "no API key: pass one to ClientBuilder::token (the CLI takes --token or HOOKLINE_TOKEN)"

@@ -29,8 +29,10 @@
 //! # }
 //! ```
 //!
-//! The connection is plain gRPC over HTTP/2 (`host:port` or `http://…`); TLS is not
-//! supported yet.
+//! The connection is gRPC over HTTP/2: plaintext for `host:port` or `http://…`, TLS
+//! (rustls, ring) for `https://…`, trusting the public roots or only the CA given to
+//! [`ClientBuilder::ca_certificate`]; [`ClientBuilder::client_identity`] presents a
+//! client certificate to a server that requires one (mTLS).
 
 mod endpoint;
 mod error;
@@ -61,6 +63,81 @@ pub struct ClientBuilder {
     token: Option<String>,
     connect_timeout: Duration,
     retry: RetryPolicy,
+    tls: TlsOptions,
+}
+
+/// What `https://` connections trust and present.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// PEM CA certificates to trust instead of the public roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate chain and private key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsOptions {
+    /// Reads the PEM files of `--ca`, `--client-cert` and `--client-key` (the last two
+    /// go together).
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<Self, Error> {
+        let read = |path: &std::path::Path, what: &str| {
+            let bytes = std::fs::read(path).map_err(|e| Error::TlsFile {
+                path: path.display().to_string(),
+                reason: format!("cannot read it: {e}"),
+            })?;
+            if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+                return Err(Error::TlsFile {
+                    path: path.display().to_string(),
+                    reason: format!("it holds no PEM block; expected {what}"),
+                });
+            }
+            Ok(bytes)
+        };
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some((read(c, "a certificate")?, read(k, "a private key")?)),
+            (None, None) => None,
+            (Some(p), None) | (None, Some(p)) => {
+                return Err(Error::TlsFile {
+                    path: p.display().to_string(),
+                    reason: "--client-cert and --client-key go together; give both".into(),
+                });
+            }
+        };
+        Ok(Self {
+            ca_pem: ca.map(|p| read(p, "CA certificates")).transpose()?,
+            identity,
+        })
+    }
+
+    /// The tonic TLS configuration of these options.
+    pub fn client_config(&self) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca_pem {
+            Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
+            None => config.with_webpki_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        config
+    }
+
+    /// `endpoint` with these options when `url` is `https://`; unchanged otherwise.
+    pub fn apply(
+        &self,
+        url: &str,
+        endpoint: tonic::transport::Endpoint,
+    ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+        if url.starts_with("https://") {
+            endpoint.tls_config(self.client_config())
+        } else {
+            Ok(endpoint)
+        }
+    }
 }
 
 /// How often and how patiently a publish is sent again after `UNAVAILABLE`.
@@ -90,6 +167,29 @@ impl ClientBuilder {
         self
     }
 
+    /// PEM CA certificates trusted for `https://` instead of the public roots (a private
+    /// CA).
+    pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// A PEM client certificate chain and key, for servers that require one (mTLS).
+    pub fn client_identity(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.identity = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// Every TLS option at once (see [`TlsOptions::from_files`]).
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// How long connecting may take (default 5 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -106,11 +206,15 @@ impl ClientBuilder {
     /// Connects now; fails at once when the server cannot be reached.
     pub async fn connect(self) -> Result<Client, Error> {
         let url = endpoint::normalize(&self.server)?;
-        let channel = Channel::from_shared(url)
-            .map_err(|e| Error::InvalidEndpoint {
-                server: self.server.clone(),
-                reason: e.to_string(),
-            })?
+        let invalid = |e: &dyn std::fmt::Display| Error::InvalidEndpoint {
+            server: self.server.clone(),
+            reason: e.to_string(),
+        };
+        let endpoint = Channel::from_shared(url.clone()).map_err(|e| invalid(&e))?;
+        let channel = self
+            .tls
+            .apply(&url, endpoint)
+            .map_err(|e| invalid(&e))?
             .connect_timeout(self.connect_timeout)
             .connect()
             .await
@@ -141,13 +245,15 @@ pub struct Client {
 }
 
 impl Client {
-    /// Starts building a client for `server`: `host:port` or `http://host:port`.
+    /// Starts building a client for `server`: `host:port`, `http://host:port` or
+    /// `https://host:port`.
     pub fn builder(server: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
             server: server.into(),
             token: None,
             connect_timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
+            tls: TlsOptions::default(),
         }
     }
 

@@ -10,8 +10,10 @@ pub mod conn;
 pub mod convert;
 pub mod gate;
 pub mod keys;
+pub mod served;
 pub mod standard;
 pub mod status;
+pub mod tls;
 
 pub use auth::{Authenticator, Principal, principal};
 pub use gate::{Gate, MessageLimits};

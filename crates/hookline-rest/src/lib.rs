@@ -191,11 +191,13 @@ fn forward_headers(headers: &HeaderMap, metadata: &mut MetadataMap) {
 /// Serves `router` on `listener`, at most `max_connections` open at once, until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<hookline_grpc::tls::TlsServer>,
     max_connections: usize,
     router: axum::Router,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(conn::CappedListener::new(listener, max_connections), router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    use hookline_grpc::tls::{Listener, serve_http};
+    let capped = conn::CappedListener::new(listener, max_connections);
+    let tls = tls.as_ref().map(|t| (t, Listener::Rest));
+    serve_http(capped, tls, router, shutdown.cancelled_owned()).await
 }

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use hookline_broker::Broker;
+use hookline_grpc::tls::{Listener, TlsServer, serve_http};
 use hookline_store::port::StoreHealth;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -23,6 +24,7 @@ pub struct AdminState {
 
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsServer>,
     state: AdminState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -31,9 +33,8 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    let tls = tls.as_ref().map(|t| (t, Listener::Admin));
+    serve_http(listener, tls, app, shutdown.cancelled_owned()).await
 }
 
 /// How long `/readyz` waits for each dependency. A database that is down makes a pool

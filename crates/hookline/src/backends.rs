@@ -302,6 +302,7 @@ pub async fn open_broker(
         (Mode::Distributed { amqp_url, .. }, _) => {
             let mut rabbit = RabbitConfig::new(amqp_url.clone(), config.queue_prefix.clone());
             rabbit.connection_name = connection_name;
+            rabbit.tls = config.amqp_tls();
             Ok(Arc::new(RabbitBroker::connect(rabbit).await.with_context(
                 || format!("cannot connect to RabbitMQ at {}", redact::url(amqp_url)),
             )?))

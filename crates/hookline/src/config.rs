@@ -117,6 +117,32 @@ pub struct Config {
     /// Most REST connections open at once; beyond it new connections are closed at once.
     pub rest_max_connections: usize,
 
+    // --- TLS (docs/SECURITY.md, "TLS") ---
+    /// PEM certificate chain of the gRPC listener; with `tls_key`, the API speaks only
+    /// TLS. Re-read when the file changes (no restart).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates; set, gRPC (and REST with `tls_rest`) clients must present a
+    /// certificate they issued, or the handshake fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve the REST API in TLS too, with the same certificate and client CA.
+    pub tls_rest: bool,
+    /// Serve the admin HTTP port in TLS too (never asks for client certificates).
+    pub tls_admin: bool,
+    /// PEM CA certificates trusted for `amqps://` beside the bundled public roots (or
+    /// the URL's `cacertfile` query).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_ca_file: Option<PathBuf>,
+    /// PEM client certificate and key for a broker that requires one (or the URL's
+    /// `certfile` / `keyfile` queries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_key_file: Option<PathBuf>,
     // --- Web console and tenant portal (crates/hookline-console) ---
     /// Where the web console listens (pages under `/console`); unset: no console.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -187,6 +213,14 @@ impl Default for Config {
             rest_max_connections: 1024,
             encryption_key: None,
             encryption_key_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_rest: false,
+            tls_admin: false,
+            amqp_ca_file: None,
+            amqp_cert_file: None,
+            amqp_key_file: None,
             console_addr: None,
             console_frame_ancestors: "'none'".into(),
             console_portal_secret: None,
@@ -308,6 +342,7 @@ impl Config {
             hookline_core::validate::stored_u32(name, value, 1, MAX_QUOTA)?;
         }
         crate::egress_config::Egress::from_config(&config)?;
+        config.tls_files()?;
         crate::receiver_tls::from_config(&config)?;
         crate::console::check_config(&config)?;
         Ok(config)
@@ -344,6 +379,35 @@ impl Config {
             max_concurrent_streams: self.grpc_max_concurrent_streams,
             keepalive_interval: Duration::from_millis(self.grpc_keepalive_interval_ms),
             keepalive_timeout: Duration::from_millis(self.grpc_keepalive_timeout_ms),
+        }
+    }
+
+    /// The TLS files of the API listeners, or `None` when they serve plaintext.
+    pub fn tls_files(&self) -> anyhow::Result<Option<hookline_grpc::tls::TlsFiles>> {
+        let files = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(hookline_grpc::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            (None, None) => None,
+            _ => anyhow::bail!(
+                "tls_cert and tls_key go together: set both (HOOKLINE_TLS_CERT, HOOKLINE_TLS_KEY) or neither"
+            ),
+        };
+        anyhow::ensure!(
+            files.is_some() || !(self.tls_client_ca.is_some() || self.tls_rest || self.tls_admin),
+            "tls_client_ca, tls_rest and tls_admin need tls_cert and tls_key"
+        );
+        Ok(files)
+    }
+
+    /// What an `amqps://` broker connection trusts and presents.
+    pub fn amqp_tls(&self) -> hookline_broker::AmqpTlsFiles {
+        hookline_broker::AmqpTlsFiles {
+            ca_file: self.amqp_ca_file.clone(),
+            cert_file: self.amqp_cert_file.clone(),
+            key_file: self.amqp_key_file.clone(),
         }
     }
 

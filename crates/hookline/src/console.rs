@@ -75,9 +75,11 @@ pub fn start(
     let config_max = config.console_max_connections;
     let shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
-        // The REST API's server: the same cap on open connections, the same graceful stop.
+        // The REST API's server: the same cap on open connections, the same graceful stop
+        // (plain HTTP: TLS of the console is not a setting yet; see docs/SECURITY.md).
         let max = config_max;
-        if let Err(e) = hookline_rest::serve(listener, max, router, shutdown.clone()).await {
+        let served = hookline_rest::serve(listener, None, max, router, shutdown.clone());
+        if let Err(e) = served.await {
             tracing::error!(error = %e, "the web console failed; stopping");
             shutdown.cancel();
         }

@@ -93,4 +93,16 @@ pub fn describe_all() {
         "hookline_dead_letter_depth",
         "Messages waiting in the dead-letter queue; alert when above 0."
     );
+    // TLS of the API listeners (crates/hookline-grpc/src/tls.rs)
+    describe_counter!(
+        "hookline_tls_handshake_failures_total",
+        Unit::Count,
+        "TLS handshakes that failed or timed out, by listener (gRPC, REST, admin): \
+         plaintext clients, untrusted or missing client certificates."
+    );
+    describe_counter!(
+        "hookline_tls_certificate_reloads_total",
+        Unit::Count,
+        "Times the API certificate was read again after its files changed (tls_cert, tls_key)."
+    );
 }

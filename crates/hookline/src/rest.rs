@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use hookline_grpc::tls::TlsServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 /// Starts serving the REST API on `listener` until `shutdown`; returns its address.
 pub fn start(
     listener: TcpListener,
+    tls: Option<TlsServer>,
     services: tonic::service::Routes,
     max_connections: usize,
     auth: hookline_grpc::Authenticator,
@@ -20,7 +22,7 @@ pub fn start(
     let shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
         if let Err(e) =
-            hookline_rest::serve(listener, max_connections, router, shutdown.clone()).await
+            hookline_rest::serve(listener, tls, max_connections, router, shutdown.clone()).await
         {
             tracing::error!(error = %e, "the REST API failed; stopping");
             shutdown.cancel();

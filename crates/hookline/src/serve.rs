@@ -12,7 +12,9 @@ use hookline_broker::Broker;
 use hookline_changes::RegistryChanges;
 use hookline_dispatcher::{Dispatcher, DispatcherConfig};
 use hookline_grpc::Authenticator;
+use hookline_grpc::served;
 use hookline_grpc::standard::{self, HealthReporter};
+use hookline_grpc::tls::TlsServer;
 use hookline_ingest::{IngestApi, IngestConfig, SubscriptionMatcher};
 use hookline_outbox::{Relay, RelayConfig};
 use hookline_proto::v1 as pb;
@@ -193,11 +195,24 @@ struct Listeners {
     console: Option<TcpListener>,
     /// Connection caps and deadlines applied to every accepted gRPC connection.
     conn_limits: hookline_grpc::conn::ConnLimits,
+    /// TLS of the gRPC port (and of REST and admin when `tls_rest` / `tls_admin`).
+    tls: Option<TlsServer>,
+    tls_rest: bool,
+    tls_admin: bool,
 }
 
 impl Listeners {
     async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let tls = match config.tls_files()? {
+            Some(files) => {
+                Some(TlsServer::load(&files).context("TLS of the API (tls_* settings)")?)
+            }
+            None => None,
+        };
         Ok(Self {
+            tls,
+            tls_rest: config.tls_rest,
+            tls_admin: config.tls_admin,
             grpc: bind(
                 config.grpc_addr,
                 "gRPC",
@@ -246,10 +261,17 @@ impl Listeners {
             grpc: self.grpc.local_addr()?,
             admin: self.admin.local_addr()?,
         };
-        let admin = tokio::spawn(admin_http::serve(self.admin, admin, shutdown.clone()));
+        let admin_tls = self.tls.as_ref().filter(|_| self.tls_admin);
+        let admin = tokio::spawn(admin_http::serve(
+            self.admin,
+            admin_tls.cloned(),
+            admin,
+            shutdown.clone(),
+        ));
         let rest = match self.rest {
             Some(listener) => Some(rest::start(
                 listener,
+                self.tls.as_ref().filter(|_| self.tls_rest).cloned(),
                 router.clone(),
                 self.rest_max_connections,
                 auth.clone(),
@@ -262,10 +284,10 @@ impl Listeners {
             .apply(tonic::transport::Server::builder())
             .layer(hookline_grpc::conn::CompletionLayer)
             .add_routes(router);
-        let grpc = tokio::spawn(grpc.serve_with_incoming_shutdown(
-            self.conn_limits.incoming(self.grpc),
-            shutdown.clone().cancelled_owned(),
-        ));
+        let incoming = served::incoming(&self.conn_limits, self.grpc, self.tls.as_ref());
+        let grpc = tokio::spawn(
+            grpc.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
+        );
         Ok(Running {
             at,
             rest,

@@ -221,3 +221,57 @@ prometheus.io/port: {{ .Values.containerPorts.admin | quote }}
 prometheus.io/path: /metrics
 {{- end }}
 {{- end }}
+
+{{/*
+TLS of the gRPC API and of amqps:// (docs/SECURITY.md "TLS"): the environment, the
+volume mounts and the volumes of a component's container. Secrets are mounted as
+directories (not subPath) so that the kubelet's updates reach the running process.
+*/}}
+{{- define "hookline.tlsEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: HOOKLINE_TLS_CERT
+  value: /etc/hookline/tls/tls.crt
+- name: HOOKLINE_TLS_KEY
+  value: /etc/hookline/tls/tls.key
+{{- if .Values.tls.clientAuth }}
+- name: HOOKLINE_TLS_CLIENT_CA
+  value: /etc/hookline/tls/ca.crt
+{{- end }}
+{{- end }}
+{{- if .Values.amqp.tlsSecretName }}
+- name: HOOKLINE_AMQP_CA_FILE
+  value: /etc/hookline/amqp-tls/ca.crt
+{{- if .Values.amqp.clientCert }}
+- name: HOOKLINE_AMQP_CERT_FILE
+  value: /etc/hookline/amqp-tls/tls.crt
+- name: HOOKLINE_AMQP_KEY_FILE
+  value: /etc/hookline/amqp-tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "hookline.tlsVolumeMounts" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/hookline/tls
+  readOnly: true
+{{- end }}
+{{- if .Values.amqp.tlsSecretName }}
+- name: amqp-tls
+  mountPath: /etc/hookline/amqp-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "hookline.tlsVolumes" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ required "tls.secretName is required when tls.enabled (a kubernetes.io/tls Secret, e.g. from cert-manager)" .Values.tls.secretName }}
+{{- end }}
+{{- if .Values.amqp.tlsSecretName }}
+- name: amqp-tls
+  secret:
+    secretName: {{ .Values.amqp.tlsSecretName }}
+{{- end }}
+{{- end }}

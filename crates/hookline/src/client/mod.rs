@@ -25,7 +25,8 @@ use output::Format;
 /// Where the server is and who we are.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// gRPC address of a Hookline server: `host:port` (as `serve` prints it) or `http://host:port`.
+    /// gRPC address of a Hookline server: `host:port` (as `serve` prints it),
+    /// `http://host:port`, or `https://host:port` for TLS.
     #[arg(
         long,
         env = "HOOKLINE_SERVER",
@@ -36,12 +37,48 @@ pub struct ClientArgs {
     /// API key, sent as `authorization: Bearer <token>`.
     #[arg(long, env = "HOOKLINE_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Print JSON: one object for one thing, an array for a list.
     #[arg(long, global = true, conflicts_with = "jsonl")]
     pub json: bool,
     /// Print JSON lines: one compact object per line.
     #[arg(long, global = true)]
     pub jsonl: bool,
+}
+
+/// What an `https://` server connection trusts and presents.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsArgs {
+    /// PEM CA certificates to trust for https:// instead of the public roots.
+    #[arg(long, env = "HOOKLINE_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for a server that requires one (mTLS).
+    #[arg(
+        long,
+        env = "HOOKLINE_CLIENT_CERT",
+        global = true,
+        requires = "client_key"
+    )]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(
+        long,
+        env = "HOOKLINE_CLIENT_KEY",
+        global = true,
+        requires = "client_cert"
+    )]
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn options(&self) -> anyhow::Result<hookline_client::TlsOptions> {
+        Ok(hookline_client::TlsOptions::from_files(
+            self.ca.as_deref(),
+            self.client_cert.as_deref(),
+            self.client_key.as_deref(),
+        )?)
+    }
 }
 
 impl ClientArgs {
@@ -55,7 +92,7 @@ impl ClientArgs {
 
     /// Connects to `--server` with `--token`.
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        let mut builder = Client::builder(self.server.clone());
+        let mut builder = Client::builder(self.server.clone()).tls(self.tls.options()?);
         if let Some(token) = &self.token {
             builder = builder.token(token.clone());
         }

@@ -37,8 +37,6 @@
 
 mod embedded;
 mod rabbit;
-mod reconnect;
-mod topology;
 
 use std::collections::BTreeMap;
 use std::fmt;

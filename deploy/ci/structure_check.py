@@ -87,7 +87,7 @@ def strip_strings_comments(text):
 def without_test_modules(code):
     """Remove `#[cfg(test)] mod x { ... }` blocks (line structure kept)."""
     out, pos = [], 0
-    for m in re.finditer(r"#\[cfg\(test\)\]\s*(pub(\([^)]*\))?\s+)?mod\s+\w+\s*\{", code):
+    for m in re.finditer(r"#\[cfg\(test\)\]\s*(#\[[^\]]*\]\s*)*(pub(\([^)]*\))?\s+)?mod\s+\w+\s*\{", code):
         if m.start() < pos:
             continue
         depth, j = 1, m.end()

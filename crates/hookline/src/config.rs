@@ -253,8 +253,17 @@ impl Config {
         ] {
             hookline_core::validate::stored_u32(name, value, 1, MAX_QUOTA)?;
         }
-        crate::egress_config::Egress::from_config(&config)?;
+        config.egress()?;
         Ok(config)
+    }
+
+    /// The egress settings, checked.
+    pub fn egress(&self) -> anyhow::Result<crate::egress_config::Egress> {
+        crate::egress_config::Egress::from_settings(
+            &self.egress_allow,
+            &self.egress_deny,
+            self.egress_proxy.as_deref(),
+        )
     }
 
     /// The limits before authentication and per connection.

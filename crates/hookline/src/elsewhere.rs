@@ -15,7 +15,7 @@ use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{Context, Poll, Service as TowerService};
 use tonic::server::NamedService;
 
-use crate::serve::Service;
+use crate::services::Service;
 
 /// The services not in `running`, and the commands that start them, for the log; `None`
 /// when this process runs them all.

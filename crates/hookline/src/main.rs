@@ -12,7 +12,9 @@ mod keys;
 mod metrics_catalog;
 mod rest;
 mod serve;
+mod services;
 mod shutdown;
+mod stdout;
 mod tail;
 
 use std::path::PathBuf;
@@ -186,7 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tail { tail, client } => return tail::tail(&client, tail).await,
         Command::Bench(args) => return Ok(hookline_bench::run(args).await?),
         Command::Serve { services, server } => {
-            Server::Serve(serve::parse_services(&services)?, server)
+            Server::Serve(services::parse_services(&services)?, server)
         }
         Command::Migrate { server } => Server::Migrate(server),
         Command::Admin { command, server } => Server::Admin(command, server),
@@ -264,7 +266,7 @@ fn client_flags_after_command(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi
 
 /// A command that runs or administers an installation, with its settings.
 enum Server {
-    Serve(std::collections::BTreeSet<serve::Service>, ServerArgs),
+    Serve(std::collections::BTreeSet<services::Service>, ServerArgs),
     Migrate(ServerArgs),
     Admin(AdminCommand, ServerArgs),
 }

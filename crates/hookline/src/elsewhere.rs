@@ -60,7 +60,7 @@ pub fn add_fallbacks(mut router: Router, running: &BTreeSet<Service>) -> Router 
     }
     if !running.contains(&Service::Retry) {
         router = router.add_service(RunsElsewhere::<
-            pb::delivery_service_server::DeliveryServiceServer<hookline_retry::DeliveryApi>,
+            pb::delivery_service_server::DeliveryServiceServer<hookline_deliveries::DeliveryApi>,
         >::new(message(Service::Retry)));
     }
     router

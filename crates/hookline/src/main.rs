@@ -124,6 +124,7 @@ enum Command {
         server: ServerArgs,
     },
     /// Benchmarks a spawned or running server end to end (see `hookline bench --list`).
+    #[cfg(feature = "bench")]
     Bench(hookline_bench::BenchArgs),
 }
 
@@ -186,6 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return client::deliveries(&client, command).await;
         }
         Command::Tail { tail, client } => return tail::tail(&client, tail).await,
+        #[cfg(feature = "bench")]
         Command::Bench(args) => return Ok(hookline_bench::run(args).await?),
         Command::Serve { services, server } => {
             Server::Serve(services::parse_services(&services)?, server)

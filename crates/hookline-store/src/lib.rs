@@ -1,8 +1,10 @@
 //! Storage for Hookline: the port (traits in [`port`]) and its adapters.
 //!
-//! Services depend on the traits only; [`postgres::PgStore`] backs them with PostgreSQL for
-//! clusters. The schema for the whole pipeline lives in `migrations/postgres` and is embedded
-//! in the binary ([`postgres::MIGRATOR`]).
+//! Services depend on the traits only. Two adapters back them: [`postgres::PgStore`] with
+//! PostgreSQL, for clusters and any number of replicas, and [`sqlite`] with one SQLite file,
+//! for the embedded one-process mode (the embedded queue of `hookline-broker` shares that
+//! file). Each has its own schema, `migrations/postgres` and `migrations/sqlite`, embedded in
+//! the binary ([`postgres::MIGRATOR`], [`sqlite::MIGRATOR`]).
 
 pub mod port;
 pub mod postgres;

@@ -407,3 +407,50 @@ async fn a_request_without_a_key_is_refused_before_its_body_is_read() {
     server.terminate().await;
     env.finish().await;
 }
+
+/// A key over its request rate is refused from the headers too: the REST API admits the
+/// caller (key and rate) once, before reading the body, so an over-rate key's body
+/// (here 300 MiB announced, none sent) is never read.
+#[tokio::test]
+async fn an_over_rate_key_is_refused_before_its_body_is_read() {
+    let env = Env::with(Backend::Embedded).await;
+    let admin = env.admin_key().await;
+    let server = env
+        .serve_with(
+            "all",
+            &[
+                ("HOOKLINE_REST_ADDR", "127.0.0.1:0"),
+                ("HOOKLINE_KEY_REQUESTS_PER_SECOND", "1"),
+            ],
+        )
+        .await;
+    let rest = Rest::of(&server);
+    let addr = rest.base.trim_start_matches("http://").to_string();
+    // Spend the key's one-request burst; the next cell is a second away.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = rest.call("GET", "/v1/tenants", Some(&admin), None).await;
+        if status == 429 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never over the rate: {body}"
+        );
+    }
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/tenants HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+         authorization: Bearer {admin}\r\ncontent-length: {}\r\n\r\n",
+        300 * 1024 * 1024
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut status = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut status))
+        .await
+        .expect("answered without the body")
+        .unwrap();
+    assert_eq!(&status, b"HTTP/1.1 429");
+    server.terminate().await;
+    env.finish().await;
+}

@@ -196,13 +196,7 @@ impl DeliveryService for DeliveryApi {
             .await?;
         let attempts = self
             .deliveries
-            .list_attempts(
-                &delivery.id,
-                &PageRequest {
-                    after: None,
-                    limit: 1000,
-                },
-            )
+            .list_attempts(&delivery.id, &PageRequest::first_of_max())
             .await
             .map_err(from_store)?;
         Ok(Response::new(pb::GetDeliveryResponse {

@@ -113,7 +113,7 @@ async fn write(store: &dyn DeliveryStore, batch: Vec<Settle>) {
     }
     let result = (|| store.record_outcomes(&outcomes))
         .retry(backoff())
-        .when(is_transient)
+        .when(StoreError::is_transient)
         .notify(|e, delay| {
             tracing::warn!(error = %e, retry_in = ?delay, outcomes = outcomes.len(), "cannot record attempt outcomes; retrying");
         })
@@ -126,7 +126,7 @@ async fn write(store: &dyn DeliveryStore, batch: Vec<Settle>) {
                 .for_each(|(o, d)| count(o, *d));
             ack_all(messages).await;
         }
-        Err(e) if !is_transient(&e) && outcomes.len() > 1 => {
+        Err(e) if !e.is_transient() && outcomes.len() > 1 => {
             tracing::warn!(error = %e, outcomes = outcomes.len(), "the database refused a batch of outcomes; writing them one by one");
             for (((outcome, message), deferred), span) in outcomes
                 .into_iter()
@@ -182,20 +182,6 @@ fn backoff() -> ExponentialBuilder {
         .with_jitter()
         .without_max_times()
         .with_total_delay(Some(WRITE_RETRY_TOTAL))
-}
-
-/// Whether writing again may succeed: connection and pool trouble, serialization
-/// failures and deadlocks. An error the database reports about the data itself will
-/// not go away.
-fn is_transient(error: &StoreError) -> bool {
-    match error {
-        StoreError::NotFound { .. } | StoreError::Conflict(_) | StoreError::Quota(_) => false,
-        StoreError::Database(e) => match e.as_database_error() {
-            // 40001 serialization_failure, 40P01 deadlock_detected.
-            Some(db) => matches!(db.code().as_deref(), Some("40001" | "40P01")),
-            None => true,
-        },
-    }
 }
 
 /// Logs a settlement that did not reach the broker. A stale delivery (the channel closed

@@ -22,7 +22,6 @@ use hookline_store::port::RegistryStore;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
 
 use crate::keys::{KeyLimits, KeyLimitsConfig};
@@ -151,8 +150,10 @@ pub fn hash_token(token: &str) -> [u8; 32] {
 /// Token hash → who it is and when that was looked up.
 type KeyCache = HashMap<[u8; 32], (Principal, Instant)>;
 
-/// The caller of a request that passed the [`crate::gate`], which put it into the
-/// request's extensions; `UNAUTHENTICATED` if the service was mounted without the gate.
+/// The caller of a request, as the [`crate::gate`] put it into the request's extensions.
+/// Every handler reads its caller here and nowhere else. A request without one is
+/// refused with `UNAUTHENTICATED` (there is no anonymous caller): that happens only if a
+/// service was mounted without the gate.
 pub fn principal<T>(req: &Request<T>) -> Result<Principal, Status> {
     req.extensions()
         .get::<Principal>()
@@ -190,14 +191,20 @@ impl Authenticator {
         &self.limits
     }
 
-    /// The caller of a request, or `UNAUTHENTICATED` saying what is missing or wrong.
-    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
-        self.authenticate_header(metadata.as_ref().get("authorization"))
-            .await
+    /// The one admission check, before a body is read: who is calling (from the
+    /// `authorization` header; `UNAUTHENTICATED` saying what is missing or wrong) and
+    /// whether their key is within its request rate (`RESOURCE_EXHAUSTED`). The gRPC
+    /// [`crate::gate`] and the REST API both call this, once per request.
+    pub async fn admit(&self, headers: &http::HeaderMap) -> Result<Principal, Status> {
+        let principal = self
+            .authenticate_header(headers.get(http::header::AUTHORIZATION))
+            .await?;
+        self.limits.check_rate(&principal)?;
+        Ok(principal)
     }
 
-    /// As [`Self::authenticate`], from the raw `authorization` header.
-    pub async fn authenticate_header(
+    /// The caller named by the raw `authorization` header, or `UNAUTHENTICATED`.
+    async fn authenticate_header(
         &self,
         header: Option<&http::HeaderValue>,
     ) -> Result<Principal, Status> {

@@ -214,10 +214,6 @@ impl AsyncWrite for LimitedConn {
 #[derive(Debug, Clone, Default)]
 pub struct CompletionLayer;
 
-/// The router of a server built with [`CompletionLayer`]: what `serve` mounts services on.
-pub type LimitedRouter =
-    tonic::transport::server::Router<tower_layer::Stack<CompletionLayer, tower_layer::Identity>>;
-
 impl<S> tower_layer::Layer<S> for CompletionLayer {
     type Service = Completion<S>;
 

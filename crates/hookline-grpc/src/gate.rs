@@ -1,9 +1,17 @@
-//! The gate in front of every Hookline service: it authenticates a call from its
-//! metadata before a byte of its body is read (a call without a valid key is answered
-//! `UNAUTHENTICATED` at once), applies the key's request rate, puts the [`Principal`]
-//! into the request's extensions for the handler, and holds each method's request
-//! messages to their size limit as the body streams in. Health and reflection are
-//! mounted without it and stay open.
+//! The gate in front of every Hookline service, and the one place a call is
+//! authenticated: before a byte of its body is read it admits the caller
+//! ([`Authenticator::admit`]: a valid key, within its request rate; otherwise answered at
+//! once), puts the [`Principal`] into the request's extensions for the handler (which
+//! reads it with [`crate::principal`]), and holds each method's request messages to
+//! their size limit as the body streams in. Health and reflection are mounted without it
+//! and stay open.
+//!
+//! **The trusted in-process path.** A request that already carries a [`Principal`] in its
+//! extensions is let through as that principal without a second check. Extensions never
+//! come from the network (hyper starts each request with none but the connection's), so
+//! only code in this process can put one there: the REST API (which admitted the caller
+//! itself, key and rate, before reading the body) and the web console call the services
+//! this way. Such a caller is responsible for having authenticated the principal.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -109,28 +117,18 @@ where
         let auth = self.auth.clone();
         let limits = self.limits.clone();
         Box::pin(async move {
-            let principal = match admit(&auth, req.headers()).await {
-                Ok(p) => p,
-                // Answered without reading the body; dropping it resets the stream.
-                Err(status) => return Ok(status.into_http()),
-            };
-            req.extensions_mut().insert(principal);
+            if req.extensions().get::<Principal>().is_none() {
+                let principal = match auth.admit(req.headers()).await {
+                    Ok(p) => p,
+                    // Answered without reading the body; dropping it resets the stream.
+                    Err(status) => return Ok(status.into_http()),
+                };
+                req.extensions_mut().insert(principal);
+            }
             let limit = limits.for_path(req.uri().path());
             let req = req.map(|body| Body::new(CheckedBody::new(body, Some(limit), None)));
             std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
             inner.call(req).await
         })
     }
-}
-
-/// Who is calling, if their key is valid and within its rate.
-async fn admit(
-    auth: &Authenticator,
-    headers: &http::HeaderMap,
-) -> Result<Principal, tonic::Status> {
-    let principal = auth
-        .authenticate_header(headers.get("authorization"))
-        .await?;
-    auth.limits().check_rate(&principal)?;
-    Ok(principal)
 }

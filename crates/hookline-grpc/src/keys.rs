@@ -1,7 +1,8 @@
 //! Limits per API key, so one key cannot crowd out the others: a request rate (GCRA via
 //! `governor`, answered `RESOURCE_EXHAUSTED` with the time to wait in a `RetryInfo`
 //! detail), a cap on open `WatchDeliveries` streams, and streams that end when their key
-//! is revoked or its tenant deleted.
+//! is revoked or its tenant deleted. The rate's per-key state is pruned by a background
+//! task, never inside a request.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -36,10 +37,13 @@ impl Default for KeyLimitsConfig {
     }
 }
 
+/// How often the rate limiter forgets keys that are back to a full burst.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// The state behind [`KeyLimitsConfig`], shared by every service of the process.
 pub struct KeyLimits {
     config: KeyLimitsConfig,
-    rate: Option<DefaultKeyedRateLimiter<Id>>,
+    rate: Option<Arc<DefaultKeyedRateLimiter<Id>>>,
     /// Open streams per key.
     streams: Arc<Mutex<HashMap<Id, usize>>>,
 }
@@ -47,7 +51,10 @@ pub struct KeyLimits {
 impl KeyLimits {
     pub fn new(config: KeyLimitsConfig) -> Self {
         let rate = NonZeroU32::new(config.requests_per_second)
-            .map(|per_second| RateLimiter::keyed(Quota::per_second(per_second)));
+            .map(|per_second| Arc::new(RateLimiter::keyed(Quota::per_second(per_second))));
+        if let Some(rate) = &rate {
+            spawn_pruning(Arc::downgrade(rate), PRUNE_EVERY);
+        }
         Self {
             config,
             rate,
@@ -61,9 +68,6 @@ impl KeyLimits {
         let Some(rate) = &self.rate else {
             return Ok(());
         };
-        if rate.len() > 100_000 {
-            rate.retain_recent();
-        }
         rate.check_key(principal.key_id()).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let wait = wait.max(Duration::from_millis(1));
@@ -103,6 +107,27 @@ impl KeyLimits {
             streams: self.streams.clone(),
         })
     }
+}
+
+/// Every `every`, drops the rate state of keys back to a full burst (a key unseen for a
+/// second is indistinguishable from a new one), so the map holds only recent callers.
+/// Ends when the limiter is dropped; without a tokio runtime (plain unit tests) nothing
+/// is spawned.
+fn spawn_pruning(rate: std::sync::Weak<DefaultKeyedRateLimiter<Id>>, every: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(rate) = rate.upgrade() else { return };
+            rate.retain_recent();
+            rate.shrink_to_fit();
+        }
+    });
 }
 
 /// One open stream of a key; dropping it frees the slot.
@@ -202,6 +227,25 @@ mod tests {
             .expect("RetryInfo with a delay");
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
         limits.check_rate(&b).expect("another key has its own rate");
+    }
+
+    #[tokio::test]
+    async fn keys_back_to_a_full_burst_are_pruned_outside_requests() {
+        let limits = KeyLimits::new(KeyLimitsConfig {
+            requests_per_second: 1_000,
+            max_watch_streams: 1,
+        });
+        for _ in 0..50 {
+            limits.check_rate(&tenant_key()).expect("within the rate");
+        }
+        let rate = limits.rate.clone().expect("a rate is set");
+        assert_eq!(rate.len(), 50);
+        spawn_pruning(Arc::downgrade(&rate), Duration::from_millis(20));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !rate.is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(rate.len(), 0, "the pruning task forgot the idle keys");
     }
 
     #[test]

@@ -16,22 +16,11 @@ pub mod status;
 pub use auth::{Authenticator, Principal, principal};
 pub use gate::{Gate, MessageLimits};
 
-/// Most items a list call returns at once.
-pub const MAX_PAGE_SIZE: u32 = 1000;
-
-/// A page request from the wire, refusing sizes over [`MAX_PAGE_SIZE`].
+/// A page request from the wire; the rules of pages (the longest, what 0 means) are the
+/// store port's ([`hookline_store::PageRequest::from_client`]).
 pub fn page_request(
     page_size: u32,
     page_token: &str,
 ) -> Result<hookline_store::PageRequest, tonic::Status> {
-    if page_size > MAX_PAGE_SIZE {
-        return Err(status::invalid(
-            "page_size",
-            format!("is {page_size}; the limit is {MAX_PAGE_SIZE} (0 means 50)"),
-        ));
-    }
-    Ok(hookline_store::PageRequest {
-        after: (!page_token.is_empty()).then(|| page_token.to_string()),
-        limit: page_size,
-    })
+    hookline_store::PageRequest::from_client(page_size, page_token).map_err(status::from_store)
 }

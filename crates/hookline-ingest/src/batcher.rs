@@ -44,7 +44,7 @@ impl PublishBatcher {
     /// group is committed.
     pub async fn insert(&self, events: Vec<NewEvent>) -> Result<Vec<InsertOutcome>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let gone = || StoreError::Conflict("the ingest writer stopped; try again".into());
+        let gone = || StoreError::unavailable("the ingest writer stopped; try again");
         self.tx
             .send(Request { events, reply })
             .await

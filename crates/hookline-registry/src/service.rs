@@ -15,7 +15,9 @@ use hookline_core::{Id, IdKind, filter, validate};
 use hookline_egress::Egress;
 use hookline_grpc::auth::generate_token;
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
-use hookline_grpc::{Authenticator, Gate, MessageLimits, Principal, convert, page_request};
+use hookline_grpc::{
+    Authenticator, Gate, MessageLimits, Principal, convert, page_request, principal,
+};
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::registry_service_server::RegistryService;
 use hookline_store::StoreError;
@@ -87,11 +89,6 @@ impl RegistryApi {
         let auth = self.auth.clone();
         let server = pb::registry_service_server::RegistryServiceServer::new(self);
         Gate::new(server, auth, MessageLimits::default())
-    }
-
-    /// The caller, as the gate found it.
-    async fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
-        hookline_grpc::principal(req)
     }
 
     /// Tells the other services about a committed change. The change stands even if the
@@ -210,7 +207,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let id = tenant_id("tenant_id", &req.get_ref().tenant_id)?;
         principal.require_tenant(&id)?;
         let tenant = self.store.get_tenant(&id).await.map_err(from_store)?;
@@ -221,7 +218,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         let page_req = page_request(req.page_size, &req.page_token)?;
         // A tenant key sees exactly its own tenant.
@@ -255,9 +252,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
-        self.principal(&req)
-            .await?
-            .require_admin("deleting a tenant")?;
+        principal(&req)?.require_admin("deleting a tenant")?;
         let id = tenant_id("tenant_id", &req.get_ref().tenant_id)?;
         self.store.delete_tenant(&id).await.map_err(from_store)?;
         self.announce(RegistryChange::Tenant { tenant_id: id })
@@ -269,7 +264,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::CreateSubscriptionRequest>,
     ) -> Result<Response<pb::CreateSubscriptionResponse>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         let sub = req
             .subscription
@@ -338,7 +333,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::GetSubscriptionRequest>,
     ) -> Result<Response<pb::Subscription>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let sub = self
             .visible_subscription(&principal, &req.get_ref().subscription_id)
             .await?;
@@ -352,7 +347,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::ListSubscriptionsRequest>,
     ) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         let tenant = tenant_id("tenant_id", &req.tenant_id)?;
         principal.require_tenant(&tenant)?;
@@ -374,7 +369,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::UpdateSubscriptionRequest>,
     ) -> Result<Response<pb::Subscription>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         let patch = req
             .subscription
@@ -462,7 +457,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::DeleteSubscriptionRequest>,
     ) -> Result<Response<pb::DeleteSubscriptionResponse>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let sub = self
             .visible_subscription(&principal, &req.get_ref().subscription_id)
             .await?;
@@ -482,7 +477,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::RotateSecretRequest>,
     ) -> Result<Response<pb::RotateSecretResponse>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         let sub = self
             .visible_subscription(&principal, &req.subscription_id)
@@ -528,7 +523,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::GetSecretRequest>,
     ) -> Result<Response<pb::GetSecretResponse>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let sub = self
             .visible_subscription(&principal, &req.get_ref().subscription_id)
             .await?;
@@ -560,7 +555,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::MatchSubscriptionsRequest>,
     ) -> Result<Response<pb::MatchSubscriptionsResponse>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         let tenant = tenant_id("tenant_id", &req.tenant_id)?;
         principal.require_tenant(&tenant)?;
@@ -579,9 +574,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::CreateEventTypeRequest>,
     ) -> Result<Response<pb::EventType>, Status> {
-        self.principal(&req)
-            .await?
-            .require_admin("creating an event type")?;
+        principal(&req)?.require_admin("creating an event type")?;
         let req = req.into_inner();
         validate::event_type("name", &req.name).map_err(from_validation)?;
         validate::description("description", &req.description).map_err(from_validation)?;
@@ -600,7 +593,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::GetEventTypeRequest>,
     ) -> Result<Response<pb::EventType>, Status> {
-        self.principal(&req).await?;
+        principal(&req)?;
         let et = self
             .store
             .get_event_type(&req.get_ref().name)
@@ -613,7 +606,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::ListEventTypesRequest>,
     ) -> Result<Response<pb::ListEventTypesResponse>, Status> {
-        self.principal(&req).await?;
+        principal(&req)?;
         let req = req.into_inner();
         let page_req = page_request(req.page_size, &req.page_token)?;
         let page = self
@@ -632,9 +625,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::UpdateEventTypeRequest>,
     ) -> Result<Response<pb::EventType>, Status> {
-        self.principal(&req)
-            .await?
-            .require_admin("changing an event type")?;
+        principal(&req)?.require_admin("changing an event type")?;
         let req = req.into_inner();
         if let Some(d) = &req.description {
             validate::description("description", d).map_err(from_validation)?;
@@ -657,9 +648,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::DeleteEventTypeRequest>,
     ) -> Result<Response<pb::DeleteEventTypeResponse>, Status> {
-        self.principal(&req)
-            .await?
-            .require_admin("deleting an event type")?;
+        principal(&req)?.require_admin("deleting an event type")?;
         let name = req.into_inner().name;
         self.store
             .delete_event_type(&name)
@@ -673,7 +662,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         validate::name("name", &req.name).map_err(from_validation)?;
         let tenant = if req.tenant_id.is_empty() {
@@ -707,7 +696,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let req = req.into_inner();
         let page_req = page_request(req.page_size, &req.page_token)?;
         let tenant = if req.tenant_id.is_empty() {
@@ -735,7 +724,7 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&req).await?;
+        let principal = principal(&req)?;
         let id =
             Id::parse(IdKind::ApiKey, "api_key_id", &req.get_ref().api_key_id).map_err(from_id)?;
         let key = self.store.get_api_key(&id).await.map_err(from_store)?;

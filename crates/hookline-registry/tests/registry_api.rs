@@ -802,3 +802,36 @@ async fn every_change_is_announced_on_the_fanout_exchange() {
     drop(changes);
     h.finish().await;
 }
+
+/// Handlers read their caller only from the request's extensions, where the gate puts
+/// it: a service reached without the gate refuses even a valid key (there is no
+/// anonymous caller), and an in-process caller that inserts a `Principal` itself (the
+/// trusted path the REST API and the console use) is served without a key.
+#[tokio::test]
+async fn a_request_without_a_principal_is_refused() {
+    use hookline_grpc::Principal;
+    use hookline_proto::v1::registry_service_server::RegistryService;
+    let h = Harness::start().await;
+    let registry: Arc<dyn RegistryStore> = h.store.clone();
+    let ungated = RegistryApi::new(
+        registry.clone(),
+        h.broker.clone(),
+        Authenticator::new(registry),
+    );
+    let err = ungated
+        .list_tenants(authed(pb::ListTenantsRequest::default(), &h.admin))
+        .await
+        .expect_err("no principal in the extensions");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(err.message(), "this call was not authenticated");
+
+    let mut trusted = Request::new(pb::ListTenantsRequest::default());
+    trusted.extensions_mut().insert(Principal::Admin {
+        key_id: Id::new(IdKind::ApiKey),
+    });
+    ungated
+        .list_tenants(trusted)
+        .await
+        .expect("a principal inserted in process is served");
+    h.finish().await;
+}

@@ -1,10 +1,12 @@
 //! One gRPC call (unary or server-streaming) with an already-encoded request, answered
-//! with the encoded response: the REST side calls the very services (auth gate, limits,
-//! handlers) every gRPC client calls, and never decodes a message it has not checked.
+//! with the encoded response: the REST side calls the very services (gate, limits,
+//! handlers) every gRPC client calls — in process, on their [`Routes`], with the caller
+//! it admitted in the request's extensions (the gate's trusted in-process path) — and
+//! never decodes a message it has not checked.
 
 use bytes::{Buf, BufMut, Bytes};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::Channel;
+use tonic::service::Routes;
 use tonic::{Request, Status};
 
 /// Passes encoded messages through unchanged.
@@ -45,33 +47,33 @@ impl Decoder for RawCodec {
     }
 }
 
-/// Calls `path` (`/hookline.v1.IngestService/Publish`) on `channel`.
+/// Calls `path` (`/hookline.v1.IngestService/Publish`) on `services`.
 pub async fn unary(
-    channel: Channel,
+    services: Routes,
     path: &str,
     request: Request<Bytes>,
 ) -> Result<tonic::Response<Bytes>, Status> {
-    let (mut grpc, path) = ready(channel, path).await?;
+    let (mut grpc, path) = ready(services, path).await?;
     grpc.unary(request, path, RawCodec).await
 }
 
-/// Calls the server-streaming method `path` on `channel`.
+/// Calls the server-streaming method `path` on `services`.
 pub async fn server_streaming(
-    channel: Channel,
+    services: Routes,
     path: &str,
     request: Request<Bytes>,
 ) -> Result<tonic::Response<tonic::Streaming<Bytes>>, Status> {
-    let (mut grpc, path) = ready(channel, path).await?;
+    let (mut grpc, path) = ready(services, path).await?;
     grpc.server_streaming(request, path, RawCodec).await
 }
 
 async fn ready(
-    channel: Channel,
+    services: Routes,
     path: &str,
-) -> Result<(tonic::client::Grpc<Channel>, http::uri::PathAndQuery), Status> {
+) -> Result<(tonic::client::Grpc<Routes>, http::uri::PathAndQuery), Status> {
     let path = http::uri::PathAndQuery::try_from(path)
         .map_err(|e| Status::internal(format!("bad method path {path}: {e}")))?;
-    let mut grpc = tonic::client::Grpc::new(channel)
+    let mut grpc = tonic::client::Grpc::new(services)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     grpc.ready()

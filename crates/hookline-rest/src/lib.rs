@@ -1,13 +1,16 @@
 //! Hookline's REST/JSON API. Each route comes from the `google.api.http` option of a
 //! method in `proto/hookline/v1` (`routes`); a request becomes that method's request
-//! message by the proto3 JSON mapping (`request`), is sent to the gRPC services of the
-//! same process with the caller's `Authorization` header (`call`) — so the same auth
-//! gate, rate limits, limits and handlers answer it — and the reply is written back as
-//! JSON (a server stream as one object per line), errors as JSON with their gRPC code
-//! (`error`). `openapi` describes the same routes as an OpenAPI 3.1 document, served at
-//! `GET /v1/openapi.json`; `conn` caps the open connections. The caller's key is checked
-//! (with the same authenticator as the gRPC gate) before the body is read, so a request
-//! without a valid key costs no memory for its body.
+//! message by the proto3 JSON mapping (`request`), is sent in process to the gRPC
+//! services (`call`) — so the same gate, limits and handlers answer it — and the reply
+//! is written back as JSON (a server stream as one object per line), errors as JSON with
+//! their gRPC code (`error`). `openapi` describes the same routes as an OpenAPI 3.1
+//! document, served at `GET /v1/openapi.json`; `conn` caps the open connections.
+//!
+//! The caller is admitted once, before the body is read, by the gate's own check
+//! ([`Authenticator::admit`]: a valid key within its request rate), so a request without
+//! a valid key, or over its rate, costs no memory for its body. The admitted
+//! [`hookline_grpc::Principal`] rides in the gRPC request's extensions, which the gate
+//! trusts without a second check (see `hookline_grpc::gate`).
 
 pub mod call;
 pub mod conn;
@@ -27,7 +30,7 @@ use http::{HeaderMap, StatusCode};
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::transport::Channel;
+use tonic::service::Routes;
 
 pub use error::RestError;
 use routes::Route;
@@ -37,8 +40,8 @@ use routes::Route;
 /// larger than the protobuf they become).
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
-/// Headers passed on to the gRPC call.
-const FORWARDED: [&str; 2] = ["authorization", "x-request-id"];
+/// Headers passed on to the gRPC call (the caller travels as the admitted principal).
+const FORWARDED: [&str; 1] = ["x-request-id"];
 
 /// Errors building the API from the descriptors.
 #[derive(Debug, thiserror::Error)]
@@ -49,21 +52,22 @@ pub enum BuildError {
 
 struct Api {
     routes: Vec<Route>,
-    channel: Channel,
+    /// The gRPC services of this process, called in process.
+    services: Routes,
     openapi: Bytes,
-    /// Checks the caller's key before the body is read.
+    /// Admits the caller (key and rate) before the body is read.
     auth: Authenticator,
 }
 
-/// The REST API, calling the gRPC services on `channel`; `auth` checks each caller's key
-/// before its body is read (the gRPC gate checks it again, from the same cache).
-pub fn router(channel: Channel, auth: Authenticator) -> Result<axum::Router, BuildError> {
+/// The REST API, calling the gRPC `services` of this process; `auth` admits each caller
+/// (key and rate) once, before its body is read.
+pub fn router(services: Routes, auth: Authenticator) -> Result<axum::Router, BuildError> {
     let pool = DescriptorPool::decode(hookline_proto::FILE_DESCRIPTOR_SET)?;
     let routes = routes::from_pool(&pool);
     let openapi = Bytes::from(openapi::document(&pool, &routes).to_string());
     let api = Arc::new(Api {
         routes,
-        channel,
+        services,
         openapi,
         auth,
     });
@@ -99,9 +103,10 @@ async fn transcode(State(api): State<Arc<Api>>, request: Request) -> Result<Resp
             )));
         }
     };
-    // The key before the body: without a valid key nothing more is read.
-    api.auth
-        .authenticate_header(headers.get(http::header::AUTHORIZATION))
+    // The caller before the body: without a valid key within its rate nothing more is read.
+    let principal = api
+        .auth
+        .admit(&headers)
         .await
         .map_err(|s| RestError::from_status(&s))?;
     let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
@@ -111,14 +116,15 @@ async fn transcode(State(api): State<Arc<Api>>, request: Request) -> Result<Resp
     let rpc = &matched.route.rpc;
     let mut request = tonic::Request::new(Bytes::from(message.encode_to_vec()));
     forward_headers(&headers, request.metadata_mut());
+    request.extensions_mut().insert(principal);
     let path = format!("/{}/{}", rpc.parent_service().full_name(), rpc.name());
     if rpc.is_server_streaming() {
-        let stream = call::server_streaming(api.channel.clone(), &path, request)
+        let stream = call::server_streaming(api.services.clone(), &path, request)
             .await
             .map_err(|s| RestError::from_status(&s))?;
         return Ok(ndjson(stream.into_inner(), rpc.output()));
     }
-    let reply = call::unary(api.channel.clone(), &path, request)
+    let reply = call::unary(api.services.clone(), &path, request)
         .await
         .map_err(|s| RestError::from_status(&s))?;
     let out = to_json(&rpc.output(), reply.into_inner()).map_err(|s| RestError::from_status(&s))?;

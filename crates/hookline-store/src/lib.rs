@@ -1,53 +1,30 @@
-//! Storage for Hookline: the port (traits in [`port`]) and its adapters.
+//! Storage for Hookline: the port (traits in [`port`]) and its two adapters.
 //!
-//! Services depend on the traits only. Two adapters back them: [`postgres::PgStore`] with
-//! PostgreSQL, for clusters and any number of replicas, and [`sqlite`] with one SQLite file,
-//! for the embedded one-process mode (the embedded queue of `hookline-broker` shares that
-//! file). Each has its own schema, `migrations/postgres` and `migrations/sqlite`, embedded in
-//! the binary ([`postgres::MIGRATOR`], [`sqlite::MIGRATOR`]).
+//! Services depend on the traits only. [`postgres::PgStore`] backs them with PostgreSQL for
+//! clusters, [`sqlite::SqliteStore`] with one SQLite file for the embedded mode; the schema
+//! of each lives in `migrations/postgres` and `migrations/sqlite` and is embedded in the
+//! binary ([`postgres::MIGRATOR`], [`sqlite::MIGRATOR`]).
+//!
+//! What does not depend on the database is written once, in modules of plain functions:
+//! paging (`paging`), values to and from columns (`codec`), the plan and the answer of an
+//! insert of events (`insert_plan`), the state machine of attempt outcomes (`outcome`) and
+//! the errors with their messages (`error`). Each adapter folder holds only its SQL,
+//! its row decoding and its translation of driver errors.
 
+mod codec;
+mod error;
+mod insert_plan;
+mod outcome;
+mod paging;
 pub mod port;
 pub mod postgres;
 pub mod sqlite;
 
+pub use error::StoreError;
 pub use port::{
-    AttemptOutcome, DeliveryFilter, DeliveryStore, EventFilter, EventStore, InsertOutcome,
-    NewApiKey, NewEvent, NewSubscription, NextStep, Page, PageRequest, RegistryStore, StoreHealth,
+    AttemptOutcome, DEFAULT_PAGE_LIMIT, DeliveryFilter, DeliveryStore, EventFilter, EventStore,
+    InsertOutcome, MAX_PAGE_LIMIT, NewApiKey, NewEvent, NewSubscription, NextStep, Page,
+    PageRequest, RegistryStore, StoreHealth,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
-
-/// Failures of the store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The record does not exist (`entity` is a human noun: "tenant", "API key", …).
-    #[error("{entity} {id} not found")]
-    NotFound { entity: &'static str, id: String },
-    /// The write collides with a record that exists; the message says what to change.
-    #[error("conflict: {0}")]
-    Conflict(String),
-    /// The write would take the tenant over a quota; nothing was stored.
-    #[error(transparent)]
-    Quota(#[from] hookline_core::quota::QuotaExceeded),
-    /// Anything else the database or the driver reported.
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-}
-
-impl StoreError {
-    /// True when the database could not write because its disk (or, for SQLite, its
-    /// size limit) is full: SQLite's `SQLITE_FULL`, PostgreSQL's `53100 disk_full`.
-    /// Writes fail until space is freed; nothing committed before is affected.
-    pub fn is_out_of_space(&self) -> bool {
-        let StoreError::Database(e) = self else {
-            return false;
-        };
-        match e.as_database_error() {
-            Some(db) => {
-                matches!(db.code().as_deref(), Some("13" | "53100"))
-                    || db.message().contains("disk is full")
-            }
-            None => false,
-        }
-    }
-}

@@ -29,7 +29,52 @@ pub struct Page<T> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PageRequest {
     pub after: Option<String>,
+    /// At most this many items; 0 means [`DEFAULT_PAGE_LIMIT`], and more than
+    /// [`MAX_PAGE_LIMIT`] is clamped (see [`PageRequest::effective_limit`]).
     pub limit: u32,
+}
+
+/// Page length when a request asks for 0.
+pub const DEFAULT_PAGE_LIMIT: u32 = 50;
+/// The longest page a list call returns.
+pub const MAX_PAGE_LIMIT: u32 = 1000;
+
+impl PageRequest {
+    /// The first page, of the longest length a list call returns: for callers that read
+    /// every page of a list.
+    pub fn first_of_max() -> Self {
+        Self {
+            after: None,
+            limit: MAX_PAGE_LIMIT,
+        }
+    }
+
+    /// A page asked for by a client: `page_token` the cursor ("" for the first page),
+    /// `page_size` its length. A length over [`MAX_PAGE_LIMIT`] is refused (the message
+    /// says what is allowed) rather than quietly shortened.
+    pub fn from_client(page_size: u32, page_token: &str) -> Result<Self, StoreError> {
+        if page_size > MAX_PAGE_LIMIT {
+            return Err(StoreError::invalid(
+                "page_size",
+                format!(
+                    "is {page_size}; the limit is {MAX_PAGE_LIMIT} (0 means {DEFAULT_PAGE_LIMIT})"
+                ),
+            ));
+        }
+        Ok(Self {
+            after: (!page_token.is_empty()).then(|| page_token.to_string()),
+            limit: page_size,
+        })
+    }
+
+    /// The page length this request gets: 0 means [`DEFAULT_PAGE_LIMIT`], longer than
+    /// [`MAX_PAGE_LIMIT`] is clamped.
+    pub fn effective_limit(&self) -> u32 {
+        match self.limit {
+            0 => DEFAULT_PAGE_LIMIT,
+            n => n.min(MAX_PAGE_LIMIT),
+        }
+    }
 }
 
 /// A new subscription; the store stamps `created_at`/`updated_at`.
@@ -368,4 +413,30 @@ pub trait DeliveryStore: Send + Sync + 'static {
         after: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<Delivery>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_rules_zero_means_the_default_and_the_maximum_is_the_limit() {
+        assert_eq!(PageRequest::default().effective_limit(), DEFAULT_PAGE_LIMIT);
+        let long = PageRequest {
+            after: None,
+            limit: MAX_PAGE_LIMIT + 1,
+        };
+        assert_eq!(long.effective_limit(), MAX_PAGE_LIMIT);
+        let page = PageRequest::from_client(MAX_PAGE_LIMIT, "ten_x").expect("at the limit");
+        assert_eq!(page.after.as_deref(), Some("ten_x"));
+        assert_eq!(
+            PageRequest::from_client(0, "").expect("default").after,
+            None
+        );
+        let err = PageRequest::from_client(MAX_PAGE_LIMIT + 1, "").expect_err("over");
+        assert_eq!(
+            err.to_string(),
+            "page_size: is 1001; the limit is 1000 (0 means 50)"
+        );
+    }
 }

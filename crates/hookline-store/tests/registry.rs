@@ -22,6 +22,8 @@ on_both_backends! {
     current_thread api_keys_create_find_list_revoke(5);
     current_thread event_types_catalogue(5);
     current_thread oversized_numbers_are_refused_not_truncated(5);
+    current_thread input_failures_name_their_field(5);
+    current_thread an_unreachable_database_is_unavailable_and_transient(5);
 }
 
 fn meta(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -794,4 +796,49 @@ async fn oversized_numbers_are_refused_not_truncated(fx: &Fixture) {
     let err = store.create_subscription(&new).await.expect_err("too big");
     assert!(err.to_string().contains("rate_limit_per_second"), "{err}");
     assert_eq!(fx.count("subscriptions").await, 0);
+}
+
+/// What the store cannot hold is `InvalidInput` naming the field (a request to fix), never a
+/// driver error, and nothing is stored.
+async fn input_failures_name_their_field(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store, "t").await;
+    let field_of = |err: StoreError| match err {
+        StoreError::InvalidInput { field, .. } => field,
+        other => panic!("not InvalidInput: {other:?}"),
+    };
+
+    let mut new = new_subscription(&t);
+    new.max_in_flight = Some(u32::MAX);
+    let err = store.create_subscription(&new).await.expect_err("too big");
+    assert_eq!(field_of(err), "max_in_flight");
+
+    let mut new = new_subscription(&t);
+    new.retry_schedule = Some(vec![Duration::MAX]);
+    let err = store.create_subscription(&new).await.expect_err("too long");
+    assert_eq!(field_of(err), "retry_schedule");
+    assert_eq!(fx.count("subscriptions").await, 0);
+
+    let quotas = hookline_core::quota::TenantQuotas {
+        max_subscriptions: Some(u32::MAX),
+        ..Default::default()
+    };
+    let err = store
+        .set_tenant_quotas(&t, &quotas)
+        .await
+        .expect_err("too big");
+    assert_eq!(field_of(err), "quotas.max_subscriptions");
+    let stored = store.get_tenant(&t).await.expect("tenant");
+    assert_eq!(stored.quotas.max_subscriptions, None);
+}
+
+/// A database the store cannot reach answers `Unavailable` (try again later), not a fault.
+async fn an_unreachable_database_is_unavailable_and_transient(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store, "t").await;
+    fx.close_store().await;
+    let err = store.get_tenant(&t).await.expect_err("closed");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(!err.is_out_of_space(), "{err:?}");
 }

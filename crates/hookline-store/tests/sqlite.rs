@@ -317,7 +317,7 @@ async fn the_file_is_created_in_wal_mode_with_foreign_keys_and_a_busy_timeout() 
     let err = SqliteStore::open(&path.join("under-a-file.db"))
         .await
         .expect_err("a file is no directory");
-    assert!(matches!(err, StoreError::Database(_)), "{err}");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,12 +8,12 @@ use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use hookline_grpc::conn::LimitedRouter as Router;
 use hookline_proto::v1 as pb;
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{Context, Poll, Service as TowerService};
 use tonic::server::NamedService;
+use tonic::service::Routes as Router;
 
 use crate::services::Service;
 

@@ -142,10 +142,7 @@ async fn revoke_unshown(store: &dyn RegistryStore, id: &Id) -> anyhow::Result<()
 }
 
 async fn has_live_admin_key(store: &dyn RegistryStore) -> anyhow::Result<bool> {
-    let mut page = PageRequest {
-        after: None,
-        limit: 1000,
-    };
+    let mut page = PageRequest::first_of_max();
     loop {
         let keys = store
             .list_api_keys(None, &page)

@@ -8,21 +8,21 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hookline_broker::Broker;
+use hookline_deliveries::DeliveryApi;
 use hookline_dispatcher::{Dispatcher, DispatcherConfig};
 use hookline_grpc::Authenticator;
-use hookline_grpc::conn::LimitedRouter as Router;
 use hookline_grpc::standard::{self, HealthReporter};
 use hookline_ingest::{IngestApi, IngestConfig, SubscriptionMatcher};
 use hookline_outbox::{Relay, RelayConfig};
 use hookline_proto::v1 as pb;
 use hookline_registry::RegistryApi;
-use hookline_deliveries::DeliveryApi;
 use hookline_retry::{Scheduler, SchedulerConfig};
 use hookline_store::port::RegistryStore;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes as Router;
 
 use crate::admin_http::{self, AdminState};
 use crate::backends::{self, AnyStore, Mode};
@@ -153,7 +153,8 @@ impl Listeners {
         })
     }
 
-    /// Starts serving gRPC and admin HTTP on the bound ports until `shutdown`.
+    /// Starts serving gRPC and admin HTTP on the bound ports until `shutdown`; the REST
+    /// API, when it runs, calls `router`'s services in process.
     fn serve(
         self,
         router: Router,
@@ -169,14 +170,19 @@ impl Listeners {
         let rest = match self.rest {
             Some(listener) => Some(rest::start(
                 listener,
-                at.grpc,
+                router.clone(),
                 self.rest_max_connections,
                 auth.clone(),
                 shutdown,
             )?),
             None => None,
         };
-        let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
+        let grpc = self
+            .conn_limits
+            .apply(tonic::transport::Server::builder())
+            .layer(hookline_grpc::conn::CompletionLayer)
+            .add_routes(router);
+        let grpc = tokio::spawn(grpc.serve_with_incoming_shutdown(
             self.conn_limits.incoming(self.grpc),
             shutdown.clone().cancelled_owned(),
         ));
@@ -256,12 +262,7 @@ impl Wiring<'_> {
         tasks: &mut Vec<JoinHandle<()>>,
     ) -> anyhow::Result<Router> {
         let (health, health_service) = standard::health();
-        let mut router = self
-            .config
-            .conn_limits()
-            .apply(tonic::transport::Server::builder())
-            .layer(hookline_grpc::conn::CompletionLayer)
-            .add_service(health_service)
+        let mut router = Router::new(health_service)
             .add_service(standard::reflection_v1()?)
             .add_service(standard::reflection_v1alpha()?);
         if services.contains(&Service::Registry) {

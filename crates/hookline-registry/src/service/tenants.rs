@@ -4,8 +4,8 @@
 use hookline_core::model::RegistryChange;
 use hookline_core::quota::TenantQuotas;
 use hookline_core::{Id, IdKind, validate};
-use hookline_grpc::convert;
 use hookline_grpc::status::{from_store, from_validation};
+use hookline_grpc::{convert, principal};
 use hookline_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
@@ -23,9 +23,7 @@ impl RegistryApi {
         &self,
         req: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        self.principal(&req)
-            .await?
-            .require_admin("creating a tenant")?;
+        principal(&req)?.require_admin("creating a tenant")?;
         let req = req.into_inner();
         validate::name("name", &req.name).map_err(from_validation)?;
         validate::metadata("metadata", &req.metadata).map_err(from_validation)?;
@@ -57,9 +55,7 @@ impl RegistryApi {
         &self,
         req: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        self.principal(&req)
-            .await?
-            .require_admin("changing a tenant")?;
+        principal(&req)?.require_admin("changing a tenant")?;
         let req = req.into_inner();
         let id = tenant_id("tenant_id", &req.tenant_id)?;
         if let Some(name) = &req.name {

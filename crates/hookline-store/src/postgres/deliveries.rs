@@ -16,34 +16,36 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hookline_core::job::DeliveryJob;
-use hookline_core::model::{Attempt, Delivery, DeliveryStatus, ErrorClass, RESPONSE_EXCERPT_LIMIT};
+use hookline_core::model::{Attempt, Delivery, DeliveryStatus, ErrorClass};
 use hookline_core::{Id, IdKind};
 use sqlx::postgres::{PgRow, Postgres};
-use sqlx::{QueryBuilder, Row};
+use sqlx::{QueryBuilder, Row, Transaction};
 
-use super::events::{get_count, job_from_row};
-use super::{
-    PgStore, decode_error, effective_limit, found, get_id, into_page, map_rows, not_found,
-};
+use super::PgStore;
+use super::error::{Violation, map_violation};
+use super::events::job_from_row;
+use super::rows::{get_id, get_u32, map_rows};
 use crate::StoreError;
-use crate::port::{AttemptOutcome, DeliveryFilter, DeliveryStore, NextStep, Page, PageRequest};
+use crate::codec::{self, stored_duration_ms, stored_excerpt};
+use crate::error::Db;
+use crate::error::{all_found, found, violated};
+use crate::outcome::{self, NewAttempt, Tally, int4};
+use crate::paging::{attempt_cursor, fetch_limit, into_page};
+use crate::port::{AttemptOutcome, DeliveryFilter, DeliveryStore, Page, PageRequest};
 
 // ---------------------------------------------------------------------------------------------
 // Row mapping
 // ---------------------------------------------------------------------------------------------
 
 fn get_status_code(row: &PgRow, column: &str) -> Result<Option<u16>, sqlx::Error> {
-    let raw: Option<i32> = row.try_get(column)?;
-    raw.map(|v| {
-        u16::try_from(v).map_err(|_| decode_error(column, format!("status code {v} out of range")))
-    })
-    .transpose()
+    codec::status_code(
+        column,
+        row.try_get::<Option<i32>, _>(column)?.map(i64::from),
+    )
 }
 
 fn get_status(row: &PgRow) -> Result<DeliveryStatus, sqlx::Error> {
-    let raw: String = row.try_get("status")?;
-    DeliveryStatus::parse(&raw)
-        .ok_or_else(|| decode_error("status", format!("unknown delivery status {raw:?}")))
+    codec::delivery_status(row.try_get("status")?)
 }
 
 fn delivery_from_row(row: &PgRow) -> Result<Delivery, sqlx::Error> {
@@ -54,7 +56,7 @@ fn delivery_from_row(row: &PgRow) -> Result<Delivery, sqlx::Error> {
         subscription_id: get_id(row, "subscription_id", IdKind::Subscription)?,
         event_type: row.try_get("event_type")?,
         status: get_status(row)?,
-        attempt_count: get_count(row, "attempt_count")?,
+        attempt_count: get_u32(row, "attempt_count")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         last_attempt_at: row.try_get("last_attempt_at")?,
         last_status_code: get_status_code(row, "last_status_code")?,
@@ -66,23 +68,14 @@ fn delivery_from_row(row: &PgRow) -> Result<Delivery, sqlx::Error> {
 }
 
 fn attempt_from_row(row: &PgRow) -> Result<Attempt, sqlx::Error> {
-    let error_class = row
-        .try_get::<Option<String>, _>("error_class")?
-        .map(|raw| {
-            ErrorClass::parse(&raw)
-                .ok_or_else(|| decode_error("error_class", format!("unknown error class {raw:?}")))
-        })
-        .transpose()?;
-    let duration: i32 = row.try_get("duration_ms")?;
     Ok(Attempt {
         id: get_id(row, "id", IdKind::Attempt)?,
         delivery_id: get_id(row, "delivery_id", IdKind::Delivery)?,
-        attempt_number: get_count(row, "attempt_number")?,
+        attempt_number: get_u32(row, "attempt_number")?,
         started_at: row.try_get("started_at")?,
-        duration_ms: u32::try_from(duration)
-            .map_err(|_| decode_error("duration_ms", format!("negative duration {duration}")))?,
+        duration_ms: get_u32(row, "duration_ms")?,
         status_code: get_status_code(row, "status_code")?,
-        error_class,
+        error_class: codec::error_class(row.try_get("error_class")?)?,
         error_message: row.try_get("error_message")?,
         response_excerpt: row.try_get("response_excerpt")?,
     })
@@ -108,10 +101,6 @@ fn push_filter(q: &mut QueryBuilder<Postgres>, filter: &DeliveryFilter) {
     if let Some(until) = filter.until {
         q.push(" AND created_at < ").push_bind(until);
     }
-}
-
-fn limit_param(limit: u32) -> i64 {
-    i64::from(limit)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -165,80 +154,149 @@ unscheduled AS (
 )
 SELECT 1";
 
-/// A delivery's state while the outcomes of a batch are applied to it, in order.
-struct Tally {
-    status: DeliveryStatus,
-    attempt_count: i32,
-    next_attempt_at: Option<DateTime<Utc>>,
-    last_attempt_at: Option<DateTime<Utc>>,
-    last_status_code: Option<i32>,
-    last_error: Option<String>,
-    deferred_reason: Option<String>,
-    last_number: i32,
-    known_attempts: HashSet<String>,
-    changed: bool,
-}
-
-impl Tally {
-    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
-        Ok(Tally {
-            status: get_status(row)?,
-            attempt_count: row.try_get("attempt_count")?,
-            next_attempt_at: row.try_get("next_attempt_at")?,
-            last_attempt_at: row.try_get("last_attempt_at")?,
-            last_status_code: row.try_get("last_status_code")?,
-            last_error: row.try_get("last_error")?,
-            deferred_reason: row.try_get("deferred_reason")?,
-            last_number: row.try_get("last_number")?,
-            known_attempts: row
-                .try_get::<Vec<String>, _>("known_attempts")?
-                .into_iter()
-                .collect(),
-            changed: false,
-        })
-    }
-}
-
-/// What `last_error` says after an attempt: its error, else a non-2xx status.
-fn attempt_error(attempt: &Attempt) -> Option<String> {
-    attempt.error_message.clone().or_else(|| {
-        attempt
-            .status_code
-            .filter(|code| !(200..300).contains(code))
-            .map(|code| format!("HTTP {code}"))
+/// A delivery's state from a row of [`READ_DELIVERIES`].
+fn tally_from_row(row: &PgRow) -> Result<Tally, sqlx::Error> {
+    Ok(Tally {
+        status: get_status(row)?,
+        attempt_count: get_u32(row, "attempt_count")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_attempt_at: row.try_get("last_attempt_at")?,
+        last_status_code: get_status_code(row, "last_status_code")?,
+        last_error: row.try_get("last_error")?,
+        deferred_reason: row.try_get("deferred_reason")?,
+        last_number: get_u32(row, "last_number")?,
+        known_attempts: row
+            .try_get::<Vec<String>, _>("known_attempts")?
+            .into_iter()
+            .collect(),
+        changed: false,
     })
 }
 
-/// The `attempts` rows of a batch, as parallel arrays.
-#[derive(Default)]
-struct AttemptRows<'a> {
-    ids: Vec<&'a str>,
-    deliveries: Vec<&'a str>,
-    numbers: Vec<i32>,
-    started: Vec<DateTime<Utc>>,
-    durations: Vec<i32>,
-    codes: Vec<Option<i32>>,
-    classes: Vec<Option<&'static str>>,
-    messages: Vec<Option<&'a str>>,
-    excerpts: Vec<&'a [u8]>,
+/// Locks the batch's deliveries (in id order) and reads the state of those that exist.
+async fn read_tallies(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[&str],
+    attempt_ids: &[&str],
+) -> Result<HashMap<String, Tally>, StoreError> {
+    let existing: Vec<String> = sqlx::query_scalar(LOCK_DELIVERIES)
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await
+        .db()?;
+    if existing.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(READ_DELIVERIES)
+        .bind(&existing)
+        .bind(attempt_ids)
+        .fetch_all(&mut **tx)
+        .await
+        .db()?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("id")?, tally_from_row(row)?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .db()
 }
 
-impl<'a> AttemptRows<'a> {
-    fn push(&mut self, delivery_id: &'a Id, number: i32, a: &'a Attempt) {
-        self.ids.push(a.id.as_str());
-        // The outcome names the delivery; the attempt's own field is not trusted over it.
-        self.deliveries.push(delivery_id.as_str());
-        self.numbers.push(number);
-        self.started.push(a.started_at);
-        // A measurement, not an input to refuse: clamp what an integer cannot hold.
-        self.durations
-            .push(i32::try_from(a.duration_ms).unwrap_or(i32::MAX));
-        self.codes.push(a.status_code.map(i32::from));
-        self.classes.push(a.error_class.map(ErrorClass::as_str));
-        self.messages.push(a.error_message.as_deref());
-        let excerpt = &a.response_excerpt;
-        self.excerpts
-            .push(&excerpt[..excerpt.len().min(RESPONSE_EXCERPT_LIMIT)]);
+/// The rows [`WRITE_OUTCOMES`] writes, as its parallel arrays.
+#[derive(Default)]
+struct OutcomeArrays<'a> {
+    a_ids: Vec<&'a str>,
+    a_deliveries: Vec<&'a str>,
+    a_numbers: Vec<i32>,
+    a_started: Vec<DateTime<Utc>>,
+    a_durations: Vec<i32>,
+    a_codes: Vec<Option<i32>>,
+    a_classes: Vec<Option<&'static str>>,
+    a_messages: Vec<Option<&'a str>>,
+    a_excerpts: Vec<&'a [u8]>,
+    d_ids: Vec<&'a str>,
+    d_status: Vec<&'static str>,
+    d_count: Vec<i32>,
+    d_next: Vec<Option<DateTime<Utc>>>,
+    d_last_at: Vec<Option<DateTime<Utc>>>,
+    d_code: Vec<Option<i32>>,
+    d_error: Vec<Option<&'a str>>,
+    d_deferred: Vec<Option<&'a str>>,
+    s_ids: Vec<&'a str>,
+    s_due: Vec<DateTime<Utc>>,
+    s_number: Vec<i32>,
+    unscheduled: Vec<&'a str>,
+}
+
+impl<'a> OutcomeArrays<'a> {
+    fn new(attempts: &[NewAttempt<'a>], tallies: &'a HashMap<String, Tally>) -> Self {
+        let mut arrays = Self::default();
+        for new in attempts {
+            let a = new.attempt;
+            arrays.a_ids.push(a.id.as_str());
+            arrays.a_deliveries.push(new.delivery_id.as_str());
+            arrays.a_numbers.push(int4(new.number));
+            arrays.a_started.push(a.started_at);
+            arrays.a_durations.push(stored_duration_ms(a));
+            arrays.a_codes.push(a.status_code.map(i32::from));
+            arrays.a_classes.push(a.error_class.map(ErrorClass::as_str));
+            arrays.a_messages.push(a.error_message.as_deref());
+            arrays.a_excerpts.push(stored_excerpt(a));
+        }
+        for (id, t) in tallies.iter().filter(|(_, t)| t.changed) {
+            arrays.push_delivery(id, t);
+        }
+        arrays
+    }
+
+    fn push_delivery(&mut self, id: &'a str, t: &'a Tally) {
+        self.d_ids.push(id);
+        self.d_status.push(t.status.as_str());
+        self.d_count.push(int4(t.attempt_count));
+        self.d_next.push(t.next_attempt_at);
+        self.d_last_at.push(t.last_attempt_at);
+        self.d_code.push(t.last_status_code.map(i32::from));
+        self.d_error.push(t.last_error.as_deref());
+        self.d_deferred.push(t.deferred_reason.as_deref());
+        match t.schedule() {
+            Some((due, number)) => {
+                self.s_ids.push(id);
+                self.s_due.push(due);
+                self.s_number.push(int4(number));
+            }
+            None => self.unscheduled.push(id),
+        }
+    }
+
+    async fn write(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
+        sqlx::query(WRITE_OUTCOMES)
+            .bind(&self.a_ids)
+            .bind(&self.a_deliveries)
+            .bind(&self.a_numbers)
+            .bind(&self.a_started)
+            .bind(&self.a_durations)
+            .bind(&self.a_codes)
+            .bind(&self.a_classes)
+            .bind(&self.a_messages)
+            .bind(&self.a_excerpts)
+            .bind(&self.d_ids)
+            .bind(&self.d_status)
+            .bind(&self.d_count)
+            .bind(&self.d_next)
+            .bind(&self.d_last_at)
+            .bind(&self.d_code)
+            .bind(&self.d_error)
+            .bind(&self.s_ids)
+            .bind(&self.s_due)
+            .bind(&self.s_number)
+            .bind(&self.unscheduled)
+            .bind(&self.d_deferred)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| {
+                map_violation(e, |v| match v {
+                    Violation::Unique("attempts_pkey") => Some(violated::attempt_id_elsewhere()),
+                    _ => None,
+                })
+            })?;
+        Ok(())
     }
 }
 
@@ -302,150 +360,15 @@ impl DeliveryStore for PgStore {
         if outcomes.is_empty() {
             return Ok(());
         }
-        let mut ids: Vec<&str> = outcomes.iter().map(|o| o.delivery_id.as_str()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let attempt_ids: Vec<&str> = outcomes
-            .iter()
-            .filter_map(|o| o.attempt.as_ref())
-            .map(|a| a.id.as_str())
-            .collect();
-
-        let mut tx = self.pool.begin().await?;
-        let existing: Vec<String> = sqlx::query_scalar(LOCK_DELIVERIES)
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?;
-        if existing.is_empty() {
-            // Every delivery is gone (its subscription or tenant was deleted).
-            tx.commit().await?;
-            return Ok(());
+        let (ids, attempt_ids) = outcome::batch_ids(outcomes);
+        let mut tx = self.pool.begin().await.db()?;
+        let mut tallies = read_tallies(&mut tx, &ids, &attempt_ids).await?;
+        let attempts = outcome::apply(&mut tallies, outcomes);
+        let arrays = OutcomeArrays::new(&attempts, &tallies);
+        if !arrays.d_ids.is_empty() {
+            arrays.write(&mut tx).await?;
         }
-        let rows = sqlx::query(READ_DELIVERIES)
-            .bind(&existing)
-            .bind(&attempt_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut tallies: HashMap<String, Tally> = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            tallies.insert(row.try_get("id")?, Tally::from_row(row)?);
-        }
-
-        // Apply the outcomes in the order given.
-        let mut attempts = AttemptRows::default();
-        for outcome in outcomes {
-            let Some(t) = tallies.get_mut(outcome.delivery_id.as_str()) else {
-                continue; // the delivery no longer exists
-            };
-            if let Some(a) = &outcome.attempt {
-                if !t.known_attempts.insert(a.id.to_string()) {
-                    // This very attempt is recorded already: a write being retried.
-                    continue;
-                }
-                t.last_number = t.last_number.saturating_add(1);
-                t.attempt_count = t.attempt_count.saturating_add(1);
-                attempts.push(&outcome.delivery_id, t.last_number, a);
-                t.last_attempt_at = Some(a.started_at);
-                t.last_status_code = a.status_code.map(i32::from);
-                t.last_error = attempt_error(a);
-            }
-            match &outcome.next {
-                NextStep::Succeeded => {
-                    t.status = DeliveryStatus::Succeeded;
-                    t.next_attempt_at = None;
-                }
-                NextStep::RetryAt(at) => {
-                    t.status = DeliveryStatus::Retrying;
-                    t.next_attempt_at = Some(*at);
-                }
-                NextStep::Failed { reason } => {
-                    t.status = DeliveryStatus::Failed;
-                    t.next_attempt_at = None;
-                    // Say why it stopped, and keep what the last attempt got.
-                    t.last_error = Some(match (&outcome.attempt, &t.last_error) {
-                        (Some(_), Some(last)) => format!("{reason} (last attempt: {last})"),
-                        _ => reason.clone(),
-                    });
-                }
-            }
-            t.deferred_reason = outcome.deferral();
-            t.changed = true;
-        }
-
-        let changed: Vec<(&String, &Tally)> = tallies.iter().filter(|(_, t)| t.changed).collect();
-        if changed.is_empty() {
-            tx.commit().await?;
-            return Ok(());
-        }
-        let n = changed.len();
-        let (mut d_ids, mut d_status, mut d_count) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut d_next, mut d_last_at, mut d_code, mut d_error) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let mut d_deferred = Vec::with_capacity(n);
-        let (mut s_ids, mut s_due, mut s_number, mut unscheduled) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (id, t) in changed {
-            d_ids.push(id.as_str());
-            d_status.push(t.status.as_str());
-            d_count.push(t.attempt_count);
-            d_next.push(t.next_attempt_at);
-            d_last_at.push(t.last_attempt_at);
-            d_code.push(t.last_status_code);
-            d_error.push(t.last_error.as_deref());
-            d_deferred.push(t.deferred_reason.as_deref());
-            match (t.status, t.next_attempt_at) {
-                (DeliveryStatus::Retrying, Some(due)) => {
-                    s_ids.push(id.as_str());
-                    s_due.push(due);
-                    s_number.push(t.attempt_count.saturating_add(1));
-                }
-                _ => unscheduled.push(id.as_str()),
-            }
-        }
-
-        sqlx::query(WRITE_OUTCOMES)
-            .bind(&attempts.ids)
-            .bind(&attempts.deliveries)
-            .bind(&attempts.numbers)
-            .bind(&attempts.started)
-            .bind(&attempts.durations)
-            .bind(&attempts.codes)
-            .bind(&attempts.classes)
-            .bind(&attempts.messages)
-            .bind(&attempts.excerpts)
-            .bind(&d_ids)
-            .bind(&d_status)
-            .bind(&d_count)
-            .bind(&d_next)
-            .bind(&d_last_at)
-            .bind(&d_code)
-            .bind(&d_error)
-            .bind(&s_ids)
-            .bind(&s_due)
-            .bind(&s_number)
-            .bind(&unscheduled)
-            .bind(&d_deferred)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| {
-                super::map_violation(e, |v| match v {
-                    super::Violation::Unique("attempts_pkey") => Some(StoreError::Conflict(
-                        "an attempt id of the batch belongs to another delivery; \
-                         record it with a new attempt id"
-                            .to_string(),
-                    )),
-                    _ => None,
-                })
-            })?;
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
@@ -459,9 +382,10 @@ impl DeliveryStore for PgStore {
         }
         let rows = sqlx::query(PROMOTE)
             .bind(now)
-            .bind(limit_param(limit))
+            .bind(i64::from(limit))
             .fetch_all(&self.pool)
-            .await?;
+            .await
+            .db()?;
         map_rows(&rows, job_from_row)
     }
 
@@ -473,22 +397,22 @@ impl DeliveryStore for PgStore {
         sorted.sort_unstable();
         sorted.dedup();
 
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().await.db()?;
         let existing: HashSet<String> = sqlx::query_scalar::<_, String>(LOCK_DELIVERIES)
             .bind(&sorted)
             .fetch_all(&mut *tx)
-            .await?
+            .await
+            .db()?
             .into_iter()
             .collect();
-        if let Some(missing) = ids.iter().find(|id| !existing.contains(id.as_str())) {
-            // Dropping the transaction rolls it back: nothing changes.
-            return Err(not_found("delivery", missing));
-        }
+        // On NotFound, dropping the transaction rolls it back: nothing changes.
+        all_found("delivery", ids.iter().map(Id::as_str), &existing)?;
         let rows = sqlx::query(REQUEUE)
             .bind(&sorted)
             .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            .await
+            .db()?;
+        tx.commit().await.db()?;
 
         let mut jobs: HashMap<Id, DeliveryJob> = map_rows(&rows, job_from_row)?
             .into_iter()
@@ -517,11 +441,12 @@ impl DeliveryStore for PgStore {
         .bind(subscription_id.as_str())
         .bind(since)
         .bind(until)
-        .bind(limit_param(limit))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .db()?;
         rows.iter()
-            .map(|r| get_id(r, "id", IdKind::Delivery).map_err(StoreError::from))
+            .map(|r| get_id(r, "id", IdKind::Delivery).db())
             .collect()
     }
 
@@ -533,8 +458,9 @@ impl DeliveryStore for PgStore {
         ))
         .bind(id.as_str())
         .fetch_optional(&self.pool)
-        .await?;
-        Ok(delivery_from_row(&found(row, "delivery", id)?)?)
+        .await
+        .db()?;
+        delivery_from_row(&found(row, "delivery", id)?).db()
     }
 
     async fn list_deliveries(
@@ -542,7 +468,7 @@ impl DeliveryStore for PgStore {
         filter: &DeliveryFilter,
         page: &PageRequest,
     ) -> Result<Page<Delivery>, StoreError> {
-        let limit = effective_limit(page);
+        let limit = page.effective_limit();
         // Only the filters given become conditions (see `list_events`).
         let mut q = QueryBuilder::<Postgres>::new(concat!(
             "SELECT ",
@@ -554,8 +480,8 @@ impl DeliveryStore for PgStore {
             q.push(" AND id < ").push_bind(after.as_str());
         }
         q.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(limit) + 1);
-        let rows = q.build().fetch_all(&self.pool).await?;
+            .push_bind(fetch_limit(limit));
+        let rows = q.build().fetch_all(&self.pool).await.db()?;
         let items = map_rows(&rows, delivery_from_row)?;
         Ok(into_page(items, limit, |d| d.id.to_string()))
     }
@@ -565,15 +491,8 @@ impl DeliveryStore for PgStore {
         delivery_id: &Id,
         page: &PageRequest,
     ) -> Result<Page<Attempt>, StoreError> {
-        let limit = effective_limit(page);
-        let after: i32 = match page.after.as_deref() {
-            None => 0,
-            Some(cursor) => cursor
-                .parse::<u32>()
-                .ok()
-                .and_then(|n| i32::try_from(n).ok())
-                .ok_or_else(|| not_found("page token", cursor))?,
-        };
+        let limit = page.effective_limit();
+        let after = attempt_cursor(page)?;
         let rows = sqlx::query(concat!(
             "SELECT ",
             attempt_cols!(),
@@ -582,9 +501,10 @@ impl DeliveryStore for PgStore {
         ))
         .bind(delivery_id.as_str())
         .bind(after)
-        .bind(i64::from(limit) + 1)
+        .bind(fetch_limit(limit))
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .db()?;
         let items = map_rows(&rows, attempt_from_row)?;
         Ok(into_page(items, limit, |a| a.attempt_number.to_string()))
     }
@@ -606,8 +526,8 @@ impl DeliveryStore for PgStore {
         q.push_bind(after);
         push_filter(&mut q, filter);
         q.push(" ORDER BY updated_at, id LIMIT ")
-            .push_bind(limit_param(limit));
-        let rows = q.build().fetch_all(&self.pool).await?;
+            .push_bind(i64::from(limit));
+        let rows = q.build().fetch_all(&self.pool).await.db()?;
         map_rows(&rows, delivery_from_row)
     }
 }

@@ -11,23 +11,26 @@
 //! tenant ends with exactly one event. Keyed rows are inserted in key order, so two batches
 //! that share keys take those index entries in the same order and cannot deadlock.
 
-use std::collections::{HashMap, HashSet};
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use hookline_core::Id;
+use hookline_core::IdKind;
 use hookline_core::job::DeliveryJob;
 use hookline_core::model::Event;
-use hookline_core::{Id, IdKind};
 use sqlx::QueryBuilder;
 use sqlx::Row;
-use sqlx::postgres::{PgRow, Postgres};
+use sqlx::postgres::{PgPool, PgRow, Postgres};
 use sqlx::types::Json;
 
-use super::{
-    PgStore, Violation, decode_error, effective_limit, found, get_id, into_page, map_rows,
-    map_violation, not_found, violating_value,
-};
+use super::PgStore;
+use super::error::{Violation, map_violation, violating_value};
+use super::rows::{get_id, get_u32, map_rows};
 use crate::StoreError;
+use crate::codec::count_u32;
+use crate::error::Db;
+use crate::error::{found, violated};
+use crate::insert_plan::{self, Plan, Stored};
+use crate::paging::{fetch_limit, into_page};
 use crate::port::{EventFilter, EventStore, InsertOutcome, NewEvent, Page, PageRequest};
 
 // ---------------------------------------------------------------------------------------------
@@ -46,12 +49,6 @@ pub(super) fn event_from_row(row: &PgRow) -> Result<Event, sqlx::Error> {
     })
 }
 
-/// `attempt_count` of a delivery row as a `u32`.
-pub(super) fn get_count(row: &PgRow, column: &str) -> Result<u32, sqlx::Error> {
-    let raw: i32 = row.try_get(column)?;
-    u32::try_from(raw).map_err(|_| decode_error(column, format!("negative count {raw}")))
-}
-
 /// A job from a row of [`job_cols!`] plus `payload`: the next attempt of the delivery.
 pub(super) fn job_from_row(row: &PgRow) -> Result<DeliveryJob, sqlx::Error> {
     Ok(DeliveryJob {
@@ -60,7 +57,7 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<DeliveryJob, sqlx::Error> {
         tenant_id: get_id(row, "tenant_id", IdKind::Tenant)?,
         subscription_id: get_id(row, "subscription_id", IdKind::Subscription)?,
         event_type: row.try_get("event_type")?,
-        attempt_number: get_count(row, "attempt_count")?.saturating_add(1),
+        attempt_number: get_u32(row, "attempt_count")?.saturating_add(1),
         payload: row.try_get("payload")?,
         traceparent: row.try_get("traceparent")?,
     })
@@ -119,57 +116,145 @@ FROM events e
     JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, idempotency_key)
         ON e.tenant_id = k.tenant_id AND e.idempotency_key = k.idempotency_key";
 
-/// What the batch asks of one event, worked out before the database is asked.
-enum Plan {
-    /// Insert it, with these (delivery id, subscription id) pairs.
-    Insert(Vec<(Id, Id)>),
-    /// An earlier event of the batch (this index) has the same tenant and idempotency key.
-    RepeatOf(usize),
+/// The batch as the parallel arrays [`INSERT_EVENTS`] takes: keyed events in key order (see
+/// the module docs), the others after them; repeats within the batch are left out.
+#[derive(Default)]
+struct Arrays<'a> {
+    ids: Vec<&'a str>,
+    tenants: Vec<&'a str>,
+    types: Vec<&'a str>,
+    payloads: Vec<&'a [u8]>,
+    channels: Vec<Json<&'a [String]>>,
+    keys: Vec<Option<&'a str>>,
+    created: Vec<DateTime<Utc>>,
+    d_ids: Vec<&'a str>,
+    d_events: Vec<&'a str>,
+    d_tenants: Vec<&'a str>,
+    d_subs: Vec<&'a str>,
+    d_types: Vec<&'a str>,
+    d_traces: Vec<Option<&'a str>>,
 }
 
-fn plan(events: &[NewEvent]) -> Vec<Plan> {
-    let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
-    events
-        .iter()
-        .enumerate()
-        .map(|(i, new)| {
-            if let Some(key) = new.event.idempotency_key.as_deref() {
-                let first = *first_with_key
-                    .entry((new.event.tenant_id.as_str(), key))
-                    .or_insert(i);
-                if first != i {
-                    return Plan::RepeatOf(first);
-                }
+impl<'a> Arrays<'a> {
+    fn new(events: &'a [NewEvent], plans: &'a [Plan]) -> Self {
+        let mut order: Vec<usize> = (0..events.len())
+            .filter(|&i| matches!(plans[i], Plan::Insert(_)))
+            .collect();
+        order.sort_by_key(|&i| {
+            let e = &events[i].event;
+            (
+                e.idempotency_key.is_none(),
+                e.tenant_id.as_str(),
+                e.idempotency_key.as_deref(),
+            )
+        });
+        let mut arrays = Self::default();
+        for i in order {
+            if let Plan::Insert(deliveries) = &plans[i] {
+                arrays.push(&events[i], deliveries);
             }
-            // One delivery per subscription, even if a caller named one twice.
-            let mut seen = HashSet::new();
-            let deliveries = new
-                .subscription_ids
-                .iter()
-                .filter(|s| seen.insert(*s))
-                .map(|s| (Id::new(IdKind::Delivery), s.clone()))
-                .collect();
-            Plan::Insert(deliveries)
-        })
-        .collect()
+        }
+        arrays
+    }
+
+    fn push(&mut self, new: &'a NewEvent, deliveries: &'a [(Id, Id)]) {
+        let e = &new.event;
+        self.ids.push(e.id.as_str());
+        self.tenants.push(e.tenant_id.as_str());
+        self.types.push(e.event_type.as_str());
+        self.payloads.push(e.payload.as_slice());
+        self.channels.push(Json(e.channels.as_slice()));
+        self.keys.push(e.idempotency_key.as_deref());
+        self.created.push(e.created_at);
+        for (d, s) in deliveries {
+            self.d_ids.push(d.as_str());
+            self.d_events.push(e.id.as_str());
+            self.d_tenants.push(e.tenant_id.as_str());
+            self.d_subs.push(s.as_str());
+            self.d_types.push(e.event_type.as_str());
+            self.d_traces.push(new.traceparent.as_deref());
+        }
+    }
+
+    /// Runs [`INSERT_EVENTS`]: which events and deliveries went in.
+    async fn insert(&self, pool: &PgPool, events: &[NewEvent]) -> Result<Stored, StoreError> {
+        let rows = sqlx::query(INSERT_EVENTS)
+            .bind(&self.ids)
+            .bind(&self.tenants)
+            .bind(&self.types)
+            .bind(&self.payloads)
+            .bind(&self.channels)
+            .bind(&self.keys)
+            .bind(&self.created)
+            .bind(&self.d_ids)
+            .bind(&self.d_events)
+            .bind(&self.d_tenants)
+            .bind(&self.d_subs)
+            .bind(&self.d_types)
+            .bind(&self.d_traces)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| insert_error(e, events))?;
+        let mut stored = Stored::default();
+        for row in &rows {
+            let id: String = row.try_get("id").db()?;
+            if row.try_get("is_event").db()? {
+                stored.events.insert(id);
+            } else {
+                stored.deliveries.insert(id);
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Keyed events that were not inserted repeat a key stored before: finds the originals.
+    async fn find_originals(&self, pool: &PgPool, stored: &mut Stored) -> Result<(), StoreError> {
+        let (mut k_tenants, mut k_keys) = (Vec::new(), Vec::new());
+        for ((id, tenant), key) in self.ids.iter().zip(&self.tenants).zip(&self.keys) {
+            if let Some(key) = key
+                && !stored.events.contains(*id)
+            {
+                k_tenants.push(*tenant);
+                k_keys.push(*key);
+            }
+        }
+        if k_keys.is_empty() {
+            return Ok(());
+        }
+        let rows = sqlx::query(FIND_BY_KEYS)
+            .bind(&k_tenants)
+            .bind(&k_keys)
+            .fetch_all(pool)
+            .await
+            .db()?;
+        for row in &rows {
+            let original = (
+                get_id(row, "id", IdKind::Event).db()?,
+                count_u32(row.try_get("deliveries").db()?),
+            );
+            let key = (
+                row.try_get("tenant_id").db()?,
+                row.try_get("idempotency_key").db()?,
+            );
+            stored.originals.insert(key, original);
+        }
+        Ok(())
+    }
 }
 
 fn insert_error(err: sqlx::Error, events: &[NewEvent]) -> StoreError {
     let value = violating_value(&err);
     let first_tenant = || events.first().map(|e| e.event.tenant_id.to_string());
     map_violation(err, |v| match v {
-        Violation::Unique("events_pkey") => Some(StoreError::Conflict(format!(
-            "event {} already exists; publish with a new event id",
-            value.unwrap_or_default()
-        ))),
-        Violation::Unique(_) => Some(StoreError::Conflict(
-            "a generated delivery id is already taken; publish again".to_string(),
-        )),
+        Violation::Unique("events_pkey") => {
+            Some(violated::event_exists(&value.unwrap_or_default()))
+        }
+        Violation::Unique(_) => Some(violated::delivery_id_taken()),
         Violation::ForeignKey("events_tenant_fkey") => {
-            Some(not_found("tenant", value.or_else(first_tenant)?))
+            Some(violated::no_tenant(value.or_else(first_tenant)?))
         }
         Violation::ForeignKey("deliveries_subscription_fkey") => {
-            Some(not_found("subscription", value?))
+            Some(crate::error::not_found("subscription", value?))
         }
         Violation::ForeignKey(_) => None,
     })
@@ -181,180 +266,11 @@ impl EventStore for PgStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let plans = plan(events);
-
-        // Keyed events in key order (see the module docs), the others after them.
-        let mut order: Vec<usize> = plans
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| matches!(p, Plan::Insert(_)))
-            .map(|(i, _)| i)
-            .collect();
-        order.sort_by_key(|&i| {
-            let e = &events[i].event;
-            (
-                e.idempotency_key.is_none(),
-                e.tenant_id.as_str(),
-                e.idempotency_key.as_deref(),
-            )
-        });
-
-        let n = order.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut tenants = Vec::with_capacity(n);
-        let mut types = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut channels = Vec::with_capacity(n);
-        let mut keys = Vec::with_capacity(n);
-        let mut created = Vec::with_capacity(n);
-        let mut d_ids = Vec::new();
-        let mut d_events = Vec::new();
-        let mut d_tenants = Vec::new();
-        let mut d_subs = Vec::new();
-        let mut d_types = Vec::new();
-        let mut d_traces = Vec::new();
-        for &i in &order {
-            let e = &events[i].event;
-            let traceparent = events[i].traceparent.as_deref();
-            ids.push(e.id.as_str());
-            tenants.push(e.tenant_id.as_str());
-            types.push(e.event_type.as_str());
-            payloads.push(e.payload.as_slice());
-            channels.push(Json(e.channels.as_slice()));
-            keys.push(e.idempotency_key.as_deref());
-            created.push(e.created_at);
-            if let Plan::Insert(deliveries) = &plans[i] {
-                for (d, s) in deliveries {
-                    d_ids.push(d.as_str());
-                    d_events.push(e.id.as_str());
-                    d_tenants.push(e.tenant_id.as_str());
-                    d_subs.push(s.as_str());
-                    d_types.push(e.event_type.as_str());
-                    d_traces.push(traceparent);
-                }
-            }
-        }
-
-        let rows = sqlx::query(INSERT_EVENTS)
-            .bind(&ids)
-            .bind(&tenants)
-            .bind(&types)
-            .bind(&payloads)
-            .bind(&channels)
-            .bind(&keys)
-            .bind(&created)
-            .bind(&d_ids)
-            .bind(&d_events)
-            .bind(&d_tenants)
-            .bind(&d_subs)
-            .bind(&d_types)
-            .bind(&d_traces)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| insert_error(e, events))?;
-        let mut inserted_events = HashSet::new();
-        let mut inserted_deliveries = HashSet::new();
-        for row in &rows {
-            let id: String = row.try_get("id")?;
-            if row.try_get("is_event")? {
-                inserted_events.insert(id);
-            } else {
-                inserted_deliveries.insert(id);
-            }
-        }
-
-        // Keyed events that were not inserted repeat a key stored before: find the originals.
-        let (mut k_tenants, mut k_keys) = (Vec::new(), Vec::new());
-        for &i in &order {
-            let e = &events[i].event;
-            if let Some(key) = e.idempotency_key.as_deref()
-                && !inserted_events.contains(e.id.as_str())
-            {
-                k_tenants.push(e.tenant_id.as_str());
-                k_keys.push(key);
-            }
-        }
-        let mut originals: HashMap<(String, String), (Id, u32)> = HashMap::new();
-        if !k_keys.is_empty() {
-            let rows = sqlx::query(FIND_BY_KEYS)
-                .bind(&k_tenants)
-                .bind(&k_keys)
-                .fetch_all(&self.pool)
-                .await?;
-            for row in &rows {
-                let count: i64 = row.try_get("deliveries")?;
-                originals.insert(
-                    (row.try_get("tenant_id")?, row.try_get("idempotency_key")?),
-                    (
-                        get_id(row, "id", IdKind::Event)?,
-                        u32::try_from(count).unwrap_or(u32::MAX),
-                    ),
-                );
-            }
-        }
-
-        let mut outcomes: Vec<InsertOutcome> = Vec::with_capacity(events.len());
-        for (new, plan) in events.iter().zip(&plans) {
-            let e = &new.event;
-            let outcome = match plan {
-                Plan::RepeatOf(first) => {
-                    let (event_id, deliveries) = match &outcomes[*first] {
-                        InsertOutcome::Created { event_id, jobs } => (
-                            event_id.clone(),
-                            u32::try_from(jobs.len()).unwrap_or(u32::MAX),
-                        ),
-                        InsertOutcome::Duplicate {
-                            event_id,
-                            deliveries,
-                        } => (event_id.clone(), *deliveries),
-                    };
-                    InsertOutcome::Duplicate {
-                        event_id,
-                        deliveries,
-                    }
-                }
-                Plan::Insert(deliveries) if inserted_events.contains(e.id.as_str()) => {
-                    InsertOutcome::Created {
-                        event_id: e.id.clone(),
-                        jobs: deliveries
-                            .iter()
-                            .filter(|(d, _)| inserted_deliveries.contains(d.as_str()))
-                            .map(|(d, s)| DeliveryJob {
-                                delivery_id: d.clone(),
-                                event_id: e.id.clone(),
-                                tenant_id: e.tenant_id.clone(),
-                                subscription_id: s.clone(),
-                                event_type: e.event_type.clone(),
-                                attempt_number: 1,
-                                payload: e.payload.clone(),
-                                traceparent: new.traceparent.clone(),
-                            })
-                            .collect(),
-                    }
-                }
-                Plan::Insert(_) => {
-                    let key = e.idempotency_key.clone().unwrap_or_default();
-                    let (event_id, deliveries) = originals
-                        .get(&(e.tenant_id.to_string(), key.clone()))
-                        .cloned()
-                        .ok_or_else(|| {
-                            // The event holding the key was deleted (with its tenant) between
-                            // the insert and the look-up.
-                            StoreError::Conflict(format!(
-                                "idempotency key {key:?} of tenant {} was in use by an event \
-                                 that was just deleted; publish again",
-                                e.tenant_id
-                            ))
-                        })?;
-                    InsertOutcome::Duplicate {
-                        event_id,
-                        deliveries,
-                    }
-                }
-            };
-            outcomes.push(outcome);
-        }
-        Ok(outcomes)
+        let plans = insert_plan::plan(events);
+        let arrays = Arrays::new(events, &plans);
+        let mut stored = arrays.insert(&self.pool, events).await?;
+        arrays.find_originals(&self.pool, &mut stored).await?;
+        insert_plan::assemble(events, &plans, &stored)
     }
 
     async fn confirm_published(&self, delivery_ids: &[Id]) -> Result<(), StoreError> {
@@ -365,7 +281,8 @@ impl EventStore for PgStore {
         sqlx::query("DELETE FROM delivery_outbox WHERE delivery_id = ANY($1)")
             .bind(&ids)
             .execute(&self.pool)
-            .await?;
+            .await
+            .db()?;
         Ok(())
     }
 
@@ -402,7 +319,8 @@ impl EventStore for PgStore {
         .bind(i64::from(limit))
         .bind(lease_until)
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .db()?;
         map_rows(&rows, job_from_row)
     }
 
@@ -414,8 +332,9 @@ impl EventStore for PgStore {
         ))
         .bind(id.as_str())
         .fetch_optional(&self.pool)
-        .await?;
-        Ok(event_from_row(&found(row, "event", id)?)?)
+        .await
+        .db()?;
+        event_from_row(&found(row, "event", id)?).db()
     }
 
     async fn list_events(
@@ -423,7 +342,7 @@ impl EventStore for PgStore {
         filter: &EventFilter,
         page: &PageRequest,
     ) -> Result<Page<Event>, StoreError> {
-        let limit = effective_limit(page);
+        let limit = page.effective_limit();
         // Only the filters given become conditions, so every combination gets a plan of its
         // own (a generic plan of `$2 IS NULL OR …` would serve none of them well).
         let mut q = QueryBuilder::<Postgres>::new(concat!(
@@ -445,8 +364,8 @@ impl EventStore for PgStore {
             q.push(" AND id < ").push_bind(after.as_str());
         }
         q.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(limit) + 1);
-        let rows = q.build().fetch_all(&self.pool).await?;
+            .push_bind(fetch_limit(limit));
+        let rows = q.build().fetch_all(&self.pool).await.db()?;
         let items = map_rows(&rows, event_from_row)?;
         Ok(into_page(items, limit, |e| e.id.to_string()))
     }

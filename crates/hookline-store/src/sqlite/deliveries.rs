@@ -16,36 +16,35 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hookline_core::job::DeliveryJob;
-use hookline_core::model::{Attempt, Delivery, DeliveryStatus, ErrorClass, RESPONSE_EXCERPT_LIMIT};
+use hookline_core::model::{Attempt, Delivery, DeliveryStatus, ErrorClass};
 use hookline_core::{Id, IdKind};
-use sqlx::sqlite::SqliteRow;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::types::Json;
 use sqlx::{QueryBuilder, Row, Sqlite};
 
+use super::bulk::BulkInsert;
+use super::error::{Violation, map_violation};
 use super::events::{QUEUE_IDS, jobs_in_order};
-use super::{
-    BulkInsert, SqliteStore, Violation, decode_error, effective_limit, found, get_id, get_opt_time,
-    get_time, get_u32, id_array, into_page, map_rows, map_violation, micros, not_found,
-};
+use super::rows::{get_id, get_opt_time, get_time, get_u32, map_rows, micros};
+use super::{SqliteStore, id_array};
 use crate::StoreError;
-use crate::port::{AttemptOutcome, DeliveryFilter, DeliveryStore, NextStep, Page, PageRequest};
+use crate::codec::{self, stored_duration_ms, stored_excerpt};
+use crate::error::Db;
+use crate::error::{all_found, found, violated};
+use crate::outcome::{self, NewAttempt, Tally};
+use crate::paging::{attempt_cursor, fetch_limit, into_page};
+use crate::port::{AttemptOutcome, DeliveryFilter, DeliveryStore, Page, PageRequest};
 
 // ---------------------------------------------------------------------------------------------
 // Row mapping
 // ---------------------------------------------------------------------------------------------
 
 fn get_status_code(row: &SqliteRow, column: &str) -> Result<Option<u16>, sqlx::Error> {
-    let raw: Option<i64> = row.try_get(column)?;
-    raw.map(|v| {
-        u16::try_from(v).map_err(|_| decode_error(column, format!("status code {v} out of range")))
-    })
-    .transpose()
+    codec::status_code(column, row.try_get(column)?)
 }
 
 fn get_status(row: &SqliteRow) -> Result<DeliveryStatus, sqlx::Error> {
-    let raw: String = row.try_get("status")?;
-    DeliveryStatus::parse(&raw)
-        .ok_or_else(|| decode_error("status", format!("unknown delivery status {raw:?}")))
+    codec::delivery_status(row.try_get("status")?)
 }
 
 fn delivery_from_row(row: &SqliteRow) -> Result<Delivery, sqlx::Error> {
@@ -68,13 +67,7 @@ fn delivery_from_row(row: &SqliteRow) -> Result<Delivery, sqlx::Error> {
 }
 
 fn attempt_from_row(row: &SqliteRow) -> Result<Attempt, sqlx::Error> {
-    let error_class = row
-        .try_get::<Option<String>, _>("error_class")?
-        .map(|raw| {
-            ErrorClass::parse(&raw)
-                .ok_or_else(|| decode_error("error_class", format!("unknown error class {raw:?}")))
-        })
-        .transpose()?;
+    let error_class = codec::error_class(row.try_get("error_class")?)?;
     Ok(Attempt {
         id: get_id(row, "id", IdKind::Attempt)?,
         delivery_id: get_id(row, "delivery_id", IdKind::Delivery)?,
@@ -164,65 +157,147 @@ UPDATE deliveries SET status = 'pending', next_attempt_at = NULL, deferred_reaso
     updated_at = ?2
 WHERE id IN (SELECT value FROM json_each(?1))";
 
-/// A delivery's state while the outcomes of a batch are applied to it, in order.
-struct Tally {
-    status: DeliveryStatus,
-    attempt_count: i64,
-    next_attempt_at: Option<i64>,
-    last_attempt_at: Option<i64>,
-    last_status_code: Option<i64>,
-    last_error: Option<String>,
-    deferred_reason: Option<String>,
-    last_number: i64,
-    known_attempts: HashSet<String>,
-    changed: bool,
-}
-
-impl Tally {
-    fn from_row(row: &SqliteRow) -> Result<Self, sqlx::Error> {
-        Ok(Tally {
-            status: get_status(row)?,
-            attempt_count: row.try_get("attempt_count")?,
-            next_attempt_at: row.try_get("next_attempt_at")?,
-            last_attempt_at: row.try_get("last_attempt_at")?,
-            last_status_code: row.try_get("last_status_code")?,
-            last_error: row.try_get("last_error")?,
-            deferred_reason: row.try_get("deferred_reason")?,
-            last_number: row.try_get("last_number")?,
-            known_attempts: HashSet::new(),
-            changed: false,
-        })
-    }
-}
-
-/// What `last_error` says after an attempt: its error, else a non-2xx status.
-fn attempt_error(attempt: &Attempt) -> Option<String> {
-    attempt.error_message.clone().or_else(|| {
-        attempt
-            .status_code
-            .filter(|code| !(200..300).contains(code))
-            .map(|code| format!("HTTP {code}"))
+/// A delivery's state from a row of [`READ_DELIVERIES`].
+fn tally_from_row(row: &SqliteRow) -> Result<Tally, sqlx::Error> {
+    Ok(Tally {
+        status: get_status(row)?,
+        attempt_count: get_u32(row, "attempt_count")?,
+        next_attempt_at: get_opt_time(row, "next_attempt_at")?,
+        last_attempt_at: get_opt_time(row, "last_attempt_at")?,
+        last_status_code: get_status_code(row, "last_status_code")?,
+        last_error: row.try_get("last_error")?,
+        deferred_reason: row.try_get("deferred_reason")?,
+        last_number: get_u32(row, "last_number")?,
+        known_attempts: HashSet::new(),
+        changed: false,
     })
 }
 
-/// An `attempts` row to insert.
-struct AttemptRow<'a> {
-    delivery_id: &'a str,
-    number: i64,
-    attempt: &'a Attempt,
+/// The state of the batch's deliveries that exist, with the batch's attempts each has
+/// recorded already.
+async fn read_tallies(
+    conn: &mut SqliteConnection,
+    ids: &[&str],
+    attempt_ids: &[&str],
+) -> Result<HashMap<String, Tally>, StoreError> {
+    let rows = sqlx::query(READ_DELIVERIES)
+        .bind(id_array(ids.iter().copied()))
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+    let mut tallies: HashMap<String, Tally> = rows
+        .iter()
+        .map(|row| Ok((row.try_get("id")?, tally_from_row(row)?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .db()?;
+    if tallies.is_empty() || attempt_ids.is_empty() {
+        return Ok(tallies);
+    }
+    let known = sqlx::query(KNOWN_ATTEMPTS)
+        .bind(id_array(attempt_ids.iter().copied()))
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+    for row in &known {
+        let delivery: String = row.try_get("delivery_id").db()?;
+        if let Some(t) = tallies.get_mut(&delivery) {
+            t.known_attempts.insert(row.try_get("id").db()?);
+        }
+    }
+    Ok(tallies)
 }
 
 /// A `deliveries` row's new state, as the JSON array [`WRITE_DELIVERIES`] takes apart.
 type DeliveryState<'a> = (
     &'a str,
     &'static str,
-    i64,
+    u32,
     Option<i64>,
     Option<i64>,
-    Option<i64>,
+    Option<u16>,
     Option<&'a str>,
     Option<&'a str>,
 );
+
+/// Writes the batch: its attempts, the deliveries' new state (stamped `now`) and their
+/// retry-schedule rows.
+async fn write_outcomes(
+    conn: &mut SqliteConnection,
+    attempts: &[NewAttempt<'_>],
+    tallies: &HashMap<String, Tally>,
+    now: i64,
+) -> Result<(), StoreError> {
+    let mut states: Vec<DeliveryState<'_>> = Vec::new();
+    let mut scheduled: Vec<(&str, i64, u32)> = Vec::new();
+    let mut unscheduled: Vec<&str> = Vec::new();
+    for (id, t) in tallies.iter().filter(|(_, t)| t.changed) {
+        states.push((
+            id.as_str(),
+            t.status.as_str(),
+            t.attempt_count,
+            t.next_attempt_at.map(micros),
+            t.last_attempt_at.map(micros),
+            t.last_status_code,
+            t.last_error.as_deref(),
+            t.deferred_reason.as_deref(),
+        ));
+        match t.schedule() {
+            Some((due, number)) => scheduled.push((id.as_str(), micros(due), number)),
+            None => unscheduled.push(id.as_str()),
+        }
+    }
+    if states.is_empty() {
+        return Ok(());
+    }
+    insert_attempts(conn, attempts).await?;
+    sqlx::query(WRITE_DELIVERIES)
+        .bind(Json(&states))
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .db()?;
+    SCHEDULE
+        .run(conn, &scheduled, |q, (id, due, number)| {
+            q.bind(*id).bind(*due).bind(i64::from(*number))
+        })
+        .await
+        .db()?;
+    if !unscheduled.is_empty() {
+        sqlx::query(UNSCHEDULE)
+            .bind(id_array(unscheduled.iter().copied()))
+            .execute(&mut *conn)
+            .await
+            .db()?;
+    }
+    Ok(())
+}
+
+async fn insert_attempts(
+    conn: &mut SqliteConnection,
+    attempts: &[NewAttempt<'_>],
+) -> Result<(), StoreError> {
+    INSERT_ATTEMPTS
+        .run(conn, attempts, |q, r| {
+            let a = r.attempt;
+            q.bind(a.id.as_str())
+                .bind(r.delivery_id.as_str())
+                .bind(i64::from(r.number))
+                .bind(micros(a.started_at))
+                // Clamped as PostgreSQL's integer column would, so both adapters store the same.
+                .bind(stored_duration_ms(a))
+                .bind(a.status_code.map(i64::from))
+                .bind(a.error_class.map(ErrorClass::as_str))
+                .bind(a.error_message.as_deref())
+                .bind(stored_excerpt(a))
+        })
+        .await
+        .map_err(|e| {
+            map_violation(e, |v| match v {
+                Violation::Unique("attempts.id") => Some(violated::attempt_id_elsewhere()),
+                _ => None,
+            })
+        })
+}
 
 #[async_trait]
 impl DeliveryStore for SqliteStore {
@@ -230,159 +305,12 @@ impl DeliveryStore for SqliteStore {
         if outcomes.is_empty() {
             return Ok(());
         }
-        let mut ids: Vec<&str> = outcomes.iter().map(|o| o.delivery_id.as_str()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let attempt_ids: Vec<&str> = outcomes
-            .iter()
-            .filter_map(|o| o.attempt.as_ref())
-            .map(|a| a.id.as_str())
-            .collect();
-
+        let (ids, attempt_ids) = outcome::batch_ids(outcomes);
         let (mut tx, now) = self.write().await?;
-        let rows = sqlx::query(READ_DELIVERIES)
-            .bind(id_array(ids.iter().copied()))
-            .fetch_all(&mut *tx)
-            .await?;
-        if rows.is_empty() {
-            // Every delivery is gone (its subscription or tenant was deleted).
-            tx.commit().await?;
-            return Ok(());
-        }
-        let mut tallies: HashMap<String, Tally> = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            tallies.insert(row.try_get("id")?, Tally::from_row(row)?);
-        }
-        if !attempt_ids.is_empty() {
-            let known = sqlx::query(KNOWN_ATTEMPTS)
-                .bind(id_array(attempt_ids.iter().copied()))
-                .fetch_all(&mut *tx)
-                .await?;
-            for row in &known {
-                let delivery: String = row.try_get("delivery_id")?;
-                if let Some(t) = tallies.get_mut(&delivery) {
-                    t.known_attempts.insert(row.try_get("id")?);
-                }
-            }
-        }
-
-        // Apply the outcomes in the order given.
-        let mut attempts: Vec<AttemptRow<'_>> = Vec::new();
-        for outcome in outcomes {
-            let Some(t) = tallies.get_mut(outcome.delivery_id.as_str()) else {
-                continue; // the delivery no longer exists
-            };
-            if let Some(a) = &outcome.attempt {
-                if !t.known_attempts.insert(a.id.to_string()) {
-                    // This very attempt is recorded already: a write being retried.
-                    continue;
-                }
-                t.last_number = t.last_number.saturating_add(1);
-                t.attempt_count = t.attempt_count.saturating_add(1);
-                attempts.push(AttemptRow {
-                    // The outcome names the delivery; the attempt's own field is not trusted
-                    // over it.
-                    delivery_id: outcome.delivery_id.as_str(),
-                    number: t.last_number,
-                    attempt: a,
-                });
-                t.last_attempt_at = Some(micros(a.started_at));
-                t.last_status_code = a.status_code.map(i64::from);
-                t.last_error = attempt_error(a);
-            }
-            match &outcome.next {
-                NextStep::Succeeded => {
-                    t.status = DeliveryStatus::Succeeded;
-                    t.next_attempt_at = None;
-                }
-                NextStep::RetryAt(at) => {
-                    t.status = DeliveryStatus::Retrying;
-                    t.next_attempt_at = Some(micros(*at));
-                }
-                NextStep::Failed { reason } => {
-                    t.status = DeliveryStatus::Failed;
-                    t.next_attempt_at = None;
-                    // Say why it stopped, and keep what the last attempt got.
-                    t.last_error = Some(match (&outcome.attempt, &t.last_error) {
-                        (Some(_), Some(last)) => format!("{reason} (last attempt: {last})"),
-                        _ => reason.clone(),
-                    });
-                }
-            }
-            t.deferred_reason = outcome.deferral();
-            t.changed = true;
-        }
-
-        let mut states: Vec<DeliveryState<'_>> = Vec::new();
-        let mut scheduled: Vec<(&str, i64, i64)> = Vec::new();
-        let mut unscheduled: Vec<&str> = Vec::new();
-        for (id, t) in tallies.iter().filter(|(_, t)| t.changed) {
-            states.push((
-                id.as_str(),
-                t.status.as_str(),
-                t.attempt_count,
-                t.next_attempt_at,
-                t.last_attempt_at,
-                t.last_status_code,
-                t.last_error.as_deref(),
-                t.deferred_reason.as_deref(),
-            ));
-            match (t.status, t.next_attempt_at) {
-                (DeliveryStatus::Retrying, Some(due)) => {
-                    scheduled.push((id.as_str(), due, t.attempt_count.saturating_add(1)));
-                }
-                _ => unscheduled.push(id.as_str()),
-            }
-        }
-        if states.is_empty() {
-            tx.commit().await?;
-            return Ok(());
-        }
-
-        INSERT_ATTEMPTS
-            .run(&mut tx, &attempts, |q, r| {
-                let a = r.attempt;
-                let excerpt = &a.response_excerpt;
-                q.bind(a.id.as_str())
-                    .bind(r.delivery_id)
-                    .bind(r.number)
-                    .bind(micros(a.started_at))
-                    // A measurement, not an input to refuse: clamp what PostgreSQL's integer
-                    // column could not hold, so both adapters store the same.
-                    .bind(i64::from(i32::try_from(a.duration_ms).unwrap_or(i32::MAX)))
-                    .bind(a.status_code.map(i64::from))
-                    .bind(a.error_class.map(ErrorClass::as_str))
-                    .bind(a.error_message.as_deref())
-                    .bind(&excerpt[..excerpt.len().min(RESPONSE_EXCERPT_LIMIT)])
-            })
-            .await
-            .map_err(|e| {
-                map_violation(e, |v| match v {
-                    Violation::Unique("attempts.id") => Some(StoreError::Conflict(
-                        "an attempt id of the batch belongs to another delivery; \
-                         record it with a new attempt id"
-                            .to_string(),
-                    )),
-                    _ => None,
-                })
-            })?;
-        sqlx::query(WRITE_DELIVERIES)
-            .bind(Json(&states))
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        SCHEDULE
-            .run(&mut tx, &scheduled, |q, (id, due, number)| {
-                q.bind(*id).bind(*due).bind(*number)
-            })
-            .await?;
-        if !unscheduled.is_empty() {
-            sqlx::query(UNSCHEDULE)
-                .bind(id_array(unscheduled.iter().copied()))
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
+        let mut tallies = read_tallies(&mut tx, &ids, &attempt_ids).await?;
+        let attempts = outcome::apply(&mut tallies, outcomes);
+        write_outcomes(&mut tx, &attempts, &tallies, now).await?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
@@ -404,30 +332,34 @@ impl DeliveryStore for SqliteStore {
         .bind(micros(now))
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
-        .await?;
+        .await
+        .db()?;
         if rows.is_empty() {
-            tx.commit().await?;
+            tx.commit().await.db()?;
             return Ok(Vec::new());
         }
         // Most due first (RETURNING promises no order).
         let mut taken: Vec<(i64, String)> = rows
             .iter()
             .map(|r| Ok((r.try_get("due_at")?, r.try_get("delivery_id")?)))
-            .collect::<Result<_, sqlx::Error>>()?;
+            .collect::<Result<_, sqlx::Error>>()
+            .db()?;
         taken.sort_unstable();
         let ids: Vec<&str> = taken.iter().map(|(_, id)| id.as_str()).collect();
         sqlx::query(MARK_PENDING)
             .bind(id_array(ids.iter().copied()))
             .bind(stamp)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .db()?;
         sqlx::query(QUEUE_IDS)
             .bind(id_array(ids.iter().copied()))
             .bind(stamp)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .db()?;
         let jobs = jobs_in_order(&mut tx, &ids).await?;
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(jobs)
     }
 
@@ -449,29 +381,31 @@ impl DeliveryStore for SqliteStore {
         )
         .bind(id_array(asked.iter().copied()))
         .fetch_all(&mut *tx)
-        .await?
+        .await
+        .db()?
         .into_iter()
         .collect();
-        if let Some(missing) = asked.iter().find(|id| !existing.contains(**id)) {
-            // Dropping the transaction rolls it back: nothing changes.
-            return Err(not_found("delivery", missing));
-        }
+        // On NotFound, dropping the transaction rolls it back: nothing changes.
+        all_found("delivery", asked.iter().copied(), &existing)?;
         sqlx::query(UNSCHEDULE)
             .bind(id_array(asked.iter().copied()))
             .execute(&mut *tx)
-            .await?;
+            .await
+            .db()?;
         sqlx::query(MARK_PENDING)
             .bind(id_array(asked.iter().copied()))
             .bind(now)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .db()?;
         sqlx::query(QUEUE_IDS)
             .bind(id_array(asked.iter().copied()))
             .bind(now)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .db()?;
         let jobs = jobs_in_order(&mut tx, &asked).await?;
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(jobs)
     }
 
@@ -496,9 +430,10 @@ impl DeliveryStore for SqliteStore {
         .bind(until.map(micros))
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
-        .await?;
+        .await
+        .db()?;
         rows.iter()
-            .map(|r| get_id(r, "id", IdKind::Delivery).map_err(StoreError::from))
+            .map(|r| get_id(r, "id", IdKind::Delivery).db())
             .collect()
     }
 
@@ -510,8 +445,9 @@ impl DeliveryStore for SqliteStore {
         ))
         .bind(id.as_str())
         .fetch_optional(&self.reader)
-        .await?;
-        Ok(delivery_from_row(&found(row, "delivery", id)?)?)
+        .await
+        .db()?;
+        delivery_from_row(&found(row, "delivery", id)?).db()
     }
 
     async fn list_deliveries(
@@ -519,7 +455,7 @@ impl DeliveryStore for SqliteStore {
         filter: &DeliveryFilter,
         page: &PageRequest,
     ) -> Result<Page<Delivery>, StoreError> {
-        let limit = effective_limit(page);
+        let limit = page.effective_limit();
         // Only the filters given become conditions (see `list_events`).
         let mut q = QueryBuilder::<Sqlite>::new(concat!(
             "SELECT ",
@@ -531,8 +467,8 @@ impl DeliveryStore for SqliteStore {
             q.push(" AND id < ").push_bind(after.as_str());
         }
         q.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(limit) + 1);
-        let rows = q.build().fetch_all(&self.reader).await?;
+            .push_bind(fetch_limit(limit));
+        let rows = q.build().fetch_all(&self.reader).await.db()?;
         let items = map_rows(&rows, delivery_from_row)?;
         Ok(into_page(items, limit, |d| d.id.to_string()))
     }
@@ -542,16 +478,8 @@ impl DeliveryStore for SqliteStore {
         delivery_id: &Id,
         page: &PageRequest,
     ) -> Result<Page<Attempt>, StoreError> {
-        let limit = effective_limit(page);
-        let after: i64 = match page.after.as_deref() {
-            None => 0,
-            Some(cursor) => cursor
-                .parse::<u32>()
-                .ok()
-                .and_then(|n| i32::try_from(n).ok())
-                .map(i64::from)
-                .ok_or_else(|| not_found("page token", cursor))?,
-        };
+        let limit = page.effective_limit();
+        let after = attempt_cursor(page)?;
         let rows = sqlx::query(concat!(
             "SELECT ",
             attempt_cols!(),
@@ -560,9 +488,10 @@ impl DeliveryStore for SqliteStore {
         ))
         .bind(delivery_id.as_str())
         .bind(after)
-        .bind(i64::from(limit) + 1)
+        .bind(fetch_limit(limit))
         .fetch_all(&self.reader)
-        .await?;
+        .await
+        .db()?;
         let items = map_rows(&rows, attempt_from_row)?;
         Ok(into_page(items, limit, |a| a.attempt_number.to_string()))
     }
@@ -585,7 +514,7 @@ impl DeliveryStore for SqliteStore {
         push_filter(&mut q, filter);
         q.push(" ORDER BY updated_at, id LIMIT ")
             .push_bind(i64::from(limit));
-        let rows = q.build().fetch_all(&self.reader).await?;
+        let rows = q.build().fetch_all(&self.reader).await.db()?;
         map_rows(&rows, delivery_from_row)
     }
 }

@@ -24,11 +24,16 @@ use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::types::Json;
 use sqlx::{QueryBuilder, Row, Sqlite};
 
-use super::{
-    BulkInsert, SqliteStore, Violation, effective_limit, found, get_id, get_strings, get_time,
-    get_u32, id_array, into_page, map_rows, map_violation, micros, not_found, violation,
-};
+use super::bulk::BulkInsert;
+use super::error::{Violation, map_violation, violation};
+use super::rows::{get_id, get_strings, get_time, get_u32, map_rows, micros};
+use super::{SqliteStore, id_array};
 use crate::StoreError;
+use crate::codec::count_u32;
+use crate::error::Db;
+use crate::error::{found, violated};
+use crate::insert_plan::{self, KeyOf, Plan, Stored};
+use crate::paging::{fetch_limit, into_page};
 use crate::port::{EventFilter, EventStore, InsertOutcome, NewEvent, Page, PageRequest};
 
 // ---------------------------------------------------------------------------------------------
@@ -73,7 +78,8 @@ pub(super) async fn jobs_in_order(
     let rows = sqlx::query(jobs_of_ids!())
         .bind(id_array(ids.iter().copied()))
         .fetch_all(&mut *conn)
-        .await?;
+        .await
+        .db()?;
     let mut jobs: HashMap<String, DeliveryJob> = map_rows(&rows, job_from_row)?
         .into_iter()
         .map(|j| (j.delivery_id.to_string(), j))
@@ -123,41 +129,6 @@ INSERT INTO delivery_outbox (delivery_id, created_at)
 SELECT value, ?2 FROM json_each(?1) WHERE true
 ON CONFLICT (delivery_id) DO NOTHING";
 
-/// What the batch asks of one event, worked out before the database is asked.
-enum Plan {
-    /// Insert it, with these (delivery id, subscription id) pairs.
-    Insert(Vec<(Id, Id)>),
-    /// An earlier event of the batch (this index) has the same tenant and idempotency key.
-    RepeatOf(usize),
-}
-
-fn plan(events: &[NewEvent]) -> Vec<Plan> {
-    let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
-    events
-        .iter()
-        .enumerate()
-        .map(|(i, new)| {
-            if let Some(key) = new.event.idempotency_key.as_deref() {
-                let first = *first_with_key
-                    .entry((new.event.tenant_id.as_str(), key))
-                    .or_insert(i);
-                if first != i {
-                    return Plan::RepeatOf(first);
-                }
-            }
-            // One delivery per subscription, even if a caller named one twice.
-            let mut seen = HashSet::new();
-            let deliveries = new
-                .subscription_ids
-                .iter()
-                .filter(|s| seen.insert(*s))
-                .map(|s| (Id::new(IdKind::Delivery), s.clone()))
-                .collect();
-            Plan::Insert(deliveries)
-        })
-        .collect()
-}
-
 /// A delivery row to insert.
 struct DeliveryRow<'a> {
     id: &'a str,
@@ -188,15 +159,20 @@ async fn colliding_event_id(conn: &mut SqliteConnection, events: &[&Event]) -> S
         .unwrap_or_default()
 }
 
-#[async_trait]
-impl EventStore for SqliteStore {
-    async fn insert_events(&self, events: &[NewEvent]) -> Result<Vec<InsertOutcome>, StoreError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let plans = plan(events);
-        let (mut tx, now) = self.write().await?;
+/// What [`LOOK_UP`] found of a batch.
+#[derive(Default)]
+struct Existing {
+    tenants: HashSet<String>,
+    subscriptions: HashSet<String>,
+    originals: HashMap<KeyOf, (Id, u32)>,
+}
 
+impl Existing {
+    async fn look_up(
+        conn: &mut SqliteConnection,
+        events: &[NewEvent],
+        plans: &[Plan],
+    ) -> Result<Self, StoreError> {
         let tenants: HashSet<&str> = events.iter().map(|e| e.event.tenant_id.as_str()).collect();
         let subscriptions: HashSet<&str> = plans
             .iter()
@@ -208,192 +184,174 @@ impl EventStore for SqliteStore {
             .collect();
         let keyed: Vec<(&str, &str)> = events
             .iter()
-            .zip(&plans)
+            .zip(plans)
             .filter(|(_, p)| matches!(p, Plan::Insert(_)))
             .filter_map(|(e, _)| {
-                let key = e.event.idempotency_key.as_deref()?;
-                Some((e.event.tenant_id.as_str(), key))
+                Some((
+                    e.event.tenant_id.as_str(),
+                    e.event.idempotency_key.as_deref()?,
+                ))
             })
             .collect();
         let rows = sqlx::query(LOOK_UP)
             .bind(id_array(tenants.iter().copied()))
             .bind(id_array(subscriptions.iter().copied()))
             .bind(Json(&keyed))
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut existing_tenants: HashSet<String> = HashSet::new();
-        let mut live_subscriptions: HashSet<String> = HashSet::new();
-        let mut originals: HashMap<(String, String), (Id, u32)> = HashMap::new();
+            .fetch_all(&mut *conn)
+            .await
+            .db()?;
+        let mut found = Self::default();
         for row in &rows {
-            let kind: &str = row.try_get("kind")?;
-            match kind {
-                "tenant" => {
-                    existing_tenants.insert(row.try_get("id")?);
-                }
-                "subscription" => {
-                    live_subscriptions.insert(row.try_get("id")?);
-                }
-                _ => {
-                    let count: i64 = row.try_get("deliveries")?;
-                    originals.insert(
-                        (row.try_get("id")?, row.try_get("idempotency_key")?),
-                        (
-                            get_id(row, "event_id", IdKind::Event)?,
-                            u32::try_from(count).unwrap_or(u32::MAX),
-                        ),
-                    );
-                }
+            found.add(row).db()?;
+        }
+        Ok(found)
+    }
+
+    fn add(&mut self, row: &SqliteRow) -> Result<(), sqlx::Error> {
+        match row.try_get::<&str, _>("kind")? {
+            "tenant" => {
+                self.tenants.insert(row.try_get("id")?);
+            }
+            "subscription" => {
+                self.subscriptions.insert(row.try_get("id")?);
+            }
+            _ => {
+                let original = (
+                    get_id(row, "event_id", IdKind::Event)?,
+                    count_u32(row.try_get("deliveries")?),
+                );
+                let key = (row.try_get("id")?, row.try_get("idempotency_key")?);
+                self.originals.insert(key, original);
             }
         }
+        Ok(())
+    }
 
+    /// Whether the event repeats an idempotency key its tenant used before the batch.
+    fn repeats_stored_key(&self, e: &Event) -> bool {
+        e.idempotency_key.as_ref().is_some_and(|key| {
+            self.originals
+                .contains_key(&(e.tenant_id.to_string(), key.clone()))
+        })
+    }
+}
+
+/// Inserts the events (their ids all new, see [`colliding_event_id`]).
+async fn insert_event_rows(conn: &mut SqliteConnection, rows: &[&Event]) -> Result<(), StoreError> {
+    let done = INSERT_EVENTS
+        .run(conn, rows, |q, e| {
+            q.bind(e.id.as_str())
+                .bind(e.tenant_id.as_str())
+                .bind(e.event_type.as_str())
+                .bind(e.payload.as_slice())
+                .bind(Json(&e.channels))
+                .bind(e.idempotency_key.as_deref())
+                .bind(micros(e.created_at))
+        })
+        .await;
+    match done {
+        Err(err) if matches!(violation(&err), Some(Violation::Unique("events.id"))) => Err(
+            violated::event_exists(&colliding_event_id(conn, rows).await),
+        ),
+        other => other.db(),
+    }
+}
+
+/// Inserts the deliveries, stamped `now`, and puts them in the outbox.
+async fn insert_delivery_rows(
+    conn: &mut SqliteConnection,
+    rows: &[DeliveryRow<'_>],
+    now: i64,
+) -> Result<(), StoreError> {
+    INSERT_DELIVERIES
+        .run(conn, rows, |q, d| {
+            q.bind(d.id)
+                .bind(d.event.id.as_str())
+                .bind(d.event.tenant_id.as_str())
+                .bind(d.subscription_id)
+                .bind(d.event.event_type.as_str())
+                .bind(now)
+                .bind(now)
+                .bind(d.traceparent)
+        })
+        .await
+        .map_err(|e| {
+            map_violation(e, |v| match v {
+                Violation::Unique(_) => Some(violated::delivery_id_taken()),
+                Violation::ForeignKey => None,
+            })
+        })?;
+    if !rows.is_empty() {
+        sqlx::query(QUEUE_IDS)
+            .bind(id_array(rows.iter().map(|d| d.id)))
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .db()?;
+    }
+    Ok(())
+}
+
+/// The events of the batch to insert (not repeating a stored key), and the delivery rows of
+/// those to subscriptions that still exist.
+fn rows_to_insert<'a>(
+    events: &'a [NewEvent],
+    plans: &'a [Plan],
+    existing: &Existing,
+) -> (Vec<&'a Event>, Vec<DeliveryRow<'a>>) {
+    let mut event_rows = Vec::new();
+    let mut delivery_rows = Vec::new();
+    for (new, plan) in events.iter().zip(plans) {
+        let Plan::Insert(deliveries) = plan else {
+            continue;
+        };
+        if existing.repeats_stored_key(&new.event) {
+            continue;
+        }
+        event_rows.push(&new.event);
+        delivery_rows.extend(
+            deliveries
+                .iter()
+                .filter(|(_, s)| existing.subscriptions.contains(s.as_str()))
+                .map(|(d, s)| DeliveryRow {
+                    id: d.as_str(),
+                    event: &new.event,
+                    subscription_id: s.as_str(),
+                    traceparent: new.traceparent.as_deref(),
+                }),
+        );
+    }
+    (event_rows, delivery_rows)
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn insert_events(&self, events: &[NewEvent]) -> Result<Vec<InsertOutcome>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let plans = insert_plan::plan(events);
+        let (mut tx, now) = self.write().await?;
+        let existing = Existing::look_up(&mut tx, events, &plans).await?;
         // Every tenant must exist; the first event (in batch order) whose tenant does not is
         // reported, and nothing of the batch is stored.
         if let Some(e) = events
             .iter()
-            .find(|e| !existing_tenants.contains(e.event.tenant_id.as_str()))
+            .find(|e| !existing.tenants.contains(e.event.tenant_id.as_str()))
         {
-            return Err(not_found("tenant", &e.event.tenant_id));
+            return Err(violated::no_tenant(&e.event.tenant_id));
         }
-        let repeats_stored_key = |e: &Event| {
-            e.idempotency_key
-                .as_ref()
-                .is_some_and(|key| originals.contains_key(&(e.tenant_id.to_string(), key.clone())))
+        let (event_rows, delivery_rows) = rows_to_insert(events, &plans, &existing);
+        insert_event_rows(&mut tx, &event_rows).await?;
+        insert_delivery_rows(&mut tx, &delivery_rows, now).await?;
+        tx.commit().await.db()?;
+
+        let stored = Stored {
+            events: event_rows.iter().map(|e| e.id.to_string()).collect(),
+            deliveries: delivery_rows.iter().map(|d| d.id.to_string()).collect(),
+            originals: existing.originals,
         };
-
-        // The events to insert (not repeating a stored key), and their deliveries to
-        // subscriptions that still exist.
-        let inserted: Vec<(&NewEvent, &Vec<(Id, Id)>)> = events
-            .iter()
-            .zip(&plans)
-            .filter_map(|(new, plan)| match plan {
-                Plan::Insert(deliveries) if !repeats_stored_key(&new.event) => {
-                    Some((new, deliveries))
-                }
-                _ => None,
-            })
-            .collect();
-        let delivery_rows: Vec<DeliveryRow<'_>> = inserted
-            .iter()
-            .flat_map(|(new, ds)| {
-                ds.iter()
-                    .filter(|(_, s)| live_subscriptions.contains(s.as_str()))
-                    .map(|(d, s)| DeliveryRow {
-                        id: d.as_str(),
-                        event: &new.event,
-                        subscription_id: s.as_str(),
-                        traceparent: new.traceparent.as_deref(),
-                    })
-            })
-            .collect();
-
-        let event_rows: Vec<&Event> = inserted.iter().map(|(new, _)| &new.event).collect();
-        if let Err(err) = INSERT_EVENTS
-            .run(&mut tx, &event_rows, |q, e| {
-                q.bind(e.id.as_str())
-                    .bind(e.tenant_id.as_str())
-                    .bind(e.event_type.as_str())
-                    .bind(e.payload.as_slice())
-                    .bind(Json(&e.channels))
-                    .bind(e.idempotency_key.as_deref())
-                    .bind(micros(e.created_at))
-            })
-            .await
-        {
-            if matches!(violation(&err), Some(Violation::Unique("events.id"))) {
-                let id = colliding_event_id(&mut tx, &event_rows).await;
-                return Err(StoreError::Conflict(format!(
-                    "event {id} already exists; publish with a new event id"
-                )));
-            }
-            return Err(err.into());
-        }
-        INSERT_DELIVERIES
-            .run(&mut tx, &delivery_rows, |q, d| {
-                q.bind(d.id)
-                    .bind(d.event.id.as_str())
-                    .bind(d.event.tenant_id.as_str())
-                    .bind(d.subscription_id)
-                    .bind(d.event.event_type.as_str())
-                    .bind(now)
-                    .bind(now)
-                    .bind(d.traceparent)
-            })
-            .await
-            .map_err(|e| {
-                map_violation(e, |v| match v {
-                    Violation::Unique(_) => Some(StoreError::Conflict(
-                        "a generated delivery id is already taken; publish again".to_string(),
-                    )),
-                    Violation::ForeignKey => None,
-                })
-            })?;
-        if !delivery_rows.is_empty() {
-            sqlx::query(QUEUE_IDS)
-                .bind(id_array(delivery_rows.iter().map(|d| d.id)))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-
-        let inserted_deliveries: HashSet<&str> = delivery_rows.iter().map(|d| d.id).collect();
-        let mut outcomes: Vec<InsertOutcome> = Vec::with_capacity(events.len());
-        for (new, plan) in events.iter().zip(&plans) {
-            let e = &new.event;
-            let outcome = match plan {
-                Plan::RepeatOf(first) => {
-                    let (event_id, deliveries) = match &outcomes[*first] {
-                        InsertOutcome::Created { event_id, jobs } => (
-                            event_id.clone(),
-                            u32::try_from(jobs.len()).unwrap_or(u32::MAX),
-                        ),
-                        InsertOutcome::Duplicate {
-                            event_id,
-                            deliveries,
-                        } => (event_id.clone(), *deliveries),
-                    };
-                    InsertOutcome::Duplicate {
-                        event_id,
-                        deliveries,
-                    }
-                }
-                Plan::Insert(deliveries) if !repeats_stored_key(e) => InsertOutcome::Created {
-                    event_id: e.id.clone(),
-                    jobs: deliveries
-                        .iter()
-                        .filter(|(d, _)| inserted_deliveries.contains(d.as_str()))
-                        .map(|(d, s)| DeliveryJob {
-                            delivery_id: d.clone(),
-                            event_id: e.id.clone(),
-                            tenant_id: e.tenant_id.clone(),
-                            subscription_id: s.clone(),
-                            event_type: e.event_type.clone(),
-                            attempt_number: 1,
-                            payload: e.payload.clone(),
-                            traceparent: new.traceparent.clone(),
-                        })
-                        .collect(),
-                },
-                Plan::Insert(_) => {
-                    let key = e.idempotency_key.clone().unwrap_or_default();
-                    let (event_id, deliveries) = originals
-                        .get(&(e.tenant_id.to_string(), key))
-                        .cloned()
-                        .ok_or_else(|| {
-                            StoreError::Database(sqlx::Error::Protocol(
-                                "an idempotency key found stored vanished from the answer"
-                                    .to_string(),
-                            ))
-                        })?;
-                    InsertOutcome::Duplicate {
-                        event_id,
-                        deliveries,
-                    }
-                }
-            };
-            outcomes.push(outcome);
-        }
-        Ok(outcomes)
+        insert_plan::assemble(events, &plans, &stored)
     }
 
     async fn confirm_published(&self, delivery_ids: &[Id]) -> Result<(), StoreError> {
@@ -406,8 +364,9 @@ impl EventStore for SqliteStore {
         )
         .bind(id_array(delivery_ids.iter().map(Id::as_str)))
         .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        .await
+        .db()?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
@@ -431,13 +390,15 @@ impl EventStore for SqliteStore {
         .bind(now)
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
-        .await?;
+        .await
+        .db()?;
         let ids: Vec<String> = rows
             .iter()
             .map(|r| r.try_get("delivery_id"))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .db()?;
         if ids.is_empty() {
-            tx.commit().await?;
+            tx.commit().await.db()?;
             return Ok(Vec::new());
         }
         sqlx::query(
@@ -447,10 +408,11 @@ impl EventStore for SqliteStore {
         .bind(id_array(ids.iter().map(String::as_str)))
         .bind(micros(lease_until))
         .execute(&mut *tx)
-        .await?;
+        .await
+        .db()?;
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let jobs = jobs_in_order(&mut tx, &ids).await?;
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(jobs)
     }
 
@@ -462,8 +424,9 @@ impl EventStore for SqliteStore {
         ))
         .bind(id.as_str())
         .fetch_optional(&self.reader)
-        .await?;
-        Ok(event_from_row(&found(row, "event", id)?)?)
+        .await
+        .db()?;
+        event_from_row(&found(row, "event", id)?).db()
     }
 
     async fn list_events(
@@ -471,7 +434,7 @@ impl EventStore for SqliteStore {
         filter: &EventFilter,
         page: &PageRequest,
     ) -> Result<Page<Event>, StoreError> {
-        let limit = effective_limit(page);
+        let limit = page.effective_limit();
         // Only the filters given become conditions, so that each combination gets a plan of
         // its own.
         let mut q = QueryBuilder::<Sqlite>::new(concat!(
@@ -493,8 +456,8 @@ impl EventStore for SqliteStore {
             q.push(" AND id < ").push_bind(after.as_str());
         }
         q.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(limit) + 1);
-        let rows = q.build().fetch_all(&self.reader).await?;
+            .push_bind(fetch_limit(limit));
+        let rows = q.build().fetch_all(&self.reader).await.db()?;
         let items = map_rows(&rows, event_from_row)?;
         Ok(into_page(items, limit, |e| e.id.to_string()))
     }

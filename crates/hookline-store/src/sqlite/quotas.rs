@@ -8,8 +8,11 @@ use hookline_core::quota::{self, TenantQuotas};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::{found, get_opt_u32, opt_u32_param, tenant_from_row};
+use super::rows::{get_opt_u32, tenant_from_row};
 use crate::StoreError;
+use crate::codec::quota_params;
+use crate::error::Db;
+use crate::error::found;
 
 /// The override columns of a tenant row.
 pub(super) fn quotas_from_row(row: &SqliteRow) -> Result<TenantQuotas, sqlx::Error> {
@@ -27,28 +30,25 @@ pub(super) async fn set(
     id: &Id,
     q: &TenantQuotas,
 ) -> Result<Tenant, StoreError> {
+    let [
+        max_subscriptions,
+        max_deliveries_per_event,
+        max_events_per_second,
+    ] = quota_params(q)?;
     let row = sqlx::query(concat!(
         "UPDATE tenants SET max_subscriptions = ?2, max_deliveries_per_event = ?3, \
          max_events_per_second = ?4, updated_at = ?5 WHERE id = ?1 RETURNING ",
         tenant_cols!()
     ))
     .bind(id.as_str())
-    .bind(opt_u32_param(
-        "quotas.max_subscriptions",
-        q.max_subscriptions,
-    )?)
-    .bind(opt_u32_param(
-        "quotas.max_deliveries_per_event",
-        q.max_deliveries_per_event,
-    )?)
-    .bind(opt_u32_param(
-        "quotas.max_events_per_second",
-        q.max_events_per_second,
-    )?)
+    .bind(max_subscriptions)
+    .bind(max_deliveries_per_event)
+    .bind(max_events_per_second)
     .bind(now)
     .fetch_optional(&mut **tx)
-    .await?;
-    Ok(tenant_from_row(&found(row, "tenant", id)?)?)
+    .await
+    .db()?;
+    tenant_from_row(&found(row, "tenant", id)?).db()
 }
 
 /// Inside the (exclusive) transaction that inserts a subscription: refuses it when the
@@ -65,9 +65,12 @@ pub(super) async fn check_subscriptions(
     )
     .bind(tenant_id.as_str())
     .fetch_optional(&mut **tx)
-    .await?;
+    .await
+    .db()?;
     let row = found(row, "tenant", tenant_id)?;
-    let limit = get_opt_u32(&row, "max_subscriptions")?.unwrap_or(default_limit);
-    let count: i64 = row.try_get("n")?;
+    let limit = get_opt_u32(&row, "max_subscriptions")
+        .db()?
+        .unwrap_or(default_limit);
+    let count: i64 = row.try_get("n").db()?;
     Ok(quota::check_subscriptions(tenant_id, count, limit)?)
 }

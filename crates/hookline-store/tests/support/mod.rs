@@ -88,6 +88,15 @@ impl Fixture {
         }
     }
 
+    /// Closes the store's pools (the database stays, for `teardown`): every call after this
+    /// finds the database unreachable.
+    pub async fn close_store(&self) {
+        match &self.inner {
+            Inner::Postgres { store, .. } => store.close().await,
+            Inner::Sqlite { store, .. } => store.close().await,
+        }
+    }
+
     /// Closes the store and removes its database. Every clone of the store handed to a task
     /// must be gone by now.
     pub async fn teardown(self) {

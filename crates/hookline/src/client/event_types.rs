@@ -96,7 +96,7 @@ pub async fn event_types(args: &ClientArgs, cmd: EventTypeCommand) -> anyhow::Re
             let all = all_pages(async |page_token| {
                 let msg = pb::ListEventTypesRequest {
                     include_archived: archived,
-                    page_size: 1000,
+                    page_size: hookline_store::MAX_PAGE_LIMIT,
                     page_token,
                 };
                 let page = registry.list_event_types(request(&client, msg)?).await;

@@ -70,7 +70,7 @@ pub async fn keys(args: &ClientArgs, cmd: KeyCommand) -> anyhow::Result<()> {
             let all = all_pages(async |page_token| {
                 let msg = pb::ListApiKeysRequest {
                     tenant_id: tenant.clone().unwrap_or_default(),
-                    page_size: 1000,
+                    page_size: hookline_store::MAX_PAGE_LIMIT,
                     page_token,
                 };
                 let page = registry.list_api_keys(request(&client, msg)?).await;

@@ -227,7 +227,7 @@ pub async fn subscriptions(args: &ClientArgs, cmd: SubscriptionCommand) -> anyho
             let all = all_pages(async |page_token| {
                 let msg = pb::ListSubscriptionsRequest {
                     tenant_id: tenant.clone(),
-                    page_size: 1000,
+                    page_size: hookline_store::MAX_PAGE_LIMIT,
                     page_token,
                 };
                 let page = registry.list_subscriptions(request(&client, msg)?).await;

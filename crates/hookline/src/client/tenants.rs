@@ -77,7 +77,7 @@ pub async fn tenants(args: &ClientArgs, cmd: TenantCommand) -> anyhow::Result<()
         TenantCommand::List => {
             let all = all_pages(async |page_token| {
                 let msg = pb::ListTenantsRequest {
-                    page_size: 1000,
+                    page_size: hookline_store::MAX_PAGE_LIMIT,
                     page_token,
                 };
                 let page = registry.list_tenants(request(&client, msg)?).await;

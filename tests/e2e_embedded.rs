@@ -106,6 +106,7 @@ async fn first_start_token(env: &Env, settings: &[(&str, &str)]) -> (support::Se
         grpc: format!("http://{}", grpc.unwrap_or_default()),
         admin: String::new(),
         rest: None,
+        console: None,
     };
     (server, token.unwrap_or_default())
 }

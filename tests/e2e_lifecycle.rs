@@ -536,6 +536,7 @@ async fn a_first_admin_key_never_shown_is_replaced_on_the_next_start() {
         grpc: format!("http://{addr}"),
         admin: String::new(),
         rest: None,
+        console: None,
     };
     assert!(server.terminate().await.success());
 
@@ -569,6 +570,7 @@ async fn a_first_admin_key_never_shown_is_replaced_on_the_next_start() {
         grpc: format!("http://{addr}"),
         admin: String::new(),
         rest: None,
+        console: None,
     };
     assert!(server.terminate().await.success());
     assert_eq!(

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod cli;
 pub mod private;
 pub mod receiver;
@@ -263,7 +264,7 @@ pub async fn spawn_serve(mut cmd: Command) -> Server {
         .expect("spawn hookline serve");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let (mut grpc, mut admin, mut rest) = (None, None, None);
+    let (mut grpc, mut admin, mut rest, mut console) = (None, None, None, None);
     let started = tokio::time::timeout(Duration::from_secs(60), async {
         while grpc.is_none() || admin.is_none() {
             let line = lines
@@ -281,6 +282,9 @@ pub async fn spawn_serve(mut cmd: Command) -> Server {
             if let Some(a) = line.strip_prefix("hookline: rest listening on ") {
                 rest = Some(format!("http://{a}"));
             }
+            if let Some(a) = line.strip_prefix("hookline: console listening on ") {
+                console = Some(format!("http://{a}"));
+            }
         }
     })
     .await;
@@ -295,6 +299,7 @@ pub async fn spawn_serve(mut cmd: Command) -> Server {
         grpc: format!("http://{}", grpc.unwrap_or_default()),
         admin: admin.unwrap_or_default(),
         rest,
+        console,
     }
 }
 
@@ -307,6 +312,8 @@ pub struct Server {
     pub admin: String,
     /// `http://127.0.0.1:port` of the REST API, when `HOOKLINE_REST_ADDR` was set.
     pub rest: Option<String>,
+    /// `http://127.0.0.1:port` of the web console, when `HOOKLINE_CONSOLE_ADDR` was set.
+    pub console: Option<String>,
 }
 
 impl Server {

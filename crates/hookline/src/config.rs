@@ -104,6 +104,22 @@ pub struct Config {
     pub rest_addr: Option<SocketAddr>,
     /// Most REST connections open at once; beyond it new connections are closed at once.
     pub rest_max_connections: usize,
+
+    // --- Web console and tenant portal (crates/hookline-console) ---
+    /// Where the web console listens (pages under `/console`); unset: no console.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_addr: Option<SocketAddr>,
+    /// CSP `frame-ancestors` of the console: `'none'` forbids embedding; list origins
+    /// (`https://app.example.com`) to embed the tenant portal in an iframe.
+    pub console_frame_ancestors: String,
+    /// Secret (at least 32 characters) signing portal links; unset: a random one per
+    /// process, so links die with it and one replica does not honour another's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_portal_secret: Option<String>,
+    /// Longest lifetime a portal link may be given, in seconds.
+    pub console_portal_max_ttl_secs: u64,
+    /// Most console connections open at once; beyond it new connections are closed at once.
+    pub console_max_connections: usize,
 }
 
 impl Default for Config {
@@ -142,6 +158,11 @@ impl Default for Config {
             egress_proxy: None,
             rest_addr: None,
             rest_max_connections: 1024,
+            console_addr: None,
+            console_frame_ancestors: "'none'".into(),
+            console_portal_secret: None,
+            console_portal_max_ttl_secs: 24 * 3600,
+            console_max_connections: 256,
         }
     }
 }
@@ -194,6 +215,10 @@ pub struct CliOverrides {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rest_addr: Option<SocketAddr>,
+    /// Web console listen address; unset: none [env: HOOKLINE_CONSOLE_ADDR]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -254,6 +279,7 @@ impl Config {
             hookline_core::validate::stored_u32(name, value, 1, MAX_QUOTA)?;
         }
         config.egress()?;
+        crate::console::check_config(&config)?;
         Ok(config)
     }
 

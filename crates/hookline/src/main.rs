@@ -6,6 +6,7 @@ mod admin_http;
 mod backends;
 mod client;
 mod config;
+mod console;
 mod egress_config;
 mod elsewhere;
 mod keys;

@@ -28,10 +28,10 @@ use crate::admin_http::{self, AdminState};
 use crate::backends::{self, AnyStore, Mode};
 use crate::config::Config;
 use crate::keys::{self, Endpoints};
-use crate::rest;
 use crate::services::Service;
 use crate::shutdown;
 use crate::stdout::announce;
+use crate::{console, rest};
 use crate::{elsewhere, metrics_catalog};
 
 /// Runs `services` until SIGTERM or Ctrl-C, then stops within the drain bound.
@@ -44,7 +44,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     mode.check_services(&services)?;
     let egress_settings = config.egress()?;
     let egress = hookline_egress::Egress::system(egress_settings.policy);
-    let listeners = Listeners::bind(&config).await?;
+    let mut listeners = Listeners::bind(&config).await?;
     let metrics = install_metrics()?;
     let drain = Duration::from_secs(config.shutdown_drain_secs);
     let shutdown = CancellationToken::new();
@@ -77,6 +77,22 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         broker.clone(),
         shutdown.clone(),
     )));
+    // The console calls the same services (gate included) in process, as REST does.
+    let console_at = match listeners.console.take() {
+        Some(listener) => {
+            let (at, task) = console::start(
+                listener,
+                &config,
+                router.clone(),
+                wiring.auth.clone(),
+                broker.clone(),
+                &shutdown,
+            )?;
+            tasks.push(task);
+            Some(at)
+        }
+        None => None,
+    };
     let admin_state = AdminState {
         store: store.health(),
         broker,
@@ -90,7 +106,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let loopback_allowed = wiring.egress.policy().check([127, 0, 0, 1].into()).is_ok();
     let started = announce_start(
         &running.at,
-        rest_at,
+        [("rest", rest_at), ("console", console_at)],
         &services,
         &mode,
         store.registry().as_ref(),
@@ -123,6 +139,8 @@ struct Listeners {
     /// The REST/JSON API's, when `rest_addr` is set.
     rest: Option<TcpListener>,
     rest_max_connections: usize,
+    /// The web console's, when `console_addr` is set.
+    console: Option<TcpListener>,
     /// Connection caps and deadlines applied to every accepted gRPC connection.
     conn_limits: hookline_grpc::conn::ConnLimits,
 }
@@ -149,6 +167,18 @@ impl Listeners {
                 None => None,
             },
             rest_max_connections: config.rest_max_connections,
+            console: match config.console_addr {
+                Some(addr) => Some(
+                    bind(
+                        addr,
+                        "the web console",
+                        "--console-addr",
+                        "HOOKLINE_CONSOLE_ADDR",
+                    )
+                    .await?,
+                ),
+                None => None,
+            },
             conn_limits: config.conn_limits(),
         })
     }
@@ -395,16 +425,18 @@ impl Wiring<'_> {
 /// bound ports from them) and, on an embedded installation's first start, the admin key.
 async fn announce_start(
     at: &Endpoints,
-    rest: Option<SocketAddr>,
+    http: [(&str, Option<SocketAddr>); 2],
     services: &BTreeSet<Service>,
     mode: &Mode,
     registry: &dyn RegistryStore,
     loopback_allowed: bool,
 ) -> anyhow::Result<()> {
     let names: Vec<_> = services.iter().map(|s| s.name()).collect();
-    if let Some(rest) = rest {
-        // Before the gRPC line: readers stop at the gRPC and admin lines.
-        announce(&format!("hookline: rest listening on {rest}"));
+    for (name, addr) in http {
+        if let Some(addr) = addr {
+            // Before the gRPC line: readers stop at the gRPC and admin lines.
+            announce(&format!("hookline: {name} listening on {addr}"));
+        }
     }
     announce(&format!("hookline: grpc listening on {}", at.grpc));
     announce(&format!("hookline: admin listening on {}", at.admin));

@@ -1,0 +1,86 @@
+//! Mounts the web console and tenant portal (crate `hookline-console`) on its own port.
+//! It calls this process's services in process (the gate's trusted path, as REST does),
+//! as the principal it admitted with the gate's own authenticator or a portal link.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hookline_broker::Broker;
+use hookline_console::ConsoleConfig;
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// Shortest `console_portal_secret` accepted.
+const MIN_SECRET_LEN: usize = 32;
+/// Bounds of `console_portal_max_ttl_secs`: a minute to a week.
+const MAX_TTL_BOUNDS: (u64, u64) = (60, 7 * 24 * 3600);
+
+/// Refuses console settings that cannot work, saying what is allowed.
+pub fn check_config(config: &Config) -> anyhow::Result<()> {
+    if let Some(secret) = &config.console_portal_secret {
+        anyhow::ensure!(
+            secret.len() >= MIN_SECRET_LEN,
+            "console_portal_secret has {} characters; it needs at least {MIN_SECRET_LEN}",
+            secret.len()
+        );
+    }
+    let (lo, hi) = MAX_TTL_BOUNDS;
+    anyhow::ensure!(
+        (lo..=hi).contains(&config.console_portal_max_ttl_secs),
+        "console_portal_max_ttl_secs is {}; allowed: {lo} to {hi}",
+        config.console_portal_max_ttl_secs
+    );
+    anyhow::ensure!(
+        config.console_max_connections >= 1,
+        "console_max_connections must be at least 1"
+    );
+    let ancestors = config.console_frame_ancestors.trim();
+    anyhow::ensure!(
+        !ancestors.is_empty()
+            && ancestors.len() <= 1000
+            && ancestors.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+            && !ancestors.contains([';', ',']),
+        "console_frame_ancestors is {ancestors:?}; allowed: 'none', 'self' or origins separated by spaces"
+    );
+    Ok(())
+}
+
+/// Starts serving the console on `listener` until `shutdown`; returns its address.
+pub fn start(
+    listener: TcpListener,
+    config: &Config,
+    services: tonic::service::Routes,
+    auth: hookline_grpc::Authenticator,
+    broker: Arc<dyn Broker>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let at = listener.local_addr()?;
+    let secret = match &config.console_portal_secret {
+        Some(s) => s.as_bytes().to_vec(),
+        None => {
+            let mut bytes = vec![0u8; 32];
+            rand::rng().fill_bytes(&mut bytes);
+            bytes
+        }
+    };
+    let mut settings = ConsoleConfig::new(secret);
+    settings.frame_ancestors = config.console_frame_ancestors.trim().to_string();
+    settings.portal_max_ttl = Duration::from_secs(config.console_portal_max_ttl_secs);
+    let router = hookline_console::router(settings, services, auth, broker);
+    let config_max = config.console_max_connections;
+    let shutdown = shutdown.clone();
+    let task = tokio::spawn(async move {
+        // The REST API's server: the same cap on open connections, the same graceful stop.
+        let max = config_max;
+        if let Err(e) = hookline_rest::serve(listener, max, router, shutdown.clone()).await {
+            tracing::error!(error = %e, "the web console failed; stopping");
+            shutdown.cancel();
+        }
+    });
+    Ok((at, task))
+}

@@ -804,6 +804,85 @@ async fn a_delivery_committed_but_never_queued_is_relayed(backend: Backend) {
     p.finish().await;
 }
 
+/// Well under the caches' TTLs (ingest 30 s, dispatcher 60 s): what arrives within it
+/// came through the registry change stream.
+const CHANGE_WAIT: Duration = Duration::from_secs(10);
+
+/// A subscription change reaches ingest's subscription cache and the dispatcher's
+/// endpoint cache through the process's registry change stream at once, not when the
+/// cached entries expire.
+async fn a_subscription_change_reaches_the_caches_through_the_stream(backend: Backend) {
+    let mut p = Pipeline::start(backend, &[]).await;
+    let first = p.subscribe("before", Behavior::Ok, &[], &[]).await;
+    // Warm both caches: ingest's entry of the tenant, the dispatcher's of `first`.
+    p.publish(p.event("order.placed", b"{}")).await.unwrap();
+    p.receiver
+        .wait_for("before", WAIT, "the first delivery", |r| r.len() == 1)
+        .await;
+
+    // Ingest: a subscription added after the tenant was cached is matched.
+    p.subscribe("added", Behavior::Ok, &[], &[]).await;
+    let deadline = tokio::time::Instant::now() + CHANGE_WAIT;
+    loop {
+        let published = p.publish(p.event("order.placed", b"{}")).await.unwrap();
+        if published.deliveries_created == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ingest still matches only the cached subscription after {CHANGE_WAIT:?}"
+        );
+    }
+
+    // Dispatcher: `first` moved to another URL; the next deliveries go there.
+    let moved = p.receiver.endpoint("moved", Behavior::Ok);
+    let admin = p.admin.clone();
+    p.registry
+        .update_subscription(authed(
+            pb::UpdateSubscriptionRequest {
+                subscription: Some(pb::Subscription {
+                    id: first,
+                    url: moved,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["url".into()],
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + CHANGE_WAIT;
+    loop {
+        let event_id = p
+            .publish(p.event("order.placed", b"{}"))
+            .await
+            .unwrap()
+            .event_id;
+        let arrived = |r: &[support::receiver::Received]| {
+            r.iter().any(|r| r.header("webhook-id") == event_id)
+        };
+        // Each event is delivered to `first` once, at the old URL or the new one.
+        let at = tokio::time::Instant::now() + WAIT;
+        while !arrived(&p.receiver.received("before")) && !arrived(&p.receiver.received("moved")) {
+            assert!(
+                tokio::time::Instant::now() < at,
+                "event {event_id} was not delivered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if arrived(&p.receiver.received("moved")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dispatcher still delivers to the cached URL after {CHANGE_WAIT:?}"
+        );
+    }
+    p.finish().await;
+}
+
 on_both_backends!(
     a_publish_reaches_its_subscriber_signed_and_byte_exact,
     fan_out_reaches_exactly_the_matching_subscriptions,
@@ -816,4 +895,5 @@ on_both_backends!(
     bad_publishes_are_refused_clearly_and_nothing_is_stored_or_delivered,
     the_cli_publishes_tails_and_shows_every_attempt,
     a_delivery_committed_but_never_queued_is_relayed,
+    a_subscription_change_reaches_the_caches_through_the_stream,
 );

@@ -303,6 +303,17 @@ async fn check_openapi(rest: &Rest) {
     }
 }
 
+/// Calls with `key` until an answer is not 200 (or 20 s pass); that answer.
+async fn spend_the_rate(rest: &Rest, key: &str) -> (u16, Value) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = rest.call("GET", "/v1/tenants", Some(key), None).await;
+        if status != 200 || tokio::time::Instant::now() > deadline {
+            return (status, body);
+        }
+    }
+}
+
 /// A key over its request rate is answered 429 with the gRPC code, like over gRPC.
 #[tokio::test]
 async fn rest_rate_limit_is_429() {
@@ -318,13 +329,7 @@ async fn rest_rate_limit_is_429() {
         )
         .await;
     let rest = Rest::of(&server);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let (status, body) = loop {
-        let (status, body) = rest.call("GET", "/v1/tenants", Some(&admin), None).await;
-        if status != 200 || tokio::time::Instant::now() > deadline {
-            break (status, body);
-        }
-    };
+    let (status, body) = spend_the_rate(&rest, &admin).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["status"], "RESOURCE_EXHAUSTED", "{body}");
     server.terminate().await;
@@ -427,17 +432,8 @@ async fn an_over_rate_key_is_refused_before_its_body_is_read() {
     let rest = Rest::of(&server);
     let addr = rest.base.trim_start_matches("http://").to_string();
     // Spend the key's one-request burst; the next cell is a second away.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, body) = rest.call("GET", "/v1/tenants", Some(&admin), None).await;
-        if status == 429 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never over the rate: {body}"
-        );
-    }
+    let (status, body) = spend_the_rate(&rest, &admin).await;
+    assert_eq!(status, 429, "{body}");
     let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let head = format!(
         "POST /v1/tenants HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\

@@ -198,6 +198,8 @@ schema = {
                          "existingSecretKey": string(minLength=1)}, ["existingSecretKey"]),
         "amqp": obj({"url": string(pattern="^$|^amqps?://"), "existingSecret": string(),
                      "existingSecretKey": string(minLength=1)}, ["existingSecretKey"]),
+        "encryption": obj({"existingSecret": string(), "existingSecretKey": string(minLength=1)},
+                          ["existingSecretKey"]),
         "config": obj({
             "queuePrefix": string(pattern="^[A-Za-z0-9][A-Za-z0-9_.:-]{0,100}$"),
             "log": string(minLength=1),
@@ -268,6 +270,17 @@ schema = {
                 "extraEgress": array(),
             }, ["enabled"]),
         }, ["allow", "deny", "proxy", "networkPolicy"]),
+        "receiverTls": obj({
+            # A Secret name (DNS subdomain) or empty for none.
+            "clientCertSecret": string(
+                "Secret with tls.crt and tls.key: the default client certificate for receivers",
+                maxLength=253, pattern="^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"),
+            "caSecret": string(
+                "Secret with extra PEM CA certificates trusted for receivers",
+                maxLength=253, pattern="^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"),
+            "caSecretKey": string("Key of the CA bundle in caSecret",
+                                  minLength=1, maxLength=253, pattern="^[-._a-zA-Z0-9]+$"),
+        }, ["clientCertSecret", "caSecret", "caSecretKey"]),
         "metrics": obj({
             "scrapeAnnotations": boolean(),
             "serviceMonitor": obj({
@@ -286,10 +299,10 @@ schema = {
     },
     # Everything the templates read without a fallback; dropping one of these (for
     # example `--set securityContext=null`) would silently weaken or break the objects.
-    "required": ["image", "serviceAccount", "database", "amqp", "config", "containerPorts",
+    "required": ["image", "serviceAccount", "database", "amqp", "encryption", "config", "containerPorts",
                  "podSecurityContext", "securityContext", "probes", "revisionHistoryLimit",
                  "registry", "ingest", "dispatcher", "retry", "migrations", "ingress",
-                 "networkPolicy", "metrics", "tests", "egress"],
+                 "networkPolicy", "metrics", "tests", "egress", "receiverTls"],
 }
 
 json.dump(schema, sys.stdout, indent=2)

@@ -3,6 +3,7 @@
 //! the redaction of URLs in messages.
 //! Every other crate builds on these definitions so that a rule lives in exactly one place.
 
+pub mod client_cert;
 pub mod filter;
 pub mod fmt;
 pub mod id;
@@ -12,6 +13,7 @@ pub mod quota;
 pub mod redact;
 pub mod retry;
 pub mod schema;
+pub mod sensitive;
 pub mod signing;
 pub mod validate;
 

@@ -394,13 +394,27 @@ pub fn headers(field: &str, value: &BTreeMap<String, String>) -> Result {
     Ok(())
 }
 
-/// A signing secret given by a caller: `whsec_` + base64 of 24 to 64 bytes that are not
-/// all the same byte.
-pub fn given_secret(field: &str, secret: &str) -> Result {
+/// A signing secret given by a caller for a subscription signing with `scheme`: `whsec_` +
+/// base64 of 24 to 64 bytes (HMAC), or `whsk_` + base64 of a 32-byte ed25519 seed; either
+/// way not all the same byte.
+pub fn given_secret(field: &str, secret: &str, scheme: crate::signing::SignatureScheme) -> Result {
+    use crate::signing::SignatureScheme;
     let key = crate::signing::SigningKey::from_secret(secret)
         .map_err(|e| ValidationError::new(field, e.to_string()))?;
-    if !secret.starts_with("whsec_") {
-        return Err(ValidationError::new(field, "must start with `whsec_`"));
+    match scheme {
+        SignatureScheme::HmacSha256 if !secret.starts_with("whsec_") => {
+            return Err(ValidationError::new(
+                field,
+                "must start with `whsec_` (the subscription signs with HMAC, `v1`)",
+            ));
+        }
+        SignatureScheme::Ed25519 if key.scheme() != SignatureScheme::Ed25519 => {
+            return Err(ValidationError::new(
+                field,
+                "must be an ed25519 secret key, `whsk_` (the subscription signs with `v1a`)",
+            ));
+        }
+        _ => {}
     }
     if key.is_uniform() {
         return Err(ValidationError::new(
@@ -584,16 +598,27 @@ mod tests {
     fn given_secrets_must_be_random_looking() {
         use base64::Engine;
         let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-        assert!(given_secret("secret", &crate::signing::generate_secret()).is_ok());
+        use crate::signing::{SignatureScheme, generate_secret, generate_secret_key};
+        assert!(given_secret("secret", &generate_secret(), Default::default()).is_ok());
+        let whsk = generate_secret_key();
+        assert!(given_secret("secret", &whsk, SignatureScheme::Ed25519).is_ok());
+        let e = given_secret("secret", &whsk, SignatureScheme::HmacSha256).unwrap_err();
+        assert!(e.to_string().contains("`whsec_`"), "{e}");
+        let e = given_secret("secret", &generate_secret(), SignatureScheme::Ed25519).unwrap_err();
+        assert!(e.to_string().contains("`whsk_`"), "{e}");
+        let zero_seed = format!("whsk_{}", b64(&[0u8; 32]));
+        assert!(given_secret("secret", &zero_seed, SignatureScheme::Ed25519).is_err());
         let zeros = format!("whsec_{}", b64(&[0u8; 24]));
-        let e = given_secret("secret", &zeros).unwrap_err().to_string();
+        let e = given_secret("secret", &zeros, Default::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("all the same"), "{e}");
         let short = format!("whsec_{}", b64(&[1, 2, 3]));
-        assert!(given_secret("secret", &short).is_err());
+        assert!(given_secret("secret", &short, Default::default()).is_err());
         let long = format!("whsec_{}", b64(&[7u8; 65]));
-        assert!(given_secret("secret", &long).is_err());
+        assert!(given_secret("secret", &long, Default::default()).is_err());
         let no_prefix = b64(&(0u8..32).collect::<Vec<_>>());
-        assert!(given_secret("secret", &no_prefix).is_err());
+        assert!(given_secret("secret", &no_prefix, Default::default()).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use hookline_core::{Id, IdKind};
 use hookline_grpc::keys;
 use hookline_grpc::status::{from_id, from_store, invalid, shutting_down};
 use hookline_grpc::{
-    Authenticator, Gate, MessageLimits, Principal, convert, page_request, principal,
+    Authenticator, Gate, MessageLimits, Principal, convert, page_request, page_response, principal,
 };
 use hookline_outbox::publish_jobs;
 use hookline_proto::v1 as pb;
@@ -180,9 +180,10 @@ impl DeliveryService for DeliveryApi {
             .list_deliveries(&filter, &page)
             .await
             .map_err(from_store)?;
+        let (deliveries, next_page_token) = page_response(page, convert::delivery);
         Ok(Response::new(pb::ListDeliveriesResponse {
-            next_page_token: page.next_cursor.unwrap_or_default(),
-            deliveries: page.items.into_iter().map(convert::delivery).collect(),
+            deliveries,
+            next_page_token,
         }))
     }
 
@@ -218,9 +219,10 @@ impl DeliveryService for DeliveryApi {
             .list_attempts(&delivery.id, &page)
             .await
             .map_err(from_store)?;
+        let (attempts, next_page_token) = page_response(page, convert::attempt);
         Ok(Response::new(pb::ListAttemptsResponse {
-            next_page_token: page.next_cursor.unwrap_or_default(),
-            attempts: page.items.into_iter().map(convert::attempt).collect(),
+            attempts,
+            next_page_token,
         }))
     }
 

@@ -1,21 +1,22 @@
 //! Subscriptions as the dispatcher needs them, without a database read per delivery.
 //!
 //! An entry holds the subscription, its parsed URL, the headers every request to it
-//! carries, its retry policy, and the decoded signing keys of its live secrets. It is
+//! carries, its retry policy, the decoded signing keys of its live secrets and its client
+//! certificate. It is
 //! read through the registry port on a miss (one load per subscription even when many
-//! deliveries miss at once), dropped when the registry announces a change of the
+//! deliveries miss at once), dropped when the change stream brings a change of the
 //! subscription or its tenant, dropped wholesale on a `Resync`, and expires after
-//! [`TTL`] as a safety net for a lost announcement. A rotated-out secret stops signing at
-//! its `expires_at` even while its entry is cached.
+//! [`TTL`] as a safety net for a lost announcement; at most [`MAX_ENTRIES`] are kept
+//! (a bounded [`ChangeCache`]). A rotated-out secret stops signing at its `expires_at`
+//! even while its entry is cached.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
-use hookline_broker::{Broker, ChangeNotice};
+use hookline_changes::{ChangeCache, RegistryChanges, RegistryNotice};
 use hookline_core::Id;
+use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{RegistryChange, Subscription};
 use hookline_core::retry::RetryPolicy;
 use hookline_core::signing::SigningKey;
@@ -24,13 +25,12 @@ use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 use reqwest::Url;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
-use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 /// How long an entry is trusted without hearing of a change.
 pub(crate) const TTL: Duration = Duration::from_secs(60);
-/// Past this many entries the cache starts over (a bound on memory, not an LRU).
-const MAX_ENTRIES: usize = 100_000;
+/// The most entries kept (least recently used evicted first).
+const MAX_ENTRIES: u64 = 100_000;
 
 /// A subscription ready to be delivered to.
 #[derive(Debug)]
@@ -43,6 +43,8 @@ pub(crate) struct Endpoint {
     pub(crate) policy: RetryPolicy,
     /// Decoded keys of the secrets live when the entry was loaded, with their expiry.
     keys: Vec<(SigningKey, Option<DateTime<Utc>>)>,
+    /// The client certificate presented to the receiver; `None`: the default one.
+    pub(crate) identity: Option<ClientIdentity>,
 }
 
 impl Endpoint {
@@ -86,6 +88,7 @@ impl Endpoint {
             headers,
             policy,
             keys,
+            identity: None,
         }
     }
 
@@ -107,17 +110,18 @@ pub(crate) enum Lookup {
     Gone,
 }
 
+/// An entry: the lookup, and the tenant it belongs to (for a tenant's changes).
+#[derive(Clone)]
 struct Slot {
     tenant_id: Id,
-    created: Instant,
-    cell: Arc<OnceCell<Lookup>>,
+    lookup: Lookup,
 }
 
 /// The subscription cache, shared by every delivery task.
 pub(crate) struct SubscriptionCache {
     registry: Arc<dyn RegistryStore>,
     user_agent: HeaderValue,
-    slots: Mutex<HashMap<Id, Slot>>,
+    slots: ChangeCache<Id, Slot>,
 }
 
 impl SubscriptionCache {
@@ -125,42 +129,28 @@ impl SubscriptionCache {
         Self {
             registry,
             user_agent,
-            slots: Mutex::new(HashMap::new()),
+            slots: ChangeCache::new(MAX_ENTRIES, TTL),
         }
     }
 
-    /// The subscription, from the cache or (on a miss) the registry store.
+    /// The subscription, from the cache or (on a miss) the registry store. Concurrent
+    /// misses share one load; a load that races an invalidation is not kept.
     pub(crate) async fn get(
         &self,
         tenant_id: &Id,
         subscription_id: &Id,
-    ) -> Result<Lookup, StoreError> {
-        let cell = {
-            let mut slots = self.lock();
-            match slots.get(subscription_id) {
-                Some(slot) if slot.created.elapsed() < TTL => slot.cell.clone(),
-                _ => {
-                    if slots.len() >= MAX_ENTRIES {
-                        slots.clear();
-                    }
-                    let cell = Arc::new(OnceCell::new());
-                    slots.insert(
-                        subscription_id.clone(),
-                        Slot {
-                            tenant_id: tenant_id.clone(),
-                            created: Instant::now(),
-                            cell: cell.clone(),
-                        },
-                    );
-                    cell
-                }
-            }
+    ) -> Result<Lookup, Arc<StoreError>> {
+        let load = async {
+            Ok(Slot {
+                tenant_id: tenant_id.clone(),
+                lookup: self.load(subscription_id).await?,
+            })
         };
-        // Concurrent misses share one load. A load that races an invalidation fills a
-        // cell that is no longer in the map, so it can never install stale data.
-        cell.get_or_try_init(|| self.load(subscription_id))
-            .await
-            .cloned()
+        let slot = self
+            .slots
+            .get_or_load_once(subscription_id.clone(), load)
+            .await?;
+        Ok(slot.lookup)
     }
 
     async fn load(&self, subscription_id: &Id) -> Result<Lookup, StoreError> {
@@ -183,71 +173,51 @@ impl SubscriptionCache {
                 }
             })
             .collect();
-        Ok(Lookup::Found(Arc::new(Endpoint::new(
-            subscription,
-            keys,
-            &self.user_agent,
-        ))))
+        let mut endpoint = Endpoint::new(subscription, keys, &self.user_agent);
+        endpoint.identity = self
+            .registry
+            .client_identities(std::slice::from_ref(subscription_id))
+            .await?
+            .remove(subscription_id);
+        Ok(Lookup::Found(Arc::new(endpoint)))
     }
 
-    pub(crate) fn invalidate_subscription(&self, subscription_id: &Id) {
-        self.lock().remove(subscription_id);
+    pub(crate) async fn invalidate_subscription(&self, subscription_id: &Id) {
+        self.slots.invalidate(subscription_id).await;
     }
 
     pub(crate) fn invalidate_tenant(&self, tenant_id: &Id) {
-        self.lock().retain(|_, slot| slot.tenant_id != *tenant_id);
+        let tenant_id = tenant_id.clone();
+        self.slots
+            .invalidate_if(move |_, slot| slot.tenant_id == tenant_id);
     }
 
-    pub(crate) fn invalidate_all(&self) {
-        self.lock().clear();
-    }
-
-    /// Applies one change announcement.
-    pub(crate) fn apply(&self, notice: &ChangeNotice) {
+    /// Applies one notice of the registry change stream.
+    pub(crate) async fn apply(&self, notice: &RegistryNotice) {
         match notice {
-            ChangeNotice::Resync => self.invalidate_all(),
-            ChangeNotice::Change(body) => match serde_json::from_slice::<RegistryChange>(body) {
-                Ok(RegistryChange::Subscription {
-                    subscription_id, ..
-                }) => self.invalidate_subscription(&subscription_id),
-                Ok(RegistryChange::Tenant { tenant_id }) => self.invalidate_tenant(&tenant_id),
-                Ok(RegistryChange::ApiKey { .. } | RegistryChange::EventType { .. }) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "unreadable registry change; dropping the whole subscription cache");
-                    self.invalidate_all();
-                }
-            },
+            RegistryNotice::Resync => self.slots.invalidate_all(),
+            RegistryNotice::Change(RegistryChange::Subscription {
+                subscription_id, ..
+            }) => self.invalidate_subscription(subscription_id).await,
+            RegistryNotice::Change(RegistryChange::Tenant { tenant_id }) => {
+                self.invalidate_tenant(tenant_id)
+            }
+            RegistryNotice::Change(
+                RegistryChange::ApiKey { .. } | RegistryChange::EventType { .. },
+            ) => {}
         }
     }
 
-    /// Follows the registry's change announcements until `shutdown`.
-    pub(crate) async fn follow(
+    /// Applies the notices of `changes` until `shutdown`.
+    pub(crate) fn follow(
         self: Arc<Self>,
-        broker: Arc<dyn Broker>,
+        changes: &RegistryChanges,
         shutdown: CancellationToken,
-    ) {
-        let mut changes = match broker.changes().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot follow registry changes; cached subscriptions expire after {TTL:?} instead");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                notice = changes.next() => match notice {
-                    Some(n) => self.apply(&n),
-                    None => return,
-                },
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Id, Slot>> {
-        // A poisoned lock only means a thread panicked mid-update; the map is still a
-        // valid cache.
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    ) -> tokio::task::JoinHandle<()> {
+        changes.spawn_follower(shutdown, move |notice| {
+            let cache = self.clone();
+            async move { cache.apply(&notice).await }
+        })
     }
 }
 

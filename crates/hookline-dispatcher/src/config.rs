@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use hookline_core::client_cert::ClientIdentity;
 use hookline_egress::Egress;
 use reqwest::Url;
 
@@ -58,6 +59,18 @@ pub struct DispatcherConfig {
     /// An HTTP CONNECT proxy every request goes through (for a static egress address);
     /// the proxy then resolves names, so it should enforce a policy of its own.
     pub egress_proxy: Option<Url>,
+    /// TLS towards receivers beyond the platform's roots.
+    pub receiver_tls: ReceiverTls,
+}
+
+/// TLS towards receivers: a default client certificate and extra roots for private PKI.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiverTls {
+    /// Presented to every receiver that asks for a client certificate, unless the
+    /// subscription carries its own (checked by the binary with `client_cert::validate`).
+    pub default_identity: Option<ClientIdentity>,
+    /// PEM certificates trusted as roots for receivers, beside the platform's.
+    pub extra_roots_pem: Option<String>,
 }
 
 impl Default for DispatcherConfig {
@@ -76,6 +89,7 @@ impl Default for DispatcherConfig {
             shutdown_drain: Duration::from_secs(10),
             egress: Egress::default(),
             egress_proxy: None,
+            receiver_tls: ReceiverTls::default(),
         }
     }
 }

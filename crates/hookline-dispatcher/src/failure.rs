@@ -107,7 +107,24 @@ pub(crate) fn describe(class: ErrorClass, error: &reqwest::Error) -> String {
     }
 }
 
-/// The receiver's certificate problem, if the TLS handshake failed on one.
+/// Whether a TLS alert from the receiver is about the client certificate (mutual TLS).
+fn refuses_client(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::CertificateRequired
+            | A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::UnsupportedCertificate
+            | A::AccessDenied
+    )
+}
+
+/// The receiver's certificate problem, if the TLS handshake failed on one (or the
+/// receiver's complaint about ours).
 fn certificate_problem(error: &reqwest::Error) -> Option<String> {
     causes(error)
         .into_iter()
@@ -115,6 +132,9 @@ fn certificate_problem(error: &reqwest::Error) -> Option<String> {
             Some(rustls::Error::InvalidCertificate(problem)) => {
                 Some(format!("invalid certificate ({problem:?})"))
             }
+            Some(rustls::Error::AlertReceived(alert)) if refuses_client(*alert) => Some(format!(
+                "the receiver refused the client certificate, or requires one (alert {alert:?})"
+            )),
             _ => None,
         })
 }

@@ -21,28 +21,34 @@ use chrono::{DateTime, Utc};
 use hookline_core::model::{ErrorClass, RESPONSE_EXCERPT_LIMIT};
 use hookline_egress::{Egress, EgressRefused};
 
+use crate::config::DispatcherConfig;
 use crate::failure::{classify, describe, egress_refusal, truncate};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
-use reqwest::{Client, StatusCode, Url};
+use reqwest::{Certificate, Client, Identity, StatusCode, Url};
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
-/// The one client of a dispatcher and the egress policy it connects under.
+/// A client of a dispatcher and the egress policy it connects under.
 #[derive(Debug, Clone)]
 pub(crate) struct HttpClient {
     client: Client,
     egress: Egress,
 }
 
-/// Builds the one client of a dispatcher: pooled keep-alive connections (HTTP/2 where the
-/// receiver offers it), a total timeout per request, redirects not followed, names
-/// resolved through the egress policy, and no proxy but `proxy` (never one from the
-/// environment, which would resolve names where the policy cannot see them).
+/// Builds a client of a dispatcher (see `clients`): pooled keep-alive connections (HTTP/2
+/// where the receiver offers it), a total timeout per request, redirects not followed,
+/// names resolved through the egress policy, no proxy but the configured one (never one
+/// from the environment, which would resolve names where the policy cannot see them),
+/// `roots` trusted beside the platform's, and `identity` presented when a receiver asks
+/// for a client certificate.
 pub(crate) fn build_client(
-    request_timeout: Duration,
-    egress: Egress,
-    proxy: Option<&Url>,
+    cfg: &DispatcherConfig,
+    roots: &[Certificate],
+    identity: Option<Identity>,
 ) -> Result<HttpClient, reqwest::Error> {
+    let request_timeout = cfg.request_timeout;
+    let egress = cfg.egress.clone();
+    let proxy = cfg.egress_proxy.as_ref();
     // reqwest is built without a bundled crypto provider; the binary installs ring. Install
     // it here too if nobody has, so that building a client can never panic.
     if rustls::crypto::CryptoProvider::get_default().is_none() {
@@ -58,7 +64,11 @@ pub(crate) fn build_client(
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
         .dns_resolver(egress.resolver(proxy_host))
-        .no_proxy();
+        .no_proxy()
+        .tls_certs_merge(roots.iter().cloned());
+    if let Some(identity) = identity {
+        builder = builder.identity(identity);
+    }
     if let Some(proxy) = proxy {
         builder = builder.proxy(reqwest::Proxy::all(proxy.clone())?);
     }
@@ -348,7 +358,18 @@ mod tests {
     }
 
     fn client(timeout_ms: u64) -> HttpClient {
-        build_client(Duration::from_millis(timeout_ms), loopback(), None).unwrap()
+        client_with(Duration::from_millis(timeout_ms), loopback(), None)
+    }
+
+    /// A client with no extra roots and no client certificate.
+    fn client_with(timeout: Duration, egress: Egress, proxy: Option<&Url>) -> HttpClient {
+        let cfg = DispatcherConfig {
+            request_timeout: timeout,
+            egress,
+            egress_proxy: proxy.cloned(),
+            ..DispatcherConfig::default()
+        };
+        build_client(&cfg, &[], None).unwrap()
     }
 
     async fn send(client: &HttpClient, url: Url) -> Exchange {
@@ -435,7 +456,7 @@ mod tests {
     async fn a_refused_literal_address_gets_no_connection() {
         let listener = CountingListener::bind("127.0.0.1:0").await;
         let addr = listener.addr;
-        let default = build_client(Duration::from_secs(5), Egress::default(), None).unwrap();
+        let default = client_with(Duration::from_secs(5), Egress::default(), None);
         for text in [
             format!("http://{addr}/"),
             format!("http://[::ffff:127.0.0.1]:{}/", addr.port()),
@@ -464,7 +485,7 @@ mod tests {
         let lookup = Arc::new(ScriptedLookup::default());
         let allow = vec![parse_range("127.0.0.1").unwrap()];
         let egress = Egress::new(EgressPolicy::new(allow, vec![]), lookup.clone());
-        let client = build_client(Duration::from_secs(5), egress, None).unwrap();
+        let client = client_with(Duration::from_secs(5), egress, None);
         let url = Url::parse(&format!("http://rebind.test:{}/", addr.port())).unwrap();
         lookup.set("rebind.test", &["127.0.0.2".parse().unwrap()]);
         let exchange = send(&client, url.clone()).await;
@@ -528,7 +549,7 @@ mod tests {
         });
         // The default policy refuses loopback, but the operator's proxy is exempt.
         let proxy = Url::parse(&format!("http://localhost:{port}")).unwrap();
-        let client = build_client(Duration::from_secs(5), Egress::default(), Some(&proxy)).unwrap();
+        let client = client_with(Duration::from_secs(5), Egress::default(), Some(&proxy));
         let exchange = send(&client, Url::parse("http://hooks.example/hook").unwrap()).await;
         assert_eq!(exchange.status, Some(StatusCode::OK), "{exchange:?}");
         let refused = send(&client, Url::parse("http://10.0.0.1/hook").unwrap()).await;

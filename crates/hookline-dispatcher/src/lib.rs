@@ -27,6 +27,7 @@ mod body;
 mod cache;
 mod circuit;
 mod circuit_record;
+mod clients;
 mod config;
 mod failure;
 mod http;
@@ -46,11 +47,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{CircuitConfig, DispatcherConfig};
+pub use config::{CircuitConfig, DispatcherConfig, ReceiverTls};
 
 use crate::cache::SubscriptionCache;
 use crate::limits::Limits;
 use crate::worker::Worker;
+use hookline_changes::RegistryChanges;
 
 /// How long, at shutdown, the outcomes of drained deliveries get to be written (after
 /// [`DispatcherConfig::shutdown_drain`]); what is not written by then is not acked, so
@@ -62,8 +64,8 @@ pub const OUTCOME_FLUSH: Duration = Duration::from_secs(5);
 pub enum DispatcherError {
     #[error("invalid dispatcher configuration: {0}")]
     InvalidConfig(String),
-    #[error("cannot build the HTTP client: {0}")]
-    HttpClient(#[source] reqwest::Error),
+    #[error("{0}")]
+    HttpClient(String),
     #[error("cannot consume the {queue} queue: {source}")]
     Consume {
         queue: QueueName,
@@ -114,11 +116,14 @@ async fn wind_down(
 /// A dispatcher, ready to [`run`](Dispatcher::run).
 pub struct Dispatcher {
     cfg: DispatcherConfig,
-    client: http::HttpClient,
+    client: Arc<clients::Clients>,
     cache: Arc<SubscriptionCache>,
     registry: Arc<dyn RegistryStore>,
     deliveries: Arc<dyn DeliveryStore>,
     broker: Arc<dyn Broker>,
+    /// The process's registry change stream; `None`: the dispatcher follows the broker's
+    /// changes itself when it runs.
+    changes: Option<RegistryChanges>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -191,12 +196,7 @@ impl Dispatcher {
                 cfg.user_agent
             ))
         })?;
-        let client = http::build_client(
-            cfg.request_timeout,
-            cfg.egress.clone(),
-            cfg.egress_proxy.as_ref(),
-        )
-        .map_err(DispatcherError::HttpClient)?;
+        let client = Arc::new(clients::Clients::new(&cfg).map_err(DispatcherError::HttpClient)?);
         let cache = Arc::new(SubscriptionCache::new(registry.clone(), user_agent));
         Ok(Self {
             cfg,
@@ -205,7 +205,15 @@ impl Dispatcher {
             registry,
             deliveries,
             broker,
+            changes: None,
         })
+    }
+
+    /// Keeps the subscription cache fresh from `changes`, the process's one follower of
+    /// the registry change stream.
+    pub fn with_changes(mut self, changes: RegistryChanges) -> Self {
+        self.changes = Some(changes);
+        self
     }
 
     /// Consumes `deliveries` and `retries` until `shutdown` is cancelled, then stops
@@ -223,6 +231,7 @@ impl Dispatcher {
             registry,
             deliveries,
             broker,
+            changes,
         } = self;
 
         let mut streams = Vec::with_capacity(QueueName::ALL.len());
@@ -235,11 +244,15 @@ impl Dispatcher {
         }
         let mut messages = futures::stream::select_all(streams);
 
-        let follower = tokio::spawn(cache.clone().follow(broker.clone(), shutdown.clone()));
+        let changes = match changes {
+            Some(changes) => changes,
+            None => RegistryChanges::follow(broker.as_ref(), shutdown.clone()).await,
+        };
+        let follower = cache.clone().follow(&changes, shutdown.clone());
         let (writer_tx, writer) = writer::spawn(deliveries, cfg.write_batch, cfg.write_linger);
         let recorder = circuit_record::CircuitRecorder::spawn(registry.clone());
         let worker = Arc::new(Worker {
-            client,
+            clients: client,
             cache,
             registry,
             broker,

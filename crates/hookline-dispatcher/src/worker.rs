@@ -37,6 +37,7 @@ use tracing::field::Empty;
 use crate::body;
 use crate::cache::{Endpoint, Lookup, SubscriptionCache};
 use crate::circuit::Health;
+use crate::clients::Clients;
 use crate::http::{self, Exchange};
 use crate::limits::{Decision, DeferReason, Limits, Ticket};
 use crate::metrics;
@@ -51,7 +52,8 @@ pub(crate) const GONE_REASON: &str = "endpoint answered 410 Gone";
 
 /// What every delivery task shares.
 pub(crate) struct Worker {
-    pub(crate) client: http::HttpClient,
+    /// The HTTP clients, one per client certificate presented.
+    pub(crate) clients: Arc<Clients>,
     pub(crate) cache: Arc<SubscriptionCache>,
     pub(crate) registry: Arc<dyn RegistryStore>,
     pub(crate) broker: Arc<dyn Broker>,
@@ -269,7 +271,11 @@ impl Worker {
                 );
             }
         }
-        http::post(&self.client, url, headers, payload, started_at).await
+        let client = match self.clients.get(endpoint.identity.as_ref()) {
+            Ok(client) => client,
+            Err(e) => return Exchange::refused(started_at, e),
+        };
+        http::post(&client, url, headers, payload, started_at).await
     }
 
     /// What happens to the delivery after this attempt. A 410 also disables the
@@ -324,20 +330,15 @@ impl Worker {
                     tenant_id: sub.tenant_id.clone(),
                     subscription_id: sub.id.clone(),
                 };
-                match serde_json::to_vec(&change) {
-                    Ok(body) => {
-                        if let Err(e) = self.broker.announce(body).await {
-                            tracing::warn!(error = %e, "cannot announce the disabled subscription; caches expire on their own");
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot encode a registry change"),
+                if let Err(e) = hookline_changes::announce(self.broker.as_ref(), &change).await {
+                    tracing::warn!(error = %e, "cannot announce the disabled subscription; caches expire on their own");
                 }
             }
             Err(e) => {
                 tracing::warn!(subscription_id = %sub.id, error = %e, "endpoint answered 410 Gone but the subscription could not be disabled");
             }
         }
-        self.cache.invalidate_subscription(&sub.id);
+        self.cache.invalidate_subscription(&sub.id).await;
     }
 
     /// Passes the outcome to the writer, waiting for room (backpressure).

@@ -1,27 +1,30 @@
 //! API keys: how tokens are made, hashed and checked on every call.
 //!
 //! A token is `hl_` + base64url of 32 random bytes; only its SHA-256 is stored. Callers
-//! send `authorization: Bearer <token>`. Lookups are cached for a short time so the hot
-//! path (ingest) does not read the database per call; a revocation announced on the
-//! change exchange clears the cache at once.
+//! send `authorization: Bearer <token>`. Lookups are cached for a short time (a bounded
+//! [`ChangeCache`]) so the hot path (ingest) does not read the database per call; a key
+//! or tenant change heard on the registry change stream ([`Authenticator::follow`])
+//! clears the cache at once.
 //!
 //! The [`crate::gate`] authenticates every call from its metadata before the body is read
 //! and puts the [`Principal`] into the request's extensions; handlers take it from there
 //! with [`principal`]. Every invalidation also bumps a generation that open streams watch
 //! (see [`crate::keys`]), so a stream ends when its key is revoked or its tenant deleted.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hookline_changes::{ChangeCache, RegistryChanges, RegistryNotice};
 use hookline_core::Id;
+use hookline_core::model::RegistryChange;
 use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
 use crate::keys::{KeyLimits, KeyLimitsConfig};
@@ -30,7 +33,7 @@ const TOKEN_PREFIX: &str = "hl_";
 /// Characters of a token kept in clear to tell keys apart.
 pub const SHOWN_PREFIX_LEN: usize = 10;
 const CACHE_TTL: Duration = Duration::from_secs(30);
-const CACHE_MAX_ENTRIES: usize = 10_000;
+const CACHE_MAX_ENTRIES: u64 = 10_000;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,9 +150,6 @@ pub fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// Token hash → who it is and when that was looked up.
-type KeyCache = HashMap<[u8; 32], (Principal, Instant)>;
-
 /// The caller of a request, as the [`crate::gate`] put it into the request's extensions.
 /// Every handler reads its caller here and nowhere else. A request without one is
 /// refused with `UNAUTHENTICATED` (there is no anonymous caller): that happens only if a
@@ -166,7 +166,8 @@ pub fn principal<T>(req: &Request<T>) -> Result<Principal, Status> {
 #[derive(Clone)]
 pub struct Authenticator {
     store: Arc<dyn RegistryStore>,
-    cache: Arc<Mutex<KeyCache>>,
+    /// Token hash → who it is.
+    cache: ChangeCache<[u8; 32], Principal>,
     /// Bumped on every invalidation; open streams re-check their key when it moves.
     generation: Arc<watch::Sender<u64>>,
     limits: Arc<KeyLimits>,
@@ -180,7 +181,7 @@ impl Authenticator {
     pub fn with_limits(store: Arc<dyn RegistryStore>, limits: KeyLimitsConfig) -> Self {
         Self {
             store,
-            cache: Arc::default(),
+            cache: ChangeCache::new(CACHE_MAX_ENTRIES, CACHE_TTL),
             generation: Arc::new(watch::Sender::new(0)),
             limits: Arc::new(KeyLimits::new(limits)),
         }
@@ -229,9 +230,11 @@ impl Authenticator {
             )));
         }
         let hash = hash_token(token);
-        if let Some(p) = self.cached(&hash) {
-            return Ok(p);
-        }
+        self.cache.get_or_load(&hash, self.look_up(hash)).await
+    }
+
+    /// The principal of the key whose token hashes to `hash`, from the store.
+    async fn look_up(&self, hash: [u8; 32]) -> Result<Principal, Status> {
         let key = match self.store.find_api_key_by_hash(&hash).await {
             Ok(key) => key,
             Err(StoreError::NotFound { .. }) => {
@@ -239,24 +242,36 @@ impl Authenticator {
             }
             Err(e) => return Err(crate::status::from_store(e)),
         };
-        let principal = match key.tenant_id {
+        Ok(match key.tenant_id {
             None => Principal::Admin { key_id: key.id },
             Some(tenant_id) => Principal::Tenant {
                 key_id: key.id,
                 tenant_id,
             },
-        };
-        self.remember(hash, principal.clone());
-        Ok(principal)
+        })
     }
 
     /// Drops every cached lookup (a key was revoked, or changes may have been missed),
     /// and tells open streams to check their key again.
     pub fn invalidate(&self) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.clear();
-        }
+        self.cache.invalidate_all();
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Invalidates on every key or tenant change (and `Resync`) heard on `changes`,
+    /// until `shutdown`.
+    pub fn follow(
+        &self,
+        changes: &RegistryChanges,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let auth = self.clone();
+        changes.spawn_follower(shutdown, move |notice| {
+            if affects_keys(&notice) {
+                auth.invalidate();
+            }
+            std::future::ready(())
+        })
     }
 
     /// Changes whenever [`Self::invalidate`] runs.
@@ -276,21 +291,17 @@ impl Authenticator {
             }
         }
     }
+}
 
-    fn cached(&self, hash: &[u8; 32]) -> Option<Principal> {
-        let cache = self.cache.lock().ok()?;
-        let (p, at) = cache.get(hash)?;
-        (at.elapsed() < CACHE_TTL).then(|| p.clone())
-    }
-
-    fn remember(&self, hash: [u8; 32], principal: Principal) {
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= CACHE_MAX_ENTRIES {
-                cache.clear();
-            }
-            cache.insert(hash, (principal, Instant::now()));
-        }
-    }
+/// Whether `notice` may change who a token is: a key revoked, a tenant deleted, or
+/// changes missed. Subscriptions and event types never do.
+fn affects_keys(notice: &RegistryNotice) -> bool {
+    !matches!(
+        notice,
+        RegistryNotice::Change(
+            RegistryChange::Subscription { .. } | RegistryChange::EventType { .. }
+        )
+    )
 }
 
 #[cfg(test)]

@@ -133,7 +133,8 @@ pub fn subscription(s: model::Subscription) -> pb::Subscription {
         description: s.description,
         event_types: s.event_types,
         channels: s.channels,
-        headers: s.headers,
+        // Sensitive values never leave the server (hookline_core::sensitive).
+        headers: hookline_core::sensitive::mask_headers(s.headers),
         rate_limit_per_second: s.rate_limit_per_second.unwrap_or(0),
         max_in_flight: s.max_in_flight.unwrap_or(0),
         retry_policy: s.retry_schedule.map(|schedule| pb::RetryPolicy {
@@ -146,6 +147,10 @@ pub fn subscription(s: model::Subscription) -> pb::Subscription {
         updated_at: Some(timestamp(s.updated_at)),
         payload_format: payload_format(s.payload_format) as i32,
         circuit_open_until: None,
+        // Filled by the registry (its `security` module), which reads secrets and
+        // certificates.
+        signature_scheme: 0,
+        client_certificate: None,
     }
 }
 

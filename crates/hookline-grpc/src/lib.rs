@@ -24,3 +24,15 @@ pub fn page_request(
 ) -> Result<hookline_store::PageRequest, tonic::Status> {
     hookline_store::PageRequest::from_client(page_size, page_token).map_err(status::from_store)
 }
+
+/// A store page as the wire has it: the converted items and the `next_page_token` (empty
+/// on the last page). Every list response is built from this.
+pub fn page_response<T, W>(
+    page: hookline_store::port::Page<T>,
+    convert: impl FnMut(T) -> W,
+) -> (Vec<W>, String) {
+    (
+        page.items.into_iter().map(convert).collect(),
+        page.next_cursor.unwrap_or_default(),
+    )
+}

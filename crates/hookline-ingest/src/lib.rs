@@ -8,7 +8,6 @@
 //! (deliveries per event, events per second) are enforced before anything is stored.
 
 mod batcher;
-mod expiring;
 mod matcher;
 mod rate;
 mod schemas;

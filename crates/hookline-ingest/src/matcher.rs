@@ -1,17 +1,17 @@
 //! Which subscriptions want an event, without a database read per publish.
 //!
-//! The enabled subscriptions of a tenant are cached, read through the storage port on a
-//! miss. A registry change announcement drops the tenant's entry at once (a `Resync`
-//! drops everything), so a new or disabled subscription takes effect as soon as the
-//! announcement arrives; entries also expire after a short time as a safety net. The
+//! The enabled subscriptions of a tenant are cached (a bounded [`ChangeCache`]), read
+//! through the storage port on a miss. A registry change heard on the process's change
+//! stream drops the tenant's entry at once (a `Resync` drops everything), so a new or
+//! disabled subscription takes effect as soon as the announcement arrives; entries also
+//! expire after a short time as a safety net. The
 //! tenant's quotas come with its entry, and the matcher also keeps the event-type schema
 //! cache fresh from the same announcements.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use hookline_broker::{Broker, ChangeNotice};
+use hookline_changes::{ChangeCache, RegistryChanges, RegistryNotice};
 use hookline_core::Id;
 use hookline_core::filter::subscription_wants;
 use hookline_core::model::{RegistryChange, Subscription};
@@ -20,11 +20,10 @@ use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 use tokio_util::sync::CancellationToken;
 
-use crate::expiring::Expiring;
 use crate::schemas::SchemaCache;
 
 const TTL: Duration = Duration::from_secs(30);
-const MAX_TENANTS: usize = 100_000;
+const MAX_TENANTS: u64 = 100_000;
 
 /// A tenant as the matcher knows it.
 #[derive(Debug)]
@@ -36,63 +35,11 @@ pub enum TenantSubscriptions {
     },
 }
 
-/// The subscriptions that want an event, and the quotas of their tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Matched {
-    pub quotas: TenantQuotas,
-    pub subscription_ids: Vec<Id>,
-}
-
-#[derive(Clone)]
-pub struct SubscriptionMatcher {
-    registry: Arc<dyn RegistryStore>,
-    cache: Expiring<Id, Arc<TenantSubscriptions>>,
-    schemas: SchemaCache,
-}
-
-impl SubscriptionMatcher {
-    pub fn new(registry: Arc<dyn RegistryStore>) -> Self {
-        Self {
-            schemas: SchemaCache::new(registry.clone()),
-            registry,
-            cache: Expiring::new(TTL, MAX_TENANTS),
-        }
-    }
-
-    /// The event-type schemas, kept fresh by the same announcements.
-    pub(crate) fn schemas(&self) -> &SchemaCache {
-        &self.schemas
-    }
-
-    /// The tenant's enabled subscriptions, from the cache or the store.
-    pub async fn tenant(&self, tenant_id: &Id) -> Result<Arc<TenantSubscriptions>, StoreError> {
-        let generation = match self.cache.fresh(tenant_id) {
-            Ok(subs) => return Ok(subs),
-            Err(generation) => generation,
-        };
-        let loaded = match self.registry.get_tenant(tenant_id).await {
-            Ok(tenant) => TenantSubscriptions::Present {
-                quotas: tenant.quotas,
-                subscriptions: self.registry.enabled_subscriptions(tenant_id).await?,
-            },
-            Err(StoreError::NotFound { .. }) => TenantSubscriptions::Missing,
-            Err(e) => return Err(e),
-        };
-        let loaded = Arc::new(loaded);
-        self.cache
-            .store(tenant_id.clone(), generation, loaded.clone());
-        Ok(loaded)
-    }
-
+impl TenantSubscriptions {
     /// The ids of the subscriptions that want an event, with the tenant's quotas; `None`
     /// if the tenant is unknown.
-    pub async fn matching(
-        &self,
-        tenant_id: &Id,
-        event_type: &str,
-        channels: &[String],
-    ) -> Result<Option<Matched>, StoreError> {
-        Ok(match &*self.tenant(tenant_id).await? {
+    pub fn matching(&self, event_type: &str, channels: &[String]) -> Option<Matched> {
+        match self {
             TenantSubscriptions::Missing => None,
             TenantSubscriptions::Present {
                 quotas,
@@ -107,11 +54,59 @@ impl SubscriptionMatcher {
                     .map(|s| s.id.clone())
                     .collect(),
             }),
-        })
+        }
+    }
+}
+
+/// The subscriptions that want an event, and the quotas of their tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched {
+    pub quotas: TenantQuotas,
+    pub subscription_ids: Vec<Id>,
+}
+
+#[derive(Clone)]
+pub struct SubscriptionMatcher {
+    registry: Arc<dyn RegistryStore>,
+    cache: ChangeCache<Id, Arc<TenantSubscriptions>>,
+    schemas: SchemaCache,
+}
+
+impl SubscriptionMatcher {
+    pub fn new(registry: Arc<dyn RegistryStore>) -> Self {
+        Self {
+            schemas: SchemaCache::new(registry.clone()),
+            registry,
+            cache: ChangeCache::new(MAX_TENANTS, TTL),
+        }
     }
 
-    pub fn invalidate_tenant(&self, tenant_id: &Id) {
-        self.cache.invalidate(tenant_id);
+    /// The event-type schemas, kept fresh by the same announcements.
+    pub(crate) fn schemas(&self) -> &SchemaCache {
+        &self.schemas
+    }
+
+    /// The tenant's enabled subscriptions, from the cache or the store.
+    pub async fn tenant(&self, tenant_id: &Id) -> Result<Arc<TenantSubscriptions>, StoreError> {
+        self.cache
+            .get_or_load(tenant_id, self.load(tenant_id))
+            .await
+    }
+
+    async fn load(&self, tenant_id: &Id) -> Result<Arc<TenantSubscriptions>, StoreError> {
+        let loaded = match self.registry.get_tenant(tenant_id).await {
+            Ok(tenant) => TenantSubscriptions::Present {
+                quotas: tenant.quotas,
+                subscriptions: self.registry.enabled_subscriptions(tenant_id).await?,
+            },
+            Err(StoreError::NotFound { .. }) => TenantSubscriptions::Missing,
+            Err(e) => return Err(e),
+        };
+        Ok(Arc::new(loaded))
+    }
+
+    pub async fn invalidate_tenant(&self, tenant_id: &Id) {
+        self.cache.invalidate(tenant_id).await;
     }
 
     pub fn invalidate_all(&self) {
@@ -119,42 +114,31 @@ impl SubscriptionMatcher {
         self.schemas.invalidate_all();
     }
 
-    /// Applies one change announcement.
-    pub fn apply(&self, notice: &ChangeNotice) {
+    /// Applies one notice of the registry change stream.
+    pub async fn apply(&self, notice: &RegistryNotice) {
         match notice {
-            ChangeNotice::Resync => self.invalidate_all(),
-            ChangeNotice::Change(body) => match serde_json::from_slice::<RegistryChange>(body) {
-                Ok(RegistryChange::Tenant { tenant_id })
-                | Ok(RegistryChange::Subscription { tenant_id, .. }) => {
-                    self.invalidate_tenant(&tenant_id)
-                }
-                Ok(RegistryChange::EventType { name }) => self.schemas.invalidate(&name),
-                Ok(RegistryChange::ApiKey { .. }) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "unreadable registry change; dropping the whole cache");
-                    self.invalidate_all();
-                }
-            },
+            RegistryNotice::Resync => self.invalidate_all(),
+            RegistryNotice::Change(
+                RegistryChange::Tenant { tenant_id }
+                | RegistryChange::Subscription { tenant_id, .. },
+            ) => self.invalidate_tenant(tenant_id).await,
+            RegistryNotice::Change(RegistryChange::EventType { name }) => {
+                self.schemas.invalidate(name).await
+            }
+            RegistryNotice::Change(RegistryChange::ApiKey { .. }) => {}
         }
     }
 
-    /// Follows the registry's change announcements until `shutdown`.
-    pub async fn follow(self, broker: Arc<dyn Broker>, shutdown: CancellationToken) {
-        let mut changes = match broker.changes().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot follow registry changes; the subscription cache expires on its own");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                notice = changes.next() => match notice {
-                    Some(n) => self.apply(&n),
-                    None => return,
-                },
-            }
-        }
+    /// Applies the notices of `changes` until `shutdown`.
+    pub fn follow(
+        &self,
+        changes: &RegistryChanges,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let matcher = self.clone();
+        changes.spawn_follower(shutdown, move |notice| {
+            let matcher = matcher.clone();
+            async move { matcher.apply(&notice).await }
+        })
     }
 }

@@ -9,28 +9,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hookline_core::schema::PayloadSchema;
-use hookline_core::validate::ValidationError;
 use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
 
-use crate::expiring::Expiring;
+use hookline_changes::ChangeCache;
 
 const TTL: Duration = Duration::from_secs(30);
-const MAX_TYPES: usize = 10_000;
+const MAX_TYPES: u64 = 10_000;
 
 type Entry = Option<Arc<PayloadSchema>>;
 
 #[derive(Clone)]
 pub(crate) struct SchemaCache {
     registry: Arc<dyn RegistryStore>,
-    cache: Expiring<String, Entry>,
+    cache: ChangeCache<String, Entry>,
 }
 
 impl SchemaCache {
     pub(crate) fn new(registry: Arc<dyn RegistryStore>) -> Self {
         Self {
             registry,
-            cache: Expiring::new(TTL, MAX_TYPES),
+            cache: ChangeCache::new(MAX_TYPES, TTL),
         }
     }
 
@@ -38,11 +37,13 @@ impl SchemaCache {
     /// catalogue. A stored schema that does not compile (set before schemas were checked)
     /// is logged and not enforced, rather than refusing every publish of the type.
     pub(crate) async fn get(&self, event_type: &str) -> Result<Entry, StoreError> {
-        let generation = match self.cache.fresh(event_type) {
-            Ok(entry) => return Ok(entry),
-            Err(generation) => generation,
-        };
-        let entry = match self.registry.get_event_type(event_type).await {
+        self.cache
+            .get_or_load(event_type, self.load(event_type))
+            .await
+    }
+
+    async fn load(&self, event_type: &str) -> Result<Entry, StoreError> {
+        Ok(match self.registry.get_event_type(event_type).await {
             Ok(et) => et.schema.and_then(|text| {
                 PayloadSchema::compile("schema", &text)
                     .map_err(|e| tracing::warn!(event_type, error = %e, "the stored schema of this event type does not compile; it is not enforced"))
@@ -51,27 +52,11 @@ impl SchemaCache {
             }),
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => return Err(e),
-        };
-        self.cache
-            .store(event_type.to_string(), generation, entry.clone());
-        Ok(entry)
-    }
-
-    /// Checks one payload against its event type's schema, if any.
-    pub(crate) async fn check(
-        &self,
-        field: &str,
-        event_type: &str,
-        payload: &[u8],
-    ) -> Result<Result<(), ValidationError>, StoreError> {
-        Ok(match self.get(event_type).await? {
-            Some(schema) => schema.check(field, event_type, payload),
-            None => Ok(()),
         })
     }
 
-    pub(crate) fn invalidate(&self, event_type: &str) {
-        self.cache.invalidate(event_type);
+    pub(crate) async fn invalidate(&self, event_type: &str) {
+        self.cache.invalidate(&event_type.to_string()).await;
     }
 
     pub(crate) fn invalidate_all(&self) {

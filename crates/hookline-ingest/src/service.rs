@@ -6,16 +6,18 @@
 //! inside it puts the trace context into each queue message, so a dispatcher's attempt
 //! continues the same trace and a later retry can link back to it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::Utc;
 use hookline_broker::{Broker, QueueName};
 use hookline_core::model::Event;
 use hookline_core::quota::{Quota, QuotaExceeded, Quotas, thousands};
+use hookline_core::schema::PayloadSchema;
 use hookline_core::{Id, IdKind, validate};
 use hookline_grpc::status::{from_id, from_quota, from_store, from_validation, invalid};
 use hookline_grpc::{
-    Authenticator, Gate, MessageLimits, Principal, convert, page_request, principal,
+    Authenticator, Gate, MessageLimits, Principal, convert, page_request, page_response, principal,
 };
 use hookline_outbox::{Confirmer, publish_jobs_batched};
 
@@ -27,7 +29,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
-use crate::matcher::SubscriptionMatcher;
+use crate::matcher::{SubscriptionMatcher, TenantSubscriptions};
 use crate::rate::TenantRates;
 
 /// Limits of the write path.
@@ -135,19 +137,24 @@ impl IngestApi {
 
     /// Matches one event and applies what depends on its tenant and event type: the
     /// deliveries-per-event quota and the event type's JSON Schema. Returns the matching
-    /// subscriptions and the tenant's quotas.
+    /// subscriptions and the tenant's quotas. Tenants and schemas are read once per call
+    /// (`seen`), however many of its events share them.
     async fn admit(
         &self,
         prefix: &str,
         tenant_id: &Id,
         req: &pb::PublishRequest,
+        seen: &mut SeenInCall,
     ) -> Result<(Vec<Id>, Quotas), Status> {
-        let Some(matched) = self
-            .matcher
-            .matching(tenant_id, &req.event_type, &req.channels)
-            .await
-            .map_err(from_store)?
-        else {
+        let tenant = match seen.tenants.get(tenant_id) {
+            Some(tenant) => tenant.clone(),
+            None => {
+                let tenant = self.matcher.tenant(tenant_id).await.map_err(from_store)?;
+                seen.tenants.insert(tenant_id.clone(), tenant.clone());
+                tenant
+            }
+        };
+        let Some(matched) = tenant.matching(&req.event_type, &req.channels) else {
             return Err(Status::not_found(format!("tenant {tenant_id} not found")));
         };
         let quotas = matched.quotas.effective(&self.config.quotas);
@@ -164,12 +171,24 @@ impl IngestApi {
                 ),
             }));
         }
-        self.matcher
-            .schemas()
-            .check(&format!("{prefix}payload"), &req.event_type, &req.payload)
-            .await
-            .map_err(from_store)?
-            .map_err(from_validation)?;
+        let schema = match seen.schemas.get(&req.event_type) {
+            Some(schema) => schema.clone(),
+            None => {
+                let schema = self
+                    .matcher
+                    .schemas()
+                    .get(&req.event_type)
+                    .await
+                    .map_err(from_store)?;
+                seen.schemas.insert(req.event_type.clone(), schema.clone());
+                schema
+            }
+        };
+        if let Some(schema) = schema {
+            schema
+                .check(&format!("{prefix}payload"), &req.event_type, &req.payload)
+                .map_err(from_validation)?;
+        }
         Ok((matched.subscription_ids, quotas))
     }
 
@@ -182,8 +201,11 @@ impl IngestApi {
         batch: bool,
     ) -> Result<Vec<pb::PublishResponse>, Status> {
         let mut tenants = Vec::with_capacity(requests.len());
-        for (i, req) in requests.iter().enumerate() {
-            let tenant = self.check(&field_prefix(batch, i), req)?;
+        let prefixes: Vec<String> = (0..requests.len())
+            .map(|i| field_prefix(batch, i))
+            .collect();
+        for (req, prefix) in requests.iter().zip(&prefixes) {
+            let tenant = self.check(prefix, req)?;
             principal.require_tenant(&tenant)?;
             tenants.push(tenant);
         }
@@ -195,10 +217,10 @@ impl IngestApi {
         let mut new_events = Vec::with_capacity(requests.len());
         // Events of this call per tenant, and the tenant's events-per-second quota.
         let mut per_tenant: Vec<(Id, u32, u32)> = Vec::new();
-        for (i, (req, tenant_id)) in requests.into_iter().zip(tenants).enumerate() {
-            let (subscription_ids, quotas) = self
-                .admit(&field_prefix(batch, i), &tenant_id, &req)
-                .await?;
+        let mut seen = SeenInCall::default();
+        for ((req, tenant_id), prefix) in requests.into_iter().zip(tenants).zip(&prefixes) {
+            let (subscription_ids, quotas) =
+                self.admit(prefix, &tenant_id, &req, &mut seen).await?;
             match per_tenant.iter_mut().find(|(t, ..)| *t == tenant_id) {
                 Some((_, n, _)) => *n += 1,
                 None => per_tenant.push((tenant_id.clone(), 1, quotas.events_per_second)),
@@ -280,6 +302,13 @@ impl IngestApi {
         }
         Ok(responses)
     }
+}
+
+/// The tenants and event-type schemas one publish call has read.
+#[derive(Default)]
+struct SeenInCall {
+    tenants: HashMap<Id, Arc<TenantSubscriptions>>,
+    schemas: HashMap<String, Option<Arc<PayloadSchema>>>,
 }
 
 /// How the fields of the `i`-th event are named in errors: `events[3].` in a batch.
@@ -449,9 +478,10 @@ impl IngestService for IngestApi {
             .list_events(&filter, &page)
             .await
             .map_err(from_store)?;
+        let (events, next_page_token) = page_response(page, convert::event);
         Ok(Response::new(pb::ListEventsResponse {
-            next_page_token: page.next_cursor.unwrap_or_default(),
-            events: page.items.into_iter().map(convert::event).collect(),
+            events,
+            next_page_token,
         }))
     }
 }

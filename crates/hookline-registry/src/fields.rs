@@ -2,17 +2,22 @@
 //! and event-type schemas. The rules live in `hookline_core` (`validate`, `schema`).
 
 use hookline_core::schema::PayloadSchema;
-use hookline_core::signing::generate_secret;
+use hookline_core::signing::{SignatureScheme, generate_secret_for};
 use hookline_core::validate;
 use hookline_grpc::status::from_validation;
 use tonic::Status;
 
-/// Checks a secret given by the caller, or makes a new one.
-pub(crate) fn secret_or_generate(field: &str, given: &str) -> Result<String, Status> {
+/// Checks a secret given by the caller for a subscription signing with `scheme`, or makes
+/// a new one of that scheme.
+pub(crate) fn secret_or_generate(
+    field: &str,
+    given: &str,
+    scheme: SignatureScheme,
+) -> Result<String, Status> {
     if given.is_empty() {
-        return Ok(generate_secret());
+        return Ok(generate_secret_for(scheme));
     }
-    validate::given_secret(field, given).map_err(from_validation)?;
+    validate::given_secret(field, given, scheme).map_err(from_validation)?;
     Ok(given.to_string())
 }
 

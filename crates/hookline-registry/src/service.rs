@@ -11,21 +11,22 @@ use hookline_core::model::{
     PayloadFormat, RegistryChange, Subscription, SubscriptionSecret, SubscriptionState,
 };
 use hookline_core::quota::Quotas;
-use hookline_core::{Id, IdKind, filter, validate};
+use hookline_core::{Id, IdKind, filter, sensitive, validate};
 use hookline_egress::Egress;
 use hookline_grpc::auth::generate_token;
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
 use hookline_grpc::{
-    Authenticator, Gate, MessageLimits, Principal, convert, page_request, principal,
+    Authenticator, Gate, MessageLimits, Principal, convert, page_request, page_response, principal,
 };
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::registry_service_server::RegistryService;
 use hookline_store::StoreError;
-use hookline_store::port::{NewApiKey, NewSubscription, Page, RegistryStore};
+use hookline_store::port::{NewApiKey, NewSubscription, RegistryStore};
 use tonic::{Request, Response, Status};
 
 use crate::fields::{schema_text, secret_or_generate};
 
+mod security;
 mod tenants;
 use crate::gate::TenantGate;
 
@@ -95,14 +96,7 @@ impl RegistryApi {
     /// announcement fails (the caller must not retry a committed create); caches also
     /// expire on their own, so a lost announcement delays, never loses, the change.
     async fn announce(&self, change: RegistryChange) {
-        let body = match serde_json::to_vec(&change) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode registry change");
-                return;
-            }
-        };
-        if let Err(e) = self.broker.announce(body).await {
+        if let Err(e) = hookline_changes::announce(self.broker.as_ref(), &change).await {
             tracing::warn!(error = %e, ?change, "registry change not announced; caches will catch up when their entries expire");
         }
     }
@@ -118,10 +112,6 @@ impl RegistryApi {
         principal.check_tenant(&sub.tenant_id, "subscription", id.as_str())?;
         Ok(sub)
     }
-}
-
-fn next_token<T>(page: &Page<T>) -> String {
-    page.next_cursor.clone().unwrap_or_default()
 }
 
 fn tenant_id(field: &str, value: &str) -> Result<Id, Status> {
@@ -234,9 +224,9 @@ impl RegistryService for RegistryApi {
             .list_tenants(&page_req)
             .await
             .map_err(from_store)?;
-        let next_page_token = next_token(&page);
+        let (tenants, next_page_token) = page_response(page, convert::tenant);
         Ok(Response::new(pb::ListTenantsResponse {
-            tenants: page.items.into_iter().map(convert::tenant).collect(),
+            tenants,
             next_page_token,
         }))
     }
@@ -273,7 +263,12 @@ impl RegistryService for RegistryApi {
         principal.require_tenant(&tenant)?;
         let fields = validate_subscription("subscription.", &sub)?;
         self.check_egress("subscription.url", &fields.url).await?;
-        let secret = secret_or_generate("secret", &req.secret)?;
+        let scheme = security::scheme_from("subscription.signature_scheme", sub.signature_scheme)?;
+        let secret = secret_or_generate("secret", &req.secret, scheme)?;
+        let client_identity = security::given_identity(
+            "subscription.client_certificate",
+            sub.client_certificate.as_ref(),
+        )?;
         match self.store.get_tenant(&tenant).await {
             Ok(_) => {}
             Err(StoreError::NotFound { .. }) => {
@@ -303,6 +298,7 @@ impl RegistryService for RegistryApi {
             },
             metadata: fields.metadata,
             payload_format: fields.payload_format,
+            client_identity,
             secret: SubscriptionSecret {
                 id: Id::new(IdKind::Secret),
                 subscription_id: id.clone(),
@@ -323,9 +319,12 @@ impl RegistryService for RegistryApi {
             subscription_id: id,
         })
         .await;
+        let mut shown = [convert::subscription(created)];
+        security::decorate(self.store.as_ref(), &mut shown).await?;
+        let [shown] = shown;
         Ok(Response::new(pb::CreateSubscriptionResponse {
-            subscription: Some(convert::subscription(created)),
-            secret,
+            subscription: Some(shown),
+            secret: security::shown_secret(&secret),
         }))
     }
 
@@ -338,9 +337,11 @@ impl RegistryService for RegistryApi {
             .visible_subscription(&principal, &req.get_ref().subscription_id)
             .await?;
         let open_until = convert::circuit_open_until(self.store.as_ref(), &sub.id).await?;
-        let mut sub = convert::subscription(sub);
-        sub.circuit_open_until = open_until;
-        Ok(Response::new(sub))
+        let mut shown = [convert::subscription(sub)];
+        shown[0].circuit_open_until = open_until;
+        security::decorate(self.store.as_ref(), &mut shown).await?;
+        let [shown] = shown;
+        Ok(Response::new(shown))
     }
 
     async fn list_subscriptions(
@@ -358,9 +359,10 @@ impl RegistryService for RegistryApi {
             .list_subscriptions(&tenant, &page_req)
             .await
             .map_err(from_store)?;
-        let next_page_token = next_token(&page);
+        let (mut subscriptions, next_page_token) = page_response(page, convert::subscription);
+        security::decorate(self.store.as_ref(), &mut subscriptions).await?;
         Ok(Response::new(pb::ListSubscriptionsResponse {
-            subscriptions: page.items.into_iter().map(convert::subscription).collect(),
+            subscriptions,
             next_page_token,
         }))
     }
@@ -384,8 +386,15 @@ impl RegistryService for RegistryApi {
         // Validate the patch as a whole subscription: fields outside the mask are taken
         // from the stored one first, so only the masked fields can fail.
         let mut merged = convert::subscription(sub.clone());
+        let mut identity_change = None;
         for path in &mask.paths {
             match path.as_str() {
+                "client_certificate" => {
+                    identity_change = Some(security::given_identity(
+                        "subscription.client_certificate",
+                        patch.client_certificate.as_ref(),
+                    )?);
+                }
                 "url" => merged.url = patch.url.clone(),
                 "description" => merged.description = patch.description.clone(),
                 "event_types" => merged.event_types = patch.event_types.clone(),
@@ -420,13 +429,17 @@ impl RegistryService for RegistryApi {
                         format!(
                             "{other:?} cannot be changed; allowed: url, description, event_types, \
                              channels, headers, rate_limit_per_second, max_in_flight, \
-                             retry_policy, state, metadata, payload_format"
+                             retry_policy, state, metadata, payload_format, \
+                             client_certificate (the signature scheme is chosen at creation)"
                         ),
                     ));
                 }
             }
         }
-        let fields = validate_subscription("subscription.", &merged)?;
+        let mut fields = validate_subscription("subscription.", &merged)?;
+        // `merged` came from the masked form: a masked value (also one a client sent back
+        // unchanged) keeps what is stored.
+        sensitive::unmask_headers(&mut fields.headers, &sub.headers);
         if mask.paths.iter().any(|p| p == "url") {
             self.check_egress("subscription.url", &fields.url).await?;
         }
@@ -440,17 +453,31 @@ impl RegistryService for RegistryApi {
         sub.retry_schedule = fields.retry_schedule;
         sub.metadata = fields.metadata;
         sub.payload_format = fields.payload_format;
-        let updated = self
+        let mut updated = self
             .store
             .update_subscription(&sub)
             .await
             .map_err(from_store)?;
+        if let Some(identity) = identity_change {
+            self.store
+                .set_client_identity(&updated.id, identity.as_ref())
+                .await
+                .map_err(from_store)?;
+            updated = self
+                .store
+                .get_subscription(&updated.id)
+                .await
+                .map_err(from_store)?;
+        }
         self.announce(RegistryChange::Subscription {
             tenant_id: updated.tenant_id.clone(),
             subscription_id: updated.id.clone(),
         })
         .await;
-        Ok(Response::new(convert::subscription(updated)))
+        let mut shown = [convert::subscription(updated)];
+        security::decorate(self.store.as_ref(), &mut shown).await?;
+        let [shown] = shown;
+        Ok(Response::new(shown))
     }
 
     async fn delete_subscription(
@@ -492,7 +519,8 @@ impl RegistryService for RegistryApi {
                 "is longer than 7 days, the most allowed",
             ));
         }
-        let secret = secret_or_generate("secret", &req.secret)?;
+        let scheme = security::current_scheme(self.store.as_ref(), &sub.id).await?;
+        let secret = secret_or_generate("secret", &req.secret, scheme)?;
         let now = Utc::now();
         let old_expires_at = now
             + chrono::Duration::from_std(grace)
@@ -514,7 +542,7 @@ impl RegistryService for RegistryApi {
         })
         .await;
         Ok(Response::new(pb::RotateSecretResponse {
-            secret,
+            secret: security::shown_secret(&secret),
             previous_expires_at: Some(convert::timestamp(old_expires_at)),
         }))
     }
@@ -532,18 +560,15 @@ impl RegistryService for RegistryApi {
             .live_secrets(&sub.id, Utc::now())
             .await
             .map_err(from_store)?;
-        let current = live
-            .iter()
-            .find(|s| s.expires_at.is_none())
-            .or(live.first())
-            .map(|s| s.secret.clone())
+        let current = security::current(&live)
+            .map(|s| security::shown_secret(&s.secret))
             .unwrap_or_default();
         Ok(Response::new(pb::GetSecretResponse {
             secret: current,
             live_secrets: live
                 .into_iter()
                 .map(|s| pb::LiveSecret {
-                    secret: s.secret,
+                    secret: security::shown_secret(&s.secret),
                     created_at: Some(convert::timestamp(s.created_at)),
                     expires_at: convert::opt_timestamp(s.expires_at),
                 })
@@ -614,9 +639,9 @@ impl RegistryService for RegistryApi {
             .list_event_types(req.include_archived, &page_req)
             .await
             .map_err(from_store)?;
-        let next_page_token = next_token(&page);
+        let (event_types, next_page_token) = page_response(page, convert::event_type);
         Ok(Response::new(pb::ListEventTypesResponse {
-            event_types: page.items.into_iter().map(convert::event_type).collect(),
+            event_types,
             next_page_token,
         }))
     }
@@ -713,9 +738,9 @@ impl RegistryService for RegistryApi {
             .list_api_keys(tenant.as_ref(), &page_req)
             .await
             .map_err(from_store)?;
-        let next_page_token = next_token(&page);
+        let (api_keys, next_page_token) = page_response(page, convert::api_key);
         Ok(Response::new(pb::ListApiKeysResponse {
-            api_keys: page.items.into_iter().map(convert::api_key).collect(),
+            api_keys,
             next_page_token,
         }))
     }

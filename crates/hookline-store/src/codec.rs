@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{
     Attempt, DeliveryStatus, ErrorClass, PayloadFormat, RESPONSE_EXCERPT_LIMIT, SubscriptionState,
 };
@@ -193,4 +194,20 @@ pub(crate) fn retry_schedule(raw: Option<Vec<i64>>) -> Result<Option<Vec<Duratio
             .collect()
     })
     .transpose()
+}
+
+/// `(subscription_id, certificate_pem, private_key_pem)` rows of
+/// `subscription_client_certs` keyed by subscription.
+pub(crate) fn client_identities(
+    rows: Vec<(String, String, String)>,
+) -> Result<std::collections::HashMap<Id, ClientIdentity>, sqlx::Error> {
+    rows.into_iter()
+        .map(|(sub, certificate_pem, private_key_pem)| {
+            let identity = ClientIdentity {
+                certificate_pem,
+                private_key_pem,
+            };
+            Ok((id("subscription_id", &sub, IdKind::Subscription)?, identity))
+        })
+        .collect()
 }

@@ -18,6 +18,8 @@ mod outcome;
 mod paging;
 pub mod port;
 pub mod postgres;
+pub mod sealed;
+pub mod sealing;
 pub mod sqlite;
 
 pub use error::StoreError;
@@ -27,4 +29,5 @@ pub use port::{
     PageRequest, RegistryStore, StoreHealth,
 };
 pub use postgres::PgStore;
+pub use sealed::SealedRegistry;
 pub use sqlite::SqliteStore;

@@ -3,12 +3,13 @@
 //! Services depend on these traits only, so the PostgreSQL adapter (clusters) and the
 //! SQLite adapter (embedded mode) are interchangeable without touching service code.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hookline_core::Id;
+use hookline_core::client_cert::ClientIdentity;
 use hookline_core::job::DeliveryJob;
 use hookline_core::model::{
     ApiKey, Attempt, Delivery, DeliveryStatus, Event, EventType, PayloadFormat, Subscription,
@@ -95,6 +96,8 @@ pub struct NewSubscription {
     /// The first signing secret.
     pub secret: SubscriptionSecret,
     pub payload_format: PayloadFormat,
+    /// The client certificate presented to the receiver (mutual TLS), if any.
+    pub client_identity: Option<ClientIdentity>,
 }
 
 /// A new API key: only the SHA-256 of its token reaches the store.
@@ -222,6 +225,19 @@ pub trait RegistryStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Until when the subscription's circuit was last recorded open, if it was.
     async fn circuit_open_until(&self, id: &Id) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// Sets (`None`: removes) the client certificate the subscription presents to its
+    /// receiver, stamping its `updated_at`; `NotFound` when it does not exist.
+    async fn set_client_identity(
+        &self,
+        id: &Id,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<(), StoreError>;
+    /// The client certificates of those of `ids` that have one.
+    async fn client_identities(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, ClientIdentity>, StoreError>;
 }
 
 /// Figures the admin port exports as gauges.

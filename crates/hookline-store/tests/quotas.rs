@@ -6,42 +6,14 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use chrono::Utc;
-use hookline_core::model::{SubscriptionSecret, SubscriptionState};
 use hookline_core::quota::{Quota, TenantQuotas};
 use hookline_core::{Id, IdKind};
-use hookline_store::{NewSubscription, StoreError};
-use support::{Backend, Fixture};
+use hookline_store::StoreError;
+use support::{Backend, Fixture, new_subscription};
 
 on_both_backends! {
     current_thread tenant_quotas_are_stored_and_read_back(3);
     multi_thread concurrent_creates_never_exceed_the_subscription_quota(8);
-}
-
-fn new_subscription(tenant_id: &Id) -> NewSubscription {
-    let id = Id::new(IdKind::Subscription);
-    NewSubscription {
-        payload_format: Default::default(),
-        secret: SubscriptionSecret {
-            id: Id::new(IdKind::Secret),
-            subscription_id: id.clone(),
-            secret: "whsec_c2VjcmV0LW9uZS1zZWNyZXQtb25lLXNlY3JldA==".into(),
-            created_at: Utc::now(),
-            expires_at: None,
-        },
-        id,
-        tenant_id: tenant_id.clone(),
-        url: "https://receiver.example/hooks".into(),
-        description: String::new(),
-        event_types: vec![],
-        channels: vec![],
-        headers: BTreeMap::new(),
-        rate_limit_per_second: None,
-        max_in_flight: None,
-        retry_schedule: None,
-        state: SubscriptionState::Enabled,
-        metadata: BTreeMap::new(),
-    }
 }
 
 async fn tenant_quotas_are_stored_and_read_back(fx: &Fixture) {

@@ -14,8 +14,10 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use hookline_broker::{Broker, EmbeddedBroker, EmbeddedConfig, RabbitBroker, RabbitConfig};
 use hookline_core::redact;
+use hookline_seal::Keyring;
 use hookline_store::port::{DeliveryStore, EventStore, RegistryStore, StoreHealth};
-use hookline_store::{PgStore, SqliteStore};
+use hookline_store::sealing::SealedRows;
+use hookline_store::{PgStore, SealedRegistry, SqliteStore};
 use sqlx::migrate::MigrateDatabase;
 
 use crate::config::Config;
@@ -80,50 +82,81 @@ impl Mode {
     }
 }
 
-/// The store of either backend, behind every storage port.
-pub enum AnyStore {
+/// The store of either backend, behind every storage port; with a keyring attached
+/// ([`crate::encryption::attach`]) the registry port seals secrets at rest.
+pub struct AnyStore {
+    adapter: Adapter,
+    keyring: Option<Arc<Keyring>>,
+}
+
+/// The adapter of either backend.
+pub enum Adapter {
     Postgres(Arc<PgStore>),
     Sqlite(Arc<SqliteStore>),
 }
 
 impl AnyStore {
+    fn new(adapter: Adapter) -> Self {
+        Self {
+            adapter,
+            keyring: None,
+        }
+    }
+
+    /// Seals and opens secrets under `keyring` from now on.
+    pub fn set_keyring(&mut self, keyring: Arc<Keyring>) {
+        self.keyring = Some(keyring);
+    }
+
+    /// The raw rows of the sealed columns, for sealing and key rotation.
+    pub fn sealed_rows(&self) -> &dyn SealedRows {
+        match &self.adapter {
+            Adapter::Postgres(s) => s.as_ref(),
+            Adapter::Sqlite(s) => s.as_ref(),
+        }
+    }
+
     pub fn registry(&self) -> Arc<dyn RegistryStore> {
-        match self {
-            AnyStore::Postgres(s) => s.clone(),
-            AnyStore::Sqlite(s) => s.clone(),
+        let raw: Arc<dyn RegistryStore> = match &self.adapter {
+            Adapter::Postgres(s) => s.clone(),
+            Adapter::Sqlite(s) => s.clone(),
+        };
+        match &self.keyring {
+            Some(keyring) => Arc::new(SealedRegistry::new(raw, keyring.clone())),
+            None => raw,
         }
     }
     pub fn events(&self) -> Arc<dyn EventStore> {
-        match self {
-            AnyStore::Postgres(s) => s.clone(),
-            AnyStore::Sqlite(s) => s.clone(),
+        match &self.adapter {
+            Adapter::Postgres(s) => s.clone(),
+            Adapter::Sqlite(s) => s.clone(),
         }
     }
     pub fn deliveries(&self) -> Arc<dyn DeliveryStore> {
-        match self {
-            AnyStore::Postgres(s) => s.clone(),
-            AnyStore::Sqlite(s) => s.clone(),
+        match &self.adapter {
+            Adapter::Postgres(s) => s.clone(),
+            Adapter::Sqlite(s) => s.clone(),
         }
     }
     pub fn health(&self) -> Arc<dyn StoreHealth> {
-        match self {
-            AnyStore::Postgres(s) => s.clone(),
-            AnyStore::Sqlite(s) => s.clone(),
+        match &self.adapter {
+            Adapter::Postgres(s) => s.clone(),
+            Adapter::Sqlite(s) => s.clone(),
         }
     }
 
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        match self {
-            AnyStore::Postgres(s) => s.migrate().await,
-            AnyStore::Sqlite(s) => s.migrate().await,
+        match &self.adapter {
+            Adapter::Postgres(s) => s.migrate().await,
+            Adapter::Sqlite(s) => s.migrate().await,
         }
         .context("applying migrations")
     }
 
     pub async fn close(&self) {
-        match self {
-            AnyStore::Postgres(s) => s.close().await,
-            AnyStore::Sqlite(s) => s.close().await,
+        match &self.adapter {
+            Adapter::Postgres(s) => s.close().await,
+            Adapter::Sqlite(s) => s.close().await,
         }
     }
 }
@@ -196,7 +229,7 @@ pub async fn open_store(at: &StoreAt, config: &Config) -> anyhow::Result<AnyStor
                         redact::url(database_url)
                     )
                 })?;
-            Ok(AnyStore::Postgres(Arc::new(store)))
+            Ok(AnyStore::new(Adapter::Postgres(Arc::new(store))))
         }
         StoreAt::Sqlite(data_dir) => {
             let file = prepare_data_dir(data_dir)?;
@@ -233,11 +266,11 @@ async fn open_sqlite(file: &Path) -> anyhow::Result<AnyStore> {
     let store = SqliteStore::open(file)
         .await
         .with_context(|| format!("cannot open the embedded database {}", file.display()))?;
-    Ok(AnyStore::Sqlite(Arc::new(store)))
+    Ok(AnyStore::new(Adapter::Sqlite(Arc::new(store))))
 }
 
-/// Creates the data directory if needed and checks it is writable; returns the path of
-/// the database file.
+/// Creates the data directory if needed, checks it is writable and makes it private
+/// (0700, its files 0600); returns the path of the database file.
 fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| {
         format!(
@@ -253,7 +286,9 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
         )
     })?;
     let _ = std::fs::remove_file(&probe);
-    Ok(dir.join(SQLITE_FILE))
+    let file = dir.join(SQLITE_FILE);
+    crate::data_dir::make_private(dir, &file)?;
+    Ok(file)
 }
 
 /// Connects the queue of `mode`; the embedded queue shares the SQLite store's file.
@@ -263,7 +298,7 @@ pub async fn open_broker(
     store: &AnyStore,
     connection_name: String,
 ) -> anyhow::Result<Arc<dyn Broker>> {
-    match (mode, store) {
+    match (mode, &store.adapter) {
         (Mode::Distributed { amqp_url, .. }, _) => {
             let mut rabbit = RabbitConfig::new(amqp_url.clone(), config.queue_prefix.clone());
             rabbit.connection_name = connection_name;
@@ -271,12 +306,12 @@ pub async fn open_broker(
                 || format!("cannot connect to RabbitMQ at {}", redact::url(amqp_url)),
             )?))
         }
-        (Mode::Embedded { .. }, AnyStore::Sqlite(sqlite)) => Ok(Arc::new(
+        (Mode::Embedded { .. }, Adapter::Sqlite(sqlite)) => Ok(Arc::new(
             EmbeddedBroker::open(sqlite.pool().clone(), EmbeddedConfig::default())
                 .await
                 .context("cannot open the embedded queue")?,
         )),
-        (Mode::Embedded { .. }, AnyStore::Postgres(_)) => {
+        (Mode::Embedded { .. }, Adapter::Postgres(_)) => {
             bail!("the embedded queue needs the embedded (SQLite) store")
         }
     }

@@ -97,6 +97,18 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_proxy: Option<String>,
 
+    // --- TLS to receivers (docs/SECURITY.md, "Mutual TLS to receivers") ---
+    /// A PEM client certificate chain presented to receivers that ask for one, unless the
+    /// subscription carries its own; needs `receiver_client_key_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver_client_cert_file: Option<PathBuf>,
+    /// The PEM private key of `receiver_client_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver_client_key_file: Option<PathBuf>,
+    /// PEM CA certificates trusted for receivers beside the system's (private PKI).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver_ca_file: Option<PathBuf>,
+
     // --- REST/JSON API (crates/hookline-rest) ---
     /// Where the REST/JSON API and its OpenAPI document (`/v1/openapi.json`) listen; unset:
     /// no REST API. It calls this process's gRPC API, so it serves what that serves.
@@ -120,6 +132,18 @@ pub struct Config {
     pub console_portal_max_ttl_secs: u64,
     /// Most console connections open at once; beyond it new connections are closed at once.
     pub console_max_connections: usize,
+
+    // --- Secrets at rest (crates/hookline-seal, docs/SECURITY.md) ---
+    /// The keyring sealing signing secrets and custom header values:
+    /// `<id>:<base64 of 32 bytes>[,<id>:<key>…]`, the first key sealing, the others only
+    /// opening (during a rotation). Prefer `encryption_key_file` outside development.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<SecretSetting>,
+    /// A file holding the keyring, one `<id>:<key>` per line, the first sealing. With
+    /// neither setting the embedded mode uses `<data_dir>/encryption.key`, made (0600) at
+    /// its first start; the distributed mode stores secrets unsealed, with a warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -156,8 +180,13 @@ impl Default for Config {
             egress_allow: Vec::new(),
             egress_deny: Vec::new(),
             egress_proxy: None,
+            receiver_client_cert_file: None,
+            receiver_client_key_file: None,
+            receiver_ca_file: None,
             rest_addr: None,
             rest_max_connections: 1024,
+            encryption_key: None,
+            encryption_key_file: None,
             console_addr: None,
             console_frame_ancestors: "'none'".into(),
             console_portal_secret: None,
@@ -284,6 +313,7 @@ impl Config {
             hookline_core::validate::stored_u32(name, value, 1, MAX_QUOTA)?;
         }
         config.egress()?;
+        crate::receiver_tls::from_config(&config)?;
         config.check_console()?;
         Ok(config)
     }
@@ -381,3 +411,14 @@ impl Config {
 
 /// The longest shutdown drain accepted: a stop should not take more than minutes.
 const MAX_SHUTDOWN_DRAIN_SECS: u64 = 600;
+
+/// A setting that is a secret: read like a string, never shown by `Debug`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretSetting(pub String);
+
+impl std::fmt::Debug for SecretSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}

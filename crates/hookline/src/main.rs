@@ -7,10 +7,13 @@ mod backends;
 mod client;
 mod config;
 mod console;
+mod data_dir;
 mod egress_config;
 mod elsewhere;
+mod encryption;
 mod keys;
 mod metrics_catalog;
+mod receiver_tls;
 mod rest;
 mod serve;
 mod services;
@@ -143,6 +146,9 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Re-seals every stored secret under the current (first) encryption key while the
+    /// others still open what they sealed; afterwards the old keys can be removed.
+    RotateEncryptionKey,
 }
 
 fn main() -> std::process::ExitCode {
@@ -205,10 +211,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Server::Serve(services, _) => serve::serve(config, services).await,
         Server::Migrate(_) => {
             let at = backends::StoreAt::from_config(&config)?;
-            let store = backends::open_store(&at, &config).await?;
+            let mut store = backends::open_store(&at, &config).await?;
             store.migrate().await?;
+            // Rows written before sealing are sealed as part of the migration.
+            let attached = encryption::attach(&mut store, &config, &at, true).await;
             store.close().await;
+            attached?;
             println!("migrations applied");
+            Ok(())
+        }
+        Server::Admin(AdminCommand::RotateEncryptionKey, _) => {
+            let at = backends::StoreAt::from_config(&config)?;
+            let store = backends::open_existing_store(&at, &config).await?;
+            let rotated = encryption::rotate(&store, &config, &at).await;
+            store.close().await;
+            println!("{}", rotated?);
             Ok(())
         }
         Server::Admin(AdminCommand::CreateKey { name, tenant, json }, _) => {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hookline_broker::Broker;
+use hookline_changes::RegistryChanges;
 use hookline_deliveries::DeliveryApi;
 use hookline_dispatcher::{Dispatcher, DispatcherConfig};
 use hookline_grpc::Authenticator;
@@ -50,10 +51,11 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let shutdown = CancellationToken::new();
     shutdown::on_signal(shutdown.clone(), drain);
 
-    let store = backends::open_store(&mode.store(), &config).await?;
+    let mut store = backends::open_store(&mode.store(), &config).await?;
     if config.migrate_on_start || matches!(mode, Mode::Embedded { .. }) {
         store.migrate().await?;
     }
+    crate::encryption::attach(&mut store, &config, &mode.store(), true).await?;
     let broker =
         backends::open_broker(&mode, &config, &store, connection_name(&config, &services)).await?;
     let wiring = Wiring {
@@ -61,15 +63,12 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         store: &store,
         broker: broker.clone(),
         auth: Authenticator::with_limits(store.registry(), config.key_limits()),
+        changes: RegistryChanges::follow(broker.as_ref(), shutdown.clone()).await,
         shutdown: shutdown.clone(),
         egress,
         egress_proxy: egress_settings.proxy,
     };
-    let mut tasks = vec![spawn_cache_invalidation(
-        broker.clone(),
-        wiring.auth.clone(),
-        shutdown.clone(),
-    )];
+    let mut tasks = vec![wiring.auth.follow(&wiring.changes, shutdown.clone())];
     let router = wiring.start_services(&services, &mut tasks).await?;
     let router = elsewhere::add_fallbacks(router, &services);
     tasks.push(tokio::spawn(report_gauges(
@@ -276,6 +275,8 @@ struct Wiring<'a> {
     store: &'a AnyStore,
     broker: Arc<dyn Broker>,
     auth: Authenticator,
+    /// The process's one follower of the registry change stream, fanned out to caches.
+    changes: RegistryChanges,
     shutdown: CancellationToken,
     /// The egress policy every subscription URL and every delivery goes through.
     egress: hookline_egress::Egress,
@@ -331,11 +332,7 @@ impl Wiring<'_> {
         tasks: &mut Vec<JoinHandle<()>>,
     ) -> Router {
         let matcher = SubscriptionMatcher::new(self.store.registry());
-        tasks.push(tokio::spawn(
-            matcher
-                .clone()
-                .follow(self.broker.clone(), self.shutdown.clone()),
-        ));
+        tasks.push(matcher.follow(&self.changes, self.shutdown.clone()));
         let api = IngestApi::new(
             IngestConfig {
                 max_payload_bytes: self.config.max_payload_bytes,
@@ -404,13 +401,15 @@ impl Wiring<'_> {
                 shutdown_drain: Duration::from_secs(config.shutdown_drain_secs),
                 egress: self.egress.clone(),
                 egress_proxy: self.egress_proxy.clone(),
+                receiver_tls: crate::receiver_tls::from_config(config)?,
                 ..DispatcherConfig::default()
             },
             self.store.registry(),
             self.store.deliveries(),
             self.broker.clone(),
         )
-        .context("cannot start the dispatcher")?;
+        .context("cannot start the dispatcher")?
+        .with_changes(self.changes.clone());
         let stop = self.shutdown.clone();
         Ok(tokio::spawn(async move {
             if let Err(e) = dispatcher.run(stop.clone()).await {
@@ -453,34 +452,6 @@ async fn announce_start(
         tracing::info!("{note}");
     }
     Ok(())
-}
-
-/// Drops cached API-key lookups when the registry announces a change (or after a
-/// reconnection, when changes may have been missed).
-fn spawn_cache_invalidation(
-    broker: Arc<dyn Broker>,
-    auth: Authenticator,
-    shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        use futures::StreamExt;
-        let mut changes = match broker.changes().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot follow registry changes; caches expire on their own");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                notice = changes.next() => match notice {
-                    Some(_) => auth.invalidate(),
-                    None => return,
-                },
-            }
-        }
-    })
 }
 
 /// How often the gauges of queue depth, retry backlog and subscription states are read.

@@ -181,6 +181,21 @@ the two URLs from the Secret (the chart's or an existing one), then extra variab
     secretKeyRef:
       name: {{ include "hookline.amqpSecretName" . }}
       key: {{ include "hookline.amqpSecretKey" . }}
+{{- include "hookline.encryptionEnv" . }}
+{{- end }}
+
+{{/*
+The encryption keyring (HOOKLINE_ENCRYPTION_KEY) from encryption.existingSecret, for the
+services and the migration hook (which seals rows written before); nothing when unset.
+*/}}
+{{- define "hookline.encryptionEnv" -}}
+{{- with .Values.encryption.existingSecret }}
+- name: HOOKLINE_ENCRYPTION_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.encryption.existingSecretKey }}
+{{- end }}
 {{- end }}
 
 {{/*

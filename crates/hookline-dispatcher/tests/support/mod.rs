@@ -370,6 +370,7 @@ impl Harness {
                 retry_schedule: options.schedule,
                 state: SubscriptionState::Enabled,
                 metadata: BTreeMap::new(),
+                client_identity: None,
                 payload_format: Default::default(),
                 secret: SubscriptionSecret {
                     id: Id::new(IdKind::Secret),

@@ -159,12 +159,14 @@ macro_rules! job_cols {
 }
 
 // The modules come after the column lists so that they can use them.
+mod client_certs;
 mod deliveries;
 pub(crate) mod error;
 mod events;
 mod quotas;
 mod registry;
 mod rows;
+mod sealing;
 mod secrets;
 
 #[async_trait]

@@ -1,11 +1,12 @@
 //! [`RegistryStore`] on PostgreSQL: tenants, subscriptions and their secrets, event types
 //! and API keys, the control plane's state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hookline_core::Id;
+use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{
     ApiKey, EventType, Subscription, SubscriptionSecret, SubscriptionState, Tenant,
 };
@@ -13,6 +14,7 @@ use hookline_core::quota::TenantQuotas;
 use sqlx::types::Json;
 
 use super::PgStore;
+use super::client_certs;
 use super::error::{Violation, map_violation};
 use super::quotas;
 use super::rows::{
@@ -170,6 +172,7 @@ impl RegistryStore for PgStore {
         // The secret belongs to the subscription being created, whatever its
         // `subscription_id` field says.
         insert_secret(&mut tx, &new.id, &new.secret).await?;
+        client_certs::put(&mut tx, &new.id, new.client_identity.as_ref()).await?;
         tx.commit().await.db()?;
         Ok(subscription)
     }
@@ -528,5 +531,20 @@ impl RegistryStore for PgStore {
                 .await
                 .db()?;
         Ok(until.flatten())
+    }
+
+    async fn set_client_identity(
+        &self,
+        id: &Id,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<(), StoreError> {
+        client_certs::set(&self.pool, id, identity).await
+    }
+
+    async fn client_identities(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, ClientIdentity>, StoreError> {
+        client_certs::load(&self.pool, ids).await
     }
 }

@@ -343,12 +343,14 @@ macro_rules! jobs_of_ids {
 // The data plane's modules come after the column lists so that they can use them.
 // The modules come after the column lists so that they can use them.
 mod bulk;
+mod client_certs;
 mod deliveries;
 pub(crate) mod error;
 mod events;
 mod quotas;
 mod registry;
 mod rows;
+mod sealing;
 mod secrets;
 
 /// A set of ids as the JSON array that `json_each(?)` takes apart.

@@ -2,11 +2,12 @@
 //! API keys. Every write is a `BEGIN IMMEDIATE` transaction on the writer (see the module
 //! docs of the adapter).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hookline_core::Id;
+use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{
     ApiKey, EventType, Subscription, SubscriptionSecret, SubscriptionState, Tenant,
 };
@@ -15,6 +16,7 @@ use sqlx::Row;
 use sqlx::types::Json;
 
 use super::SqliteStore;
+use super::client_certs;
 use super::error::{Violation, map_violation};
 use super::quotas;
 use super::rows::{
@@ -189,6 +191,7 @@ impl RegistryStore for SqliteStore {
         // The secret belongs to the subscription being created, whatever its
         // `subscription_id` field says.
         insert_secret(&mut tx, &new.id, &new.secret).await?;
+        client_certs::put(&mut tx, &new.id, new.client_identity.as_ref()).await?;
         tx.commit().await.db()?;
         Ok(subscription)
     }
@@ -591,6 +594,22 @@ impl RegistryStore for SqliteStore {
             .map(|us| from_micros("circuit_open_until", us))
             .transpose()
             .db()?)
+    }
+
+    async fn set_client_identity(
+        &self,
+        id: &Id,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<(), StoreError> {
+        let (tx, now) = self.write().await?;
+        client_certs::set(tx, now, id, identity).await
+    }
+
+    async fn client_identities(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, ClientIdentity>, StoreError> {
+        client_certs::load(&self.reader, ids).await
     }
 }
 

@@ -18,7 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use hookline_core::Id;
+use std::collections::BTreeMap;
+
+use hookline_core::model::{SubscriptionSecret, SubscriptionState};
+use hookline_core::{Id, IdKind};
+use hookline_store::NewSubscription;
 use hookline_store::{DeliveryStore, EventStore, PgStore, RegistryStore, SqliteStore, StoreHealth};
 use hookline_testkit::{TestDb, unique_name};
 
@@ -326,4 +330,33 @@ macro_rules! on_both_backends {
             }
         }
     };
+}
+
+/// An enabled subscription of `tenant_id` to a receiver URL, with a fixed secret and no
+/// client certificate: what a test needs when the subscription itself is not the point.
+pub fn new_subscription(tenant_id: &Id) -> NewSubscription {
+    let id = Id::new(IdKind::Subscription);
+    NewSubscription {
+        client_identity: None,
+        payload_format: Default::default(),
+        secret: SubscriptionSecret {
+            id: Id::new(IdKind::Secret),
+            subscription_id: id.clone(),
+            secret: "whsec_c2VjcmV0LW9uZS1zZWNyZXQtb25lLXNlY3JldA==".into(),
+            created_at: Utc::now(),
+            expires_at: None,
+        },
+        id,
+        tenant_id: tenant_id.clone(),
+        url: "https://receiver.example/hooks".into(),
+        description: String::new(),
+        event_types: vec![],
+        channels: vec![],
+        headers: BTreeMap::new(),
+        rate_limit_per_second: None,
+        max_in_flight: None,
+        retry_schedule: None,
+        state: SubscriptionState::Enabled,
+        metadata: BTreeMap::new(),
+    }
 }

@@ -1,6 +1,9 @@
 //! `hookline subscriptions`: a tenant's endpoints — create, list, show, change, enable
 //! (also after a `410 Gone` disabled one), disable, delete, and their signing secrets.
 
+use std::path::PathBuf;
+
+use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use hookline_proto::v1 as pb;
 use serde_json::{Value, json};
@@ -23,6 +26,11 @@ pub enum SubscriptionCommand {
         /// Create it disabled: it receives nothing until `subscriptions enable`.
         #[arg(long)]
         disabled: bool,
+        /// How requests are signed, fixed for the subscription's life: `hmac` (`v1`, a
+        /// shared `whsec_` secret; the default) or `ed25519` (`v1a`; receivers verify with
+        /// the `whpk_` public key printed instead of a secret).
+        #[arg(long, value_parser = ["hmac", "ed25519"])]
+        signature_scheme: Option<String>,
     },
     /// Lists a tenant's subscriptions in creation order.
     List {
@@ -56,6 +64,9 @@ pub enum SubscriptionCommand {
         /// Send no extra headers any more.
         #[arg(long, conflicts_with = "headers")]
         no_headers: bool,
+        /// Present no client certificate of its own any more (the server's default, if any).
+        #[arg(long, conflicts_with_all = ["client_cert", "client_key"])]
+        no_client_cert: bool,
     },
     /// Enables a subscription, also one disabled by a `410 Gone` or by failures.
     Enable {
@@ -116,6 +127,63 @@ pub struct Fields {
     /// (Standard Webhooks `{"type", "timestamp", "data"}`); see docs/RECEIVING.md.
     #[arg(long, value_parser = ["raw", "envelope"])]
     payload_format: Option<String>,
+    /// A PEM client certificate (chain, leaf first) presented to the endpoint when it asks
+    /// for one (mutual TLS); needs `--client-key`. The key is never shown again.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The PEM private key of `--client-cert`.
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+}
+
+/// Most bytes read from a `--client-cert`/`--client-key` file (the server allows 64 KiB).
+const MAX_PEM_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The client certificate of `--client-cert`/`--client-key`, read; `None` when not given.
+fn client_certificate(fields: &Fields) -> anyhow::Result<Option<pb::ClientCertificate>> {
+    let (Some(cert), Some(key)) = (&fields.client_cert, &fields.client_key) else {
+        return Ok(None);
+    };
+    let read = |flag: &str, path: &PathBuf| -> anyhow::Result<String> {
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("{flag} {}", path.display()))?
+            .len();
+        anyhow::ensure!(
+            len <= MAX_PEM_FILE_BYTES,
+            "{flag} {}: {len} bytes is too large for a PEM file",
+            path.display()
+        );
+        std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+    };
+    Ok(Some(pb::ClientCertificate {
+        certificate_pem: read("--client-cert", cert)?,
+        private_key_pem: read("--client-key", key)?,
+        ..Default::default()
+    }))
+}
+
+fn signature_scheme(name: &str) -> i32 {
+    match name {
+        "ed25519" => pb::SignatureScheme::Ed25519 as i32,
+        _ => pb::SignatureScheme::HmacSha256 as i32,
+    }
+}
+
+fn signature_scheme_name(value: i32) -> &'static str {
+    match pb::SignatureScheme::try_from(value) {
+        Ok(pb::SignatureScheme::Ed25519) => "ed25519",
+        _ => "hmac",
+    }
+}
+
+fn client_certificate_json(c: Option<&pb::ClientCertificate>) -> Value {
+    c.map_or(Value::Null, |c| {
+        json!({
+            "subject": c.subject,
+            "sha256_fingerprint": c.sha256_fingerprint,
+            "not_after": ts(c.not_after.as_ref()),
+        })
+    })
 }
 
 fn payload_format(name: &str) -> i32 {
@@ -176,6 +244,8 @@ fn subscription_json(s: &pb::Subscription) -> Value {
         "updated_at": ts(s.updated_at.as_ref()),
         "payload_format": payload_format_name(s.payload_format),
         "circuit_open_until": ts(s.circuit_open_until.as_ref()),
+        "signature_scheme": signature_scheme_name(s.signature_scheme),
+        "client_certificate": client_certificate_json(s.client_certificate.as_ref()),
     })
 }
 
@@ -221,8 +291,28 @@ pub async fn subscriptions(args: &ClientArgs, cmd: SubscriptionCommand) -> anyho
             url,
             fields,
             disabled,
-        } => create(&client, format, tenant, url, fields, disabled).await?,
-        SubscriptionCommand::List { tenant } => list(&client, format, tenant).await?,
+            signature_scheme,
+        } => {
+            let scheme = signature_scheme
+                .as_deref()
+                .map_or(0, self::signature_scheme);
+            create(&client, format, (tenant, url, scheme), fields, disabled).await?
+        }
+        SubscriptionCommand::List { tenant } => {
+            let mut registry = client.registry();
+            let all = all_pages(async |page_token| {
+                let msg = pb::ListSubscriptionsRequest {
+                    tenant_id: tenant.clone(),
+                    page_size: hookline_store::MAX_PAGE_LIMIT,
+                    page_token,
+                };
+                let page = registry.list_subscriptions(request(&client, msg)?).await;
+                let page = page.map_err(rpc)?.into_inner();
+                Ok((page.subscriptions, page.next_page_token))
+            })
+            .await?;
+            format.items(&all, subscription_json, &HEADERS, subscription_row);
+        }
         SubscriptionCommand::Get { id } => {
             let msg = pb::GetSubscriptionRequest {
                 subscription_id: id,
@@ -241,12 +331,14 @@ pub async fn subscriptions(args: &ClientArgs, cmd: SubscriptionCommand) -> anyho
             all_channels,
             default_retry_schedule,
             no_headers,
+            no_client_cert,
         } => {
             let clear = Clear {
                 event_types: all_event_types,
                 channels: all_channels,
                 retry_schedule: default_retry_schedule,
                 headers: no_headers,
+                client_certificate: no_client_cert,
             };
             let (sub, paths) = changes(id, url, fields, clear)?;
             print_one(format, &update(&client, sub, &paths).await?);
@@ -276,61 +368,40 @@ pub async fn subscriptions(args: &ClientArgs, cmd: SubscriptionCommand) -> anyho
         }
         SubscriptionCommand::Secret { id } => secret(&client, format, id).await?,
         SubscriptionCommand::RotateSecret { id, grace_secs } => {
-            rotate_secret(&client, format, id, grace_secs).await?
+            let msg = pb::RotateSecretRequest {
+                subscription_id: id,
+                grace_period: grace_secs.map(|s| duration_from_ms(s.saturating_mul(1000))),
+                secret: String::new(),
+            };
+            let res = client
+                .registry()
+                .rotate_secret(request(&client, msg)?)
+                .await;
+            let res = res.map_err(rpc)?.into_inner();
+            let expires = ts(res.previous_expires_at.as_ref());
+            let v = json!({"secret": res.secret, "previous_expires_at": expires});
+            format.one(&v, || {
+                println!("new signing secret: {}", res.secret);
+                println!("the previous secret keeps signing until {expires}");
+            });
         }
     }
     Ok(())
 }
 
-async fn list(client: &Client, format: Format, tenant: String) -> anyhow::Result<()> {
-    let mut registry = client.registry();
-    let all = all_pages(async |page_token| {
-        let msg = pb::ListSubscriptionsRequest {
-            tenant_id: tenant.clone(),
-            page_size: hookline_store::MAX_PAGE_LIMIT,
-            page_token,
-        };
-        let page = registry.list_subscriptions(request(client, msg)?).await;
-        let page = page.map_err(rpc)?.into_inner();
-        Ok((page.subscriptions, page.next_page_token))
-    })
-    .await?;
-    format.items(&all, subscription_json, &HEADERS, subscription_row);
-    Ok(())
-}
-
-async fn rotate_secret(
-    client: &Client,
-    format: Format,
-    id: String,
-    grace_secs: Option<u64>,
-) -> anyhow::Result<()> {
-    let msg = pb::RotateSecretRequest {
-        subscription_id: id,
-        grace_period: grace_secs.map(|s| duration_from_ms(s.saturating_mul(1000))),
-        secret: String::new(),
-    };
-    let res = client.registry().rotate_secret(request(client, msg)?).await;
-    let res = res.map_err(rpc)?.into_inner();
-    let expires = ts(res.previous_expires_at.as_ref());
-    let v = json!({"secret": res.secret, "previous_expires_at": expires});
-    format.one(&v, || {
-        println!("new signing secret: {}", res.secret);
-        println!("the previous secret keeps signing until {expires}");
-    });
-    Ok(())
-}
-
+/// `what` is the tenant, the URL and the signature scheme.
 async fn create(
     client: &Client,
     format: Format,
-    tenant: String,
-    url: String,
+    (tenant, url, signature_scheme): (String, String, i32),
     fields: Fields,
     disabled: bool,
 ) -> anyhow::Result<()> {
+    let client_certificate = client_certificate(&fields)?;
     let msg = pb::CreateSubscriptionRequest {
         subscription: Some(pb::Subscription {
+            signature_scheme,
+            client_certificate,
             tenant_id: tenant,
             url,
             description: fields.description.unwrap_or_default(),
@@ -356,8 +427,12 @@ async fn create(
     v["secret"] = Value::String(res.secret.clone());
     format.one(&v, || {
         print_table(&HEADERS, vec![subscription_row(&sub)]);
+        let what = match pb::SignatureScheme::try_from(sub.signature_scheme) {
+            Ok(pb::SignatureScheme::Ed25519) => "public key to verify `v1a` signatures with",
+            _ => "signing secret",
+        };
         println!(
-            "\nsigning secret (shown once; `hookline subscriptions secret {}` shows it again): {}",
+            "\n{what} (shown once; `hookline subscriptions secret {}` shows it again): {}",
             sub.id, res.secret
         );
     });
@@ -370,6 +445,7 @@ struct Clear {
     channels: bool,
     retry_schedule: bool,
     headers: bool,
+    client_certificate: bool,
 }
 
 /// The subscription carrying the changes, and the field-mask paths naming them.
@@ -384,6 +460,7 @@ fn changes(
         ..Default::default()
     };
     let mut paths = Vec::new();
+    sub.client_certificate = client_certificate(&fields)?;
     if let Some(url) = url {
         sub.url = url;
         paths.push("url");
@@ -420,11 +497,15 @@ fn changes(
         sub.payload_format = payload_format(f);
         paths.push("payload_format");
     }
+    if sub.client_certificate.is_some() || clear.client_certificate {
+        paths.push("client_certificate");
+    }
     anyhow::ensure!(
         !paths.is_empty(),
         "nothing to change: give at least one of --url, --event-type, --channel, \
          --retry-schedule-ms, --description, --rate-limit, --max-in-flight, \
-         --header, --payload-format, --all-event-types, --all-channels, --default-retry-schedule, --no-headers"
+         --header, --payload-format, --client-cert, --all-event-types, --all-channels, \
+         --default-retry-schedule, --no-headers, --no-client-cert"
     );
     Ok((sub, paths))
 }

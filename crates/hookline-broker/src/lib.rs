@@ -38,8 +38,6 @@
 pub mod amqp_tls;
 mod embedded;
 mod rabbit;
-mod reconnect;
-mod topology;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -57,9 +55,12 @@ pub use rabbit::{RabbitBroker, RabbitConfig};
 /// The work queues of the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QueueName {
-    /// Deliveries ready for a dispatcher to attempt now.
+    /// First attempts of new deliveries, queued by ingest (through the outbox); the
+    /// dispatcher consumes them.
     Deliveries,
-    /// Failed attempts handed to the retry service.
+    /// Later attempts: deliveries due again, queued by the retry scheduler and by a
+    /// manual retry or replay (DeliveryService). The dispatcher consumes them too, beside
+    /// [`QueueName::Deliveries`]; the name says what the messages are, not who reads them.
     Retries,
 }
 

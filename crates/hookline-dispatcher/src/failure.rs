@@ -12,7 +12,8 @@ use std::error::Error as StdError;
 use hookline_core::model::ErrorClass;
 use hookline_egress::EgressRefused;
 
-use crate::http::truncate;
+/// Longest error message an attempt keeps.
+const ERROR_MESSAGE_LIMIT: usize = 1024;
 
 /// The class of a transport error.
 pub(crate) fn classify(error: &reqwest::Error) -> ErrorClass {
@@ -136,4 +137,30 @@ fn certificate_problem(error: &reqwest::Error) -> Option<String> {
             )),
             _ => None,
         })
+}
+
+/// At most [`ERROR_MESSAGE_LIMIT`] bytes, cut on a character boundary.
+pub(crate) fn truncate(mut text: String) -> String {
+    if text.len() > ERROR_MESSAGE_LIMIT {
+        let mut end = ERROR_MESSAGE_LIMIT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_respects_characters() {
+        let text = "é".repeat(ERROR_MESSAGE_LIMIT);
+        let cut = truncate(text);
+        assert!(cut.len() <= ERROR_MESSAGE_LIMIT);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(truncate("short".into()), "short");
+    }
 }

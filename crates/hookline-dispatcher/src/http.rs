@@ -22,14 +22,11 @@ use hookline_core::model::{ErrorClass, RESPONSE_EXCERPT_LIMIT};
 use hookline_egress::{Egress, EgressRefused};
 
 use crate::config::DispatcherConfig;
-use crate::failure::{classify, describe, egress_refusal};
+use crate::failure::{classify, describe, egress_refusal, truncate};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Certificate, Client, Identity, StatusCode, Url};
 use tracing::Instrument as _;
 use tracing::field::Empty;
-
-/// Longest error message an attempt keeps.
-const ERROR_MESSAGE_LIMIT: usize = 1024;
 
 /// A client of a dispatcher and the egress policy it connects under.
 #[derive(Debug, Clone)]
@@ -300,18 +297,6 @@ async fn read_excerpt(response: &mut reqwest::Response) -> (Vec<u8>, Option<reqw
         }
     }
     (excerpt, None)
-}
-
-/// At most [`ERROR_MESSAGE_LIMIT`] bytes, cut on a character boundary.
-pub(crate) fn truncate(mut text: String) -> String {
-    if text.len() > ERROR_MESSAGE_LIMIT {
-        let mut end = ERROR_MESSAGE_LIMIT;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }
 
 #[cfg(test)]
@@ -603,14 +588,5 @@ mod tests {
             traced_url(&secret),
             "https://example.com/h?token=REDACTED&x=REDACTED"
         );
-    }
-
-    #[test]
-    fn truncation_respects_characters() {
-        let text = "é".repeat(ERROR_MESSAGE_LIMIT);
-        let cut = truncate(text);
-        assert!(cut.len() <= ERROR_MESSAGE_LIMIT);
-        assert!(cut.chars().all(|c| c == 'é'));
-        assert_eq!(truncate("short".into()), "short");
     }
 }

@@ -76,6 +76,43 @@ pub enum DispatcherError {
     BrokerClosed,
 }
 
+/// Lets in-flight deliveries finish (for at most `grace`), then lets the writer write and
+/// ack their outcomes (for at most [`OUTCOME_FLUSH`]). What is left is redelivered.
+async fn wind_down(
+    mut tasks: JoinSet<()>,
+    grace: Duration,
+    worker: Arc<Worker>,
+    mut writer: tokio::task::JoinHandle<()>,
+) {
+    tracing::info!(
+        in_flight = tasks.len(),
+        "dispatcher stopping; finishing in-flight deliveries"
+    );
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(done) = tasks.join_next().await {
+            report_task_end(done);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            abandoned = tasks.len(),
+            "in-flight deliveries did not finish in {grace:?}; they will be redelivered"
+        );
+        tasks.shutdown().await;
+    }
+    // The tasks are done, so this drops the last sender: the writer writes what it
+    // holds and ends.
+    drop(worker);
+    if tokio::time::timeout(OUTCOME_FLUSH, &mut writer)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the outcome writer did not finish; its messages will be redelivered");
+        writer.abort();
+    }
+}
+
 /// A dispatcher, ready to [`run`](Dispatcher::run).
 pub struct Dispatcher {
     cfg: DispatcherConfig,
@@ -260,35 +297,7 @@ impl Dispatcher {
             });
         }
 
-        tracing::info!(
-            in_flight = tasks.len(),
-            "dispatcher stopping; finishing in-flight deliveries"
-        );
-        let grace = cfg.shutdown_drain;
-        let drained = tokio::time::timeout(grace, async {
-            while let Some(done) = tasks.join_next().await {
-                report_task_end(done);
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                abandoned = tasks.len(),
-                "in-flight deliveries did not finish in {grace:?}; they will be redelivered"
-            );
-            tasks.shutdown().await;
-        }
-        // The tasks are done, so this drops the last sender: the writer writes what it
-        // holds and ends.
-        drop(worker);
-        let mut writer = writer;
-        if tokio::time::timeout(OUTCOME_FLUSH, &mut writer)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the outcome writer did not finish; its messages will be redelivered");
-            writer.abort();
-        }
+        wind_down(tasks, cfg.shutdown_drain, worker, writer).await;
         follower.abort();
         // Dropping the consumers last: acks go out on their channels until here.
         drop(messages);

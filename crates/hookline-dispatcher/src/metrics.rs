@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use hookline_store::port::NextStep;
 
-use crate::limits::DeferReason;
-
 /// Deliveries whose attempt outcome is durable, by `outcome` (succeeded, retrying, failed).
 pub const DELIVERIES_TOTAL: &str = "hookline_deliveries_total";
 /// Time from sending a request to having read its response excerpt.
@@ -35,7 +33,7 @@ pub(crate) fn attempt_finished(duration: Duration) {
 }
 
 /// Counts outcomes once they are durable.
-pub(crate) fn outcome_recorded(next: &NextStep) {
+pub(crate) fn count_delivery_outcome(next: &NextStep) {
     let outcome = match next {
         NextStep::Succeeded => "succeeded",
         NextStep::RetryAt(_) => "retrying",
@@ -45,8 +43,8 @@ pub(crate) fn outcome_recorded(next: &NextStep) {
 }
 
 /// Counts a deferral once it is durable.
-pub(crate) fn deferral_recorded(reason: DeferReason) {
-    metrics::counter!(DEFERRED_TOTAL, "reason" => reason.as_str()).increment(1);
+pub(crate) fn count_deferral(reason: &'static str) {
+    metrics::counter!(DEFERRED_TOTAL, "reason" => reason).increment(1);
 }
 
 pub(crate) fn circuits_open(count: i64) {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use hookline_broker::{Broker, BrokerError, ReceivedMessage};
+use hookline_broker::{Broker, ReceivedMessage};
 use hookline_core::job::{self, DeliveryJob};
 use hookline_core::model::{Attempt, ErrorClass, RegistryChange, SubscriptionState};
 use hookline_core::retry::parse_retry_after;
@@ -29,7 +29,7 @@ use hookline_core::{Id, IdKind};
 use hookline_store::port::{AttemptOutcome, NextStep, RegistryStore};
 use reqwest::StatusCode;
 use reqwest::header::HeaderValue;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::field::Empty;
@@ -39,9 +39,9 @@ use crate::cache::{Endpoint, Lookup, SubscriptionCache};
 use crate::circuit::Health;
 use crate::clients::Clients;
 use crate::http::{self, Exchange};
-use crate::limits::{Decision, DeferReason, Limits};
+use crate::limits::{Decision, DeferReason, Limits, Ticket};
 use crate::metrics;
-use crate::writer::Settle;
+use crate::writer::{Settle, settled};
 
 /// How long to hold a message before putting it back when the registry cannot be read,
 /// so a database outage does not spin messages through the queue.
@@ -110,24 +110,22 @@ impl Worker {
         settled("dead-letter", message.dead_letter().await);
     }
 
-    async fn deliver(&self, mut job: DeliveryJob, message: ReceivedMessage) {
+    async fn deliver(&self, job: DeliveryJob, message: ReceivedMessage) {
         let endpoint = match self.cache.get(&job.tenant_id, &job.subscription_id).await {
             Ok(Lookup::Found(endpoint)) => endpoint,
             Ok(Lookup::Gone) => {
                 tracing::debug!("subscription is gone with its deliveries; dropping the message");
-                record_outcome("dropped");
+                note_on_span("dropped");
                 settled("ack", message.ack().await);
                 return;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the subscription; putting the message back");
-                record_outcome("requeued");
                 tokio::select! {
                     () = self.shutdown.cancelled() => {}
                     () = tokio::time::sleep(STORE_TROUBLE_PAUSE) => {}
                 }
-                settled("requeue", message.retry_later().await);
-                return;
+                return self.put_back(message).await;
             }
         };
 
@@ -140,8 +138,7 @@ impl Worker {
                 },
                 deferred_reason: None,
             };
-            self.hand_over(outcome, message, None).await;
-            return;
+            return self.hand_over(outcome, message, None).await;
         }
 
         // The subscription's own gates first, so a message that cannot go never holds
@@ -154,44 +151,41 @@ impl Worker {
             Decision::Go(ticket) => ticket,
             Decision::Defer { reason, at } => {
                 tracing::debug!(reason = reason.as_str(), %at, "delivery deferred");
-                self.defer(&job, reason, at, message).await;
-                return;
+                return self.defer(&job, reason, at, message).await;
             }
-            Decision::Stopped => {
-                record_outcome("requeued");
-                settled("requeue", message.retry_later().await);
-                return;
-            }
+            Decision::Stopped => return self.put_back(message).await,
         };
         let permit = tokio::select! {
             biased;
-            permit = self.permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                // Never closed; put the message back rather than send without a permit.
-                Err(_) => {
-                    drop(ticket);
-                    record_outcome("requeued");
-                    settled("requeue", message.retry_later().await);
-                    return;
-                }
-            },
-            () = self.shutdown.cancelled() => {
-                drop(ticket);
-                record_outcome("requeued");
-                settled("requeue", message.retry_later().await);
-                return;
-            }
+            // Never closed; were it, the message goes back rather than without a permit.
+            permit = self.permits.clone().acquire_owned() => permit.ok(),
+            () = self.shutdown.cancelled() => None,
         };
+        let Some(permit) = permit else {
+            drop(ticket);
+            return self.put_back(message).await;
+        };
+        let outcome = self.send(job, &endpoint, ticket, permit).await;
+        self.hand_over(outcome, message, None).await;
+    }
 
+    /// Makes the attempt admitted by `ticket` and `permit` and decides what comes next.
+    async fn send(
+        &self,
+        mut job: DeliveryJob,
+        endpoint: &Endpoint,
+        ticket: Ticket,
+        permit: OwnedSemaphorePermit,
+    ) -> AttemptOutcome {
         let started_at = Utc::now();
         let payload = std::mem::take(&mut job.payload);
-        let exchange = self.attempt(&job, payload, &endpoint, started_at).await;
+        let exchange = self.attempt(&job, payload, endpoint, started_at).await;
         ticket.finish(health(&exchange));
         drop(permit);
         if exchange.sent {
             metrics::attempt_finished(exchange.duration);
         }
-        let next = self.decide(&job, &endpoint, &exchange).await;
+        let next = self.decide(&job, endpoint, &exchange).await;
         match (&exchange.status, &exchange.error) {
             (Some(status), _) => tracing::debug!(%status, ?next, "attempt answered"),
             (None, Some((class, error))) => {
@@ -199,13 +193,19 @@ impl Worker {
             }
             (None, None) => {}
         }
-        let outcome = AttemptOutcome {
+        AttemptOutcome {
             delivery_id: job.delivery_id.clone(),
             attempt: Some(attempt_record(&job, exchange)),
             next,
             deferred_reason: None,
-        };
-        self.hand_over(outcome, message, None).await;
+        }
+    }
+
+    /// Puts the message back on its queue with nothing recorded: the registry could
+    /// not be read, or the worker is stopping. It is delivered again later.
+    async fn put_back(&self, message: ReceivedMessage) {
+        note_on_span("requeued");
+        settled("requeue", message.retry_later().await);
     }
 
     /// Puts the delivery off until `at` without an attempt: the retry scheduler queues
@@ -349,7 +349,7 @@ impl Worker {
         deferred: Option<DeferReason>,
     ) {
         let span = tracing::Span::current();
-        record_outcome(match (&outcome.next, deferred) {
+        note_on_span(match (&outcome.next, deferred) {
             (_, Some(_)) => "deferred",
             (NextStep::Succeeded, None) => "succeeded",
             (NextStep::RetryAt(_), None) => "retry",
@@ -387,8 +387,9 @@ fn connect_trace(span: &tracing::Span, job: &DeliveryJob, message: &ReceivedMess
     hookline_telemetry::set_attribute(span, "event_type", job.event_type.clone());
 }
 
-/// Records what became of the delivery on its span.
-fn record_outcome(outcome: &'static str) {
+/// Notes what became of the delivery on its span (the `outcome` field); what is durable
+/// is recorded by the store (`DeliveryStore::record_outcomes`), what is counted by `metrics`.
+fn note_on_span(outcome: &'static str) {
     tracing::Span::current().record("outcome", outcome);
 }
 
@@ -421,14 +422,5 @@ fn attempt_record(job: &DeliveryJob, exchange: Exchange) -> Attempt {
         error_class,
         error_message,
         response_excerpt: exchange.excerpt,
-    }
-}
-
-/// Logs a settlement that did not reach the broker. A stale delivery (the channel closed
-/// since) is redelivered by the broker and needs nothing more.
-pub(crate) fn settled(what: &str, result: Result<(), BrokerError>) {
-    match result {
-        Ok(()) | Err(BrokerError::StaleDelivery) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot {what} a message; it will be redelivered"),
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::future::join_all;
-use hookline_broker::ReceivedMessage;
+use hookline_broker::{BrokerError, ReceivedMessage};
 use hookline_store::StoreError;
 use hookline_store::port::{AttemptOutcome, DeliveryStore};
 use tokio::sync::mpsc;
@@ -27,7 +27,6 @@ use tracing::Instrument as _;
 
 use crate::limits::DeferReason;
 use crate::metrics;
-use crate::worker::settled;
 
 /// How long a failing write is retried before its messages go back to the queue.
 const WRITE_RETRY_TOTAL: Duration = Duration::from_secs(15);
@@ -46,8 +45,8 @@ pub(crate) struct Settle {
 /// Counts one outcome once it is durable.
 fn count(outcome: &AttemptOutcome, deferred: Option<DeferReason>) {
     match deferred {
-        Some(reason) => metrics::deferral_recorded(reason),
-        None => metrics::outcome_recorded(&outcome.next),
+        Some(reason) => metrics::count_deferral(reason.as_str()),
+        None => metrics::count_delivery_outcome(&outcome.next),
     }
 }
 
@@ -183,4 +182,13 @@ fn backoff() -> ExponentialBuilder {
         .with_jitter()
         .without_max_times()
         .with_total_delay(Some(WRITE_RETRY_TOTAL))
+}
+
+/// Logs a settlement that did not reach the broker. A stale delivery (the channel closed
+/// since) is redelivered by the broker and needs nothing more.
+pub(crate) fn settled(what: &str, result: Result<(), BrokerError>) {
+    match result {
+        Ok(()) | Err(BrokerError::StaleDelivery) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot {what} a message; it will be redelivered"),
+    }
 }

@@ -1,5 +1,5 @@
-//! [`Egress`]: the policy and the resolver together, as the registry (create-time check)
-//! and the dispatcher (connect-time check) use them.
+//! [`Egress`]: the policy and the lookup together, as the registry (create-time check)
+//! and the dispatcher (connect-time check, through [`Egress::resolver`]) use them.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -11,7 +11,6 @@ use url::{Host, Url};
 
 use crate::lookup::{Lookup, SystemLookup};
 use crate::policy::{EgressPolicy, Refusal};
-use crate::resolver::EgressResolver;
 
 /// How long the create-time check waits for DNS before it lets the URL through (the
 /// connect-time check still applies).
@@ -126,12 +125,6 @@ impl Egress {
                 })?;
         }
         Ok(())
-    }
-
-    /// A resolver for `reqwest` that connects only to addresses this policy allows.
-    /// `exempt_host` (the operator's proxy) is resolved without the policy.
-    pub fn resolver(&self, exempt_host: Option<String>) -> EgressResolver {
-        EgressResolver::new(self.clone(), exempt_host)
     }
 }
 

@@ -17,8 +17,16 @@ pub struct EgressResolver {
     exempt_host: Option<String>,
 }
 
+impl Egress {
+    /// A resolver for `reqwest` that connects only to addresses this policy allows.
+    /// `exempt_host` (the operator's proxy) is resolved without the policy.
+    pub fn resolver(&self, exempt_host: Option<String>) -> EgressResolver {
+        EgressResolver::new(self.clone(), exempt_host)
+    }
+}
+
 impl EgressResolver {
-    pub(crate) fn new(egress: Egress, exempt_host: Option<String>) -> Self {
+    fn new(egress: Egress, exempt_host: Option<String>) -> Self {
         Self {
             egress,
             exempt_host: exempt_host.map(|h| h.to_ascii_lowercase()),

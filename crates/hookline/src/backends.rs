@@ -21,7 +21,7 @@ use hookline_store::{PgStore, SealedRegistry, SqliteStore};
 use sqlx::migrate::MigrateDatabase;
 
 use crate::config::Config;
-use crate::serve::Service;
+use crate::services::Service;
 
 /// The file of the embedded database inside the data directory.
 const SQLITE_FILE: &str = "hookline.db";

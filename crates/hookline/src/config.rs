@@ -230,6 +230,11 @@ impl Default for Config {
     }
 }
 
+/// Shortest `console_portal_secret` accepted.
+const MIN_SECRET_LEN: usize = 32;
+/// Bounds of `console_portal_max_ttl_secs`: a minute to a week.
+const MAX_TTL_BOUNDS: (u64, u64) = (60, 7 * 24 * 3600);
+
 /// Flags that override the file and the environment.
 #[derive(Debug, Default, Clone, Serialize, clap::Args)]
 pub struct CliOverrides {
@@ -341,11 +346,50 @@ impl Config {
         ] {
             hookline_core::validate::stored_u32(name, value, 1, MAX_QUOTA)?;
         }
-        crate::egress_config::Egress::from_config(&config)?;
+        config.egress()?;
         config.tls_files()?;
         crate::receiver_tls::from_config(&config)?;
-        crate::console::check_config(&config)?;
+        config.check_console()?;
         Ok(config)
+    }
+
+    /// The egress settings, checked.
+    pub fn egress(&self) -> anyhow::Result<crate::egress_config::Egress> {
+        crate::egress_config::Egress::from_settings(
+            &self.egress_allow,
+            &self.egress_deny,
+            self.egress_proxy.as_deref(),
+        )
+    }
+
+    /// Refuses console settings that cannot work, saying what is allowed.
+    fn check_console(&self) -> anyhow::Result<()> {
+        if let Some(secret) = &self.console_portal_secret {
+            anyhow::ensure!(
+                secret.len() >= MIN_SECRET_LEN,
+                "console_portal_secret has {} characters; it needs at least {MIN_SECRET_LEN}",
+                secret.len()
+            );
+        }
+        let (lo, hi) = MAX_TTL_BOUNDS;
+        anyhow::ensure!(
+            (lo..=hi).contains(&self.console_portal_max_ttl_secs),
+            "console_portal_max_ttl_secs is {}; allowed: {lo} to {hi}",
+            self.console_portal_max_ttl_secs
+        );
+        anyhow::ensure!(
+            self.console_max_connections >= 1,
+            "console_max_connections must be at least 1"
+        );
+        let ancestors = self.console_frame_ancestors.trim();
+        anyhow::ensure!(
+            !ancestors.is_empty()
+                && ancestors.len() <= 1000
+                && ancestors.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                && !ancestors.contains([';', ',']),
+            "console_frame_ancestors is {ancestors:?}; allowed: 'none', 'self' or origins separated by spaces"
+        );
+        Ok(())
     }
 
     /// The limits before authentication and per connection.

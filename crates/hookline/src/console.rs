@@ -15,41 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
-/// Shortest `console_portal_secret` accepted.
-const MIN_SECRET_LEN: usize = 32;
-/// Bounds of `console_portal_max_ttl_secs`: a minute to a week.
-const MAX_TTL_BOUNDS: (u64, u64) = (60, 7 * 24 * 3600);
-
-/// Refuses console settings that cannot work, saying what is allowed.
-pub fn check_config(config: &Config) -> anyhow::Result<()> {
-    if let Some(secret) = &config.console_portal_secret {
-        anyhow::ensure!(
-            secret.len() >= MIN_SECRET_LEN,
-            "console_portal_secret has {} characters; it needs at least {MIN_SECRET_LEN}",
-            secret.len()
-        );
-    }
-    let (lo, hi) = MAX_TTL_BOUNDS;
-    anyhow::ensure!(
-        (lo..=hi).contains(&config.console_portal_max_ttl_secs),
-        "console_portal_max_ttl_secs is {}; allowed: {lo} to {hi}",
-        config.console_portal_max_ttl_secs
-    );
-    anyhow::ensure!(
-        config.console_max_connections >= 1,
-        "console_max_connections must be at least 1"
-    );
-    let ancestors = config.console_frame_ancestors.trim();
-    anyhow::ensure!(
-        !ancestors.is_empty()
-            && ancestors.len() <= 1000
-            && ancestors.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
-            && !ancestors.contains([';', ',']),
-        "console_frame_ancestors is {ancestors:?}; allowed: 'none', 'self' or origins separated by spaces"
-    );
-    Ok(())
-}
-
 /// Starts serving the console on `listener` until `shutdown`; returns its address.
 pub fn start(
     listener: TcpListener,

@@ -6,8 +6,6 @@ use hookline_egress::{EgressPolicy, parse_range};
 use serde::{Deserialize, Deserializer};
 use url::Url;
 
-use crate::config::Config;
-
 /// The egress settings, checked.
 pub struct Egress {
     pub policy: EgressPolicy,
@@ -15,18 +13,20 @@ pub struct Egress {
 }
 
 impl Egress {
-    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+    /// Checks the three settings (`egress_allow`, `egress_deny`, `egress_proxy`).
+    pub fn from_settings(
+        allow: &[String],
+        deny: &[String],
+        proxy: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let parse = |setting: &str, list: &[String]| -> anyhow::Result<Vec<ipnet::IpNet>> {
             list.iter()
                 .filter(|s| !s.trim().is_empty())
                 .map(|s| parse_range(s).with_context(|| format!("invalid {setting}")))
                 .collect()
         };
-        let policy = EgressPolicy::new(
-            parse("egress_allow", &config.egress_allow)?,
-            parse("egress_deny", &config.egress_deny)?,
-        );
-        let proxy = match config.egress_proxy.as_deref().map(str::trim) {
+        let policy = EgressPolicy::new(parse("egress_allow", allow)?, parse("egress_deny", deny)?);
+        let proxy = match proxy.map(str::trim) {
             None | Some("") => None,
             Some(raw) => {
                 let url = Url::parse(raw).with_context(|| {
@@ -67,8 +67,7 @@ pub fn ranges<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>,
 // figment::Jail's closures return figment's own (large) error type.
 #[allow(clippy::result_large_err)]
 mod tests {
-    use super::*;
-    use crate::config::CliOverrides;
+    use crate::config::{CliOverrides, Config};
 
     #[test]
     fn settings_come_from_the_environment_as_comma_separated_lists() {
@@ -78,7 +77,7 @@ mod tests {
             jail.set_env("HOOKLINE_EGRESS_PROXY", "http://proxy.internal:4750");
             let config = Config::load(None, &CliOverrides::default()).unwrap();
             assert_eq!(config.egress_allow, ["127.0.0.1/32", "::1"]);
-            let egress = Egress::from_config(&config).unwrap();
+            let egress = config.egress().unwrap();
             assert!(egress.policy.check("127.0.0.1".parse().unwrap()).is_ok());
             assert!(egress.policy.check("10.9.1.1".parse().unwrap()).is_err());
             assert_eq!(egress.proxy.unwrap().port(), Some(4750));
@@ -98,7 +97,7 @@ mod tests {
 
     #[test]
     fn the_default_allows_no_special_range() {
-        let egress = Egress::from_config(&Config::default()).unwrap();
+        let egress = Config::default().egress().unwrap();
         assert!(egress.policy.check("127.0.0.1".parse().unwrap()).is_err());
         assert!(egress.proxy.is_none());
     }

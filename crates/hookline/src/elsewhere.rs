@@ -15,7 +15,7 @@ use tonic::codegen::{Context, Poll, Service as TowerService};
 use tonic::server::NamedService;
 use tonic::service::Routes as Router;
 
-use crate::serve::Service;
+use crate::services::Service;
 
 /// The services not in `running`, and the commands that start them, for the log; `None`
 /// when this process runs them all.
@@ -60,7 +60,7 @@ pub fn add_fallbacks(mut router: Router, running: &BTreeSet<Service>) -> Router 
     }
     if !running.contains(&Service::Retry) {
         router = router.add_service(RunsElsewhere::<
-            pb::delivery_service_server::DeliveryServiceServer<hookline_retry::DeliveryApi>,
+            pb::delivery_service_server::DeliveryServiceServer<hookline_deliveries::DeliveryApi>,
         >::new(message(Service::Retry)));
     }
     router

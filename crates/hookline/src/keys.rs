@@ -18,7 +18,7 @@ use hookline_grpc::auth;
 use hookline_store::StoreError;
 use hookline_store::port::{NewApiKey, PageRequest, RegistryStore};
 
-use crate::serve::announce;
+use crate::stdout::announce;
 
 /// The marker file of the first admin key, in the data directory.
 const FIRST_KEY_MARKER: &str = "first-admin-key";

@@ -16,7 +16,9 @@ mod metrics_catalog;
 mod receiver_tls;
 mod rest;
 mod serve;
+mod services;
 mod shutdown;
+mod stdout;
 mod tail;
 
 use std::path::PathBuf;
@@ -126,6 +128,7 @@ enum Command {
         server: ServerArgs,
     },
     /// Benchmarks a spawned or running server end to end (see `hookline bench --list`).
+    #[cfg(feature = "bench")]
     Bench(hookline_bench::BenchArgs),
 }
 
@@ -191,9 +194,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return client::deliveries(&client, command).await;
         }
         Command::Tail { tail, client } => return tail::tail(&client, tail).await,
+        #[cfg(feature = "bench")]
         Command::Bench(args) => return Ok(hookline_bench::run(args).await?),
         Command::Serve { services, server } => {
-            Server::Serve(serve::parse_services(&services)?, server)
+            Server::Serve(services::parse_services(&services)?, server)
         }
         Command::Migrate { server } => Server::Migrate(server),
         Command::Admin { command, server } => Server::Admin(command, server),
@@ -282,7 +286,7 @@ fn client_flags_after_command(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi
 
 /// A command that runs or administers an installation, with its settings.
 enum Server {
-    Serve(std::collections::BTreeSet<serve::Service>, ServerArgs),
+    Serve(std::collections::BTreeSet<services::Service>, ServerArgs),
     Migrate(ServerArgs),
     Admin(AdminCommand, ServerArgs),
 }

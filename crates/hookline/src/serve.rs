@@ -2,14 +2,14 @@
 //! one gRPC port and the admin HTTP port, and stops them all on SIGTERM (`shutdown`).
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use hookline_broker::Broker;
 use hookline_changes::RegistryChanges;
+use hookline_deliveries::DeliveryApi;
 use hookline_dispatcher::{Dispatcher, DispatcherConfig};
 use hookline_grpc::Authenticator;
 use hookline_grpc::served;
@@ -19,7 +19,7 @@ use hookline_ingest::{IngestApi, IngestConfig, SubscriptionMatcher};
 use hookline_outbox::{Relay, RelayConfig};
 use hookline_proto::v1 as pb;
 use hookline_registry::RegistryApi;
-use hookline_retry::{DeliveryApi, Scheduler, SchedulerConfig};
+use hookline_retry::{Scheduler, SchedulerConfig};
 use hookline_store::port::RegistryStore;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -30,63 +30,12 @@ use tonic::service::Routes as Router;
 use crate::admin_http::{self, AdminState};
 use crate::backends::{self, AnyStore, Mode};
 use crate::config::Config;
-use crate::egress_config;
 use crate::keys::{self, Endpoints};
+use crate::services::Service;
 use crate::shutdown;
+use crate::stdout::announce;
 use crate::{console, rest};
 use crate::{elsewhere, metrics_catalog};
-
-/// The services one process can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Service {
-    Registry,
-    Ingest,
-    Dispatcher,
-    Retry,
-}
-
-impl Service {
-    pub const ALL: [Service; 4] = [
-        Service::Registry,
-        Service::Ingest,
-        Service::Dispatcher,
-        Service::Retry,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Service::Registry => "registry",
-            Service::Ingest => "ingest",
-            Service::Dispatcher => "dispatcher",
-            Service::Retry => "retry",
-        }
-    }
-}
-
-impl fmt::Display for Service {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// Parses `registry,ingest,…`; `all` means all four.
-pub fn parse_services(list: &str) -> anyhow::Result<BTreeSet<Service>> {
-    let mut out = BTreeSet::new();
-    for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        if raw == "all" {
-            out.extend(Service::ALL);
-            continue;
-        }
-        let Some(service) = Service::ALL.into_iter().find(|s| s.name() == raw) else {
-            bail!("unknown service {raw:?}; allowed: all, registry, ingest, dispatcher, retry");
-        };
-        out.insert(service);
-    }
-    if out.is_empty() {
-        bail!("--services names no service; allowed: all, registry, ingest, dispatcher, retry");
-    }
-    Ok(out)
-}
 
 /// Runs `services` until SIGTERM or Ctrl-C, then stops within the drain bound.
 ///
@@ -96,7 +45,7 @@ pub fn parse_services(list: &str) -> anyhow::Result<BTreeSet<Service>> {
 pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Result<()> {
     let mode = Mode::from_config(&config)?;
     mode.check_services(&services)?;
-    let egress_settings = egress_config::Egress::from_config(&config)?;
+    let egress_settings = config.egress()?;
     let egress = hookline_egress::Egress::system(egress_settings.policy);
     let mut listeners = Listeners::bind(&config).await?;
     let metrics = install_metrics()?;
@@ -525,14 +474,6 @@ async fn announce_start(
         tracing::info!("{note}");
     }
     Ok(())
-}
-
-/// Writes `text` and a newline on stdout, flushed; false when stdout is gone (a closed
-/// pipe), which never stops the server.
-pub fn announce(text: &str) -> bool {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
 }
 
 /// How often the gauges of queue depth, retry backlog and subscription states are read.

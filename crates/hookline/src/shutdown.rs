@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backends::AnyStore;
-use crate::serve::announce;
+use crate::stdout::announce;
 
 /// Cancels `token` on the first SIGTERM or Ctrl-C, and exits the process on the second.
 pub fn on_signal(token: CancellationToken, drain: Duration) {

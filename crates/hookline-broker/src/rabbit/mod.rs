@@ -4,34 +4,32 @@
 //! persistent messages, publisher confirms, consumers with manual
 //! acknowledgement and bounded prefetch, and a fanout exchange for registry
 //! changes. The connection itself is owned by the manager task of
-//! [`crate::reconnect`]; this module turns port calls into AMQP operations on
+//! [`reconnect`]; this module turns port calls into AMQP operations on
 //! whatever connection is live, and makes consumer streams re-subscribe after
 //! a reconnection.
 
-use std::collections::BTreeMap;
+mod message;
+mod reconnect;
+mod subscription;
+mod topology;
+
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backon::BackoffBuilder;
-use futures::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Confirmation, Consumer};
+use lapin::{BasicProperties, Confirmation};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
 
-use crate::reconnect::{self, Live, Shared};
-use crate::topology::{Topology, short};
+use self::message::{properties, received};
+use self::reconnect::{Live, Shared};
+use self::subscription::{Next, Subscription, Target};
+use self::topology::{Topology, short};
 use crate::{
-    Acker, Broker, BrokerError, ChangeNotice, ChangeStream, MessageStream, OutgoingMessage,
-    QueueName, ReceivedMessage, Settlement,
+    Broker, BrokerError, ChangeNotice, ChangeStream, MessageStream, OutgoingMessage, QueueName,
 };
 
 /// Settings of the RabbitMQ adapter. [`Default`] works on a laptop.
@@ -171,11 +169,6 @@ impl RabbitBroker {
     /// The configured name prefix.
     pub fn prefix(&self) -> &str {
         &self.shared.cfg.prefix
-    }
-
-    /// The full RabbitMQ name of a work queue (`{prefix}.deliveries`).
-    pub fn queue_full_name(&self, queue: QueueName) -> &str {
-        self.shared.topology.queue(queue)
     }
 
     /// The full RabbitMQ name of the dead-letter queue (`{prefix}.dead-letter`).
@@ -433,275 +426,6 @@ impl Broker for RabbitBroker {
     }
 }
 
-/// AMQP properties of an outgoing message.
-fn properties(
-    headers: &BTreeMap<String, String>,
-    persistent: bool,
-) -> Result<BasicProperties, String> {
-    let mut table = FieldTable::default();
-    for (name, value) in headers {
-        let key = ShortString::try_new(name.as_str()).map_err(|_| {
-            format!(
-                "header name {:?}... is {} bytes long; AMQP allows 255",
-                name.chars().take(32).collect::<String>(),
-                name.len()
-            )
-        })?;
-        table.insert(key, AMQPValue::LongString(LongString::from(value.as_str())));
-    }
-    Ok(BasicProperties::default()
-        .with_delivery_mode(if persistent { 2 } else { 1 })
-        .with_headers(table))
-}
-
-/// Turns a lapin delivery into a port message.
-fn received(delivery: Delivery) -> ReceivedMessage {
-    let headers = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .map(|table| {
-            table
-                .inner()
-                .iter()
-                .filter_map(|(name, value)| header_string(value).map(|v| (name.to_string(), v)))
-                .collect()
-        })
-        .unwrap_or_default();
-    ReceivedMessage::new(
-        delivery.data,
-        headers,
-        delivery.redelivered,
-        Box::new(RabbitAcker(delivery.acker)),
-    )
-}
-
-/// The string form of a header value; `None` for tables, arrays and the like.
-fn header_string(value: &AMQPValue) -> Option<String> {
-    Some(match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.to_string(),
-        AMQPValue::Boolean(v) => v.to_string(),
-        AMQPValue::ShortShortInt(v) => v.to_string(),
-        AMQPValue::ShortShortUInt(v) => v.to_string(),
-        AMQPValue::ShortInt(v) => v.to_string(),
-        AMQPValue::ShortUInt(v) => v.to_string(),
-        AMQPValue::LongInt(v) => v.to_string(),
-        AMQPValue::LongUInt(v) => v.to_string(),
-        AMQPValue::LongLongInt(v) => v.to_string(),
-        AMQPValue::Timestamp(v) => v.to_string(),
-        _ => return None,
-    })
-}
-
-/// Settles a message on the channel it came from.
-struct RabbitAcker(lapin::Acker);
-
-#[async_trait]
-impl Acker for RabbitAcker {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), BrokerError> {
-        let result = match settlement {
-            Settlement::Ack => self.0.ack(BasicAckOptions::default()).await,
-            Settlement::Requeue => {
-                self.0
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    })
-                    .await
-            }
-            Settlement::DeadLetter => {
-                self.0
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: false,
-                    })
-                    .await
-            }
-        };
-        match result {
-            Ok(true) => Ok(()),
-            // lapin refuses to settle on a closed channel: the broker has
-            // already put the message back.
-            Ok(false) => Err(BrokerError::StaleDelivery),
-            Err(_) if self.0.poisoned() => Err(BrokerError::StaleDelivery),
-            Err(e) => Err(BrokerError::backend("settle a message", e)),
-        }
-    }
-}
-
-/// What a subscription consumes.
-enum Target {
-    /// A work queue, manual acknowledgement.
-    Queue { name: String, prefetch: u16 },
-    /// A private queue bound to the changes exchange, automatic
-    /// acknowledgement (a missed change is covered by a resync).
-    Changes,
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Queue { name, .. } => write!(f, "queue {name}"),
-            Target::Changes => f.write_str("the change announcements"),
-        }
-    }
-}
-
-impl Target {
-    /// Opens a channel on `live` and starts consuming.
-    async fn open(&self, shared: &Shared, live: &Live) -> lapin::Result<Consumer> {
-        let channel = live.channel().await?;
-        match self {
-            Target::Queue { name, prefetch } => {
-                channel
-                    .basic_qos(*prefetch, BasicQosOptions::default())
-                    .await?;
-                channel
-                    .basic_consume(
-                        short(name),
-                        ShortString::from(""),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-            }
-            Target::Changes => {
-                // Explicitly classic: a vhost whose default queue type is
-                // quorum would refuse an exclusive queue otherwise.
-                let mut arguments = FieldTable::default();
-                arguments.insert(
-                    "x-queue-type".into(),
-                    AMQPValue::LongString(LongString::from("classic")),
-                );
-                let queue = channel
-                    .queue_declare(
-                        ShortString::from(""),
-                        QueueDeclareOptions {
-                            exclusive: true,
-                            auto_delete: true,
-                            ..Default::default()
-                        },
-                        arguments,
-                    )
-                    .await?;
-                channel
-                    .queue_bind(
-                        queue.name().clone(),
-                        short(&shared.topology.changes_exchange),
-                        ShortString::from(""),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-                channel
-                    .basic_consume(
-                        queue.name().clone(),
-                        ShortString::from(""),
-                        BasicConsumeOptions {
-                            no_ack: true,
-                            exclusive: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-            }
-        }
-    }
-}
-
-/// What [`Subscription::next`] yields.
-#[allow(
-    clippy::large_enum_variant,
-    reason = "moved once per message straight out of `next`; boxing would only add an allocation"
-)]
-enum Next {
-    Delivery(Delivery),
-    /// The consumer was re-established after an interruption.
-    Resubscribed,
-}
-
-/// A consumer that re-subscribes by itself whenever its channel or connection
-/// ends, until the broker shuts down.
-struct Subscription {
-    shared: Arc<Shared>,
-    target: Target,
-    consumer: Option<Consumer>,
-}
-
-impl Subscription {
-    /// Subscribes now (waiting a bounded time for a connection), so that
-    /// errors such as a missing queue surface to the caller.
-    async fn start(shared: Arc<Shared>, target: Target) -> Result<Self, BrokerError> {
-        let live = shared.live(Some(shared.cfg.reconnect_max_wait)).await?;
-        let consumer = target
-            .open(&shared, &live)
-            .await
-            .map_err(|e| BrokerError::backend(format!("start consuming {target}"), e))?;
-        Ok(Self {
-            shared,
-            target,
-            consumer: Some(consumer),
-        })
-    }
-
-    /// The next delivery; `None` once the broker is shut down.
-    async fn next(&mut self) -> Option<Next> {
-        loop {
-            let Some(consumer) = self.consumer.as_mut() else {
-                self.consumer = Some(self.resubscribe().await?);
-                return Some(Next::Resubscribed);
-            };
-            let item = tokio::select! {
-                () = self.shared.shutdown.cancelled() => return None,
-                item = consumer.next() => item,
-            };
-            match item {
-                Some(Ok(delivery)) => return Some(Next::Delivery(delivery)),
-                Some(Err(error)) => {
-                    if self.shared.shutdown.is_cancelled() {
-                        return None;
-                    }
-                    warn!(subscription = %self.target, %error, "consumer interrupted; subscribing again");
-                }
-                None => {
-                    if self.shared.shutdown.is_cancelled() {
-                        return None;
-                    }
-                    warn!(subscription = %self.target, "consumer ended by the broker; subscribing again");
-                }
-            }
-            self.consumer = None;
-        }
-    }
-
-    /// Subscribes again on the live connection, waiting for one and backing
-    /// off between failed attempts; `None` at shutdown.
-    async fn resubscribe(&self) -> Option<Consumer> {
-        let mut backoff = self.shared.backoff().build();
-        loop {
-            let live = self.shared.live(None).await.ok()?;
-            match self.target.open(&self.shared, &live).await {
-                Ok(consumer) => {
-                    info!(subscription = %self.target, generation = live.generation, "consumer subscribed again");
-                    return Some(consumer);
-                }
-                Err(error) => {
-                    let delay = backoff
-                        .next()
-                        .unwrap_or(self.shared.cfg.reconnect_max_backoff);
-                    warn!(subscription = %self.target, %error, retry_in = ?delay, "cannot subscribe; retrying");
-                    tokio::select! {
-                        () = self.shared.shutdown.cancelled() => return None,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,28 +433,5 @@ mod tests {
     #[test]
     fn the_configuration_prints_no_password() {
         assert!(!format!("{:?}", RabbitConfig::default()).contains("guest:guest"));
-    }
-
-    #[test]
-    fn headers_round_trip() {
-        let mut headers = BTreeMap::new();
-        headers.insert("traceparent".to_owned(), "00-abc-def-01".to_owned());
-        let props = properties(&headers, true).unwrap();
-        assert_eq!(*props.delivery_mode(), Some(2));
-        let table = props.headers().as_ref().unwrap();
-        let value = table.inner().get("traceparent").unwrap();
-        assert_eq!(header_string(value).as_deref(), Some("00-abc-def-01"));
-        assert_eq!(
-            header_string(&AMQPValue::LongLongInt(3)).as_deref(),
-            Some("3")
-        );
-    }
-
-    #[test]
-    fn overlong_header_names_are_refused() {
-        let mut headers = BTreeMap::new();
-        headers.insert("x".repeat(300), "v".to_owned());
-        let error = properties(&headers, true).unwrap_err();
-        assert!(error.contains("300 bytes"), "{error}");
     }
 }

@@ -28,9 +28,9 @@ use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::RabbitConfig;
+use super::topology::Topology;
 use crate::BrokerError;
-use crate::rabbit::RabbitConfig;
-use crate::topology::Topology;
 
 /// How often the manager double-checks the connection state, in case a
 /// failure produced no event.

@@ -1,4 +1,9 @@
 //! `hookline.v1.DeliveryService`: what happened to each delivery, and manual retries.
+//!
+//! Its own crate because it is an API over the delivery records, not part of the retry
+//! scheduler (`hookline-retry`); the two run in the same `retry` service of the binary.
+//! A manual retry or replay commits its jobs to the outbox and queues them on
+//! [`QueueName::Retries`], as the scheduler does.
 
 use std::collections::HashSet;
 use std::pin::Pin;

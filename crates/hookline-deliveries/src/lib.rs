@@ -14,7 +14,6 @@ use chrono::Utc;
 use hookline_broker::{Broker, QueueName};
 use hookline_core::model::Delivery;
 use hookline_core::{Id, IdKind};
-use hookline_grpc::keys;
 use hookline_grpc::status::{from_id, from_store, invalid, shutting_down};
 use hookline_grpc::{
     Authenticator, Gate, MessageLimits, Principal, convert, page_request, page_response, principal,
@@ -354,7 +353,7 @@ impl DeliveryService for DeliveryApi {
             }
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        Ok(Response::new(keys::guard_stream(
+        Ok(Response::new(hookline_grpc::auth::guard_stream(
             &self.auth,
             principal,
             permit,

@@ -9,13 +9,15 @@
 //! The [`crate::gate`] authenticates every call from its metadata before the body is read
 //! and puts the [`Principal`] into the request's extensions; handlers take it from there
 //! with [`principal`]. Every invalidation also bumps a generation that open streams watch
-//! (see [`crate::keys`]), so a stream ends when its key is revoked or its tenant deleted.
+//! ([`guard_stream`]), so a stream ends when its key is revoked or its tenant deleted.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures::{Stream, StreamExt};
 use hookline_changes::{ChangeCache, RegistryChanges, RegistryNotice};
 use hookline_core::Id;
 use hookline_core::model::RegistryChange;
@@ -27,93 +29,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
-use crate::keys::{KeyLimits, KeyLimitsConfig};
+use crate::keys::{KeyLimits, KeyLimitsConfig, StreamPermit};
+pub use crate::principal::Principal;
 
 const TOKEN_PREFIX: &str = "hl_";
 /// Characters of a token kept in clear to tell keys apart.
 pub const SHOWN_PREFIX_LEN: usize = 10;
 const CACHE_TTL: Duration = Duration::from_secs(30);
 const CACHE_MAX_ENTRIES: u64 = 10_000;
-
-/// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    /// May act on every tenant and on the catalogue.
-    Admin { key_id: Id },
-    /// May act on its own tenant only.
-    Tenant { key_id: Id, tenant_id: Id },
-}
-
-impl Principal {
-    pub fn is_admin(&self) -> bool {
-        matches!(self, Principal::Admin { .. })
-    }
-
-    pub fn key_id(&self) -> &Id {
-        match self {
-            Principal::Admin { key_id } | Principal::Tenant { key_id, .. } => key_id,
-        }
-    }
-
-    /// The tenant a tenant key is bound to.
-    pub fn tenant(&self) -> Option<&Id> {
-        match self {
-            Principal::Admin { .. } => None,
-            Principal::Tenant { tenant_id, .. } => Some(tenant_id),
-        }
-    }
-
-    /// Admins pass; anyone else gets `PERMISSION_DENIED` naming what needs an admin key.
-    pub fn require_admin(&self, what: &str) -> Result<(), Status> {
-        if self.is_admin() {
-            Ok(())
-        } else {
-            Err(Status::permission_denied(format!(
-                "{what} needs an admin API key; this key is scoped to one tenant"
-            )))
-        }
-    }
-
-    /// Whether this caller may see and change `tenant_id`'s data.
-    pub fn may_access(&self, tenant_id: &Id) -> bool {
-        match self {
-            Principal::Admin { .. } => true,
-            Principal::Tenant { tenant_id: own, .. } => own == tenant_id,
-        }
-    }
-
-    /// Admin keys are visible to admins only; others get `NOT_FOUND`.
-    pub fn check_tenant_admin(&self, key_id: &str) -> Result<(), Status> {
-        if self.is_admin() {
-            Ok(())
-        } else {
-            Err(Status::not_found(format!("API key {key_id} not found")))
-        }
-    }
-
-    /// For a call addressed to `tenant_id`: a tenant key of another tenant is refused with
-    /// `PERMISSION_DENIED`, whether or not that tenant exists, so nothing is revealed.
-    pub fn require_tenant(&self, tenant_id: &Id) -> Result<(), Status> {
-        match self {
-            Principal::Tenant { tenant_id: own, .. } if own != tenant_id => {
-                Err(Status::permission_denied(format!(
-                    "this API key is scoped to tenant {own} and cannot act on tenant {tenant_id}"
-                )))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// For an object found by its own id that belongs to another tenant: answers `NOT_FOUND`, exactly as for a
-    /// tenant that does not exist, so a key reveals nothing about other tenants.
-    pub fn check_tenant(&self, tenant_id: &Id, noun: &str, id: &str) -> Result<(), Status> {
-        if self.may_access(tenant_id) {
-            Ok(())
-        } else {
-            Err(Status::not_found(format!("{noun} {id} not found")))
-        }
-    }
-}
 
 /// A freshly generated token, its shown prefix and its hash.
 pub struct NewToken {
@@ -302,6 +225,54 @@ fn affects_keys(notice: &RegistryNotice) -> bool {
             RegistryChange::Subscription { .. } | RegistryChange::EventType { .. }
         )
     )
+}
+
+/// A server stream that holds `permit` while open and ends with `UNAUTHENTICATED` once
+/// the key of `principal` is revoked or its tenant deleted (checked whenever the
+/// registry announces a change).
+pub fn guard_stream<T: Send + 'static>(
+    auth: &Authenticator,
+    principal: Principal,
+    permit: StreamPermit,
+    inner: impl Stream<Item = Result<T, Status>> + Send + 'static,
+) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>> {
+    let state = Guarded {
+        inner: Box::pin(inner),
+        generation: auth.generation(),
+        auth: auth.clone(),
+        principal,
+        _permit: permit,
+    };
+    Box::pin(futures::stream::unfold(Some(state), |state| async move {
+        let mut state = state?;
+        loop {
+            tokio::select! {
+                item = state.inner.next() => return item.map(|item| (item, Some(state))),
+                changed = state.generation.changed() => {
+                    if changed.is_err() {
+                        // The authenticator is gone: nothing more will be announced.
+                        let item = state.inner.next().await?;
+                        return Some((item, Some(state)));
+                    }
+                    if !state.auth.still_valid(&state.principal).await {
+                        let ended = Status::unauthenticated(format!(
+                            "API key {} was revoked or its tenant deleted; the stream ends",
+                            state.principal.key_id()
+                        ));
+                        return Some((Err(ended), None));
+                    }
+                }
+            }
+        }
+    }))
+}
+
+struct Guarded<T> {
+    inner: Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>,
+    generation: tokio::sync::watch::Receiver<u64>,
+    auth: Authenticator,
+    principal: Principal,
+    _permit: StreamPermit,
 }
 
 #[cfg(test)]

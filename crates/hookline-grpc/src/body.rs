@@ -5,6 +5,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -12,7 +13,6 @@ use hookline_core::fmt::thousands;
 use http_body::{Body, Frame, SizeHint};
 use tonic::Status;
 
-use crate::conn::ConnState;
 
 /// How many bytes one request message of a method may have, and what says so.
 #[derive(Debug, Clone, Copy)]
@@ -148,6 +148,25 @@ where
         self.inner.size_hint()
     }
 }
+
+/// What is known about a connection, shared with its requests (through
+/// [`crate::conn::ConnInfo`] in their extensions): a [`CheckedBody`] read to its end marks
+/// a request complete, which [`crate::conn`] reads to lift the first-request deadline.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    completed_request: AtomicBool,
+}
+
+impl ConnState {
+    pub fn request_completed(&self) {
+        self.completed_request.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn has_completed_request(&self) -> bool {
+        self.completed_request.load(Ordering::Acquire)
+    }
+}
+
 
 #[cfg(test)]
 mod tests {

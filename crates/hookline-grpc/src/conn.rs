@@ -9,7 +9,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +20,7 @@ use tokio::time::Sleep;
 use tonic::body::Body;
 use tonic::transport::server::Connected;
 
+pub use crate::body::ConnState;
 use crate::body::CheckedBody;
 
 /// The connection settings; see the `grpc_*` settings.
@@ -88,23 +88,6 @@ impl ConnLimits {
                 Some(Ok(LimitedConn::new(stream, permit, deadline)))
             }
         })
-    }
-}
-
-/// What is known about a connection, shared with its requests (through
-/// [`ConnInfo`] in their extensions).
-#[derive(Debug, Default)]
-pub struct ConnState {
-    completed_request: AtomicBool,
-}
-
-impl ConnState {
-    pub fn request_completed(&self) {
-        self.completed_request.store(true, Ordering::Release);
-    }
-
-    fn has_completed_request(&self) -> bool {
-        self.completed_request.load(Ordering::Acquire)
     }
 }
 

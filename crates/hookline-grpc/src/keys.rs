@@ -1,23 +1,21 @@
 //! Limits per API key, so one key cannot crowd out the others: a request rate (GCRA via
 //! `governor`, answered `RESOURCE_EXHAUSTED` with the time to wait in a `RetryInfo`
-//! detail), a cap on open `WatchDeliveries` streams, and streams that end when their key
-//! is revoked or its tenant deleted. The rate's per-key state is pruned by a background
-//! task, never inside a request.
+//! detail) and a cap on open `WatchDeliveries` streams (a stream also ends when its key is
+//! revoked or its tenant deleted: [`crate::auth::guard_stream`]). The rate's per-key state
+//! is pruned by a background task, never inside a request.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hookline_core::Id;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::auth::{Authenticator, Principal};
+use crate::principal::Principal;
 
 /// The per-key limits; see the `key_*` settings.
 #[derive(Debug, Clone)]
@@ -147,54 +145,6 @@ impl Drop for StreamPermit {
             }
         }
     }
-}
-
-/// A server stream that holds `permit` while open and ends with `UNAUTHENTICATED` once
-/// the key of `principal` is revoked or its tenant deleted (checked whenever the
-/// registry announces a change).
-pub fn guard_stream<T: Send + 'static>(
-    auth: &Authenticator,
-    principal: Principal,
-    permit: StreamPermit,
-    inner: impl Stream<Item = Result<T, Status>> + Send + 'static,
-) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>> {
-    let state = Guarded {
-        inner: Box::pin(inner),
-        generation: auth.generation(),
-        auth: auth.clone(),
-        principal,
-        _permit: permit,
-    };
-    Box::pin(futures::stream::unfold(Some(state), |state| async move {
-        let mut state = state?;
-        loop {
-            tokio::select! {
-                item = state.inner.next() => return item.map(|item| (item, Some(state))),
-                changed = state.generation.changed() => {
-                    if changed.is_err() {
-                        // The authenticator is gone: nothing more will be announced.
-                        let item = state.inner.next().await?;
-                        return Some((item, Some(state)));
-                    }
-                    if !state.auth.still_valid(&state.principal).await {
-                        let ended = Status::unauthenticated(format!(
-                            "API key {} was revoked or its tenant deleted; the stream ends",
-                            state.principal.key_id()
-                        ));
-                        return Some((Err(ended), None));
-                    }
-                }
-            }
-        }
-    }))
-}
-
-struct Guarded<T> {
-    inner: Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>,
-    generation: tokio::sync::watch::Receiver<u64>,
-    auth: Authenticator,
-    principal: Principal,
-    _permit: StreamPermit,
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Plumbing shared by every Hookline gRPC server, so each service holds only its own logic:
-//! API-key authentication (`auth`) checked before a body is read (`gate`, `body`), limits
+//! API-key authentication (`auth`, callers in `principal`) checked before a body is read (`gate`, `body`), limits
 //! per key (`keys`) and per connection (`conn`), mapping of domain errors to gRPC statuses (`status`),
 //! conversion between domain records and wire messages (`convert`), and the health and
 //! reflection services every server mounts (`standard`).
@@ -10,6 +10,7 @@ pub mod conn;
 pub mod convert;
 pub mod gate;
 pub mod keys;
+pub mod principal;
 pub mod served;
 pub mod standard;
 pub mod status;

@@ -1,11 +1,15 @@
 //! What can go wrong in the store, in words a caller can act on.
 //!
-//! Each adapter translates its driver's errors into [`StoreError`] (in its own `error`
-//! module), so no database type leaks out of the crate. The variants tell "fix your request"
+//! Driver errors become [`StoreError`]s here (each database's own codes in a submodule) and
+//! in each adapter's `error` module (its violated constraints), so no database type leaks
+//! out of the crate. The variants tell "fix your request"
 //! ([`StoreError::NotFound`], [`StoreError::Conflict`], [`StoreError::InvalidInput`],
 //! [`StoreError::Quota`]) from "try again" ([`StoreError::Retryable`],
 //! [`StoreError::Unavailable`]) and from a fault of the server ([`StoreError::Internal`]).
 //! The messages every adapter gives for the same failure are written once, below.
+
+mod postgres;
+mod sqlite;
 
 use hookline_core::Id;
 use hookline_core::quota::QuotaExceeded;
@@ -93,7 +97,7 @@ impl<T> Db<T> for Result<T, sqlx::Error> {
 /// A driver error as a [`StoreError`]: what does not depend on the database is decided
 /// here (a connection or pool that fails is `Unavailable`; a row that does not decode, or
 /// any other surprise of the driver, is `Internal`); an error the database itself reported
-/// is read by its adapter (`postgres::error`, `sqlite::error`), which knows its codes.
+/// is read by the module that knows that database's codes (`postgres`, `sqlite` below).
 pub(crate) fn translate(err: sqlx::Error) -> StoreError {
     use sqlx::Error as E;
     use sqlx::error::ErrorKind;
@@ -114,9 +118,9 @@ pub(crate) fn translate(err: sqlx::Error) -> StoreError {
                 .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
                 .is_some()
             {
-                crate::postgres::error::database(db)
+                postgres::database(db)
             } else if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-                crate::sqlite::error::database(db)
+                sqlite::database(db)
             } else {
                 StoreError::Internal(format!("database error: {}", db.message()))
             }

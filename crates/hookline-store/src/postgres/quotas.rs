@@ -13,15 +13,6 @@ use crate::codec::quota_params;
 use crate::error::Db;
 use crate::error::found;
 
-/// The override columns of a tenant row.
-pub(super) fn quotas_from_row(row: &PgRow) -> Result<TenantQuotas, sqlx::Error> {
-    Ok(TenantQuotas {
-        max_subscriptions: get_opt_u32(row, "max_subscriptions")?,
-        max_deliveries_per_event: get_opt_u32(row, "max_deliveries_per_event")?,
-        max_events_per_second: get_opt_u32(row, "max_events_per_second")?,
-    })
-}
-
 pub(super) async fn set(pool: &PgPool, id: &Id, q: &TenantQuotas) -> Result<Tenant, StoreError> {
     let [
         max_subscriptions,

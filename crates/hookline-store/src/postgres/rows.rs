@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 
 use hookline_core::model::{ApiKey, EventType, Subscription, SubscriptionSecret, Tenant};
+use hookline_core::quota::TenantQuotas;
 use hookline_core::{Id, IdKind};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 
-use super::quotas;
 use crate::StoreError;
 use crate::codec;
 use crate::error::translate;
@@ -40,7 +40,7 @@ pub(super) fn tenant_from_row(row: &PgRow) -> Result<Tenant, sqlx::Error> {
         id: get_id(row, "id", IdKind::Tenant)?,
         name: row.try_get("name")?,
         metadata: get_map(row, "metadata")?,
-        quotas: quotas::quotas_from_row(row)?,
+        quotas: quotas_from_row(row)?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -109,4 +109,13 @@ pub(super) fn map_rows<T>(
     f: fn(&PgRow) -> Result<T, sqlx::Error>,
 ) -> Result<Vec<T>, StoreError> {
     rows.iter().map(|r| f(r).map_err(translate)).collect()
+}
+
+/// The override columns of a tenant row.
+fn quotas_from_row(row: &PgRow) -> Result<TenantQuotas, sqlx::Error> {
+    Ok(TenantQuotas {
+        max_subscriptions: get_opt_u32(row, "max_subscriptions")?,
+        max_deliveries_per_event: get_opt_u32(row, "max_deliveries_per_event")?,
+        max_events_per_second: get_opt_u32(row, "max_events_per_second")?,
+    })
 }

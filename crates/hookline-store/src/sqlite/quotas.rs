@@ -14,15 +14,6 @@ use crate::codec::quota_params;
 use crate::error::Db;
 use crate::error::found;
 
-/// The override columns of a tenant row.
-pub(super) fn quotas_from_row(row: &SqliteRow) -> Result<TenantQuotas, sqlx::Error> {
-    Ok(TenantQuotas {
-        max_subscriptions: get_opt_u32(row, "max_subscriptions")?,
-        max_deliveries_per_event: get_opt_u32(row, "max_deliveries_per_event")?,
-        max_events_per_second: get_opt_u32(row, "max_events_per_second")?,
-    })
-}
-
 /// Replaces the overrides inside a write transaction stamped `now`.
 pub(super) async fn set(
     tx: &mut Transaction<'static, Sqlite>,

@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use hookline_core::model::{ApiKey, EventType, Subscription, SubscriptionSecret, Tenant};
+use hookline_core::quota::TenantQuotas;
 use hookline_core::{Id, IdKind};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use sqlx::types::Json;
 
-use super::quotas;
 use crate::StoreError;
 use crate::codec::{self, decode_error};
 use crate::error::translate;
@@ -68,7 +68,7 @@ pub(super) fn tenant_from_row(row: &SqliteRow) -> Result<Tenant, sqlx::Error> {
         id: get_id(row, "id", IdKind::Tenant)?,
         name: row.try_get("name")?,
         metadata: get_map(row, "metadata")?,
-        quotas: quotas::quotas_from_row(row)?,
+        quotas: quotas_from_row(row)?,
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
     })
@@ -138,4 +138,13 @@ pub(super) fn map_rows<T>(
     f: fn(&SqliteRow) -> Result<T, sqlx::Error>,
 ) -> Result<Vec<T>, StoreError> {
     rows.iter().map(|r| f(r).map_err(translate)).collect()
+}
+
+/// The override columns of a tenant row.
+fn quotas_from_row(row: &SqliteRow) -> Result<TenantQuotas, sqlx::Error> {
+    Ok(TenantQuotas {
+        max_subscriptions: get_opt_u32(row, "max_subscriptions")?,
+        max_deliveries_per_event: get_opt_u32(row, "max_deliveries_per_event")?,
+        max_events_per_second: get_opt_u32(row, "max_events_per_second")?,
+    })
 }

@@ -9,8 +9,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use hookline_broker::{Broker, QueueName};
+use hookline_core::job::DeliveryJob;
 use hookline_core::model::Event;
 use hookline_core::quota::{Quota, QuotaExceeded, Quotas, thousands};
 use hookline_core::schema::PayloadSchema;
@@ -225,20 +226,7 @@ impl IngestApi {
                 Some((_, n, _)) => *n += 1,
                 None => per_tenant.push((tenant_id.clone(), 1, quotas.events_per_second)),
             }
-            new_events.push(NewEvent {
-                event: Event {
-                    id: Id::new(IdKind::Event),
-                    tenant_id,
-                    event_type: req.event_type,
-                    payload: req.payload,
-                    channels: req.channels,
-                    idempotency_key: (!req.idempotency_key.is_empty())
-                        .then_some(req.idempotency_key),
-                    created_at: now,
-                },
-                subscription_ids,
-                traceparent: traceparent.clone(),
-            });
+            new_events.push(new_event(req, tenant_id, subscription_ids, now, traceparent.clone()));
         }
         // Last of the checks, so that a call refused for another reason uses no quota.
         for (tenant, events, per_second) in &per_tenant {
@@ -257,32 +245,7 @@ impl IngestApi {
             .await
             .map_err(from_store)?;
 
-        let mut responses = Vec::with_capacity(outcomes.len());
-        let mut jobs = Vec::new();
-        for outcome in outcomes {
-            responses.push(match outcome {
-                InsertOutcome::Created {
-                    event_id,
-                    jobs: created,
-                } => {
-                    let count = u32::try_from(created.len()).unwrap_or(u32::MAX);
-                    jobs.extend(created);
-                    pb::PublishResponse {
-                        event_id: event_id.into_string(),
-                        deliveries_created: count,
-                        duplicate: false,
-                    }
-                }
-                InsertOutcome::Duplicate {
-                    event_id,
-                    deliveries,
-                } => pb::PublishResponse {
-                    event_id: event_id.into_string(),
-                    deliveries_created: deliveries,
-                    duplicate: true,
-                },
-            });
-        }
+        let (responses, jobs) = responses(outcomes);
         let created_events = responses.iter().filter(|r| !r.duplicate).count();
         span.record("deliveries_created", jobs.len());
         span.record("duplicates", responses.len() - created_events);
@@ -301,6 +264,61 @@ impl IngestApi {
             tracing::warn!(error = %e, deliveries = jobs.len(), "deliveries committed but not yet queued; the relay will queue them");
         }
         Ok(responses)
+    }
+}
+
+/// The answer for each stored event, in the order asked, and the deliveries to enqueue
+/// (those of the events created now; a duplicate's were enqueued when it was created).
+fn responses(outcomes: Vec<InsertOutcome>) -> (Vec<pb::PublishResponse>, Vec<DeliveryJob>) {
+    let mut responses = Vec::with_capacity(outcomes.len());
+    let mut jobs = Vec::new();
+    for outcome in outcomes {
+        responses.push(match outcome {
+            InsertOutcome::Created {
+                event_id,
+                jobs: created,
+            } => {
+                let count = u32::try_from(created.len()).unwrap_or(u32::MAX);
+                jobs.extend(created);
+                pb::PublishResponse {
+                    event_id: event_id.into_string(),
+                    deliveries_created: count,
+                    duplicate: false,
+                }
+            }
+            InsertOutcome::Duplicate {
+                event_id,
+                deliveries,
+            } => pb::PublishResponse {
+                event_id: event_id.into_string(),
+                deliveries_created: deliveries,
+                duplicate: true,
+            },
+        });
+    }
+    (responses, jobs)
+}
+
+/// The event of `req` to store for `tenant_id`, with the subscriptions it matched.
+fn new_event(
+    req: pb::PublishRequest,
+    tenant_id: Id,
+    subscription_ids: Vec<Id>,
+    now: DateTime<Utc>,
+    traceparent: Option<String>,
+) -> NewEvent {
+    NewEvent {
+        event: Event {
+            id: Id::new(IdKind::Event),
+            tenant_id,
+            event_type: req.event_type,
+            payload: req.payload,
+            channels: req.channels,
+            idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+            created_at: now,
+        },
+        subscription_ids,
+        traceparent,
     }
 }
 

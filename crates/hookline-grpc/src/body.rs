@@ -13,7 +13,6 @@ use hookline_core::fmt::thousands;
 use http_body::{Body, Frame, SizeHint};
 use tonic::Status;
 
-
 /// How many bytes one request message of a method may have, and what says so.
 #[derive(Debug, Clone, Copy)]
 pub struct MessageLimit {
@@ -166,7 +165,6 @@ impl ConnState {
         self.completed_request.load(Ordering::Acquire)
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -20,8 +20,8 @@ use tokio::time::Sleep;
 use tonic::body::Body;
 use tonic::transport::server::Connected;
 
-pub use crate::body::ConnState;
 use crate::body::CheckedBody;
+pub use crate::body::ConnState;
 
 /// The connection settings; see the `grpc_*` settings.
 #[derive(Debug, Clone)]

@@ -226,7 +226,13 @@ impl IngestApi {
                 Some((_, n, _)) => *n += 1,
                 None => per_tenant.push((tenant_id.clone(), 1, quotas.events_per_second)),
             }
-            new_events.push(new_event(req, tenant_id, subscription_ids, now, traceparent.clone()));
+            new_events.push(new_event(
+                req,
+                tenant_id,
+                subscription_ids,
+                now,
+                traceparent.clone(),
+            ));
         }
         // Last of the checks, so that a call refused for another reason uses no quota.
         for (tenant, events, per_second) in &per_tenant {

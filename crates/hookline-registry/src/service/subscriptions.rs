@@ -191,9 +191,7 @@ fn merge_path(
         "event_types" => merged.event_types = patch.event_types.clone(),
         "channels" => merged.channels = patch.channels.clone(),
         "headers" => merged.headers = patch.headers.clone(),
-        "rate_limit_per_second" => {
-            merged.rate_limit_per_second = patch.rate_limit_per_second
-        }
+        "rate_limit_per_second" => merged.rate_limit_per_second = patch.rate_limit_per_second,
         "max_in_flight" => merged.max_in_flight = patch.max_in_flight,
         "retry_policy" => merged.retry_policy = patch.retry_policy.clone(),
         "metadata" => merged.metadata = patch.metadata.clone(),

@@ -19,7 +19,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::{Stream, StreamExt};
 use hookline_changes::{ChangeCache, RegistryChanges, RegistryNotice};
-use hookline_core::Id;
 use hookline_core::model::RegistryChange;
 use hookline_store::StoreError;
 use hookline_store::port::RegistryStore;
@@ -278,6 +277,7 @@ struct Guarded<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hookline_core::Id;
 
     #[test]
     fn tokens_are_random_and_hash_stably() {

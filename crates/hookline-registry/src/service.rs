@@ -1,17 +1,14 @@
 //! `hookline.v1.RegistryService`: validation, authorisation and change announcements
 //! around the storage port.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use hookline_broker::Broker;
-use hookline_core::model::{
-    PayloadFormat, RegistryChange, Subscription, SubscriptionSecret, SubscriptionState,
-};
+use hookline_core::model::{RegistryChange, Subscription, SubscriptionSecret};
 use hookline_core::quota::Quotas;
-use hookline_core::{Id, IdKind, filter, sensitive, validate};
+use hookline_core::{Id, IdKind, filter, validate};
 use hookline_egress::Egress;
 use hookline_grpc::auth::generate_token;
 use hookline_grpc::status::{from_id, from_store, from_validation, invalid};
@@ -21,7 +18,7 @@ use hookline_grpc::{
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::registry_service_server::RegistryService;
 use hookline_store::StoreError;
-use hookline_store::port::{NewApiKey, NewSubscription, RegistryStore};
+use hookline_store::port::{NewApiKey, RegistryStore};
 use tonic::{Request, Response, Status};
 
 use crate::fields::{schema_text, secret_or_generate};

@@ -1,7 +1,7 @@
 //! PostgreSQL's violated constraints by name, so the port never shows a driver error (its
 //! SQLSTATE codes are read once, in `crate::error`, beside the shared translation).
 
-use sqlx::error::{DatabaseError, ErrorKind};
+use sqlx::error::ErrorKind;
 use sqlx::postgres::PgDatabaseError;
 
 use crate::StoreError;

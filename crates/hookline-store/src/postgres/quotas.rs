@@ -4,7 +4,7 @@
 use hookline_core::Id;
 use hookline_core::model::Tenant;
 use hookline_core::quota::{self, TenantQuotas};
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::PgPool;
 use sqlx::{Postgres, Row, Transaction};
 
 use super::rows::{get_opt_u32, tenant_from_row};

@@ -3,7 +3,7 @@
 //! a unique one, and nothing of a foreign key), so the adapter checks what it must name
 //! before it writes (see the adapter's docs).
 
-use sqlx::error::{DatabaseError, ErrorKind};
+use sqlx::error::ErrorKind;
 
 use crate::StoreError;
 use crate::error::translate;

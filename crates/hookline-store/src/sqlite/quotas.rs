@@ -5,7 +5,6 @@
 use hookline_core::Id;
 use hookline_core::model::Tenant;
 use hookline_core::quota::{self, TenantQuotas};
-use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::rows::{get_opt_u32, tenant_from_row};

@@ -344,64 +344,10 @@ async fn measure(
 
     // Setup: a tenant and the subscriptions, in the layout's order.
     let mut registry = RegistryServiceClient::new(channels[0].clone());
-    let tenant_id = registry
-        .create_tenant(authed(
-            pb::CreateTenantRequest {
-                name: format!("hookline-bench {}", plan.scenario),
-                // The bench measures throughput, not quotas: its tenant gets the most.
-                quotas: Some(pb::TenantQuotas {
-                    max_subscriptions: hookline_core::quota::MAX_QUOTA,
-                    max_deliveries_per_event: hookline_core::quota::MAX_QUOTA,
-                    max_events_per_second: hookline_core::quota::MAX_QUOTA,
-                }),
-                ..Default::default()
-            },
-            &auth,
-        ))
-        .await
-        .map_err(|s| BenchError::rpc("creating the tenant", &s))?
-        .into_inner()
-        .id;
+    let tenant_id = create_tenant(&mut registry, plan, &auth).await?;
     *tenant = Some(tenant_id.clone());
-    let mut subs = Vec::with_capacity(layout.subs);
-    for s in 0..layout.subs {
-        if !layout.created(s) {
-            subs.push(SubInfo::absent());
-            continue;
-        }
-        let created = registry
-            .create_subscription(authed(
-                pb::CreateSubscriptionRequest {
-                    subscription: Some(pb::Subscription {
-                        tenant_id: tenant_id.clone(),
-                        url: format!("{receiver_url}/s/{s}"),
-                        description: format!("hookline bench subscription {s}"),
-                        event_types: vec![layout.event_type(layout.group_of_sub(s)).to_string()],
-                        retry_policy: plan.retry_schedule.as_ref().map(|sched| pb::RetryPolicy {
-                            schedule: sched
-                                .iter()
-                                .map(|d| prost_types::Duration {
-                                    seconds: d.as_secs() as i64,
-                                    nanos: d.subsec_nanos() as i32,
-                                })
-                                .collect(),
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                &auth,
-            ))
-            .await
-            .map_err(|st| BenchError::rpc(format!("creating subscription {s}"), &st))?
-            .into_inner();
-        subs.push(SubInfo::new(
-            layout,
-            s,
-            plan.verify.then_some(created.secret.as_str()),
-        )?);
-    }
-    receiver.set_subscriptions(subs);
+    let subs = create_subscriptions(&mut registry, plan, layout, &tenant_id, receiver_url, &auth);
+    receiver.set_subscriptions(subs.await?);
 
     // Load.
     let before = procstat::Snapshot::take(&target.processes);
@@ -417,15 +363,6 @@ async fn measure(
     // If this future is dropped (Ctrl-C) or returns early, the publishers and the
     // progress line stop with it.
     let _stop_publishers = shared.abort.clone().drop_guard();
-    let clients: Vec<IngestServiceClient<Channel>> = channels
-        .iter()
-        .map(|c| IngestServiceClient::new(c.clone()))
-        .collect();
-    let mut tasks = Vec::with_capacity(plan.publishers);
-    for p in 0..plan.publishers {
-        let client = clients[p % clients.len()].clone();
-        tasks.push(tokio::spawn(publisher::run(p, shared.clone(), client)));
-    }
     let stop_progress = CancellationToken::new();
     let _stop_progress = stop_progress.clone().drop_guard();
     let progress = tokio::spawn(progress(
@@ -434,16 +371,8 @@ async fn measure(
         start,
         stop_progress.clone(),
     ));
-    let mut results: Vec<PublisherResult> = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        match t.await {
-            Ok(r) => results.push(r),
-            Err(e) => {
-                stop_progress.cancel();
-                return Err(BenchError::Server(format!("a publisher task failed: {e}")));
-            }
-        }
-    }
+    // An error drops `_stop_progress`, which stops the progress line.
+    let results = run_publishers(&shared, plan.publishers, &channels).await?;
     let publish_end = Instant::now();
     shared.publishing_done.store(true, Ordering::Relaxed);
     let delivered_in_window = receiver.counters().delivered.load(Ordering::Relaxed);
@@ -451,15 +380,7 @@ async fn measure(
     // Drain: until every expected delivery arrived, or the timeout.
     let expected = shared.expected.load(Ordering::Relaxed);
     let drain_deadline = publish_end + plan.drain_timeout;
-    let drained = loop {
-        if receiver.counters().delivered.load(Ordering::Relaxed) >= expected {
-            break true;
-        }
-        if Instant::now() >= drain_deadline {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let drained = drain(receiver, expected, drain_deadline).await;
     let end = Instant::now();
     stop_progress.cancel();
     let _ = progress.await;
@@ -484,6 +405,120 @@ async fn measure(
         before,
         after,
     }))
+}
+
+/// Creates the bench's tenant, with the largest quotas (the bench measures throughput,
+/// not quotas); returns its id.
+async fn create_tenant(
+    registry: &mut RegistryServiceClient<Channel>,
+    plan: &Plan,
+    auth: &MetadataValue<Ascii>,
+) -> Result<String, BenchError> {
+    let tenant = registry
+        .create_tenant(authed(
+            pb::CreateTenantRequest {
+                name: format!("hookline-bench {}", plan.scenario),
+                quotas: Some(pb::TenantQuotas {
+                    max_subscriptions: hookline_core::quota::MAX_QUOTA,
+                    max_deliveries_per_event: hookline_core::quota::MAX_QUOTA,
+                    max_events_per_second: hookline_core::quota::MAX_QUOTA,
+                }),
+                ..Default::default()
+            },
+            auth,
+        ))
+        .await
+        .map_err(|s| BenchError::rpc("creating the tenant", &s))?;
+    Ok(tenant.into_inner().id)
+}
+
+/// Creates the layout's subscriptions in its order, each pointing at its path of the
+/// receiver; returns what the receiver needs to check what arrives for each.
+async fn create_subscriptions(
+    registry: &mut RegistryServiceClient<Channel>,
+    plan: &Plan,
+    layout: &Layout,
+    tenant_id: &str,
+    receiver_url: &str,
+    auth: &MetadataValue<Ascii>,
+) -> Result<Vec<SubInfo>, BenchError> {
+    let mut subs = Vec::with_capacity(layout.subs);
+    for s in 0..layout.subs {
+        if !layout.created(s) {
+            subs.push(SubInfo::absent());
+            continue;
+        }
+        let created = registry
+            .create_subscription(authed(
+                pb::CreateSubscriptionRequest {
+                    subscription: Some(pb::Subscription {
+                        tenant_id: tenant_id.to_string(),
+                        url: format!("{receiver_url}/s/{s}"),
+                        description: format!("hookline bench subscription {s}"),
+                        event_types: vec![layout.event_type(layout.group_of_sub(s)).to_string()],
+                        retry_policy: plan.retry_schedule.as_ref().map(|sched| pb::RetryPolicy {
+                            schedule: sched
+                                .iter()
+                                .map(|d| prost_types::Duration {
+                                    seconds: d.as_secs() as i64,
+                                    nanos: d.subsec_nanos() as i32,
+                                })
+                                .collect(),
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                auth,
+            ))
+            .await
+            .map_err(|st| BenchError::rpc(format!("creating subscription {s}"), &st))?
+            .into_inner();
+        subs.push(SubInfo::new(
+            layout,
+            s,
+            plan.verify.then_some(created.secret.as_str()),
+        )?);
+    }
+    Ok(subs)
+}
+
+/// Runs the plan's publishers, spread over the connections, until each has finished.
+async fn run_publishers(
+    shared: &Arc<PublishShared>,
+    publishers: usize,
+    channels: &[Channel],
+) -> Result<Vec<PublisherResult>, BenchError> {
+    let clients: Vec<IngestServiceClient<Channel>> = channels
+        .iter()
+        .map(|c| IngestServiceClient::new(c.clone()))
+        .collect();
+    let mut tasks = Vec::with_capacity(publishers);
+    for p in 0..publishers {
+        let client = clients[p % clients.len()].clone();
+        tasks.push(tokio::spawn(publisher::run(p, shared.clone(), client)));
+    }
+    let mut results: Vec<PublisherResult> = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        match t.await {
+            Ok(r) => results.push(r),
+            Err(e) => return Err(BenchError::Server(format!("a publisher task failed: {e}"))),
+        }
+    }
+    Ok(results)
+}
+
+/// Waits until every expected delivery arrived (true), or the deadline passed (false).
+async fn drain(receiver: &Receiver, expected: u64, deadline: Instant) -> bool {
+    loop {
+        if receiver.counters().delivered.load(Ordering::Relaxed) >= expected {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// One gRPC connection to the target.

@@ -153,24 +153,67 @@ pub async fn run(
         fanout_mismatches: 0,
         bad_event_ids: 0,
     };
-    let stop_at = plan.duration.map(|d| shared.start + d);
-    let interval = plan
-        .rate
-        .map(|r| Duration::from_secs_f64(batch as f64 * plan.publishers as f64 / r));
-    let mut next = match interval {
-        Some(iv) => shared.start + iv.mul_f64(index as f64 / plan.publishers as f64),
-        None => shared.start,
-    };
+    let mut pacer = Pacer::new(&plan, shared.start, index);
     loop {
         if shared.abort.is_cancelled() {
             break;
         }
-        let intended = match interval {
+        let Some(intended) = pacer.next_send(&shared, batch).await else {
+            break;
+        };
+        let first = shared.next_seq.fetch_add(batch, Ordering::Relaxed);
+        let count = match plan.events {
+            Some(total) if first >= total => break,
+            Some(total) => batch.min(total - first),
+            None => batch,
+        };
+        out.calls += 1;
+        let result = send(&mut client, &shared, first, count, intended, &mut out).await;
+        if let Err(status) = result {
+            record_error(&shared, &mut out, &status);
+            if pacer.interval.is_none() {
+                // Closed loop: do not spin on a failing server.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    out
+}
+
+/// When a publisher sends: on an open-loop schedule (a rate) or as soon as it can.
+struct Pacer {
+    interval: Option<Duration>,
+    next: Instant,
+    stop_at: Option<Instant>,
+}
+
+impl Pacer {
+    fn new(plan: &Plan, start: Instant, index: usize) -> Self {
+        let batch = plan.batch as u64;
+        let interval = plan
+            .rate
+            .map(|r| Duration::from_secs_f64(batch as f64 * plan.publishers as f64 / r));
+        let next = match interval {
+            Some(iv) => start + iv.mul_f64(index as f64 / plan.publishers as f64),
+            None => start,
+        };
+        Self {
+            interval,
+            next,
+            stop_at: plan.duration.map(|d| start + d),
+        }
+    }
+
+    /// Waits for the next send and returns its intended time; `None` when the window
+    /// has ended (counting what an open loop could no longer send as missed).
+    async fn next_send(&mut self, shared: &PublishShared, batch: u64) -> Option<Instant> {
+        let stop_at = self.stop_at;
+        match self.interval {
             Some(iv) => {
-                let due = next;
-                next += iv;
+                let due = self.next;
+                self.next += iv;
                 if stop_at.is_some_and(|s| due >= s) {
-                    break;
+                    return None;
                 }
                 let now = Instant::now();
                 if due > now {
@@ -181,76 +224,71 @@ pub async fn run(
                     shared
                         .missed
                         .fetch_add(left.ceil() as u64 * batch, Ordering::Relaxed);
-                    break;
+                    return None;
                 }
-                due
+                Some(due)
             }
             None => {
                 let now = Instant::now();
                 if stop_at.is_some_and(|s| now >= s) {
-                    break;
+                    return None;
                 }
-                now
-            }
-        };
-        let first = shared.next_seq.fetch_add(batch, Ordering::Relaxed);
-        let count = match plan.events {
-            Some(total) if first >= total => break,
-            Some(total) => batch.min(total - first),
-            None => batch,
-        };
-        let sent_ns = shared.events.ns_since_epoch(intended);
-        out.calls += 1;
-        let result = if plan.batch == 1 {
-            let req = authed(shared.event(first), &shared.auth);
-            client.publish(req).await.map(|res| {
-                let res = res.into_inner();
-                record(&mut out, intended);
-                shared.accept(
-                    first,
-                    &res.event_id,
-                    res.deliveries_created,
-                    sent_ns,
-                    &mut out,
-                );
-            })
-        } else {
-            let events = (first..first + count)
-                .map(|seq| shared.event(seq))
-                .collect();
-            let req = authed(pb::PublishBatchRequest { events }, &shared.auth);
-            client.publish_batch(req).await.map(|res| {
-                let res = res.into_inner();
-                record(&mut out, intended);
-                for (i, r) in res.results.iter().enumerate() {
-                    shared.accept(
-                        first + i as u64,
-                        &r.event_id,
-                        r.deliveries_created,
-                        sent_ns,
-                        &mut out,
-                    );
-                }
-                if res.results.len() as u64 != count {
-                    out.bad_event_ids += count.abs_diff(res.results.len() as u64);
-                }
-            })
-        };
-        if let Err(status) = result {
-            shared.errors.fetch_add(1, Ordering::Relaxed);
-            *out.errors
-                .entry(format!("{:?}", status.code()))
-                .or_default() += 1;
-            if out.first_error.is_none() {
-                out.first_error = Some(format!("{:?}: {}", status.code(), status.message()));
-            }
-            if interval.is_none() {
-                // Closed loop: do not spin on a failing server.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                Some(now)
             }
         }
     }
-    out
+}
+
+/// One call: the event `first` alone, or the batch of `count` events from it.
+async fn send(
+    client: &mut IngestServiceClient<Channel>,
+    shared: &PublishShared,
+    first: u64,
+    count: u64,
+    intended: Instant,
+    out: &mut PublisherResult,
+) -> Result<(), tonic::Status> {
+    let sent_ns = shared.events.ns_since_epoch(intended);
+    if shared.plan.batch == 1 {
+        let req = authed(shared.event(first), &shared.auth);
+        client.publish(req).await.map(|res| {
+            let res = res.into_inner();
+            record(out, intended);
+            shared.accept(first, &res.event_id, res.deliveries_created, sent_ns, out);
+        })
+    } else {
+        let events = (first..first + count)
+            .map(|seq| shared.event(seq))
+            .collect();
+        let req = authed(pb::PublishBatchRequest { events }, &shared.auth);
+        client.publish_batch(req).await.map(|res| {
+            let res = res.into_inner();
+            record(out, intended);
+            for (i, r) in res.results.iter().enumerate() {
+                shared.accept(
+                    first + i as u64,
+                    &r.event_id,
+                    r.deliveries_created,
+                    sent_ns,
+                    out,
+                );
+            }
+            if res.results.len() as u64 != count {
+                out.bad_event_ids += count.abs_diff(res.results.len() as u64);
+            }
+        })
+    }
+}
+
+/// Counts a failed call, by code, keeping the first message.
+fn record_error(shared: &PublishShared, out: &mut PublisherResult, status: &tonic::Status) {
+    shared.errors.fetch_add(1, Ordering::Relaxed);
+    *out.errors
+        .entry(format!("{:?}", status.code()))
+        .or_default() += 1;
+    if out.first_error.is_none() {
+        out.first_error = Some(format!("{:?}: {}", status.code(), status.message()));
+    }
 }
 
 fn record(out: &mut PublisherResult, intended: Instant) {

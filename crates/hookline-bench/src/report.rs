@@ -251,22 +251,8 @@ impl RunReport {
     pub fn build(i: Inputs<'_>) -> RunReport {
         let plan = i.plan;
         let c = i.receiver.counters();
-        let mut latency = latency_histogram();
-        let mut errors_by_code = BTreeMap::new();
-        let (mut calls, mut first_error, mut mismatches, mut bad_ids) = (0, None, 0, 0);
-        for p in &i.publishers {
-            let _ = latency.add(&p.latency);
-            calls += p.calls;
-            for (code, n) in &p.errors {
-                *errors_by_code.entry(code.clone()).or_insert(0) += n;
-            }
-            if first_error.is_none() {
-                first_error.clone_from(&p.first_error);
-            }
-            mismatches += p.fanout_mismatches;
-            bad_ids += p.bad_event_ids;
-        }
-        let accepted = i.accepted;
+        let totals = PublisherTotals::of(&i.publishers);
+        let (totals_mismatches, totals_bad_ids) = (totals.mismatches, totals.bad_ids);
         let table = i.events.summary();
         let window = i
             .publish_end
@@ -283,85 +269,7 @@ impl RunReport {
             window
         };
         let complete = i.drained && delivered >= i.expected;
-        let errors: u64 = errors_by_code.values().sum();
-        let measured = i
-            .after
-            .at
-            .duration_since(i.before.at)
-            .as_secs_f64()
-            .max(1e-9);
-
-        let tps = procstat::ticks_per_second();
-        let per_delivery = |cpu_s: f64| (delivered > 0).then(|| cpu_s * 1e6 / delivered as f64);
-        let proc_info =
-            |label: String, before: Option<u64>, after: Option<u64>, rss: Option<u64>| {
-                let cpu_s = before
-                    .zip(after)
-                    .map(|(b, a)| a.saturating_sub(b) as f64 / tps);
-                ProcessInfo {
-                    label,
-                    cpu_s,
-                    cpu_pct_of_core: cpu_s.map(|s| s / measured * 100.0),
-                    cpu_us_per_delivery: cpu_s.and_then(per_delivery),
-                    peak_rss_mib: rss.map(|k| k as f64 / 1024.0),
-                }
-            };
-        let mut processes = Vec::new();
-        for (w, before, _) in &i.before.watched {
-            let after = i.after.watched.iter().find(|(a, _, _)| a.pid == w.pid);
-            processes.push(proc_info(
-                w.label.clone(),
-                *before,
-                after.and_then(|a| a.1),
-                after.and_then(|a| a.2),
-            ));
-        }
-        processes.push(proc_info(
-            format!(
-                "hookline bench: publishers + receiver (pid {})",
-                std::process::id()
-            ),
-            i.before.bench.0,
-            i.after.bench.0,
-            i.after.bench.1,
-        ));
-        let group = |label: &str, b: Option<procstat::GroupCpu>, a: Option<procstat::GroupCpu>| {
-            a.map(|a| {
-                proc_info(
-                    format!("{label} ({} processes, whole machine)", a.processes),
-                    b.map(|b| b.ticks),
-                    Some(a.ticks),
-                    None,
-                )
-            })
-        };
-        processes.extend(group(
-            "PostgreSQL server: every `postgres` process",
-            i.before.postgres,
-            i.after.postgres,
-        ));
-        processes.extend(group(
-            "RabbitMQ server: every `beam.smp` process",
-            i.before.rabbitmq,
-            i.after.rabbitmq,
-        ));
-        let machine = i
-            .before
-            .machine
-            .zip(i.after.machine)
-            .map(|((bb, bt), (ab, at))| {
-                let busy = ab.saturating_sub(bb);
-                let total = at.saturating_sub(bt).max(1);
-                MachineInfo {
-                    cores: std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1),
-                    busy_cpu_s: busy as f64 / tps,
-                    busy_pct: busy as f64 / total as f64 * 100.0,
-                }
-            });
-
-        let created = (0..i.layout.subs).filter(|s| i.layout.created(*s)).count();
+        let (processes, machine) = resources(&i.before, &i.after, delivered);
         RunReport {
             scenario: plan.scenario.to_string(),
             variant: i.layout.variant().to_string(),
@@ -370,41 +278,8 @@ impl RunReport {
                 backend: i.target.backend.clone(),
                 grpc: i.target.grpc.clone(),
             },
-            config: ConfigInfo {
-                subscriptions: plan.subscriptions,
-                subscriptions_created: created,
-                fanout: plan.fanout,
-                hanging_subscriptions: if i.layout.with_hanging {
-                    plan.hang_subs
-                } else {
-                    0
-                },
-                publishers: plan.publishers,
-                connections: plan.connections,
-                rate: plan.rate,
-                duration_s: plan.duration.map(|d| d.as_secs_f64()),
-                events: plan.events,
-                batch: plan.batch,
-                payload_bytes: plan.payload_bytes,
-                receiver_latency_ms: plan.receiver_latency.as_millis() as u64,
-                fail_rate: plan.fail_rate,
-                verify: plan.verify,
-                retry_schedule_ms: plan
-                    .retry_schedule
-                    .as_ref()
-                    .map(|s| s.iter().map(|d| d.as_millis() as u64).collect()),
-            },
-            publish: PublishInfo {
-                calls,
-                events_accepted: accepted,
-                errors,
-                errors_by_code,
-                first_error,
-                missed_sends: i.missed_sends,
-                window_s: window,
-                events_per_s: accepted as f64 / window,
-                latency_ms: Percentiles::of(&latency),
-            },
+            config: ConfigInfo::of(plan, i.layout),
+            publish: totals.into_info(i.accepted, i.missed_sends, window),
             deliveries: DeliveryInfo {
                 expected: i.expected,
                 delivered,
@@ -421,8 +296,8 @@ impl RunReport {
                 bad_webhook_ids: c.bad_webhook_id.load(Ordering::Relaxed),
                 unknown_events: table.unknown_events,
                 verify_failures: c.verify_failures.load(Ordering::Relaxed),
-                fanout_mismatches: mismatches,
-                bad_event_ids: bad_ids,
+                fanout_mismatches: totals_mismatches,
+                bad_event_ids: totals_bad_ids,
                 latency_ms: Percentiles::of(&table.e2e),
             },
             measured_s: i.end.duration_since(i.start).as_secs_f64(),
@@ -435,9 +310,6 @@ impl RunReport {
     /// The report as a table for people.
     pub fn render(&self) -> String {
         let mut o = String::new();
-        let c = &self.config;
-        let p = &self.publish;
-        let d = &self.deliveries;
         let _ = writeln!(
             o,
             "\nhookline bench: scenario {} ({})",
@@ -448,6 +320,19 @@ impl RunReport {
             "  target      {}: {}",
             self.target.kind, self.target.backend
         );
+        self.render_load(&mut o);
+        self.render_publish(&mut o);
+        self.render_deliveries(&mut o);
+        self.render_resources(&mut o);
+        for n in &self.notes {
+            let _ = writeln!(o, "  note        {n}");
+        }
+        o
+    }
+
+    /// The load asked for: publishers, pacing, calls, subscriptions.
+    fn render_load(&self, o: &mut String) {
+        let c = &self.config;
         let pace = match c.rate {
             Some(r) => format!("open loop at {r} events/s"),
             None => "closed loop".into(),
@@ -482,6 +367,11 @@ impl RunReport {
                 ""
             }
         );
+    }
+
+    /// What the publishers did.
+    fn render_publish(&self, o: &mut String) {
+        let p = &self.publish;
         let _ = writeln!(
             o,
             "  publish     {} events accepted in {} calls, {} errors{} over {:.2} s: {:.0} events/s",
@@ -507,6 +397,11 @@ impl RunReport {
             "              call latency ms       {}",
             p.latency_ms.line()
         );
+    }
+
+    /// What the receiver got.
+    fn render_deliveries(&self, o: &mut String) {
+        let d = &self.deliveries;
         let _ = writeln!(
             o,
             "  deliveries  {} of {} expected{}, {} duplicates",
@@ -546,6 +441,10 @@ impl RunReport {
             thousands(d.verify_failures),
             thousands(d.fanout_mismatches),
         );
+    }
+
+    /// CPU and memory, per process and for the machine.
+    fn render_resources(&self, o: &mut String) {
         let _ = writeln!(
             o,
             "  resources   over the measured {:.2} s (peak RSS: over each process's life)",
@@ -578,11 +477,169 @@ impl RunReport {
                 m.cores, m.busy_cpu_s, m.busy_pct
             );
         }
-        for n in &self.notes {
-            let _ = writeln!(o, "  note        {n}");
-        }
-        o
     }
+}
+
+/// The publishers' results added up.
+struct PublisherTotals {
+    latency: Histogram<u64>,
+    errors_by_code: BTreeMap<String, u64>,
+    calls: u64,
+    first_error: Option<String>,
+    mismatches: u64,
+    bad_ids: u64,
+}
+
+impl PublisherTotals {
+    fn of(publishers: &[PublisherResult]) -> Self {
+        let mut t = PublisherTotals {
+            latency: latency_histogram(),
+            errors_by_code: BTreeMap::new(),
+            calls: 0,
+            first_error: None,
+            mismatches: 0,
+            bad_ids: 0,
+        };
+        for p in publishers {
+            let _ = t.latency.add(&p.latency);
+            t.calls += p.calls;
+            for (code, n) in &p.errors {
+                *t.errors_by_code.entry(code.clone()).or_insert(0) += n;
+            }
+            if t.first_error.is_none() {
+                t.first_error.clone_from(&p.first_error);
+            }
+            t.mismatches += p.fanout_mismatches;
+            t.bad_ids += p.bad_event_ids;
+        }
+        t
+    }
+
+    fn into_info(self, accepted: u64, missed_sends: u64, window: f64) -> PublishInfo {
+        PublishInfo {
+            calls: self.calls,
+            events_accepted: accepted,
+            errors: self.errors_by_code.values().sum(),
+            errors_by_code: self.errors_by_code,
+            first_error: self.first_error,
+            missed_sends,
+            window_s: window,
+            events_per_s: accepted as f64 / window,
+            latency_ms: Percentiles::of(&self.latency),
+        }
+    }
+}
+
+impl ConfigInfo {
+    fn of(plan: &Plan, layout: &Layout) -> Self {
+        let created = (0..layout.subs).filter(|s| layout.created(*s)).count();
+        ConfigInfo {
+            subscriptions: plan.subscriptions,
+            subscriptions_created: created,
+            fanout: plan.fanout,
+            hanging_subscriptions: if layout.with_hanging {
+                plan.hang_subs
+            } else {
+                0
+            },
+            publishers: plan.publishers,
+            connections: plan.connections,
+            rate: plan.rate,
+            duration_s: plan.duration.map(|d| d.as_secs_f64()),
+            events: plan.events,
+            batch: plan.batch,
+            payload_bytes: plan.payload_bytes,
+            receiver_latency_ms: plan.receiver_latency.as_millis() as u64,
+            fail_rate: plan.fail_rate,
+            verify: plan.verify,
+            retry_schedule_ms: plan
+                .retry_schedule
+                .as_ref()
+                .map(|s| s.iter().map(|d| d.as_millis() as u64).collect()),
+        }
+    }
+}
+
+/// CPU and memory of each watched process, the bench itself, the database and broker
+/// servers, and the whole machine, between two snapshots.
+fn resources(
+    before: &Snapshot,
+    after: &Snapshot,
+    delivered: u64,
+) -> (Vec<ProcessInfo>, Option<MachineInfo>) {
+    let measured = after.at.duration_since(before.at).as_secs_f64().max(1e-9);
+    let tps = procstat::ticks_per_second();
+    let per_delivery = |cpu_s: f64| (delivered > 0).then(|| cpu_s * 1e6 / delivered as f64);
+    let proc_info = |label: String, before: Option<u64>, after: Option<u64>, rss: Option<u64>| {
+        let cpu_s = before
+            .zip(after)
+            .map(|(b, a)| a.saturating_sub(b) as f64 / tps);
+        ProcessInfo {
+            label,
+            cpu_s,
+            cpu_pct_of_core: cpu_s.map(|s| s / measured * 100.0),
+            cpu_us_per_delivery: cpu_s.and_then(per_delivery),
+            peak_rss_mib: rss.map(|k| k as f64 / 1024.0),
+        }
+    };
+    let mut processes = Vec::new();
+    for (w, cpu_before, _) in &before.watched {
+        let end = after.watched.iter().find(|(a, _, _)| a.pid == w.pid);
+        processes.push(proc_info(
+            w.label.clone(),
+            *cpu_before,
+            end.and_then(|a| a.1),
+            end.and_then(|a| a.2),
+        ));
+    }
+    processes.push(proc_info(
+        format!(
+            "hookline bench: publishers + receiver (pid {})",
+            std::process::id()
+        ),
+        before.bench.0,
+        after.bench.0,
+        after.bench.1,
+    ));
+    let group = |label: &str, b: Option<procstat::GroupCpu>, a: Option<procstat::GroupCpu>| {
+        a.map(|a| {
+            proc_info(
+                format!("{label} ({} processes, whole machine)", a.processes),
+                b.map(|b| b.ticks),
+                Some(a.ticks),
+                None,
+            )
+        })
+    };
+    processes.extend(group(
+        "PostgreSQL server: every `postgres` process",
+        before.postgres,
+        after.postgres,
+    ));
+    processes.extend(group(
+        "RabbitMQ server: every `beam.smp` process",
+        before.rabbitmq,
+        after.rabbitmq,
+    ));
+    (processes, machine(before, after, tps))
+}
+
+/// The whole machine's busy CPU between two snapshots.
+fn machine(before: &Snapshot, after: &Snapshot, tps: f64) -> Option<MachineInfo> {
+    before
+        .machine
+        .zip(after.machine)
+        .map(|((bb, bt), (ab, at))| {
+            let busy = ab.saturating_sub(bb);
+            let total = at.saturating_sub(bt).max(1);
+            MachineInfo {
+                cores: std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1),
+                busy_cpu_s: busy as f64 / tps,
+                busy_pct: busy as f64 / total as f64 * 100.0,
+            }
+        })
 }
 
 impl Comparison {

@@ -111,6 +111,95 @@ pub fn list() -> String {
     out
 }
 
+/// The scenario named `name`.
+fn scenario(name: &str) -> Result<&'static Scenario, BenchError> {
+    let usage = |m: String| Err(BenchError::Usage(m));
+    let Some(s) = SCENARIOS.iter().find(|s| s.name == name) else {
+        return usage(format!(
+            "--scenario {:?} is unknown; known: {}",
+            name,
+            SCENARIOS
+                .iter()
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
+    Ok(s)
+}
+
+/// `--rate`, `--duration` and `--events` checked; the run's time window (none when
+/// `--events` alone bounds it).
+fn duration(args: &BenchOptions) -> Result<Option<Duration>, BenchError> {
+    let usage = |m: String| Err(BenchError::Usage(m));
+    if let Some(r) = args.rate
+        && !(r.is_finite() && r > 0.0)
+    {
+        return usage(format!("--rate is {r}; it must be more than 0"));
+    }
+    if let Some(d) = args.duration
+        && !(d.is_finite() && d > 0.0 && d <= 86_400.0)
+    {
+        return usage(format!(
+            "--duration is {d}; allowed: more than 0 to 86400 s"
+        ));
+    }
+    if args.events == Some(0) {
+        return usage("--events must be at least 1".into());
+    }
+    Ok(match (args.duration, args.events) {
+        (Some(d), _) => Some(Duration::from_secs_f64(d)),
+        (None, Some(_)) => None,
+        (None, None) => Some(Duration::from_secs_f64(DEFAULT_DURATION_SECS)),
+    })
+}
+
+/// `--hang-share` checked, and how many subscriptions hang.
+fn hangs(hang_share: f64, subscriptions: usize) -> Result<(f64, usize), BenchError> {
+    let usage = |m: String| Err(BenchError::Usage(m));
+    if !(0.0..1.0).contains(&hang_share) {
+        return usage(format!(
+            "--hang-share is {hang_share}; allowed: 0 to below 1"
+        ));
+    }
+    let hang_subs = (subscriptions as f64 * hang_share).round() as usize;
+    if hang_share > 0.0 && hang_subs == 0 {
+        return usage(format!(
+            "--hang-share {hang_share} of {subscriptions} subscriptions rounds to none; use more subscriptions"
+        ));
+    }
+    Ok((hang_share, hang_subs))
+}
+
+/// `--retry-schedule-ms`: `default` is Hookline's schedule (none sent); absent is the
+/// bench's short one.
+fn retry_schedule(arg: Option<&str>) -> Result<Option<Vec<Duration>>, BenchError> {
+    let usage = |m: String| Err(BenchError::Usage(m));
+    Ok(match arg {
+        Some("default") => None,
+        Some(list) => {
+            let mut out = Vec::new();
+            for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                match part.parse::<u64>() {
+                    Ok(ms) => out.push(Duration::from_millis(ms)),
+                    Err(_) => {
+                        return usage(format!(
+                            "--retry-schedule-ms: {part:?} is not a number of milliseconds"
+                        ));
+                    }
+                }
+            }
+            Some(out)
+        }
+        None => Some(
+            DEFAULT_RETRY_SCHEDULE_MS
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
+        ),
+    })
+}
+
 /// Everything a run needs to know, with defaults applied and checked.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -139,17 +228,7 @@ impl Plan {
     /// The scenario's defaults with the flags applied, or what is wrong with them.
     pub fn resolve(args: &BenchOptions) -> Result<Plan, BenchError> {
         let usage = |m: String| Err(BenchError::Usage(m));
-        let Some(s) = SCENARIOS.iter().find(|s| s.name == args.scenario) else {
-            return usage(format!(
-                "--scenario {:?} is unknown; known: {}",
-                args.scenario,
-                SCENARIOS
-                    .iter()
-                    .map(|s| s.name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        };
+        let s = scenario(&args.scenario)?;
         let subscriptions = args.subscriptions.unwrap_or(s.subscriptions);
         let fanout = args.fanout.unwrap_or(s.fanout);
         if !(1..=64).contains(&fanout) {
@@ -172,26 +251,7 @@ impl Plan {
         if !(1..=1000).contains(&batch) {
             return usage(format!("--batch is {batch}; allowed: 1 to 1000"));
         }
-        if let Some(r) = args.rate
-            && !(r.is_finite() && r > 0.0)
-        {
-            return usage(format!("--rate is {r}; it must be more than 0"));
-        }
-        if let Some(d) = args.duration
-            && !(d.is_finite() && d > 0.0 && d <= 86_400.0)
-        {
-            return usage(format!(
-                "--duration is {d}; allowed: more than 0 to 86400 s"
-            ));
-        }
-        if args.events == Some(0) {
-            return usage("--events must be at least 1".into());
-        }
-        let duration = match (args.duration, args.events) {
-            (Some(d), _) => Some(Duration::from_secs_f64(d)),
-            (None, Some(_)) => None,
-            (None, None) => Some(Duration::from_secs_f64(DEFAULT_DURATION_SECS)),
-        };
+        let duration = duration(args)?;
         let payload_bytes = args.payload_bytes.unwrap_or(DEFAULT_PAYLOAD_BYTES);
         if !(64..=1024 * 1024).contains(&payload_bytes) {
             return usage(format!(
@@ -202,46 +262,14 @@ impl Plan {
         if !(0.0..1.0).contains(&fail_rate) {
             return usage(format!("--fail-rate is {fail_rate}; allowed: 0 to below 1"));
         }
-        let hang_share = args.hang_share.unwrap_or(s.hang_share);
-        if !(0.0..1.0).contains(&hang_share) {
-            return usage(format!(
-                "--hang-share is {hang_share}; allowed: 0 to below 1"
-            ));
-        }
-        let hang_subs = (subscriptions as f64 * hang_share).round() as usize;
-        if hang_share > 0.0 && hang_subs == 0 {
-            return usage(format!(
-                "--hang-share {hang_share} of {subscriptions} subscriptions rounds to none; use more subscriptions"
-            ));
-        }
+        let (hang_share, hang_subs) =
+            hangs(args.hang_share.unwrap_or(s.hang_share), subscriptions)?;
         let compare = if args.no_compare {
             false
         } else {
             args.compare || s.compare
         };
-        let retry_schedule = match args.retry_schedule_ms.as_deref() {
-            Some("default") => None,
-            Some(list) => {
-                let mut out = Vec::new();
-                for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                    match part.parse::<u64>() {
-                        Ok(ms) => out.push(Duration::from_millis(ms)),
-                        Err(_) => {
-                            return usage(format!(
-                                "--retry-schedule-ms: {part:?} is not a number of milliseconds"
-                            ));
-                        }
-                    }
-                }
-                Some(out)
-            }
-            None => Some(
-                DEFAULT_RETRY_SCHEDULE_MS
-                    .iter()
-                    .map(|ms| Duration::from_millis(*ms))
-                    .collect(),
-            ),
-        };
+        let retry_schedule = retry_schedule(args.retry_schedule_ms.as_deref())?;
         if !(args.drain_timeout.is_finite() && args.drain_timeout >= 0.0) {
             return usage(format!(
                 "--drain-timeout is {}; it must be 0 or more",

@@ -185,41 +185,137 @@ fn receiver_range(ip: std::net::IpAddr) -> String {
     }
 }
 
+/// Starts `hookline serve` (after `migrate` and `admin create-key`) on fresh storage
+/// unless `--no-fresh`; on failure, what was made is removed again.
 async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
     let exe = std::env::current_exe()
         .map_err(|e| BenchError::io("finding the hookline binary (current_exe)", e))?;
     let id = Ulid::new().to_string().to_lowercase();
-    let fresh = !args.no_fresh;
-    let mut env: Vec<(&str, String)> = Vec::new();
-    let mut backend = Vec::new();
-    let mut fresh_db = None;
-    let mut workdir = None;
-    match &args.database_url {
-        Some(raw) => {
-            let url = Url::parse(raw).ok();
-            match url.filter(|u| fresh && matches!(u.scheme(), "postgres" | "postgresql")) {
-                Some(url) => {
-                    let name = format!("hookline_bench_{id}");
-                    let (mut db, mut admin) = (url.clone(), url);
-                    db.set_path(&format!("/{name}"));
-                    admin.set_path("/postgres");
-                    backend.push(format!("PostgreSQL {} (fresh)", describe_url(&db)));
-                    env.push(("HOOKLINE_DATABASE_URL", db.to_string()));
-                    fresh_db = Some(FreshDb {
-                        admin_url: admin.to_string(),
-                        name,
-                    });
-                }
-                None => {
-                    backend.push(match Url::parse(raw) {
-                        Ok(u) => format!("database {} {}", u.scheme(), describe_url(&u)),
-                        Err(_) => "the configured database".into(),
-                    });
-                    env.push(("HOOKLINE_DATABASE_URL", raw.clone()));
-                }
-            }
+    let mut backing = Backing::default();
+    backing.database(args, &id)?;
+    backing.queues(args, &id);
+    backing.env.extend(server_env(args));
+    let (env, workdir) = (&backing.env, &backing.workdir);
+    let command = |sub: &[&str]| {
+        let mut cmd = Command::new(&exe);
+        cmd.args(sub)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(dir) = workdir {
+            cmd.current_dir(dir);
         }
-        None => {
+        cmd
+    };
+    let started = start(&exe, command).await;
+    let mut spawned = Spawned {
+        child: None,
+        fresh_db: backing.fresh_db,
+        fresh_queues: backing.fresh_queues,
+        workdir: backing.workdir,
+    };
+    let (token, child) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            return give_up(
+                spawned_target(String::new(), Vec::new(), String::new(), spawned),
+                e,
+            )
+            .await;
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    spawned.child = Some(child);
+    let processes = std::iter::once(Watched {
+        label: format!("hookline serve (pid {pid})"),
+        pid,
+    })
+    .chain(watched_pids(&args.pids))
+    .collect();
+    let mut target = spawned_target(token, processes, backing.backend.join(", "), spawned);
+    match wait_listening(target.spawned.as_mut().and_then(|s| s.child.as_mut())).await {
+        Ok(grpc) => {
+            target.grpc = grpc;
+            Ok(target)
+        }
+        Err(e) => give_up(target, e).await,
+    }
+}
+
+/// A spawned target not yet known to listen.
+fn spawned_target(
+    token: String,
+    processes: Vec<Watched>,
+    backend: String,
+    spawned: Spawned,
+) -> Target {
+    Target {
+        grpc: String::new(),
+        token,
+        processes,
+        kind: "spawned",
+        tls: Default::default(),
+        backend,
+        spawned: Some(spawned),
+    }
+}
+
+/// Stops and cleans up a target that failed to start, then returns its error.
+async fn give_up(mut target: Target, e: BenchError) -> Result<Target, BenchError> {
+    for note in target.finish(true, None).await {
+        eprintln!("hookline bench: {note}");
+    }
+    Err(e)
+}
+
+/// `migrate`, `admin create-key` and `serve`, with `command` making each command;
+/// returns the key and the server process.
+async fn start(
+    exe: &std::path::Path,
+    command: impl Fn(&[&str]) -> Command,
+) -> Result<(String, Child), BenchError> {
+    // `admin create-key` needs an existing store; `migrate` makes it.
+    run_once(command(&["migrate"]), "hookline migrate").await?;
+    let token = create_key(command(&[
+        "admin",
+        "create-key",
+        "--name",
+        "hookline-bench",
+    ]))
+    .await?;
+    let mut serve = command(&[
+        "serve",
+        "--services",
+        "all",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    serve.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let child = serve
+        .spawn()
+        .map_err(|e| BenchError::io(format!("starting {} serve", exe.display()), e))?;
+    Ok((token, child))
+}
+
+/// Where the spawned server keeps its data: its environment, a description, and what
+/// was made fresh (to remove afterwards).
+#[derive(Default)]
+struct Backing {
+    env: Vec<(&'static str, String)>,
+    backend: Vec<String>,
+    fresh_db: Option<FreshDb>,
+    fresh_queues: Option<(String, String)>,
+    workdir: Option<PathBuf>,
+}
+
+impl Backing {
+    /// `--database-url`: a fresh PostgreSQL database next to the given one unless
+    /// `--no-fresh`; without it, the embedded backends in a fresh directory.
+    fn database(&mut self, args: &BenchOptions, id: &str) -> Result<(), BenchError> {
+        let fresh = !args.no_fresh;
+        let Some(raw) = &args.database_url else {
             if fresh {
                 // The embedded backends keep their files in HOOKLINE_DATA_DIR (by default
                 // relative to the working directory): a fresh directory is fresh storage.
@@ -227,29 +323,68 @@ async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| BenchError::io(format!("creating {}", dir.display()), e))?;
                 let data = dir.join("data");
-                backend.push(format!("embedded backends in {} (fresh)", data.display()));
-                env.push(("HOOKLINE_DATA_DIR", data.display().to_string()));
-                workdir = Some(dir);
+                self.backend
+                    .push(format!("embedded backends in {} (fresh)", data.display()));
+                self.env
+                    .push(("HOOKLINE_DATA_DIR", data.display().to_string()));
+                self.workdir = Some(dir);
             } else if args.amqp_url.is_none() {
-                backend.push("embedded backends in the server's data_dir".into());
+                self.backend
+                    .push("embedded backends in the server's data_dir".into());
+            }
+            return Ok(());
+        };
+        let url = Url::parse(raw).ok();
+        match url.filter(|u| fresh && matches!(u.scheme(), "postgres" | "postgresql")) {
+            Some(url) => {
+                let name = format!("hookline_bench_{id}");
+                let (mut db, mut admin) = (url.clone(), url);
+                db.set_path(&format!("/{name}"));
+                admin.set_path("/postgres");
+                self.backend
+                    .push(format!("PostgreSQL {} (fresh)", describe_url(&db)));
+                self.env.push(("HOOKLINE_DATABASE_URL", db.to_string()));
+                self.fresh_db = Some(FreshDb {
+                    admin_url: admin.to_string(),
+                    name,
+                });
+            }
+            None => {
+                self.backend.push(match Url::parse(raw) {
+                    Ok(u) => format!("database {} {}", u.scheme(), describe_url(&u)),
+                    Err(_) => "the configured database".into(),
+                });
+                self.env.push(("HOOKLINE_DATABASE_URL", raw.clone()));
             }
         }
+        Ok(())
     }
-    let mut fresh_queues = None;
-    if let Some(amqp) = &args.amqp_url {
-        env.push(("HOOKLINE_AMQP_URL", amqp.clone()));
-        if fresh {
-            let prefix = format!("bench_{id}");
-            env.push(("HOOKLINE_QUEUE_PREFIX", prefix.clone()));
-            backend.push(match Url::parse(amqp) {
-                Ok(u) => format!("RabbitMQ {} prefix {prefix} (fresh)", describe_url(&u)),
-                Err(_) => format!("RabbitMQ prefix {prefix} (fresh)"),
-            });
-            fresh_queues = Some((amqp.clone(), prefix));
-        } else {
-            backend.push("RabbitMQ with the configured queue prefix".into());
+
+    /// `--amqp-url`: RabbitMQ with a fresh queue prefix unless `--no-fresh`.
+    fn queues(&mut self, args: &BenchOptions, id: &str) {
+        let Some(amqp) = &args.amqp_url else {
+            return;
+        };
+        self.env.push(("HOOKLINE_AMQP_URL", amqp.clone()));
+        if args.no_fresh {
+            self.backend
+                .push("RabbitMQ with the configured queue prefix".into());
+            return;
         }
+        let prefix = format!("bench_{id}");
+        self.env.push(("HOOKLINE_QUEUE_PREFIX", prefix.clone()));
+        self.backend.push(match Url::parse(amqp) {
+            Ok(u) => format!("RabbitMQ {} prefix {prefix} (fresh)", describe_url(&u)),
+            Err(_) => format!("RabbitMQ prefix {prefix} (fresh)"),
+        });
+        self.fresh_queues = Some((amqp.clone(), prefix));
     }
+}
+
+/// The rest of the server's environment: the config file, a quiet log unless one is
+/// set, and an egress policy that lets deliveries reach the bench's receiver.
+fn server_env(args: &BenchOptions) -> Vec<(&'static str, String)> {
+    let mut env = Vec::new();
     if let Some(config) = &args.config {
         env.push(("HOOKLINE_CONFIG", config.display().to_string()));
     }
@@ -265,96 +400,7 @@ async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
         _ => receiver,
     };
     env.push(("HOOKLINE_EGRESS_ALLOW", allow));
-
-    let command = |sub: &[&str]| {
-        let mut cmd = Command::new(&exe);
-        cmd.args(sub)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        if let Some(dir) = &workdir {
-            cmd.current_dir(dir);
-        }
-        cmd
-    };
-    let started = async {
-        // `admin create-key` needs an existing store; `migrate` makes it.
-        run_once(command(&["migrate"]), "hookline migrate").await?;
-        let token = create_key(command(&[
-            "admin",
-            "create-key",
-            "--name",
-            "hookline-bench",
-        ]))
-        .await?;
-        let mut serve = command(&[
-            "serve",
-            "--services",
-            "all",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ]);
-        serve.stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let child = serve
-            .spawn()
-            .map_err(|e| BenchError::io(format!("starting {} serve", exe.display()), e))?;
-        Ok::<_, BenchError>((token, child))
-    }
-    .await;
-    let mut spawned = Spawned {
-        child: None,
-        fresh_db,
-        fresh_queues,
-        workdir,
-    };
-    let (token, child) = match started {
-        Ok(v) => v,
-        Err(e) => {
-            let mut t = Target {
-                grpc: String::new(),
-                token: String::new(),
-                processes: Vec::new(),
-                kind: "spawned",
-                tls: Default::default(),
-                backend: String::new(),
-                spawned: Some(spawned),
-            };
-            for note in t.finish(true, None).await {
-                eprintln!("hookline bench: {note}");
-            }
-            return Err(e);
-        }
-    };
-    let pid = child.id().unwrap_or(0);
-    spawned.child = Some(child);
-    let mut target = Target {
-        grpc: String::new(),
-        token,
-        processes: std::iter::once(Watched {
-            label: format!("hookline serve (pid {pid})"),
-            pid,
-        })
-        .chain(watched_pids(&args.pids))
-        .collect(),
-        kind: "spawned",
-        tls: Default::default(),
-        backend: backend.join(", "),
-        spawned: Some(spawned),
-    };
-    match wait_listening(target.spawned.as_mut().and_then(|s| s.child.as_mut())).await {
-        Ok(grpc) => {
-            target.grpc = grpc;
-            Ok(target)
-        }
-        Err(e) => {
-            for note in target.finish(true, None).await {
-                eprintln!("hookline bench: {note}");
-            }
-            Err(e)
-        }
-    }
+    env
 }
 
 /// Runs a one-shot `hookline` command (`what`, for messages); returns its stdout.

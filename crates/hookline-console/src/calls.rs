@@ -12,6 +12,9 @@ use hookline_proto::v1 as pb;
 use tonic::body::Body;
 use tonic::service::Routes;
 
+/// Rows shown per list page.
+pub(crate) const PAGE_SIZE: u32 = 100;
+
 /// This process's gRPC services (each behind its gate), called in process.
 #[derive(Clone)]
 pub(crate) struct Services {
@@ -50,7 +53,7 @@ impl Clients {
     /// The first page of tenants the caller may list.
     pub async fn tenants(&mut self) -> Result<Vec<pb::Tenant>, tonic::Status> {
         let req = pb::ListTenantsRequest {
-            page_size: crate::pages::PAGE_SIZE,
+            page_size: PAGE_SIZE,
             page_token: String::new(),
         };
         Ok(self.registry.list_tenants(req).await?.into_inner().tenants)

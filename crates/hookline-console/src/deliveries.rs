@@ -10,9 +10,11 @@ use hookline_proto::v1 as pb;
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use crate::pages::{PAGE_SIZE, pick_tenant, tenant_of};
+use crate::calls::PAGE_SIZE;
+use crate::layout::{self, button};
+use crate::pages::{pick_tenant, tenant_of};
 use crate::session::{CsrfForm, Ctx};
-use crate::view::{self, PageError, button, ts};
+use crate::view::{self, PageError, ts};
 
 /// Characters of a response body shown per attempt.
 const RESPONSE_EXCERPT: usize = 300;
@@ -76,7 +78,7 @@ pub(crate) async fn list(mut ctx: Ctx, Query(f): Query<Filters>) -> Result<Respo
     let tenant = tenant_of(&ctx, &f.tenant);
     if tenant.is_none() && f.subscription.is_empty() && f.event_id.is_empty() {
         let pick = pick_tenant(&mut ctx, "/console/deliveries").await?;
-        return Ok(view::page(&ctx, "Deliveries", pick).into_response());
+        return Ok(layout::page(&ctx, "Deliveries", pick).into_response());
     }
     let req = pb::ListDeliveriesRequest {
         tenant_id: tenant.clone().unwrap_or_default(),
@@ -102,7 +104,7 @@ pub(crate) async fn list(mut ctx: Ctx, Query(f): Query<Filters>) -> Result<Respo
         (filter_form(&f, tenant.as_deref().unwrap_or_default()))
         (delivery_table(&list))
     };
-    Ok(view::page(&ctx, "Deliveries", body).into_response())
+    Ok(layout::page(&ctx, "Deliveries", body).into_response())
 }
 
 fn filter_form(f: &Filters, tenant: &str) -> Markup {
@@ -190,7 +192,7 @@ pub(crate) async fn show(mut ctx: Ctx, Path(id): Path<String>) -> Result<Respons
             }
         }
     };
-    Ok(view::page(&ctx, &format!("Delivery {}", d.id), body).into_response())
+    Ok(layout::page(&ctx, &format!("Delivery {}", d.id), body).into_response())
 }
 
 pub(crate) async fn retry(

@@ -8,6 +8,7 @@
 
 mod calls;
 mod deliveries;
+mod layout;
 mod live;
 mod pages;
 pub mod portal;

@@ -13,6 +13,7 @@ use hookline_proto::v1 as pb;
 use maud::html;
 use serde::Deserialize;
 
+use crate::layout;
 use crate::pages::{pick_tenant, tenant_of};
 use crate::session::Ctx;
 use crate::view::{self, PageError, ts};
@@ -28,7 +29,7 @@ pub(crate) struct LiveQuery {
 pub(crate) async fn page(mut ctx: Ctx, Query(q): Query<LiveQuery>) -> Result<Response, PageError> {
     let Some(tenant) = tenant_of(&ctx, &q.tenant) else {
         let pick = pick_tenant(&mut ctx, "/console/live").await?;
-        return Ok(view::page(&ctx, "Live", pick).into_response());
+        return Ok(layout::page(&ctx, "Live", pick).into_response());
     };
     let src = format!(
         "/console/live/events?tenant={}&subscription={}",
@@ -43,7 +44,7 @@ pub(crate) async fn page(mut ctx: Ctx, Query(q): Query<LiveQuery>) -> Result<Res
         }
         script src="/console/assets/live.js" {}
     };
-    Ok(view::page(&ctx, "Live", body).into_response())
+    Ok(layout::page(&ctx, "Live", body).into_response())
 }
 
 /// Ids and the like only: anything else is refused by the service anyway.

@@ -9,11 +9,11 @@ use maud::{Markup, html};
 use serde::Deserialize;
 
 use crate::State;
+use crate::calls::PAGE_SIZE;
+use crate::layout::{self, csrf};
 use crate::session::Ctx;
-use crate::view::{self, PageError, csrf, ts};
+use crate::view::{self, PageError, ts};
 
-/// Rows shown per list page.
-pub(crate) const PAGE_SIZE: u32 = 100;
 /// Characters of a payload shown in a list.
 const PAYLOAD_EXCERPT: usize = 120;
 
@@ -77,7 +77,7 @@ pub(crate) async fn overview(state: State, mut ctx: Ctx) -> Result<Response, Pag
             p { "Tenant " a href={ "/console/tenants/" (t.id) } { (t.name) } " " code { (t.id) } }
         }
     };
-    Ok(view::page(&ctx, "Overview", body).into_response())
+    Ok(layout::page(&ctx, "Overview", body).into_response())
 }
 
 pub(crate) async fn tenants(mut ctx: Ctx) -> Result<Response, PageError> {
@@ -99,7 +99,7 @@ pub(crate) async fn tenants(mut ctx: Ctx) -> Result<Response, PageError> {
             }
         }
     };
-    Ok(view::page(&ctx, "Tenants", body).into_response())
+    Ok(layout::page(&ctx, "Tenants", body).into_response())
 }
 
 #[derive(Deserialize)]
@@ -168,7 +168,7 @@ pub(crate) async fn tenant(mut ctx: Ctx, Path(id): Path<String>) -> Result<Respo
             button type="submit" id="create-portal-link" { "Create portal link" }
         }
     };
-    Ok(view::page(&ctx, &format!("Tenant {}", t.name), body).into_response())
+    Ok(layout::page(&ctx, &format!("Tenant {}", t.name), body).into_response())
 }
 
 /// Subscriptions with their state and circuit.
@@ -217,7 +217,7 @@ pub(crate) async fn event_types(mut ctx: Ctx) -> Result<Response, PageError> {
             }
         }
     };
-    Ok(view::page(&ctx, "Event types", body).into_response())
+    Ok(layout::page(&ctx, "Event types", body).into_response())
 }
 
 pub(crate) async fn create_event_type(
@@ -242,7 +242,7 @@ pub(crate) async fn events(
 ) -> Result<Response, PageError> {
     let Some(tenant) = tenant_of(&ctx, &q.tenant) else {
         let pick = pick_tenant(&mut ctx, "/console/events").await?;
-        return Ok(view::page(&ctx, "Events", pick).into_response());
+        return Ok(layout::page(&ctx, "Events", pick).into_response());
     };
     let list = ctx
         .clients
@@ -274,7 +274,7 @@ pub(crate) async fn events(
             }
         }
     };
-    Ok(view::page(&ctx, "Events", body).into_response())
+    Ok(layout::page(&ctx, "Events", body).into_response())
 }
 
 pub(crate) async fn event(mut ctx: Ctx, Path(id): Path<String>) -> Result<Response, PageError> {
@@ -300,5 +300,5 @@ pub(crate) async fn event(mut ctx: Ctx, Path(id): Path<String>) -> Result<Respon
         pre id="payload" { (payload) }
         p { a href={ "/console/deliveries?tenant=" (e.tenant_id) "&event_id=" (e.id) } { "Its deliveries" } }
     };
-    Ok(view::page(&ctx, "Event", body).into_response())
+    Ok(layout::page(&ctx, "Event", body).into_response())
 }

@@ -20,8 +20,9 @@ use maud::html;
 use serde::Deserialize;
 use sha2::Sha256;
 
+use crate::layout;
 use crate::session::{self, Ctx};
-use crate::view::{self, PageError};
+use crate::view::PageError;
 use crate::{Console, State};
 
 const VERSION: &str = "v1";
@@ -177,7 +178,7 @@ pub(crate) async fn create_from_form(
             (expires.format("%Y-%m-%d %H:%M:%SZ")) ". Send it over a private channel." }
         p { a id="portal-link" href=(url) { (url) } }
     };
-    Ok(view::page(&ctx, "Portal link", body).into_response())
+    Ok(layout::page(&ctx, "Portal link", body).into_response())
 }
 
 /// `POST /console/api/portal-links` with `authorization: Bearer <key>` and a JSON body

@@ -9,8 +9,9 @@ use maud::html;
 use serde::Deserialize;
 
 use crate::deliveries::time_filter;
+use crate::layout::{self, button, csrf};
 use crate::session::{CsrfForm, Ctx};
-use crate::view::{self, PageError, button, csrf, ts};
+use crate::view::{self, PageError, ts};
 
 /// Event types from a comma-separated field.
 fn event_types(field: &str) -> Vec<String> {
@@ -59,7 +60,7 @@ pub(crate) async fn create(
         p { "Subscription " a id="subscription-link" href={ "/console/subscriptions/" (s.id) } { code { (s.id) } } " created." }
         p { "Its signing secret, shown this once:" } pre id="secret" { (created.secret) }
     };
-    Ok(view::page(&ctx, "Subscription created", body).into_response())
+    Ok(layout::page(&ctx, "Subscription created", body).into_response())
 }
 
 pub(crate) async fn show(mut ctx: Ctx, Path(id): Path<String>) -> Result<Response, PageError> {
@@ -107,7 +108,7 @@ pub(crate) async fn show(mut ctx: Ctx, Path(id): Path<String>) -> Result<Respons
             button type="submit" id="send-test" { "Send test event" }
         }
     };
-    Ok(view::page(&ctx, &format!("Subscription {}", s.id), body).into_response())
+    Ok(layout::page(&ctx, &format!("Subscription {}", s.id), body).into_response())
 }
 
 pub(crate) async fn edit(
@@ -187,7 +188,7 @@ pub(crate) async fn rotate(
         pre id="secret" { (secret) }
         p { a href={ "/console/subscriptions/" (id) } { "Back to the subscription" } }
     };
-    Ok(view::page(&ctx, "Secret rotated", body).into_response())
+    Ok(layout::page(&ctx, "Secret rotated", body).into_response())
 }
 
 #[derive(Deserialize)]
@@ -220,7 +221,7 @@ pub(crate) async fn send_test(
           " published; " (published.deliveries_created) " deliveries created." }
         p { a href={ "/console/deliveries?tenant=" (s.tenant_id) "&subscription=" (id) } { "See the deliveries" } }
     };
-    Ok(view::page(&ctx, "Test event sent", body).into_response())
+    Ok(layout::page(&ctx, "Test event sent", body).into_response())
 }
 
 #[derive(Deserialize)]
@@ -251,5 +252,5 @@ pub(crate) async fn replay(
         p id="replayed" { (n) " failed deliveries queued again." }
         p { a href={ "/console/deliveries?subscription=" (id) } { "See the deliveries" } }
     };
-    Ok(view::page(&ctx, "Replay", body).into_response())
+    Ok(layout::page(&ctx, "Replay", body).into_response())
 }

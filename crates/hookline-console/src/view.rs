@@ -9,8 +9,6 @@ use hookline_proto::v1 as pb;
 use http::{HeaderValue, StatusCode, header};
 use maud::{DOCTYPE, Markup, html};
 
-use crate::session::Ctx;
-
 const CSS: &str = include_str!("../assets/console.css");
 const LIVE_JS: &str = include_str!("../assets/live.js");
 
@@ -53,44 +51,12 @@ pub(crate) async fn security_headers(
     res
 }
 
-/// A page with navigation for a signed-in caller.
-pub(crate) fn page(ctx: &Ctx, title: &str, body: Markup) -> Markup {
-    let who = match (&ctx.principal, ctx.portal) {
-        (p, true) => format!(
-            "portal · tenant {}",
-            p.tenant().map(|t| t.as_str()).unwrap_or("")
-        ),
-        (p, false) if p.is_admin() => "admin key".to_string(),
-        (p, false) => format!(
-            "tenant key · {}",
-            p.tenant().map(|t| t.as_str()).unwrap_or("")
-        ),
-    };
-    let body = html! {
-        nav {
-            a href="/console/" class="brand" { "Hookline" }
-            a href="/console/tenants" { "Tenants" }
-            a href="/console/event-types" { "Event types" }
-            a href="/console/events" { "Events" }
-            a href="/console/deliveries" { "Deliveries" }
-            a href="/console/live" { "Live" }
-            span class="who" id="who" { (who) }
-            form method="post" action="/console/logout" class="inline" {
-                (csrf(ctx))
-                button type="submit" id="logout" { "Sign out" }
-            }
-        }
-        main { h1 { (title) } (body) }
-    };
-    document(title, body)
-}
-
 /// A page without navigation (sign-in, errors).
 pub(crate) fn bare(title: &str, body: Markup) -> Markup {
     document(title, html! { main { (body) } })
 }
 
-fn document(title: &str, body: Markup) -> Markup {
+pub(crate) fn document(title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -101,21 +67,6 @@ fn document(title: &str, body: Markup) -> Markup {
                 link rel="stylesheet" href="/console/assets/console.css";
             }
             body { (body) }
-        }
-    }
-}
-
-/// The hidden CSRF field of a form.
-pub(crate) fn csrf(ctx: &Ctx) -> Markup {
-    html! { input type="hidden" name="csrf" value=(ctx.csrf); }
-}
-
-/// A one-button form posting to `action`.
-pub(crate) fn button(ctx: &Ctx, action: &str, label: &str, id: &str) -> Markup {
-    html! {
-        form method="post" action=(action) class="inline" {
-            (csrf(ctx))
-            button type="submit" id=(id) { (label) }
         }
     }
 }

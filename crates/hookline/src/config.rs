@@ -348,9 +348,18 @@ impl Config {
         }
         config.egress()?;
         config.tls_files()?;
-        crate::receiver_tls::from_config(&config)?;
+        config.receiver_tls()?;
         config.check_console()?;
         Ok(config)
+    }
+
+    /// The receiver TLS settings, their files read and checked.
+    pub fn receiver_tls(&self) -> anyhow::Result<hookline_dispatcher::ReceiverTls> {
+        crate::receiver_tls::from_settings(
+            self.receiver_client_cert_file.as_deref(),
+            self.receiver_client_key_file.as_deref(),
+            self.receiver_ca_file.as_deref(),
+        )
     }
 
     /// The egress settings, checked.

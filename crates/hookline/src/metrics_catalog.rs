@@ -12,7 +12,15 @@ pub fn describe_all() {
         "hookline_build_info",
         "Always 1; the version label names the running build."
     );
-    // ingest
+    ingest();
+    dispatch();
+    retry_and_outbox();
+    backlogs();
+    tls();
+}
+
+/// Ingest: events accepted and the deliveries made for them.
+fn ingest() {
     describe_counter!(
         "hookline_events_published_total",
         Unit::Count,
@@ -28,7 +36,10 @@ pub fn describe_all() {
         Unit::Count,
         "Events committed together in one group commit of ingest."
     );
-    // dispatcher
+}
+
+/// The dispatcher: delivery attempts, their timing, and what it put off.
+fn dispatch() {
     describe_counter!(
         dispatcher::DELIVERIES_TOTAL,
         Unit::Count,
@@ -52,7 +63,10 @@ pub fn describe_all() {
         dispatcher::CIRCUITS_OPEN,
         "Subscriptions whose circuit is open or half-open in this dispatcher."
     );
-    // retry and outbox
+}
+
+/// The retry scheduler and the outbox relay.
+fn retry_and_outbox() {
     describe_counter!(
         "hookline_retries_enqueued_total",
         Unit::Count,
@@ -63,7 +77,10 @@ pub fn describe_all() {
         Unit::Count,
         "Outbox entries the relay re-published because their publish was not confirmed."
     );
-    // gauges read from the store and the broker
+}
+
+/// Gauges read from the store and the broker: queues, backlogs, subscription states.
+fn backlogs() {
     describe_gauge!(
         "hookline_queue_depth",
         "Messages ready in each queue (label queue)."
@@ -93,7 +110,10 @@ pub fn describe_all() {
         "hookline_dead_letter_depth",
         "Messages waiting in the dead-letter queue; alert when above 0."
     );
-    // TLS of the API listeners (crates/hookline-grpc/src/tls.rs)
+}
+
+/// TLS of the API listeners (crates/hookline-grpc/src/tls.rs).
+fn tls() {
     describe_counter!(
         "hookline_tls_handshake_failures_total",
         Unit::Count,

@@ -2,21 +2,22 @@
 //! `receiver_ca_file`) read and checked into what the dispatcher presents and trusts.
 //! Read once at start: a bad file is a start-up error naming the setting.
 
+use std::path::Path;
+
 use anyhow::Context as _;
 use hookline_core::client_cert::{self, ClientIdentity, MAX_PEM_BYTES};
 use hookline_dispatcher::ReceiverTls;
 
-use crate::config::Config;
-
 /// Most bytes of the receiver CA bundle.
 const MAX_CA_BUNDLE_BYTES: u64 = 1024 * 1024;
 
-/// The settings read and checked; the default from none set.
-pub fn from_config(config: &Config) -> anyhow::Result<ReceiverTls> {
-    let default_identity = match (
-        &config.receiver_client_cert_file,
-        &config.receiver_client_key_file,
-    ) {
+/// The three settings' files read and checked; the default from none set.
+pub fn from_settings(
+    client_cert_file: Option<&Path>,
+    client_key_file: Option<&Path>,
+    ca_file: Option<&Path>,
+) -> anyhow::Result<ReceiverTls> {
+    let default_identity = match (client_cert_file, client_key_file) {
         (None, None) => None,
         (Some(cert), Some(key)) => {
             let identity = ClientIdentity {
@@ -37,7 +38,7 @@ pub fn from_config(config: &Config) -> anyhow::Result<ReceiverTls> {
             "receiver_client_cert_file and receiver_client_key_file go together: set both or neither"
         ),
     };
-    let extra_roots_pem = match &config.receiver_ca_file {
+    let extra_roots_pem = match ca_file {
         None => None,
         Some(path) => {
             let pem = read("receiver_ca_file", path, MAX_CA_BUNDLE_BYTES)?;
@@ -53,7 +54,7 @@ pub fn from_config(config: &Config) -> anyhow::Result<ReceiverTls> {
     })
 }
 
-fn read(setting: &str, path: &std::path::Path, max: u64) -> anyhow::Result<String> {
+fn read(setting: &str, path: &Path, max: u64) -> anyhow::Result<String> {
     let len = std::fs::metadata(path)
         .with_context(|| format!("{setting} {}: cannot be read", path.display()))?
         .len();

@@ -53,11 +53,7 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let shutdown = CancellationToken::new();
     shutdown::on_signal(shutdown.clone(), drain);
 
-    let mut store = backends::open_store(&mode.store(), &config).await?;
-    if config.migrate_on_start || matches!(mode, Mode::Embedded { .. }) {
-        store.migrate().await?;
-    }
-    crate::encryption::attach(&mut store, &config, &mode.store(), true).await?;
+    let store = open_store(&config, &mode).await?;
     let broker =
         backends::open_broker(&mode, &config, &store, connection_name(&config, &services)).await?;
     let wiring = Wiring {
@@ -78,20 +74,8 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
         broker.clone(),
         shutdown.clone(),
     )));
-    // The console calls the same services (gate included) in process, as REST does.
     let console_at = match listeners.console.take() {
-        Some(listener) => {
-            let (at, task) = console::start(
-                listener,
-                &config,
-                router.clone(),
-                wiring.auth.clone(),
-                broker.clone(),
-                &shutdown,
-            )?;
-            tasks.push(task);
-            Some(at)
-        }
+        Some(listener) => Some(wiring.start_console(listener, router.clone(), &mut tasks)?),
         None => None,
     };
     let admin_state = AdminState {
@@ -127,6 +111,17 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     )
     .await;
     started.and(stopped)
+}
+
+/// Opens the store, migrated when asked to (always for an embedded installation), with
+/// payload encryption attached.
+async fn open_store(config: &Config, mode: &Mode) -> anyhow::Result<AnyStore> {
+    let mut store = backends::open_store(&mode.store(), config).await?;
+    if config.migrate_on_start || matches!(mode, Mode::Embedded { .. }) {
+        store.migrate().await?;
+    }
+    crate::encryption::attach(&mut store, config, &mode.store(), true).await?;
+    Ok(store)
 }
 
 /// How long, beyond the drain, stopping may take (outcomes written, connections and
@@ -307,6 +302,26 @@ struct Wiring<'a> {
 }
 
 impl Wiring<'_> {
+    /// Starts the console on `listener`; it calls the same services (gate included) in
+    /// process, as REST does. Returns where it listens.
+    fn start_console(
+        &self,
+        listener: TcpListener,
+        router: Router,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) -> anyhow::Result<SocketAddr> {
+        let (at, task) = console::start(
+            listener,
+            self.config,
+            router,
+            self.auth.clone(),
+            self.broker.clone(),
+            &self.shutdown,
+        )?;
+        tasks.push(task);
+        Ok(at)
+    }
+
     /// Mounts the gRPC services of `services` (with health and reflection) and spawns
     /// their background tasks into `tasks`.
     async fn start_services(
@@ -423,7 +438,7 @@ impl Wiring<'_> {
                 shutdown_drain: Duration::from_secs(config.shutdown_drain_secs),
                 egress: self.egress.clone(),
                 egress_proxy: self.egress_proxy.clone(),
-                receiver_tls: crate::receiver_tls::from_config(config)?,
+                receiver_tls: config.receiver_tls()?,
                 ..DispatcherConfig::default()
             },
             self.store.registry(),

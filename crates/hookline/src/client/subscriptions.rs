@@ -298,31 +298,8 @@ pub async fn subscriptions(args: &ClientArgs, cmd: SubscriptionCommand) -> anyho
                 .map_or(0, self::signature_scheme);
             create(&client, format, (tenant, url, scheme), fields, disabled).await?
         }
-        SubscriptionCommand::List { tenant } => {
-            let mut registry = client.registry();
-            let all = all_pages(async |page_token| {
-                let msg = pb::ListSubscriptionsRequest {
-                    tenant_id: tenant.clone(),
-                    page_size: hookline_store::MAX_PAGE_LIMIT,
-                    page_token,
-                };
-                let page = registry.list_subscriptions(request(&client, msg)?).await;
-                let page = page.map_err(rpc)?.into_inner();
-                Ok((page.subscriptions, page.next_page_token))
-            })
-            .await?;
-            format.items(&all, subscription_json, &HEADERS, subscription_row);
-        }
-        SubscriptionCommand::Get { id } => {
-            let msg = pb::GetSubscriptionRequest {
-                subscription_id: id,
-            };
-            let s = client
-                .registry()
-                .get_subscription(request(&client, msg)?)
-                .await;
-            print_one(format, &s.map_err(rpc)?.into_inner());
-        }
+        SubscriptionCommand::List { tenant } => list(&client, format, tenant).await?,
+        SubscriptionCommand::Get { id } => get(&client, format, id).await?,
         SubscriptionCommand::Update {
             id,
             url,
@@ -355,37 +332,80 @@ pub async fn subscriptions(args: &ClientArgs, cmd: SubscriptionCommand) -> anyho
                 &set_state(&client, id, pb::SubscriptionState::Disabled).await?,
             );
         }
-        SubscriptionCommand::Delete { id } => {
-            let msg = pb::DeleteSubscriptionRequest {
-                subscription_id: id.clone(),
-            };
-            let res = client
-                .registry()
-                .delete_subscription(request(&client, msg)?)
-                .await;
-            res.map_err(rpc)?;
-            print_deleted(format, "subscription", &id);
-        }
+        SubscriptionCommand::Delete { id } => delete(&client, format, id).await?,
         SubscriptionCommand::Secret { id } => secret(&client, format, id).await?,
         SubscriptionCommand::RotateSecret { id, grace_secs } => {
-            let msg = pb::RotateSecretRequest {
-                subscription_id: id,
-                grace_period: grace_secs.map(|s| duration_from_ms(s.saturating_mul(1000))),
-                secret: String::new(),
-            };
-            let res = client
-                .registry()
-                .rotate_secret(request(&client, msg)?)
-                .await;
-            let res = res.map_err(rpc)?.into_inner();
-            let expires = ts(res.previous_expires_at.as_ref());
-            let v = json!({"secret": res.secret, "previous_expires_at": expires});
-            format.one(&v, || {
-                println!("new signing secret: {}", res.secret);
-                println!("the previous secret keeps signing until {expires}");
-            });
+            rotate_secret(&client, format, id, grace_secs).await?
         }
     }
+    Ok(())
+}
+
+/// `subscription list`: every page of the tenant's subscriptions.
+async fn list(client: &Client, format: Format, tenant: String) -> anyhow::Result<()> {
+    let mut registry = client.registry();
+    let all = all_pages(async |page_token| {
+        let msg = pb::ListSubscriptionsRequest {
+            tenant_id: tenant.clone(),
+            page_size: hookline_store::MAX_PAGE_LIMIT,
+            page_token,
+        };
+        let page = registry.list_subscriptions(request(client, msg)?).await;
+        let page = page.map_err(rpc)?.into_inner();
+        Ok((page.subscriptions, page.next_page_token))
+    })
+    .await?;
+    format.items(&all, subscription_json, &HEADERS, subscription_row);
+    Ok(())
+}
+
+/// `subscription get`.
+async fn get(client: &Client, format: Format, id: String) -> anyhow::Result<()> {
+    let msg = pb::GetSubscriptionRequest {
+        subscription_id: id,
+    };
+    let s = client
+        .registry()
+        .get_subscription(request(client, msg)?)
+        .await;
+    print_one(format, &s.map_err(rpc)?.into_inner());
+    Ok(())
+}
+
+/// `subscription delete`.
+async fn delete(client: &Client, format: Format, id: String) -> anyhow::Result<()> {
+    let msg = pb::DeleteSubscriptionRequest {
+        subscription_id: id.clone(),
+    };
+    let res = client
+        .registry()
+        .delete_subscription(request(client, msg)?)
+        .await;
+    res.map_err(rpc)?;
+    print_deleted(format, "subscription", &id);
+    Ok(())
+}
+
+/// `subscription rotate-secret`: a new signing secret; the previous one keeps signing for the grace period.
+async fn rotate_secret(
+    client: &Client,
+    format: Format,
+    id: String,
+    grace_secs: Option<u64>,
+) -> anyhow::Result<()> {
+    let msg = pb::RotateSecretRequest {
+        subscription_id: id,
+        grace_period: grace_secs.map(|s| duration_from_ms(s.saturating_mul(1000))),
+        secret: String::new(),
+    };
+    let res = client.registry().rotate_secret(request(client, msg)?).await;
+    let res = res.map_err(rpc)?.into_inner();
+    let expires = ts(res.previous_expires_at.as_ref());
+    let v = json!({"secret": res.secret, "previous_expires_at": expires});
+    format.one(&v, || {
+        println!("new signing secret: {}", res.secret);
+        println!("the previous secret keeps signing until {expires}");
+    });
     Ok(())
 }
 

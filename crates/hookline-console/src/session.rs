@@ -160,8 +160,8 @@ impl FromRequestParts<Arc<Console>> for Ctx {
                 Err(s) => return Err(PageError::from(s).into_response()),
             },
             Credential::Portal { tenant_id, key_id } => {
-                let p = Principal::Tenant {
-                    key_id: key_id.clone(),
+                let p = Principal::Portal {
+                    session_id: key_id.clone(),
                     tenant_id: tenant_id.clone(),
                 };
                 // The same per-key rate, per portal session.

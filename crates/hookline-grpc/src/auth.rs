@@ -201,11 +201,23 @@ impl Authenticator {
         self.generation.subscribe()
     }
 
-    /// Whether the key behind `principal` still exists, unrevoked, read from the store
+    /// Whether the key behind `principal` still exists, unrevoked (for a portal session:
+    /// whether its tenant still exists), read from the store
     /// (not the cache). A store error counts as valid: the next change checks again.
     pub async fn still_valid(&self, principal: &Principal) -> bool {
-        match self.store.get_api_key(principal.key_id()).await {
-            Ok(key) => key.revoked_at.is_none(),
+        let found = match principal {
+            // No stored key behind a portal session: it lasts while its tenant does.
+            Principal::Portal { tenant_id, .. } => {
+                self.store.get_tenant(tenant_id).await.map(|_| true)
+            }
+            _ => self
+                .store
+                .get_api_key(principal.key_id())
+                .await
+                .map(|key| key.revoked_at.is_none()),
+        };
+        match found {
+            Ok(valid) => valid,
             Err(StoreError::NotFound { .. }) => false,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot re-check an API key; keeping its stream open");

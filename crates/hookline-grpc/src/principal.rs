@@ -12,6 +12,10 @@ pub enum Principal {
     Admin { key_id: Id },
     /// May act on its own tenant only.
     Tenant { key_id: Id, tenant_id: Id },
+    /// A console portal session: the same scope as a tenant key, but backed by a signed
+    /// link the console verified rather than by a stored key. `session_id` names it in
+    /// the per-key limits.
+    Portal { session_id: Id, tenant_id: Id },
 }
 
 impl Principal {
@@ -19,9 +23,11 @@ impl Principal {
         matches!(self, Principal::Admin { .. })
     }
 
+    /// The stored key, or for a portal session its id: what per-key limits count.
     pub fn key_id(&self) -> &Id {
         match self {
             Principal::Admin { key_id } | Principal::Tenant { key_id, .. } => key_id,
+            Principal::Portal { session_id, .. } => session_id,
         }
     }
 
@@ -29,7 +35,9 @@ impl Principal {
     pub fn tenant(&self) -> Option<&Id> {
         match self {
             Principal::Admin { .. } => None,
-            Principal::Tenant { tenant_id, .. } => Some(tenant_id),
+            Principal::Tenant { tenant_id, .. } | Principal::Portal { tenant_id, .. } => {
+                Some(tenant_id)
+            }
         }
     }
 
@@ -46,10 +54,7 @@ impl Principal {
 
     /// Whether this caller may see and change `tenant_id`'s data.
     pub fn may_access(&self, tenant_id: &Id) -> bool {
-        match self {
-            Principal::Admin { .. } => true,
-            Principal::Tenant { tenant_id: own, .. } => own == tenant_id,
-        }
+        self.tenant().is_none_or(|own| own == tenant_id)
     }
 
     /// Admin keys are visible to admins only; others get `NOT_FOUND`.
@@ -64,12 +69,10 @@ impl Principal {
     /// For a call addressed to `tenant_id`: a tenant key of another tenant is refused with
     /// `PERMISSION_DENIED`, whether or not that tenant exists, so nothing is revealed.
     pub fn require_tenant(&self, tenant_id: &Id) -> Result<(), Status> {
-        match self {
-            Principal::Tenant { tenant_id: own, .. } if own != tenant_id => {
-                Err(Status::permission_denied(format!(
-                    "this API key is scoped to tenant {own} and cannot act on tenant {tenant_id}"
-                )))
-            }
+        match self.tenant() {
+            Some(own) if own != tenant_id => Err(Status::permission_denied(format!(
+                "this API key is scoped to tenant {own} and cannot act on tenant {tenant_id}"
+            ))),
             _ => Ok(()),
         }
     }

@@ -238,6 +238,12 @@ pub trait RegistryStore: Send + Sync + 'static {
         &self,
         ids: &[Id],
     ) -> Result<HashMap<Id, ClientIdentity>, StoreError>;
+    /// The current signing secret (not rotated out) of those of `ids` that exist: one
+    /// query for a page of subscriptions rather than one per subscription.
+    async fn current_secrets(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, SubscriptionSecret>, StoreError>;
 }
 
 /// Figures the admin port exports as gauges.

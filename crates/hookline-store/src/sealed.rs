@@ -296,4 +296,15 @@ impl RegistryStore for SealedRegistry {
             .map(|(id, c)| Ok((id, self.open_identity(c)?)))
             .collect()
     }
+
+    async fn current_secrets(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, SubscriptionSecret>, StoreError> {
+        let stored = self.inner.current_secrets(ids).await?;
+        stored
+            .into_iter()
+            .map(|(id, s)| Ok((id, self.open_secret(s)?)))
+            .collect()
+    }
 }

@@ -18,6 +18,7 @@ on_both_backends! {
     current_thread tenants_crud_and_pagination_across_pages(5);
     current_thread subscriptions_create_get_list_update_delete(5);
     current_thread rotate_secret_keeps_the_old_one_live_until_it_expires(5);
+    current_thread current_secrets_are_read_in_bulk(5);
     current_thread deleting_a_tenant_cascades_to_everything_it_owns(5);
     current_thread api_keys_create_find_list_revoke(5);
     current_thread event_types_catalogue(5);
@@ -356,6 +357,32 @@ async fn subscriptions_create_get_list_update_delete(fx: &Fixture) {
             "{err}"
         );
     }
+}
+
+async fn current_secrets_are_read_in_bulk(fx: &Fixture) {
+    let store = fx.store();
+    let t = tenant(store, "t").await;
+    let (one, two) = (new_subscription(&t), new_subscription(&t));
+    store.create_subscription(&one).await.expect("create one");
+    store.create_subscription(&two).await.expect("create two");
+    let rotated = secret_for(&two.id, "whsec_dHdvLXR3by10d28tdHdvLXR3by10d28=");
+    let grace = Utc::now() + TimeDelta::hours(1);
+    store.rotate_secret(&rotated, grace).await.expect("rotate");
+
+    let missing = Id::new(IdKind::Subscription);
+    let ids = [one.id.clone(), two.id.clone(), missing];
+    let current = store.current_secrets(&ids).await.expect("current");
+    assert_eq!(
+        current.len(),
+        2,
+        "nothing for a subscription that does not exist"
+    );
+    assert_eq!(current[&one.id].id, one.secret.id);
+    assert_eq!(
+        current[&two.id].id, rotated.id,
+        "the rotated-in secret, not the old one"
+    );
+    assert!(store.current_secrets(&[]).await.expect("none").is_empty());
 }
 
 async fn rotate_secret_keeps_the_old_one_live_until_it_expires(fx: &Fixture) {

@@ -106,6 +106,11 @@ async fn assert_reads_plaintext(store: &dyn RegistryStore, id: &Id) {
         .await
         .expect("identities");
     assert_eq!(identities[id].private_key_pem, CLIENT_KEY);
+    let current = store
+        .current_secrets(std::slice::from_ref(id))
+        .await
+        .expect("current");
+    assert_eq!(current[id].secret, ROTATED);
 }
 
 fn assert_sealed_under(values: &[String], id: &str) {

@@ -102,9 +102,13 @@ pub(super) async fn decorate(
     let known: Vec<Id> = ids.iter().flatten().cloned().collect();
     let identities: HashMap<Id, ClientIdentity> =
         store.client_identities(&known).await.map_err(from_store)?;
+    let secrets = store.current_secrets(&known).await.map_err(from_store)?;
     for (sub, id) in subs.iter_mut().zip(&ids) {
         let Some(id) = id else { continue };
-        sub.signature_scheme = scheme_to_pb(current_scheme(store, id).await?) as i32;
+        let scheme = secrets.get(id).map_or(SignatureScheme::HmacSha256, |s| {
+            SignatureScheme::of_secret(&s.secret)
+        });
+        sub.signature_scheme = scheme_to_pb(scheme) as i32;
         sub.client_certificate = identities.get(id).map(shown_certificate);
     }
     Ok(())

@@ -547,4 +547,11 @@ impl RegistryStore for PgStore {
     ) -> Result<HashMap<Id, ClientIdentity>, StoreError> {
         client_certs::load(&self.pool, ids).await
     }
+
+    async fn current_secrets(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, SubscriptionSecret>, StoreError> {
+        self.current_secrets_of(ids).await
+    }
 }

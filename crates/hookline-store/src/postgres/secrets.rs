@@ -1,6 +1,8 @@
 //! Signing secrets of a subscription on PostgreSQL: the live ones, rotation, and the insert
 //! that both creating a subscription and rotating use.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use hookline_core::Id;
 use hookline_core::model::SubscriptionSecret;
@@ -13,6 +15,31 @@ use crate::StoreError;
 use crate::error::{Db, not_found, violated};
 
 impl PgStore {
+    pub(super) async fn current_secrets_of(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, SubscriptionSecret>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let wanted: Vec<&str> = ids.iter().map(Id::as_str).collect();
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            secret_cols!(),
+            " FROM subscription_secrets \
+             WHERE subscription_id = ANY($1) AND expires_at IS NULL"
+        ))
+        .bind(&wanted)
+        .fetch_all(&self.pool)
+        .await
+        .db()?;
+        let secrets = map_rows(&rows, secret_from_row)?;
+        Ok(secrets
+            .into_iter()
+            .map(|s| (s.subscription_id.clone(), s))
+            .collect())
+    }
+
     pub(super) async fn live_secrets_of(
         &self,
         subscription_id: &Id,

@@ -611,6 +611,13 @@ impl RegistryStore for SqliteStore {
     ) -> Result<HashMap<Id, ClientIdentity>, StoreError> {
         client_certs::load(&self.reader, ids).await
     }
+
+    async fn current_secrets(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, SubscriptionSecret>, StoreError> {
+        self.current_secrets_of(ids).await
+    }
 }
 
 /// One minute in microseconds: how often a key's `last_used_at` is refreshed at most.

@@ -1,9 +1,12 @@
 //! Signing secrets of a subscription on SQLite: the live ones, rotation, and the insert
 //! that both creating a subscription and rotating use.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use hookline_core::Id;
 use hookline_core::model::SubscriptionSecret;
+use sqlx::types::Json;
 use sqlx::{Sqlite, Transaction};
 
 use super::SqliteStore;
@@ -13,6 +16,31 @@ use crate::StoreError;
 use crate::error::{Db, not_found, violated};
 
 impl SqliteStore {
+    pub(super) async fn current_secrets_of(
+        &self,
+        ids: &[Id],
+    ) -> Result<HashMap<Id, SubscriptionSecret>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let wanted: Vec<&str> = ids.iter().map(Id::as_str).collect();
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            secret_cols!(),
+            " FROM subscription_secrets \
+             WHERE subscription_id IN (SELECT value FROM json_each(?1)) AND expires_at IS NULL"
+        ))
+        .bind(Json(&wanted))
+        .fetch_all(&self.reader)
+        .await
+        .db()?;
+        let secrets = map_rows(&rows, secret_from_row)?;
+        Ok(secrets
+            .into_iter()
+            .map(|s| (s.subscription_id.clone(), s))
+            .collect())
+    }
+
     pub(super) async fn live_secrets_of(
         &self,
         subscription_id: &Id,

@@ -40,6 +40,8 @@ pub struct Config {
     pub dispatcher_concurrency: usize,
     /// Unacknowledged messages a dispatcher holds per queue.
     pub dispatcher_prefetch: u16,
+    /// Batches of attempt outcomes a dispatcher writes at once (1 to 16).
+    pub dispatcher_writes_in_flight: usize,
     /// Timeout of one webhook request, in milliseconds.
     pub request_timeout_ms: u64,
     /// How often the retry service reads the schedule when nothing was due, in ms.
@@ -188,6 +190,7 @@ impl Default for Config {
             max_payload_bytes: 1024 * 1024,
             dispatcher_concurrency: 512,
             dispatcher_prefetch: 256,
+            dispatcher_writes_in_flight: 3,
             request_timeout_ms: 15_000,
             retry_poll_interval_ms: 500,
             relay_grace_ms: 10_000,
@@ -322,6 +325,11 @@ impl Config {
         anyhow::ensure!(
             config.dispatcher_concurrency >= 1 && config.dispatcher_prefetch >= 1,
             "dispatcher_concurrency and dispatcher_prefetch must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=16).contains(&config.dispatcher_writes_in_flight),
+            "dispatcher_writes_in_flight is {}; allowed: 1 to 16",
+            config.dispatcher_writes_in_flight
         );
         anyhow::ensure!(
             config.request_timeout_ms >= 1 && config.retry_poll_interval_ms >= 1,

@@ -251,7 +251,12 @@ impl Dispatcher {
             None => RegistryChanges::follow(broker.as_ref(), shutdown.clone()).await,
         };
         let follower = cache.clone().follow(&changes, shutdown.clone());
-        let (writer_tx, writer) = writer::spawn(deliveries, cfg.write_batch, cfg.write_linger);
+        let (writer_tx, writer) = writer::spawn(
+            deliveries,
+            cfg.write_batch,
+            cfg.write_linger,
+            cfg.writes_in_flight,
+        );
         let recorder = circuit_record::CircuitRecorder::spawn(registry.clone());
         let worker = Arc::new(Worker {
             clients: client,

@@ -47,6 +47,8 @@ pub struct Config {
     /// Every process of an installation must use the same value; lowering it is safe
     /// (dispatchers keep consuming the higher shards while they exist or hold messages).
     pub delivery_shards: u16,
+    /// Batches of attempt outcomes a dispatcher writes at once (1 to 16).
+    pub dispatcher_writes_in_flight: usize,
     /// Timeout of one webhook request, in milliseconds.
     pub request_timeout_ms: u64,
     /// How often the retry service reads the schedule when nothing was due, in ms.
@@ -197,6 +199,7 @@ impl Default for Config {
             dispatcher_prefetch: 256,
             dispatcher_shard_prefetch: 64,
             delivery_shards: 16,
+            dispatcher_writes_in_flight: 3,
             request_timeout_ms: 15_000,
             retry_poll_interval_ms: 500,
             relay_grace_ms: 10_000,
@@ -341,6 +344,11 @@ impl Config {
             "delivery_shards is {}; allowed: 1 to {}",
             config.delivery_shards,
             hookline_broker::MAX_SHARDS
+        );
+        anyhow::ensure!(
+            (1..=16).contains(&config.dispatcher_writes_in_flight),
+            "dispatcher_writes_in_flight is {}; allowed: 1 to 16",
+            config.dispatcher_writes_in_flight
         );
         anyhow::ensure!(
             config.request_timeout_ms >= 1 && config.retry_poll_interval_ms >= 1,

@@ -437,6 +437,7 @@ impl Wiring<'_> {
                 concurrency: config.dispatcher_concurrency,
                 prefetch: config.dispatcher_prefetch,
                 shard_prefetch: config.dispatcher_shard_prefetch,
+                writes_in_flight: config.dispatcher_writes_in_flight,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
                 shutdown_drain: Duration::from_secs(config.shutdown_drain_secs),
                 egress: self.egress.clone(),

@@ -77,6 +77,9 @@ pub struct Config {
     pub grpc_keepalive_timeout_ms: u64,
     /// Largest `PublishBatch` request message, in bytes.
     pub publish_batch_max_bytes: usize,
+    /// Backpressure: while more messages than this wait in the work queues, `Publish`
+    /// and `PublishBatch` answer `RESOURCE_EXHAUSTED` (retry in 1 s). 0: no limit.
+    pub ingest_max_backlog: u64,
     /// Requests per second one API key may make (burst: one second's worth); 0: no limit.
     pub key_requests_per_second: u32,
     /// `WatchDeliveries` streams one API key may hold open at once.
@@ -210,6 +213,7 @@ impl Default for Config {
             grpc_keepalive_interval_ms: 30_000,
             grpc_keepalive_timeout_ms: 10_000,
             publish_batch_max_bytes: 16 * 1024 * 1024,
+            ingest_max_backlog: 0,
             key_requests_per_second: 5_000,
             key_max_watch_streams: 16,
             quota_subscriptions_per_tenant: Quotas::default().subscriptions_per_tenant,

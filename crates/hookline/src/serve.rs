@@ -15,7 +15,7 @@ use hookline_grpc::Authenticator;
 use hookline_grpc::served;
 use hookline_grpc::standard::{self, HealthReporter};
 use hookline_grpc::tls::TlsServer;
-use hookline_ingest::{IngestApi, IngestConfig, SubscriptionMatcher};
+use hookline_ingest::{BacklogLimit, IngestApi, IngestConfig, SubscriptionMatcher};
 use hookline_outbox::{Relay, RelayConfig};
 use hookline_proto::v1 as pb;
 use hookline_registry::RegistryApi;
@@ -382,6 +382,14 @@ impl Wiring<'_> {
             self.broker.clone(),
             self.auth.clone(),
         );
+        let api = match self.config.ingest_max_backlog {
+            0 => api,
+            limit => {
+                let limit = BacklogLimit::new(limit);
+                tasks.push(limit.watch(self.broker.clone(), self.shutdown.clone()));
+                api.with_backlog_limit(limit)
+            }
+        };
         // A stop waits for publishes still storing or queueing, hung up or not.
         tasks.push(api.finish_on(self.shutdown.clone()));
         health

@@ -391,6 +391,8 @@ impl Wiring<'_> {
             self.broker.clone(),
             self.auth.clone(),
         );
+        // A stop waits for publishes still storing or queueing, hung up or not.
+        tasks.push(api.finish_on(self.shutdown.clone()));
         health
             .set_serving::<pb::ingest_service_server::IngestServiceServer<IngestApi>>()
             .await;

@@ -162,6 +162,7 @@ fn quotas(subs: u32, deliveries: u32, rate: u32) -> Option<pb::TenantQuotas> {
         max_subscriptions: subs,
         max_deliveries_per_event: deliveries,
         max_events_per_second: rate,
+        ..Default::default()
     })
 }
 
@@ -278,6 +279,28 @@ async fn quotas_are_set_by_admins_only_and_bounded(backend: Backend) {
         "{}",
         e.message()
     );
+    // The fair-delivery weight rides with the quotas: admin only, 0 (= 1) to 16.
+    let weighted = |weight| {
+        Some(pb::TenantQuotas {
+            weight,
+            ..quotas(3, 0, 0).unwrap()
+        })
+    };
+    let e = q.set_quotas(&tenant, weighted(4), &key).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = q
+        .set_quotas(&tenant, weighted(17), &admin)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message()
+            .contains("quotas.weight: is 17; allowed: 0 to 16"),
+        "{}",
+        e.message()
+    );
+    let set = q.set_quotas(&tenant, weighted(4), &admin).await.unwrap();
+    assert_eq!(set.quotas, weighted(4));
     for _ in 0..3 {
         q.subscribe(&tenant, true).await.unwrap();
     }

@@ -422,6 +422,7 @@ async fn create_tenant(
                     max_subscriptions: hookline_core::quota::MAX_QUOTA,
                     max_deliveries_per_event: hookline_core::quota::MAX_QUOTA,
                     max_events_per_second: hookline_core::quota::MAX_QUOTA,
+                    ..Default::default()
                 }),
                 ..Default::default()
             },

@@ -56,17 +56,26 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let store = open_store(&config, &mode).await?;
     let broker =
         backends::open_broker(&mode, &config, &store, connection_name(&config, &services)).await?;
+    let changes = RegistryChanges::follow(broker.as_ref(), shutdown.clone()).await;
+    // Every publisher of the process routes through this one router (fair delivery).
+    let weights = crate::weights::WeightCache::new(store.registry());
+    let weights_follower = weights.follow(&changes, shutdown.clone());
+    let broker: Arc<dyn Broker> =
+        Arc::new(hookline_broker::shards::ShardRouter::new(broker).with_weights(Arc::new(weights)));
     let wiring = Wiring {
         config: &config,
         store: &store,
         broker: broker.clone(),
         auth: Authenticator::with_limits(store.registry(), config.key_limits()),
-        changes: RegistryChanges::follow(broker.as_ref(), shutdown.clone()).await,
+        changes,
         shutdown: shutdown.clone(),
         egress,
         egress_proxy: egress_settings.proxy,
     };
-    let mut tasks = vec![wiring.auth.follow(&wiring.changes, shutdown.clone())];
+    let mut tasks = vec![
+        wiring.auth.follow(&wiring.changes, shutdown.clone()),
+        weights_follower,
+    ];
     let router = wiring.start_services(&services, &mut tasks).await?;
     let router = elsewhere::add_fallbacks(router, &services);
     tasks.push(tokio::spawn(report_gauges(

@@ -33,6 +33,7 @@ mod failure;
 mod http;
 mod limits;
 pub mod metrics;
+mod ordered;
 mod worker;
 mod writer;
 
@@ -41,7 +42,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hookline_broker::{Broker, BrokerError, QueueName};
-use hookline_store::port::{DeliveryStore, RegistryStore};
+use hookline_store::port::{DeliveryStore, EventStore, RegistryStore};
 use reqwest::header::HeaderValue;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -124,6 +125,9 @@ pub struct Dispatcher {
     /// The process's registry change stream; `None`: the dispatcher follows the broker's
     /// changes itself when it runs.
     changes: Option<RegistryChanges>,
+    /// Where the jobs promoted by ordered subscriptions are cleared from the outbox once
+    /// published; `None`: the outbox relay publishes them.
+    events: Option<Arc<dyn EventStore>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -206,7 +210,16 @@ impl Dispatcher {
             deliveries,
             broker,
             changes: None,
+            events: None,
         })
+    }
+
+    /// Publishes the deliveries that ordered subscriptions promote as soon as their
+    /// predecessor's outcome is committed, clearing them from `events`' outbox (without
+    /// it, the outbox relay publishes them after its grace period).
+    pub fn with_outbox(mut self, events: Arc<dyn EventStore>) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Keeps the subscription cache fresh from `changes`, the process's one follower of
@@ -232,6 +245,7 @@ impl Dispatcher {
             deliveries,
             broker,
             changes,
+            events,
         } = self;
 
         let mut streams = Vec::with_capacity(QueueName::ALL.len());
@@ -249,12 +263,15 @@ impl Dispatcher {
             None => RegistryChanges::follow(broker.as_ref(), shutdown.clone()).await,
         };
         let follower = cache.clone().follow(&changes, shutdown.clone());
-        let (writer_tx, writer) = writer::spawn(deliveries, cfg.write_batch, cfg.write_linger);
+        let deliveries = ordered::PromotingStore::wrap(deliveries, broker.clone(), events);
+        let (writer_tx, writer) =
+            writer::spawn(deliveries.clone(), cfg.write_batch, cfg.write_linger);
         let recorder = circuit_record::CircuitRecorder::spawn(registry.clone());
         let worker = Arc::new(Worker {
             clients: client,
             cache,
             registry,
+            deliveries,
             broker,
             writer: writer_tx,
             shutdown: shutdown.clone(),

@@ -24,6 +24,14 @@ pub const CIRCUITS_OPEN: &str = "hookline_circuits_open";
 /// by the `hookline_dead_letter_depth` gauge only.
 pub const DEAD_LETTERED_TOTAL: &str = "hookline_messages_dead_lettered_total";
 
+/// Messages of ordered subscriptions acked without an attempt because their delivery was
+/// not its subscription's head (a duplicate of a finished one, or one waiting its turn).
+pub const ORDERED_SKIPPED_TOTAL: &str = "hookline_ordered_skipped_total";
+
+pub(crate) fn ordered_skipped() {
+    metrics::counter!(ORDERED_SKIPPED_TOTAL).increment(1);
+}
+
 pub(crate) fn dead_lettered(reason: &'static str) {
     metrics::counter!(DEAD_LETTERED_TOTAL, "reason" => reason).increment(1);
 }

@@ -81,6 +81,42 @@ impl std::str::FromStr for PayloadFormat {
     }
 }
 
+/// Whether a subscription's deliveries are attempted one at a time in publish order
+/// (`Ordered`) or independently, in parallel (`Unordered`, the default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ordering {
+    #[default]
+    Unordered,
+    Ordered,
+}
+
+impl Ordering {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Ordering::Unordered => "unordered",
+            Ordering::Ordered => "ordered",
+        }
+    }
+
+    pub const fn is_ordered(self) -> bool {
+        matches!(self, Ordering::Ordered)
+    }
+}
+
+impl std::str::FromStr for Ordering {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "unordered" => Ok(Ordering::Unordered),
+            "ordered" => Ok(Ordering::Ordered),
+            _ => Err(format!(
+                "unknown ordering {s:?}; expected unordered or ordered"
+            )),
+        }
+    }
+}
+
 /// An endpoint of a tenant and what it wants delivered to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscription {
@@ -109,6 +145,9 @@ pub struct Subscription {
     /// The body sent: the raw payload or the Standard Webhooks envelope.
     #[serde(default)]
     pub payload_format: PayloadFormat,
+    /// Ordered: one delivery at a time, in publish order (see docs/ARCHITECTURE.md).
+    #[serde(default)]
+    pub ordering: Ordering,
 }
 
 /// A signing secret of a subscription. Several are live during a rotation.

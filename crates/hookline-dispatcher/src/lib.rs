@@ -39,6 +39,7 @@ mod fair;
 mod http;
 mod limits;
 pub mod metrics;
+mod ordered;
 mod worker;
 mod writer;
 
@@ -47,7 +48,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hookline_broker::{Broker, BrokerError, QueueName};
-use hookline_store::port::{DeliveryStore, RegistryStore};
+use hookline_store::port::{DeliveryStore, EventStore, RegistryStore};
 use reqwest::header::HeaderValue;
 use tokio::sync::Semaphore;
 
@@ -132,6 +133,9 @@ pub struct Dispatcher {
     /// The process's registry change stream; `None`: the dispatcher follows the broker's
     /// changes itself when it runs.
     changes: Option<RegistryChanges>,
+    /// Where the jobs promoted by ordered subscriptions are cleared from the outbox once
+    /// published; `None`: the outbox relay publishes them.
+    events: Option<Arc<dyn EventStore>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -214,7 +218,16 @@ impl Dispatcher {
             deliveries,
             broker,
             changes: None,
+            events: None,
         })
+    }
+
+    /// Publishes the deliveries that ordered subscriptions promote as soon as their
+    /// predecessor's outcome is committed, clearing them from `events`' outbox (without
+    /// it, the outbox relay publishes them after its grace period).
+    pub fn with_outbox(mut self, events: Arc<dyn EventStore>) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Keeps the subscription cache fresh from `changes`, the process's one follower of
@@ -240,6 +253,7 @@ impl Dispatcher {
             deliveries,
             broker,
             changes,
+            events,
         } = self;
 
         let mut messages = consume_all(broker.as_ref(), &cfg).await?;
@@ -251,8 +265,9 @@ impl Dispatcher {
             None => RegistryChanges::follow(broker.as_ref(), shutdown.clone()).await,
         };
         let follower = cache.clone().follow(&changes, shutdown.clone());
+        let deliveries = ordered::PromotingStore::wrap(deliveries, broker.clone(), events);
         let (writer_tx, writer) = writer::spawn(
-            deliveries,
+            deliveries.clone(),
             cfg.write_batch,
             cfg.write_linger,
             cfg.writes_in_flight,
@@ -262,6 +277,7 @@ impl Dispatcher {
             clients: client,
             cache,
             registry,
+            deliveries,
             broker,
             writer: writer_tx,
             shutdown: shutdown.clone(),

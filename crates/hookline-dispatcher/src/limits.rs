@@ -526,6 +526,7 @@ mod tests {
             created_at: Utc::now(),
             updated_at: Utc::now(),
             payload_format: Default::default(),
+            ordering: Default::default(),
         }
     }
 

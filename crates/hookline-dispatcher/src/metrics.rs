@@ -24,6 +24,14 @@ pub const CIRCUITS_OPEN: &str = "hookline_circuits_open";
 /// by the `hookline_dead_letter_depth` gauge only.
 pub const DEAD_LETTERED_TOTAL: &str = "hookline_messages_dead_lettered_total";
 
+/// Messages of ordered subscriptions acked without an attempt because their delivery was
+/// not its subscription's head (a duplicate of a finished one, or one waiting its turn).
+pub const ORDERED_SKIPPED_TOTAL: &str = "hookline_ordered_skipped_total";
+
+pub(crate) fn ordered_skipped() {
+    metrics::counter!(ORDERED_SKIPPED_TOTAL).increment(1);
+}
+
 /// Messages received from the work queues, by `kind` (`deliveries`, `retries`) and
 /// `shard` (the shard index, or `unsharded`). No tenant in any label.
 pub const DELIVERIES_BY_SHARD_TOTAL: &str = "hookline_deliveries_by_shard_total";

@@ -26,7 +26,7 @@ use hookline_core::model::{Attempt, ErrorClass, RegistryChange, SubscriptionStat
 use hookline_core::retry::parse_retry_after;
 use hookline_core::signing::signature_header;
 use hookline_core::{Id, IdKind};
-use hookline_store::port::{AttemptOutcome, NextStep, RegistryStore};
+use hookline_store::port::{AttemptOutcome, DeliveryStore, NextStep, RegistryStore};
 use reqwest::StatusCode;
 use reqwest::header::HeaderValue;
 use tokio::sync::mpsc;
@@ -42,6 +42,7 @@ use crate::fair::{FairPermit, FairPermits};
 use crate::http::{self, Exchange};
 use crate::limits::{Decision, DeferReason, Limits, Ticket};
 use crate::metrics;
+use crate::ordered;
 use crate::writer::{Settle, settled};
 
 /// How long to hold a message before putting it back when the registry cannot be read,
@@ -57,6 +58,8 @@ pub(crate) struct Worker {
     pub(crate) clients: Arc<Clients>,
     pub(crate) cache: Arc<SubscriptionCache>,
     pub(crate) registry: Arc<dyn RegistryStore>,
+    /// Asked whether a job of an ordered subscription is its head (`crate::ordered`).
+    pub(crate) deliveries: Arc<dyn DeliveryStore>,
     pub(crate) broker: Arc<dyn Broker>,
     pub(crate) writer: mpsc::Sender<Settle>,
     pub(crate) shutdown: CancellationToken,
@@ -95,6 +98,16 @@ impl Worker {
         self.deliver(job, message, lane).instrument(span).await;
     }
 
+    /// Puts a message back after [`STORE_TROUBLE_PAUSE`] (the store could not be read), so
+    /// a database outage does not spin messages through the queue.
+    async fn pause_and_put_back(&self, message: ReceivedMessage) {
+        tokio::select! {
+            () = self.shutdown.cancelled() => {}
+            () = tokio::time::sleep(STORE_TROUBLE_PAUSE) => {}
+        }
+        self.put_back(message).await
+    }
+
     /// Parks a message that can never be delivered in the dead-letter queue, saying
     /// which ids it carries (whichever headers it has) so an operator can find it.
     async fn dead_letter_poison(&self, message: ReceivedMessage, error: &str) {
@@ -124,13 +137,25 @@ impl Worker {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the subscription; putting the message back");
-                tokio::select! {
-                    () = self.shutdown.cancelled() => {}
-                    () = tokio::time::sleep(STORE_TROUBLE_PAUSE) => {}
-                }
-                return self.put_back(message).await;
+                return self.pause_and_put_back(message).await;
             }
         };
+
+        match ordered::may_attempt(self.deliveries.as_ref(), &endpoint.subscription, &job).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(
+                    "not the head of its ordered subscription (a duplicate, or waiting); dropping the message"
+                );
+                metrics::ordered_skipped();
+                note_on_span("skipped");
+                return settled("ack", message.ack().await);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the delivery's place in its order; putting the message back");
+                return self.pause_and_put_back(message).await;
+            }
+        }
 
         if endpoint.subscription.state == SubscriptionState::Disabled {
             let outcome = AttemptOutcome {

@@ -139,7 +139,7 @@ async fn write(store: &dyn DeliveryStore, batch: Vec<Settle>) {
         })
         .await;
     match result {
-        Ok(()) => {
+        Ok(_) => {
             outcomes
                 .iter()
                 .zip(&deferrals)
@@ -155,7 +155,7 @@ async fn write(store: &dyn DeliveryStore, batch: Vec<Settle>) {
                 .zip(&spans)
             {
                 match store.record_outcomes(std::slice::from_ref(&outcome)).await {
-                    Ok(()) => {
+                    Ok(_) => {
                         count(&outcome, deferred);
                         settled("ack", message.ack().await);
                     }

@@ -128,6 +128,26 @@ pub fn payload_format_from(field: &str, value: i32) -> Result<model::PayloadForm
     }
 }
 
+pub fn ordering(o: model::Ordering) -> pb::Ordering {
+    match o {
+        model::Ordering::Unordered => pb::Ordering::Unordered,
+        model::Ordering::Ordered => pb::Ordering::Ordered,
+    }
+}
+
+/// The model's ordering for a proto value; unspecified is unordered. `field` names it in
+/// the error.
+pub fn ordering_from(field: &str, value: i32) -> Result<model::Ordering, tonic::Status> {
+    match pb::Ordering::try_from(value) {
+        Ok(pb::Ordering::Unspecified | pb::Ordering::Unordered) => Ok(model::Ordering::Unordered),
+        Ok(pb::Ordering::Ordered) => Ok(model::Ordering::Ordered),
+        Err(_) => Err(invalid(
+            field,
+            format!("unknown value {value}; allowed: ORDERING_UNORDERED (1), ORDERING_ORDERED (2)"),
+        )),
+    }
+}
+
 pub fn subscription(s: model::Subscription) -> pb::Subscription {
     pb::Subscription {
         id: s.id.into_string(),
@@ -154,6 +174,7 @@ pub fn subscription(s: model::Subscription) -> pb::Subscription {
         // certificates.
         signature_scheme: 0,
         client_certificate: None,
+        ordering: ordering(s.ordering) as i32,
     }
 }
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{
-    Attempt, DeliveryStatus, ErrorClass, PayloadFormat, RESPONSE_EXCERPT_LIMIT, SubscriptionState,
+    Attempt, DeliveryStatus, ErrorClass, Ordering, PayloadFormat, RESPONSE_EXCERPT_LIMIT,
+    SubscriptionState,
 };
 use hookline_core::quota::TenantQuotas;
 use hookline_core::{Id, IdKind};
@@ -181,6 +182,10 @@ pub(crate) fn error_class(raw: Option<&str>) -> Result<Option<ErrorClass>, sqlx:
 
 pub(crate) fn payload_format(raw: &str) -> Result<PayloadFormat, sqlx::Error> {
     raw.parse().map_err(|e| decode_error("payload_format", e))
+}
+
+pub(crate) fn ordering(raw: &str) -> Result<Ordering, sqlx::Error> {
+    raw.parse().map_err(|e| decode_error("ordering", e))
 }
 
 /// A retry schedule from its milliseconds.

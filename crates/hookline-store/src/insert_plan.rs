@@ -58,6 +58,9 @@ pub(crate) struct Stored {
     pub events: HashSet<String>,
     /// Ids of the deliveries inserted (those to subscriptions that still existed).
     pub deliveries: HashSet<String>,
+    /// Those of them that wait behind the head of their ordered subscription: stored with
+    /// no outbox row and no job (see `ordered`).
+    pub held: HashSet<String>,
     /// The stored events holding the keys of events that were not inserted: their id and
     /// how many deliveries they have.
     pub originals: HashMap<KeyOf, (Id, u32)>,
@@ -77,7 +80,7 @@ pub(crate) fn assemble(
             Plan::Insert(deliveries) if stored.events.contains(e.id.as_str()) => {
                 InsertOutcome::Created {
                     event_id: e.id.clone(),
-                    jobs: first_jobs(new, deliveries, &stored.deliveries),
+                    jobs: first_jobs(new, deliveries, stored),
                 }
             }
             Plan::Insert(_) => {
@@ -116,16 +119,15 @@ fn repeat_of(first: &InsertOutcome) -> InsertOutcome {
     }
 }
 
-/// The first-attempt jobs of an inserted event: one per delivery that was inserted.
-fn first_jobs(
-    new: &NewEvent,
-    deliveries: &[(Id, Id)],
-    inserted: &HashSet<String>,
-) -> Vec<DeliveryJob> {
+/// The first-attempt jobs of an inserted event: one per delivery that was inserted and is
+/// not held behind its ordered subscription's head.
+fn first_jobs(new: &NewEvent, deliveries: &[(Id, Id)], stored: &Stored) -> Vec<DeliveryJob> {
     let e = &new.event;
     deliveries
         .iter()
-        .filter(|(d, _)| inserted.contains(d.as_str()))
+        .filter(|(d, _)| {
+            stored.deliveries.contains(d.as_str()) && !stored.held.contains(d.as_str())
+        })
         .map(|(d, s)| DeliveryJob {
             delivery_id: d.clone(),
             event_id: e.id.clone(),
@@ -175,6 +177,7 @@ mod tests {
         let stored = Stored {
             events: [events[0].event.id.to_string()].into(),
             deliveries: [deliveries[0].0.to_string()].into(),
+            held: HashSet::new(),
             originals: HashMap::new(),
         };
         let outcomes = assemble(&events, &plans, &stored).expect("assembled");

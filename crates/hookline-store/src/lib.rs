@@ -14,6 +14,7 @@
 mod codec;
 mod error;
 mod insert_plan;
+pub mod ordered;
 mod outcome;
 mod paging;
 pub mod port;

@@ -25,6 +25,8 @@ pub(crate) struct Tally {
     /// Attempt ids of the batch that this delivery has recorded already.
     pub known_attempts: HashSet<String>,
     pub changed: bool,
+    /// The delivery has a place in an ordered subscription's queue (see `ordered`).
+    pub ordered: bool,
 }
 
 impl Tally {
@@ -154,6 +156,7 @@ mod tests {
             last_number: 0,
             known_attempts: HashSet::new(),
             changed: false,
+            ordered: false,
         }
     }
 

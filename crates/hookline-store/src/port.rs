@@ -12,8 +12,8 @@ use hookline_core::Id;
 use hookline_core::client_cert::ClientIdentity;
 use hookline_core::job::DeliveryJob;
 use hookline_core::model::{
-    ApiKey, Attempt, Delivery, DeliveryStatus, Event, EventType, PayloadFormat, Subscription,
-    SubscriptionSecret, SubscriptionState, Tenant,
+    ApiKey, Attempt, Delivery, DeliveryStatus, Event, EventType, Ordering, PayloadFormat,
+    Subscription, SubscriptionSecret, SubscriptionState, Tenant,
 };
 use hookline_core::quota::TenantQuotas;
 
@@ -96,6 +96,8 @@ pub struct NewSubscription {
     /// The first signing secret.
     pub secret: SubscriptionSecret,
     pub payload_format: PayloadFormat,
+    /// Unordered (the default) or ordered: one delivery at a time, in publish order.
+    pub ordering: Ordering,
     /// The client certificate presented to the receiver (mutual TLS), if any.
     pub client_identity: Option<ClientIdentity>,
 }
@@ -392,7 +394,19 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// counters (`attempt_count`, `last_*`, `next_attempt_at`), and its retry-schedule
     /// row (upserted for `RetryAt`, removed otherwise). Outcomes of deliveries that no
     /// longer exist (their subscription was deleted) are skipped.
-    async fn record_outcomes(&self, outcomes: &[AttemptOutcome]) -> Result<(), StoreError>;
+    ///
+    /// In the same transaction, a final outcome of an ordered subscription's head promotes
+    /// the next delivery of that subscription (head and outbox row): its job is returned,
+    /// to be published once this returns (the relay publishes it otherwise).
+    async fn record_outcomes(
+        &self,
+        outcomes: &[AttemptOutcome],
+    ) -> Result<Vec<DeliveryJob>, StoreError>;
+    /// Whether a job of this delivery may be attempted now: not when the delivery is gone
+    /// or final (a redelivered duplicate), nor when it waits behind the head of its
+    /// ordered subscription. One indexed read; dispatchers ask it for ordered
+    /// subscriptions only.
+    async fn may_attempt(&self, delivery_id: &Id) -> Result<bool, StoreError>;
     /// One transaction: takes up to `limit` retry-schedule rows due at `now` (skipping
     /// rows other replicas hold), moves them to the outbox, marks their deliveries
     /// `pending`, and returns their jobs (attempt number = attempts so far + 1).

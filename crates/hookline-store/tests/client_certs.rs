@@ -24,6 +24,7 @@ fn identity(tag: &str) -> ClientIdentity {
 
 fn new_subscription(tenant_id: &Id, client_identity: Option<ClientIdentity>) -> NewSubscription {
     NewSubscription {
+        ordering: Default::default(),
         client_identity,
         ..support::new_subscription(tenant_id)
     }

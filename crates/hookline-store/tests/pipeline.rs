@@ -57,6 +57,7 @@ async fn subscription(store: &dyn Store, tenant_id: &Id) -> Id {
     let id = Id::new(IdKind::Subscription);
     store
         .create_subscription(&NewSubscription {
+            ordering: Default::default(),
             client_identity: None,
             payload_format: Default::default(),
             secret: SubscriptionSecret {

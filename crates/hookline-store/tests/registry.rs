@@ -51,6 +51,7 @@ fn secret_for(subscription_id: &Id, value: &str) -> SubscriptionSecret {
 fn new_subscription(tenant_id: &Id) -> NewSubscription {
     let id = Id::new(IdKind::Subscription);
     NewSubscription {
+        ordering: Default::default(),
         client_identity: None,
         payload_format: PayloadFormat::Envelope,
         secret: secret_for(&id, "whsec_c2VjcmV0LW9uZS1zZWNyZXQtb25lLXNlY3JldA=="),

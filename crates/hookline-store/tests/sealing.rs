@@ -47,6 +47,7 @@ async fn subscription(store: &dyn RegistryStore) -> Id {
         .expect("tenant");
     let id = Id::new(IdKind::Subscription);
     let new = NewSubscription {
+        ordering: Default::default(),
         secret: secret(&id, SECRET),
         id: id.clone(),
         tenant_id: tenant,

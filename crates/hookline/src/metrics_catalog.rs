@@ -130,6 +130,10 @@ fn backlogs() {
         "hookline_messages_dead_lettered_total",
         "Messages sent to the dead-letter queue, by reason (e.g. undecodable)."
     );
+    describe_counter!(
+        "hookline_ordered_skipped_total",
+        "Messages of ordered subscriptions acked without an attempt: not the head (a duplicate of a finished delivery, or one waiting its turn)."
+    );
     describe_gauge!(
         "hookline_dead_letter_depth",
         "Messages waiting in the dead-letter queue; alert when above 0."

@@ -467,7 +467,8 @@ impl Wiring<'_> {
             self.broker.clone(),
         )
         .context("cannot start the dispatcher")?
-        .with_changes(self.changes.clone());
+        .with_changes(self.changes.clone())
+        .with_outbox(self.store.events());
         let stop = self.shutdown.clone();
         Ok(tokio::spawn(async move {
             if let Err(e) = dispatcher.run(stop.clone()).await {

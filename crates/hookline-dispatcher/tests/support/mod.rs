@@ -358,6 +358,7 @@ impl Harness {
         let sub = self
             .store
             .create_subscription(&NewSubscription {
+                ordering: Default::default(),
                 id: id.clone(),
                 tenant_id: self.tenant.clone(),
                 url: url.to_owned(),

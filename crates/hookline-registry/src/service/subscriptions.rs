@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{
-    PayloadFormat, RegistryChange, Subscription, SubscriptionSecret, SubscriptionState,
+    Ordering, PayloadFormat, RegistryChange, Subscription, SubscriptionSecret, SubscriptionState,
 };
 use hookline_core::{Id, IdKind, sensitive, validate};
 use hookline_grpc::status::{from_store, from_validation, invalid};
@@ -53,6 +53,7 @@ impl RegistryApi {
         }
         let id = Id::new(IdKind::Subscription);
         let new = NewSubscription {
+            ordering: fields.ordering,
             id: id.clone(),
             tenant_id: tenant.clone(),
             url: fields.url.into(),
@@ -196,6 +197,7 @@ fn merge_path(
         "retry_policy" => merged.retry_policy = patch.retry_policy.clone(),
         "metadata" => merged.metadata = patch.metadata.clone(),
         "payload_format" => merged.payload_format = patch.payload_format,
+        "ordering" => merged.ordering = patch.ordering,
         "state" => {
             sub.state = match pb::SubscriptionState::try_from(patch.state) {
                 Ok(pb::SubscriptionState::Enabled) => SubscriptionState::Enabled,
@@ -218,7 +220,7 @@ fn merge_path(
                 format!(
                     "{other:?} cannot be changed; allowed: url, description, event_types, \
                      channels, headers, rate_limit_per_second, max_in_flight, \
-                     retry_policy, state, metadata, payload_format, \
+                     retry_policy, state, metadata, payload_format, ordering, \
                      client_certificate (the signature scheme is chosen at creation)"
                 ),
             ));
@@ -239,6 +241,7 @@ fn set_fields(sub: &mut Subscription, fields: SubscriptionFields) {
     sub.retry_schedule = fields.retry_schedule;
     sub.metadata = fields.metadata;
     sub.payload_format = fields.payload_format;
+    sub.ordering = fields.ordering;
 }
 
 /// Every field of a subscription a caller may set, validated.
@@ -254,6 +257,7 @@ struct SubscriptionFields {
     retry_schedule: Option<Vec<Duration>>,
     metadata: BTreeMap<String, String>,
     payload_format: PayloadFormat,
+    ordering: Ordering,
 }
 
 fn validate_subscription(p: &str, s: &pb::Subscription) -> Result<SubscriptionFields, Status> {
@@ -281,6 +285,7 @@ fn validate_subscription(p: &str, s: &pb::Subscription) -> Result<SubscriptionFi
         None => None,
     };
     let payload_format = convert::payload_format_from(&f("payload_format"), s.payload_format)?;
+    let ordering = convert::ordering_from(&f("ordering"), s.ordering)?;
     Ok(SubscriptionFields {
         url,
         description: s.description.clone(),
@@ -292,5 +297,6 @@ fn validate_subscription(p: &str, s: &pb::Subscription) -> Result<SubscriptionFi
         retry_schedule,
         metadata: s.metadata.clone(),
         payload_format,
+        ordering,
     })
 }

@@ -24,6 +24,7 @@ use sqlx::{QueryBuilder, Row, Transaction};
 use super::PgStore;
 use super::error::{Violation, map_violation};
 use super::events::job_from_row;
+use super::ordered;
 use super::rows::{get_id, get_u32, map_rows};
 use crate::StoreError;
 use crate::codec::{self, stored_duration_ms, stored_excerpt};
@@ -116,7 +117,7 @@ const LOCK_DELIVERIES: &str =
 /// attempt number, and which of the batch's attempt ids it already has.
 const READ_DELIVERIES: &str = "\
 SELECT d.id, d.status, d.attempt_count, d.next_attempt_at, d.last_attempt_at,
-       d.last_status_code, d.last_error, d.deferred_reason,
+       d.last_status_code, d.last_error, d.deferred_reason, d.seq IS NOT NULL AS ordered,
        COALESCE((SELECT max(a.attempt_number) FROM attempts a WHERE a.delivery_id = d.id), 0)
            AS last_number,
        ARRAY(SELECT a.id FROM attempts a WHERE a.delivery_id = d.id AND a.id = ANY($2))
@@ -170,6 +171,7 @@ fn tally_from_row(row: &PgRow) -> Result<Tally, sqlx::Error> {
             .into_iter()
             .collect(),
         changed: false,
+        ordered: row.try_get("ordered")?,
     })
 }
 
@@ -343,7 +345,8 @@ const REQUEUE: &str = concat!(
      requeued AS ( \
         UPDATE deliveries d \
         SET status = 'pending', next_attempt_at = NULL, deferred_reason = NULL, \
-            updated_at = now() \
+            updated_at = now(), \
+            seq = CASE WHEN d.status IN ('succeeded', 'failed') THEN NULL ELSE d.seq END \
         WHERE d.id = ANY($1) \
         RETURNING ",
     job_cols!(),
@@ -356,9 +359,12 @@ const REQUEUE: &str = concat!(
 
 #[async_trait]
 impl DeliveryStore for PgStore {
-    async fn record_outcomes(&self, outcomes: &[AttemptOutcome]) -> Result<(), StoreError> {
+    async fn record_outcomes(
+        &self,
+        outcomes: &[AttemptOutcome],
+    ) -> Result<Vec<DeliveryJob>, StoreError> {
         if outcomes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let (ids, attempt_ids) = outcome::batch_ids(outcomes);
         let mut tx = self.pool.begin().await.db()?;
@@ -368,8 +374,13 @@ impl DeliveryStore for PgStore {
         if !arrays.d_ids.is_empty() {
             arrays.write(&mut tx).await?;
         }
+        let promoted = ordered::advance(&mut tx, &crate::ordered::finished(&tallies)).await?;
         tx.commit().await.db()?;
-        Ok(())
+        Ok(promoted)
+    }
+
+    async fn may_attempt(&self, delivery_id: &Id) -> Result<bool, StoreError> {
+        ordered::may_attempt(&self.pool, delivery_id).await
     }
 
     async fn promote_due_retries(

@@ -72,7 +72,11 @@ pub(super) fn job_from_row(row: &PgRow) -> Result<DeliveryJob, sqlx::Error> {
 /// subscriptions that still exist: the subscription row is share-locked, so one being
 /// deleted concurrently is either waited for and skipped, or deleted after this commits
 /// (taking these deliveries with it). The result lists inserted event ids (`is_event`) and
-/// inserted delivery ids.
+/// inserted delivery ids, `held` when it waits behind its ordered subscription's head.
+///
+/// Deliveries of ordered subscriptions take a `seq` in batch order (`$14`, the position of
+/// their event in the batch) and upsert their subscription's head row (see `ordered`): the
+/// one that becomes the head gets an outbox row, the others wait without one.
 const INSERT_EVENTS: &str = "\
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[],
@@ -90,22 +94,45 @@ inserted_events AS (
     ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 ),
+ordered_seqs AS (
+    SELECT o.id, nextval('deliveries_seq') AS seq
+    FROM (SELECT v.id FROM unnest($8::text[], $11::text[], $14::int4[]) AS v(id, sub, pos)
+          WHERE v.sub IN (SELECT id FROM subscriptions
+                          WHERE id = ANY($11) AND ordering = 'ordered')
+          ORDER BY v.pos) o
+),
 inserted_deliveries AS (
-    INSERT INTO deliveries (id, event_id, tenant_id, subscription_id, event_type, traceparent)
-    SELECT v.id, v.event_id, v.tenant_id, v.subscription_id, v.event_type, v.traceparent
+    INSERT INTO deliveries (id, event_id, tenant_id, subscription_id, event_type, traceparent,
+                            seq)
+    SELECT v.id, v.event_id, v.tenant_id, v.subscription_id, v.event_type, v.traceparent, q.seq
     FROM unnest($8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[])
             AS v(id, event_id, tenant_id, subscription_id, event_type, traceparent)
         JOIN inserted_events e ON e.id = v.event_id
         JOIN subscriptions s ON s.id = v.subscription_id
+        LEFT JOIN ordered_seqs q ON q.id = v.id
     FOR KEY SHARE OF s
-    RETURNING id
+    RETURNING id, subscription_id, seq
+),
+heads AS (
+    INSERT INTO ordered_heads (subscription_id, delivery_id)
+    SELECT DISTINCT ON (subscription_id) subscription_id, id FROM inserted_deliveries
+    WHERE seq IS NOT NULL
+    ORDER BY subscription_id, seq
+    ON CONFLICT (subscription_id) DO UPDATE SET delivery_id = ordered_heads.delivery_id
+        WHERE false
+    RETURNING delivery_id
 ),
 outbox AS (
-    INSERT INTO delivery_outbox (delivery_id) SELECT id FROM inserted_deliveries
+    INSERT INTO delivery_outbox (delivery_id)
+    SELECT id FROM inserted_deliveries WHERE seq IS NULL
+    UNION ALL
+    SELECT delivery_id FROM heads
 )
-SELECT true AS is_event, id FROM inserted_events
+SELECT true AS is_event, id, false AS held FROM inserted_events
 UNION ALL
-SELECT false AS is_event, id FROM inserted_deliveries";
+SELECT false AS is_event, id,
+       seq IS NOT NULL AND id NOT IN (SELECT delivery_id FROM heads) AS held
+FROM inserted_deliveries";
 
 /// The stored events of the given (tenant, idempotency key) pairs and how many deliveries
 /// each has.
@@ -133,6 +160,7 @@ struct Arrays<'a> {
     d_subs: Vec<&'a str>,
     d_types: Vec<&'a str>,
     d_traces: Vec<Option<&'a str>>,
+    d_pos: Vec<i32>,
 }
 
 impl<'a> Arrays<'a> {
@@ -151,13 +179,13 @@ impl<'a> Arrays<'a> {
         let mut arrays = Self::default();
         for i in order {
             if let Plan::Insert(deliveries) = &plans[i] {
-                arrays.push(&events[i], deliveries);
+                arrays.push(&events[i], deliveries, i32::try_from(i).unwrap_or(i32::MAX));
             }
         }
         arrays
     }
 
-    fn push(&mut self, new: &'a NewEvent, deliveries: &'a [(Id, Id)]) {
+    fn push(&mut self, new: &'a NewEvent, deliveries: &'a [(Id, Id)], pos: i32) {
         let e = &new.event;
         self.ids.push(e.id.as_str());
         self.tenants.push(e.tenant_id.as_str());
@@ -173,6 +201,7 @@ impl<'a> Arrays<'a> {
             self.d_subs.push(s.as_str());
             self.d_types.push(e.event_type.as_str());
             self.d_traces.push(new.traceparent.as_deref());
+            self.d_pos.push(pos);
         }
     }
 
@@ -192,6 +221,7 @@ impl<'a> Arrays<'a> {
             .bind(&self.d_subs)
             .bind(&self.d_types)
             .bind(&self.d_traces)
+            .bind(&self.d_pos)
             .fetch_all(pool)
             .await
             .map_err(|e| insert_error(e, events))?;
@@ -201,6 +231,9 @@ impl<'a> Arrays<'a> {
             if row.try_get("is_event").db()? {
                 stored.events.insert(id);
             } else {
+                if row.try_get("held").db()? {
+                    stored.held.insert(id.clone());
+                }
                 stored.deliveries.insert(id);
             }
         }

@@ -16,6 +16,7 @@ use sqlx::types::Json;
 use super::PgStore;
 use super::client_certs;
 use super::error::{Violation, map_violation};
+use super::ordered;
 use super::quotas;
 use super::rows::{
     api_key_from_row, event_type_from_row, map_rows, subscription_from_row, tenant_from_row,
@@ -141,8 +142,9 @@ impl RegistryStore for PgStore {
         let row = sqlx::query(concat!(
             "INSERT INTO subscriptions (id, tenant_id, url, description, event_types, channels, \
              headers, rate_limit_per_second, max_in_flight, retry_schedule_ms, state, \
-             disabled_reason, metadata, payload_format) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING ",
+             disabled_reason, metadata, payload_format, ordering) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             RETURNING ",
             subscription_cols!()
         ))
         .bind(new.id.as_str())
@@ -160,6 +162,7 @@ impl RegistryStore for PgStore {
         .bind(None::<&str>)
         .bind(Json(&new.metadata))
         .bind(new.payload_format.as_str())
+        .bind(new.ordering.as_str())
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| {
@@ -217,11 +220,13 @@ impl RegistryStore for PgStore {
             sub.max_in_flight,
             sub.retry_schedule.as_deref(),
         )?;
+        let mut tx = self.pool.begin().await.db()?;
         let row = sqlx::query(concat!(
             "UPDATE subscriptions SET url = $2, description = $3, event_types = $4, \
              channels = $5, headers = $6, rate_limit_per_second = $7, max_in_flight = $8, \
              retry_schedule_ms = $9, state = $10, disabled_reason = $11, metadata = $12, \
-             payload_format = $13, updated_at = now() WHERE id = $1 RETURNING ",
+             payload_format = $13, ordering = $14, updated_at = now() WHERE id = $1 \
+             RETURNING ",
             subscription_cols!()
         ))
         .bind(sub.id.as_str())
@@ -237,10 +242,16 @@ impl RegistryStore for PgStore {
         .bind(sub.disabled_reason.as_deref())
         .bind(Json(&sub.metadata))
         .bind(sub.payload_format.as_str())
-        .fetch_optional(&self.pool)
+        .bind(sub.ordering.as_str())
+        .fetch_optional(&mut *tx)
         .await
         .db()?;
-        subscription_from_row(&found(row, "subscription", &sub.id)?).db()
+        let updated = subscription_from_row(&found(row, "subscription", &sub.id)?).db()?;
+        if crate::ordered::releases(&updated) {
+            ordered::release(&mut tx, &sub.id).await?;
+        }
+        tx.commit().await.db()?;
+        Ok(updated)
     }
 
     async fn delete_subscription(&self, id: &Id) -> Result<(), StoreError> {
@@ -263,6 +274,7 @@ impl RegistryStore for PgStore {
         reason: Option<&str>,
     ) -> Result<Subscription, StoreError> {
         let reason = codec::disabled_reason(state, reason);
+        let mut tx = self.pool.begin().await.db()?;
         let row = sqlx::query(concat!(
             "UPDATE subscriptions SET state = $2, disabled_reason = $3, updated_at = now() \
              WHERE id = $1 RETURNING ",
@@ -271,10 +283,15 @@ impl RegistryStore for PgStore {
         .bind(id.as_str())
         .bind(state.as_str())
         .bind(reason)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .db()?;
-        subscription_from_row(&found(row, "subscription", id)?).db()
+        let updated = subscription_from_row(&found(row, "subscription", id)?).db()?;
+        if crate::ordered::releases(&updated) {
+            ordered::release(&mut tx, id).await?;
+        }
+        tx.commit().await.db()?;
+        Ok(updated)
     }
 
     async fn enabled_subscriptions(&self, tenant_id: &Id) -> Result<Vec<Subscription>, StoreError> {

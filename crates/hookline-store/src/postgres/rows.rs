@@ -50,6 +50,7 @@ pub(super) fn subscription_from_row(row: &PgRow) -> Result<Subscription, sqlx::E
     let state = codec::subscription_state(row.try_get("state")?)?;
     let retry_schedule = codec::retry_schedule(row.try_get("retry_schedule_ms")?)?;
     let payload_format = codec::payload_format(row.try_get("payload_format")?)?;
+    let ordering = codec::ordering(row.try_get("ordering")?)?;
     Ok(Subscription {
         id: get_id(row, "id", IdKind::Subscription)?,
         tenant_id: get_id(row, "tenant_id", IdKind::Tenant)?,
@@ -67,6 +68,7 @@ pub(super) fn subscription_from_row(row: &PgRow) -> Result<Subscription, sqlx::E
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         payload_format,
+        ordering,
     })
 }
 

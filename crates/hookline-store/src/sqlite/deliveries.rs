@@ -25,6 +25,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use super::bulk::BulkInsert;
 use super::error::{Violation, map_violation};
 use super::events::{QUEUE_IDS, jobs_in_order};
+use super::ordered;
 use super::rows::{get_id, get_opt_time, get_time, get_u32, map_rows, micros};
 use super::{SqliteStore, id_array};
 use crate::StoreError;
@@ -111,7 +112,7 @@ fn push_filter(q: &mut QueryBuilder<Sqlite>, filter: &DeliveryFilter) {
 /// exists, and its highest attempt number.
 const READ_DELIVERIES: &str = "\
 SELECT d.id, d.status, d.attempt_count, d.next_attempt_at, d.last_attempt_at,
-       d.last_status_code, d.last_error, d.deferred_reason,
+       d.last_status_code, d.last_error, d.deferred_reason, d.seq IS NOT NULL AS ordered,
        COALESCE((SELECT max(a.attempt_number) FROM attempts a WHERE a.delivery_id = d.id), 0)
            AS last_number
 FROM deliveries d
@@ -157,6 +158,13 @@ UPDATE deliveries SET status = 'pending', next_attempt_at = NULL, deferred_reaso
     updated_at = ?2
 WHERE id IN (SELECT value FROM json_each(?1))";
 
+/// A manual retry of a finished delivery goes outside its ordered subscription's order
+/// (`seq` cleared); one still waiting keeps its place. Run before [`MARK_PENDING`].
+const LEAVE_ORDER: &str = "\
+UPDATE deliveries SET seq = NULL
+WHERE id IN (SELECT value FROM json_each(?1)) AND seq IS NOT NULL
+    AND status IN ('succeeded', 'failed')";
+
 /// A delivery's state from a row of [`READ_DELIVERIES`].
 fn tally_from_row(row: &SqliteRow) -> Result<Tally, sqlx::Error> {
     Ok(Tally {
@@ -170,6 +178,7 @@ fn tally_from_row(row: &SqliteRow) -> Result<Tally, sqlx::Error> {
         last_number: get_u32(row, "last_number")?,
         known_attempts: HashSet::new(),
         changed: false,
+        ordered: row.try_get("ordered")?,
     })
 }
 
@@ -301,17 +310,25 @@ async fn insert_attempts(
 
 #[async_trait]
 impl DeliveryStore for SqliteStore {
-    async fn record_outcomes(&self, outcomes: &[AttemptOutcome]) -> Result<(), StoreError> {
+    async fn record_outcomes(
+        &self,
+        outcomes: &[AttemptOutcome],
+    ) -> Result<Vec<DeliveryJob>, StoreError> {
         if outcomes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let (ids, attempt_ids) = outcome::batch_ids(outcomes);
         let (mut tx, now) = self.write().await?;
         let mut tallies = read_tallies(&mut tx, &ids, &attempt_ids).await?;
         let attempts = outcome::apply(&mut tallies, outcomes);
         write_outcomes(&mut tx, &attempts, &tallies, now).await?;
+        let promoted = ordered::advance(&mut tx, &crate::ordered::finished(&tallies), now).await?;
         tx.commit().await.db()?;
-        Ok(())
+        Ok(promoted)
+    }
+
+    async fn may_attempt(&self, delivery_id: &Id) -> Result<bool, StoreError> {
+        ordered::may_attempt(&self.reader, delivery_id).await
     }
 
     async fn promote_due_retries(
@@ -388,6 +405,11 @@ impl DeliveryStore for SqliteStore {
         // On NotFound, dropping the transaction rolls it back: nothing changes.
         all_found("delivery", asked.iter().copied(), &existing)?;
         sqlx::query(UNSCHEDULE)
+            .bind(id_array(asked.iter().copied()))
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        sqlx::query(LEAVE_ORDER)
             .bind(id_array(asked.iter().copied()))
             .execute(&mut *tx)
             .await

@@ -26,6 +26,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::bulk::BulkInsert;
 use super::error::{Violation, map_violation, violation};
+use super::heads;
 use super::rows::{get_id, get_strings, get_time, get_u32, map_rows, micros};
 use super::{SqliteStore, id_array};
 use crate::StoreError;
@@ -92,13 +93,14 @@ pub(super) async fn jobs_in_order(
 // ---------------------------------------------------------------------------------------------
 
 /// What a batch builds on, in one statement: which of its tenants (JSON array `?1`) and
-/// subscriptions (`?2`) exist, and the stored events holding its idempotency keys
+/// subscriptions (`?2`) exist (a subscription's row carries its ordering in the
+/// `idempotency_key` column), and the stored events holding its idempotency keys
 /// (`[[tenant_id, key], …]`, `?3`) with how many deliveries each has.
 const LOOK_UP: &str = "\
 SELECT 'tenant' AS kind, id, NULL AS idempotency_key, NULL AS event_id, NULL AS deliveries
 FROM tenants WHERE id IN (SELECT value FROM json_each(?1))
 UNION ALL
-SELECT 'subscription', id, NULL, NULL, NULL
+SELECT 'subscription', id, ordering, NULL, NULL
 FROM subscriptions WHERE id IN (SELECT value FROM json_each(?2))
 UNION ALL
 SELECT 'key', e.tenant_id, e.idempotency_key, e.id,
@@ -117,8 +119,8 @@ static INSERT_EVENTS: BulkInsert = BulkInsert::new(
 
 static INSERT_DELIVERIES: BulkInsert = BulkInsert::new(
     "INSERT INTO deliveries (id, event_id, tenant_id, subscription_id, event_type, created_at, \
-     updated_at, traceparent) VALUES ",
-    "(?, ?, ?, ?, ?, ?, ?, ?)",
+     updated_at, traceparent, seq) VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
     "",
 );
 
@@ -135,6 +137,8 @@ struct DeliveryRow<'a> {
     event: &'a Event,
     subscription_id: &'a str,
     traceparent: Option<&'a str>,
+    /// Its place in its ordered subscription's queue; `None` when unordered.
+    seq: Option<i64>,
 }
 
 /// The id of a batch's event that collides with a stored one (or with another of the batch),
@@ -164,6 +168,8 @@ async fn colliding_event_id(conn: &mut SqliteConnection, events: &[&Event]) -> S
 struct Existing {
     tenants: HashSet<String>,
     subscriptions: HashSet<String>,
+    /// Those of `subscriptions` that are ordered.
+    ordered: HashSet<String>,
     originals: HashMap<KeyOf, (Id, u32)>,
 }
 
@@ -213,7 +219,11 @@ impl Existing {
                 self.tenants.insert(row.try_get("id")?);
             }
             "subscription" => {
-                self.subscriptions.insert(row.try_get("id")?);
+                let id: String = row.try_get("id")?;
+                if row.try_get::<Option<&str>, _>("idempotency_key")? == Some("ordered") {
+                    self.ordered.insert(id.clone());
+                }
+                self.subscriptions.insert(id);
             }
             _ => {
                 let original = (
@@ -257,10 +267,48 @@ async fn insert_event_rows(conn: &mut SqliteConnection, rows: &[&Event]) -> Resu
     }
 }
 
-/// Inserts the deliveries, stamped `now`, and puts them in the outbox.
+/// Gives the deliveries of ordered subscriptions their `seq` (batch order after every
+/// earlier one) and decides which become their subscription's head; returns the heads
+/// (to record once the rows are in) and the ids of those that wait.
+async fn place_in_order<'a>(
+    conn: &mut SqliteConnection,
+    rows: &mut [DeliveryRow<'a>],
+    ordered: &HashSet<String>,
+) -> Result<(Vec<(&'a str, &'a str)>, HashSet<&'a str>), StoreError> {
+    if !rows.iter().any(|d| ordered.contains(d.subscription_id)) {
+        return Ok((Vec::new(), HashSet::new()));
+    }
+    let mut seq = heads::last_seq(conn).await?;
+    for d in rows
+        .iter_mut()
+        .filter(|d| ordered.contains(d.subscription_id))
+    {
+        seq += 1;
+        d.seq = Some(seq);
+    }
+    let in_order: Vec<(&'a str, &'a str)> = rows
+        .iter()
+        .filter(|d| d.seq.is_some())
+        .map(|d| (d.id, d.subscription_id))
+        .collect();
+    let subs: Vec<&str> = in_order.iter().map(|(_, s)| *s).collect();
+    let with_head = heads::with_head(conn, &subs).await?;
+    let heads = crate::ordered::new_heads(in_order.iter().copied(), &with_head);
+    let lead: HashSet<&str> = heads.iter().map(|(d, _)| *d).collect();
+    let held = in_order
+        .iter()
+        .map(|(d, _)| *d)
+        .filter(|d| !lead.contains(d))
+        .collect();
+    Ok((heads, held))
+}
+
+/// Inserts the deliveries, stamped `now`, and puts them in the outbox, but for those `held`
+/// behind their ordered subscription's head.
 async fn insert_delivery_rows(
     conn: &mut SqliteConnection,
     rows: &[DeliveryRow<'_>],
+    held: &HashSet<&str>,
     now: i64,
 ) -> Result<(), StoreError> {
     INSERT_DELIVERIES
@@ -273,6 +321,7 @@ async fn insert_delivery_rows(
                 .bind(now)
                 .bind(now)
                 .bind(d.traceparent)
+                .bind(d.seq)
         })
         .await
         .map_err(|e| {
@@ -281,9 +330,11 @@ async fn insert_delivery_rows(
                 Violation::ForeignKey => None,
             })
         })?;
-    if !rows.is_empty() {
+    if rows.len() > held.len() {
         sqlx::query(QUEUE_IDS)
-            .bind(id_array(rows.iter().map(|d| d.id)))
+            .bind(id_array(
+                rows.iter().map(|d| d.id).filter(|d| !held.contains(d)),
+            ))
             .bind(now)
             .execute(&mut *conn)
             .await
@@ -318,6 +369,7 @@ fn rows_to_insert<'a>(
                     event: &new.event,
                     subscription_id: s.as_str(),
                     traceparent: new.traceparent.as_deref(),
+                    seq: None,
                 }),
         );
     }
@@ -341,14 +393,17 @@ impl EventStore for SqliteStore {
         {
             return Err(violated::no_tenant(&e.event.tenant_id));
         }
-        let (event_rows, delivery_rows) = rows_to_insert(events, &plans, &existing);
+        let (event_rows, mut delivery_rows) = rows_to_insert(events, &plans, &existing);
+        let (heads, held) = place_in_order(&mut tx, &mut delivery_rows, &existing.ordered).await?;
         insert_event_rows(&mut tx, &event_rows).await?;
-        insert_delivery_rows(&mut tx, &delivery_rows, now).await?;
+        insert_delivery_rows(&mut tx, &delivery_rows, &held, now).await?;
+        heads::set_heads(&mut tx, &heads).await?;
         tx.commit().await.db()?;
 
         let stored = Stored {
             events: event_rows.iter().map(|e| e.id.to_string()).collect(),
             deliveries: delivery_rows.iter().map(|d| d.id.to_string()).collect(),
+            held: held.iter().map(|d| d.to_string()).collect(),
             originals: existing.originals,
         };
         insert_plan::assemble(events, &plans, &stored)

@@ -286,7 +286,7 @@ macro_rules! subscription_cols {
     () => {
         "id, tenant_id, url, description, event_types, channels, headers, \
          rate_limit_per_second, max_in_flight, retry_schedule_ms, state, disabled_reason, \
-         metadata, created_at, updated_at, payload_format"
+         metadata, created_at, updated_at, payload_format, ordering"
     };
 }
 
@@ -347,6 +347,8 @@ mod client_certs;
 mod deliveries;
 pub(crate) mod error;
 mod events;
+mod heads;
+mod ordered;
 mod quotas;
 mod registry;
 mod rows;

@@ -18,6 +18,7 @@ use sqlx::types::Json;
 use super::SqliteStore;
 use super::client_certs;
 use super::error::{Violation, map_violation};
+use super::ordered;
 use super::quotas;
 use super::rows::{
     api_key_from_row, event_type_from_row, from_micros, map_rows, micros, subscription_from_row,
@@ -157,8 +158,9 @@ impl RegistryStore for SqliteStore {
         let row = sqlx::query(concat!(
             "INSERT INTO subscriptions (id, tenant_id, url, description, event_types, channels, \
              headers, rate_limit_per_second, max_in_flight, retry_schedule_ms, state, \
-             disabled_reason, metadata, created_at, updated_at, payload_format) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15) \
+             disabled_reason, metadata, created_at, updated_at, payload_format, ordering) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15, \
+             ?16) \
              RETURNING ",
             subscription_cols!()
         ))
@@ -178,6 +180,7 @@ impl RegistryStore for SqliteStore {
         .bind(Json(&new.metadata))
         .bind(now)
         .bind(new.payload_format.as_str())
+        .bind(new.ordering.as_str())
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| {
@@ -241,7 +244,7 @@ impl RegistryStore for SqliteStore {
             "UPDATE subscriptions SET url = ?2, description = ?3, event_types = ?4, \
              channels = ?5, headers = ?6, rate_limit_per_second = ?7, max_in_flight = ?8, \
              retry_schedule_ms = ?9, state = ?10, disabled_reason = ?11, metadata = ?12, \
-             updated_at = ?13, payload_format = ?14 WHERE id = ?1 RETURNING ",
+             updated_at = ?13, payload_format = ?14, ordering = ?15 WHERE id = ?1 RETURNING ",
             subscription_cols!()
         ))
         .bind(sub.id.as_str())
@@ -258,12 +261,16 @@ impl RegistryStore for SqliteStore {
         .bind(Json(&sub.metadata))
         .bind(now)
         .bind(sub.payload_format.as_str())
+        .bind(sub.ordering.as_str())
         .fetch_optional(&mut *tx)
         .await
         .db()?;
-        let row = found(row, "subscription", &sub.id)?;
+        let updated = subscription_from_row(&found(row, "subscription", &sub.id)?).db()?;
+        if crate::ordered::releases(&updated) {
+            ordered::release(&mut tx, &sub.id, now).await?;
+        }
         tx.commit().await.db()?;
-        subscription_from_row(&row).db()
+        Ok(updated)
     }
 
     async fn delete_subscription(&self, id: &Id) -> Result<(), StoreError> {
@@ -301,9 +308,12 @@ impl RegistryStore for SqliteStore {
         .fetch_optional(&mut *tx)
         .await
         .db()?;
-        let row = found(row, "subscription", id)?;
+        let updated = subscription_from_row(&found(row, "subscription", id)?).db()?;
+        if crate::ordered::releases(&updated) {
+            ordered::release(&mut tx, id, now).await?;
+        }
         tx.commit().await.db()?;
-        subscription_from_row(&row).db()
+        Ok(updated)
     }
 
     async fn enabled_subscriptions(&self, tenant_id: &Id) -> Result<Vec<Subscription>, StoreError> {

@@ -79,6 +79,7 @@ pub(super) fn subscription_from_row(row: &SqliteRow) -> Result<Subscription, sql
     let retry_ms: Option<Json<Vec<i64>>> = row.try_get("retry_schedule_ms")?;
     let retry_schedule = codec::retry_schedule(retry_ms.map(|Json(ms)| ms))?;
     let payload_format = codec::payload_format(row.try_get("payload_format")?)?;
+    let ordering = codec::ordering(row.try_get("ordering")?)?;
     Ok(Subscription {
         id: get_id(row, "id", IdKind::Subscription)?,
         tenant_id: get_id(row, "tenant_id", IdKind::Tenant)?,
@@ -96,6 +97,7 @@ pub(super) fn subscription_from_row(row: &SqliteRow) -> Result<Subscription, sql
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
         payload_format,
+        ordering,
     })
 }
 

@@ -337,6 +337,7 @@ macro_rules! on_both_backends {
 pub fn new_subscription(tenant_id: &Id) -> NewSubscription {
     let id = Id::new(IdKind::Subscription);
     NewSubscription {
+        ordering: Default::default(),
         client_identity: None,
         payload_format: Default::default(),
         secret: SubscriptionSecret {

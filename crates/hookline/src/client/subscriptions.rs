@@ -127,6 +127,10 @@ pub struct Fields {
     /// (Standard Webhooks `{"type", "timestamp", "data"}`); see docs/RECEIVING.md.
     #[arg(long, value_parser = ["raw", "envelope"])]
     payload_format: Option<String>,
+    /// `ordered`: deliveries one at a time, in publish order (a retried one holds the rest);
+    /// `unordered` (the default): in parallel. See docs/ARCHITECTURE.md "Ordered delivery".
+    #[arg(long, value_parser = ["ordered", "unordered"])]
+    ordering: Option<String>,
     /// A PEM client certificate (chain, leaf first) presented to the endpoint when it asks
     /// for one (mutual TLS); needs `--client-key`. The key is never shown again.
     #[arg(long, requires = "client_key")]
@@ -201,6 +205,20 @@ fn payload_format_name(value: i32) -> String {
     }
 }
 
+fn ordering(name: &str) -> i32 {
+    match name {
+        "ordered" => pb::Ordering::Ordered as i32,
+        _ => pb::Ordering::Unordered as i32,
+    }
+}
+
+fn ordering_name(value: i32) -> String {
+    match pb::Ordering::try_from(value).ok() {
+        Some(pb::Ordering::Unspecified) => "unordered".to_string(),
+        other => enum_name(other.map(|o| o.as_str_name()), "ORDERING_"),
+    }
+}
+
 fn parse_header(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((name, value)) if !name.trim().is_empty() => {
@@ -243,6 +261,7 @@ fn subscription_json(s: &pb::Subscription) -> Value {
         "created_at": ts(s.created_at.as_ref()),
         "updated_at": ts(s.updated_at.as_ref()),
         "payload_format": payload_format_name(s.payload_format),
+        "ordering": ordering_name(s.ordering),
         "circuit_open_until": ts(s.circuit_open_until.as_ref()),
         "signature_scheme": signature_scheme_name(s.signature_scheme),
         "client_certificate": client_certificate_json(s.client_certificate.as_ref()),
@@ -432,6 +451,7 @@ async fn create(
             headers: fields.headers.into_iter().collect(),
             retry_policy: retry_policy(&fields.retry_schedule_ms),
             payload_format: fields.payload_format.as_deref().map_or(0, payload_format),
+            ordering: fields.ordering.as_deref().map_or(0, ordering),
             ..Default::default()
         }),
         start_disabled: disabled,
@@ -517,6 +537,10 @@ fn changes(
         sub.payload_format = payload_format(f);
         paths.push("payload_format");
     }
+    if let Some(o) = fields.ordering.as_deref() {
+        sub.ordering = ordering(o);
+        paths.push("ordering");
+    }
     if sub.client_certificate.is_some() || clear.client_certificate {
         paths.push("client_certificate");
     }
@@ -524,8 +548,8 @@ fn changes(
         !paths.is_empty(),
         "nothing to change: give at least one of --url, --event-type, --channel, \
          --retry-schedule-ms, --description, --rate-limit, --max-in-flight, \
-         --header, --payload-format, --client-cert, --all-event-types, --all-channels, \
-         --default-retry-schedule, --no-headers, --no-client-cert"
+         --header, --payload-format, --ordering, --client-cert, --all-event-types, \
+         --all-channels, --default-retry-schedule, --no-headers, --no-client-cert"
     );
     Ok((sub, paths))
 }

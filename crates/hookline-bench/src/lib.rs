@@ -19,6 +19,7 @@
 //! allocation on its hot path, sharded tables and one latency histogram per publisher.
 
 pub mod events;
+pub mod external;
 pub mod procstat;
 pub mod publisher;
 pub mod receiver;
@@ -174,6 +175,20 @@ pub struct BenchOptions {
     /// Print the report as JSON on stdout instead of tables.
     #[arg(long)]
     pub json: bool,
+
+    /// Receiver and load generator outside the bench: nginx (`nginx-light`) answering 204
+    /// and `h2load` (`nghttp2-client`) publishing over gRPC, each measured separately.
+    /// Scenarios with Publish and fan-out only (single, fanout10 or --fanout K).
+    #[arg(long)]
+    pub external: bool,
+    /// Runs the measurement this many times (each on a fresh server) and reports the
+    /// medians too (external mode).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat: u32,
+    /// The `hookline` binary to spawn as the server instead of this one (to measure
+    /// another build, e.g. main's, with this harness).
+    #[arg(long, env = "HOOKLINE_BENCH_SERVER_EXE")]
+    pub server_exe: Option<PathBuf>,
 }
 
 /// Why a benchmark could not run or finish.
@@ -236,6 +251,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         return Ok(());
     }
     let plan = Arc::new(Plan::resolve(&args)?);
+    if args.external {
+        return external::run(&args, &plan).await;
+    }
     // A comparison runs the healthy setup first, so that a shared --server is not still
     // busy with the hanging run's retries while the baseline is measured.
     let variants: Vec<bool> = if plan.hang_subs > 0 && plan.compare {
@@ -255,6 +273,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let comparison = Comparison::from_runs(&runs);
     if args.json {
         let out = Output {
+            mode: report::IN_PROCESS,
             scenario: plan.scenario.to_string(),
             runs,
             comparison,
@@ -409,7 +428,7 @@ async fn measure(
 
 /// Creates the bench's tenant, with the largest quotas (the bench measures throughput,
 /// not quotas); returns its id.
-async fn create_tenant(
+pub(crate) async fn create_tenant(
     registry: &mut RegistryServiceClient<Channel>,
     plan: &Plan,
     auth: &MetadataValue<Ascii>,
@@ -434,7 +453,7 @@ async fn create_tenant(
 
 /// Creates the layout's subscriptions in its order, each pointing at its path of the
 /// receiver; returns what the receiver needs to check what arrives for each.
-async fn create_subscriptions(
+pub(crate) async fn create_subscriptions(
     registry: &mut RegistryServiceClient<Channel>,
     plan: &Plan,
     layout: &Layout,
@@ -522,7 +541,10 @@ async fn drain(receiver: &Receiver, expected: u64, deadline: Instant) -> bool {
 }
 
 /// One gRPC connection to the target.
-async fn connect(url: &str, tls: &hookline_client::TlsOptions) -> Result<Channel, BenchError> {
+pub(crate) async fn connect(
+    url: &str,
+    tls: &hookline_client::TlsOptions,
+) -> Result<Channel, BenchError> {
     let usage = |e: &dyn std::fmt::Display| {
         BenchError::Usage(format!(
             "{url:?} is not a URL like http://127.0.0.1:50051: {e}"

@@ -24,11 +24,16 @@ use crate::target::Target;
 /// Everything `hookline bench --json` prints.
 #[derive(Debug, Serialize)]
 pub struct Output {
+    /// [`IN_PROCESS`]: the publishers and the receiver run inside the bench.
+    pub mode: &'static str,
     pub scenario: String,
     pub runs: Vec<RunReport>,
     /// Only when a run with hanging subscriptions was compared with one without.
     pub comparison: Option<Comparison>,
 }
+
+/// The label of every in-process report: its figures include the harness's own CPU use.
+pub const IN_PROCESS: &str = "in-process (harness shares the CPU)";
 
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +49,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Percentiles {
+    pub(crate) fn of(h: &Histogram<u64>) -> Percentiles {
         let ms = |us: u64| us as f64 / 1000.0;
         Percentiles {
             count: h.len(),
@@ -57,7 +62,7 @@ impl Percentiles {
         }
     }
 
-    fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         if self.count == 0 {
             return "none recorded".into();
         }
@@ -312,7 +317,7 @@ impl RunReport {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "\nhookline bench: scenario {} ({})",
+            "\nhookline bench: scenario {} ({}) [{IN_PROCESS}]",
             self.scenario, self.variant
         );
         let _ = writeln!(
@@ -562,7 +567,7 @@ impl ConfigInfo {
 
 /// CPU and memory of each watched process, the bench itself, the database and broker
 /// servers, and the whole machine, between two snapshots.
-fn resources(
+pub(crate) fn resources(
     before: &Snapshot,
     after: &Snapshot,
     delivered: u64,

@@ -214,6 +214,8 @@ pub struct RunReport {
     pub measured_s: f64,
     pub processes: Vec<ProcessInfo>,
     pub machine: Option<MachineInfo>,
+    /// Scenario `ordered`: whether arrival order matched publish order.
+    pub order: Option<crate::events::OrderInfo>,
     pub notes: Vec<String>,
 }
 
@@ -308,6 +310,7 @@ impl RunReport {
             measured_s: i.end.duration_since(i.start).as_secs_f64(),
             processes,
             machine,
+            order: i.events.order_check(),
             notes: Vec::new(),
         }
     }
@@ -329,6 +332,16 @@ impl RunReport {
         self.render_publish(&mut o);
         self.render_deliveries(&mut o);
         self.render_resources(&mut o);
+        if let Some(ord) = &self.order {
+            let _ = writeln!(
+                o,
+                "  order       {}: {} deliveries checked, {} out of order, {} unknown",
+                if ord.held { "held" } else { "NOT held" },
+                ord.checked,
+                ord.out_of_order,
+                ord.unknown
+            );
+        }
         for n in &self.notes {
             let _ = writeln!(o, "  note        {n}");
         }

@@ -72,6 +72,24 @@ pub const SCENARIOS: &[Scenario] = &[
         compare: true,
         ..BASE
     },
+    Scenario {
+        name: "noisy",
+        summary: "two tenants: A publishes a burst of --burst deliveries (200000) with PublishBatch to 4 subscriptions; during A's drain B publishes --rate (50) events/s to its own; B's latency and A's throughput, also without B (--compare)",
+        subscriptions: 4,
+        fanout: 4,
+        publishers: 4,
+        batch: 500,
+        compare: true,
+        ..BASE
+    },
+    Scenario {
+        name: "ordered",
+        summary: "one ordered subscription, one publisher, PublishBatch of 100 in order: events/s of the subscription and whether arrival order matched publish order",
+        subscriptions: 1,
+        publishers: 1,
+        batch: 100,
+        ..BASE
+    },
 ];
 
 /// The retry schedule the bench gives its subscriptions unless told otherwise: short, so
@@ -222,6 +240,9 @@ pub struct Plan {
     /// None: Hookline's default schedule.
     pub retry_schedule: Option<Vec<Duration>>,
     pub drain_timeout: Duration,
+    /// Scenario `ordered`: the subscriptions ask for ordered delivery and the run checks
+    /// arrival order against publish order.
+    pub ordered: bool,
 }
 
 impl Plan {
@@ -270,6 +291,12 @@ impl Plan {
             args.compare || s.compare
         };
         let retry_schedule = retry_schedule(args.retry_schedule_ms.as_deref())?;
+        let ordered = s.name == "ordered";
+        if ordered && publishers != 1 {
+            return usage(format!(
+                "--publishers is {publishers}; scenario ordered needs 1 (publish order is one publisher's order)"
+            ));
+        }
         if !(args.drain_timeout.is_finite() && args.drain_timeout >= 0.0) {
             return usage(format!(
                 "--drain-timeout is {}; it must be 0 or more",
@@ -295,6 +322,7 @@ impl Plan {
             verify: args.verify,
             retry_schedule,
             drain_timeout: Duration::from_secs_f64(args.drain_timeout),
+            ordered,
         })
     }
 

@@ -601,6 +601,18 @@ async fn delete_queues(amqp_url: &str, prefix: &str) -> Result<(), String> {
         .map_err(|_| "timed out after 30 s".to_string())?
 }
 
+/// Deletes a second tenant of a run on a running server (`finish` deletes the first);
+/// a spawned server's storage goes as a whole. Returns notes for people.
+pub(crate) async fn delete_other_tenant(target: &Target, tenant: &str) -> Vec<String> {
+    if target.spawned.is_some() {
+        return Vec::new();
+    }
+    match delete_tenant(target, tenant).await {
+        Ok(()) => Vec::new(),
+        Err(e) => vec![format!("could not delete tenant {tenant}: {e}")],
+    }
+}
+
 async fn delete_tenant(target: &Target, tenant: &str) -> Result<(), String> {
     let (grpc, token) = (&target.grpc, &target.token);
     let auth = format!("Bearer {token}")

@@ -250,8 +250,13 @@ impl Plan {
     pub fn resolve(args: &BenchOptions) -> Result<Plan, BenchError> {
         let usage = |m: String| Err(BenchError::Usage(m));
         let s = scenario(&args.scenario)?;
-        let subscriptions = args.subscriptions.unwrap_or(s.subscriptions);
         let fanout = args.fanout.unwrap_or(s.fanout);
+        // External mode sends one event type: every subscription takes every event.
+        let subscriptions = args.subscriptions.unwrap_or(if args.external {
+            fanout
+        } else {
+            s.subscriptions
+        });
         if !(1..=64).contains(&fanout) {
             return usage(format!("--fanout is {fanout}; allowed: 1 to 64"));
         }

@@ -302,10 +302,13 @@ impl Plan {
                 "--publishers is {publishers}; scenario ordered needs 1 (publish order is one publisher's order)"
             ));
         }
-        if !(args.drain_timeout.is_finite() && args.drain_timeout >= 0.0) {
+        // A burst of 200,000 deliveries takes minutes to drain on a small machine.
+        let drain_timeout =
+            args.drain_timeout
+                .unwrap_or(if s.name == "noisy" { 600.0 } else { 120.0 });
+        if !(drain_timeout.is_finite() && (0.0..=86_400.0).contains(&drain_timeout)) {
             return usage(format!(
-                "--drain-timeout is {}; it must be 0 or more",
-                args.drain_timeout
+                "--drain-timeout is {drain_timeout}; allowed: 0 to 86400 s"
             ));
         }
         Ok(Plan {
@@ -326,7 +329,7 @@ impl Plan {
             hang_share,
             verify: args.verify,
             retry_schedule,
-            drain_timeout: Duration::from_secs_f64(args.drain_timeout),
+            drain_timeout: Duration::from_secs_f64(drain_timeout),
             ordered,
         })
     }
@@ -473,6 +476,13 @@ mod tests {
             (10, 3, Some(5), None)
         );
         assert!(plan(&["--scenario", "nope"]).is_err());
+        let noisy = plan(&["--scenario", "noisy"]).unwrap();
+        assert_eq!(noisy.drain_timeout, Duration::from_secs(600));
+        assert_eq!(plan(&[]).unwrap().drain_timeout, Duration::from_secs(120));
+        assert!(plan(&["--scenario", "ordered"]).unwrap().ordered);
+        assert!(plan(&["--scenario", "ordered", "--publishers", "2"]).is_err());
+        let ext = plan(&["--external", "--fanout", "3"]).unwrap();
+        assert_eq!((ext.subscriptions, ext.fanout), (3, 3));
         assert!(plan(&["--subscriptions", "7", "--fanout", "2"]).is_err());
     }
 

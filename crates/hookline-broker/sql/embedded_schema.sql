@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS broker_messages (
     -- AUTOINCREMENT: ids are never reused, so a stale acknowledgement can
     -- never hit a later message, and ids give publication order.
     id             INTEGER PRIMARY KEY AUTOINCREMENT,
-    -- 'deliveries', 'retries' or 'dead-letter'.
+    -- 'deliveries', 'retries', a shard 'deliveries.<i>' / 'retries.<i>', or
+    -- 'dead-letter'.
     queue          TEXT    NOT NULL,
     body           BLOB    NOT NULL,
     -- JSON object of string headers.

@@ -38,6 +38,7 @@
 pub mod amqp_tls;
 mod embedded;
 mod rabbit;
+pub mod shards;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -52,34 +53,105 @@ pub use amqp_tls::AmqpTlsFiles;
 pub use embedded::{EmbeddedBroker, EmbeddedConfig};
 pub use rabbit::{RabbitBroker, RabbitConfig};
 
-/// The work queues of the pipeline.
+/// What a work queue holds: first attempts or later ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum QueueName {
-    /// First attempts of new deliveries, queued by ingest (through the outbox); the
-    /// dispatcher consumes them.
+pub enum QueueKind {
+    /// First attempts of new deliveries.
     Deliveries,
-    /// Later attempts: deliveries due again, queued by the retry scheduler and by a
-    /// manual retry or replay (DeliveryService). The dispatcher consumes them too, beside
-    /// [`QueueName::Deliveries`]; the name says what the messages are, not who reads them.
+    /// Later attempts (due retries, manual retries and replays).
     Retries,
 }
 
-impl QueueName {
-    /// Every work queue, in a stable order.
-    pub const ALL: [QueueName; 2] = [QueueName::Deliveries, QueueName::Retries];
+impl QueueKind {
+    /// Both kinds, in a stable order.
+    pub const ALL: [QueueKind; 2] = [QueueKind::Deliveries, QueueKind::Retries];
 
-    /// The short name of the queue, without any prefix (`"deliveries"`).
+    /// The short name of the kind (`"deliveries"`), which is also the name of its
+    /// unsharded queue.
     pub fn as_str(self) -> &'static str {
         match self {
-            QueueName::Deliveries => "deliveries",
-            QueueName::Retries => "retries",
+            QueueKind::Deliveries => "deliveries",
+            QueueKind::Retries => "retries",
+        }
+    }
+}
+
+/// Most shard queues of one kind (`delivery_shards` is 1 to this).
+pub const MAX_SHARDS: u16 = 256;
+
+/// The work queues of the pipeline: per kind, the unsharded queue (what versions
+/// before fair delivery used, still consumed so nothing queued by them is stranded)
+/// and the shard queues `deliveries.<i>` / `retries.<i>` (see [`shards`]).
+///
+/// The one naming rule of the work queues is [`QueueName::name`]; adapters prefix it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QueueName {
+    /// First attempts of new deliveries. Published through the [`shards::ShardRouter`]
+    /// it means "the shard of this delivery's tenant"; to an adapter it is the
+    /// unsharded queue `deliveries`.
+    Deliveries,
+    /// Later attempts: deliveries due again, queued by the retry scheduler and by a
+    /// manual retry or replay (DeliveryService). Routed like [`QueueName::Deliveries`];
+    /// to an adapter it is the unsharded queue `retries`.
+    Retries,
+    /// Shard `i` (below [`MAX_SHARDS`]) of a kind: `deliveries.<i>` or `retries.<i>`.
+    Shard(QueueKind, u16),
+}
+
+impl QueueName {
+    /// The unsharded work queues, in a stable order.
+    pub const ALL: [QueueName; 2] = [QueueName::Deliveries, QueueName::Retries];
+
+    /// The unsharded queue of a kind.
+    pub fn unsharded(kind: QueueKind) -> Self {
+        match kind {
+            QueueKind::Deliveries => QueueName::Deliveries,
+            QueueKind::Retries => QueueName::Retries,
+        }
+    }
+
+    /// What the queue holds.
+    pub fn kind(self) -> QueueKind {
+        match self {
+            QueueName::Deliveries => QueueKind::Deliveries,
+            QueueName::Retries => QueueKind::Retries,
+            QueueName::Shard(kind, _) => kind,
+        }
+    }
+
+    /// The shard index, `None` for an unsharded queue.
+    pub fn shard(self) -> Option<u16> {
+        match self {
+            QueueName::Shard(_, shard) => Some(shard),
+            _ => None,
+        }
+    }
+
+    /// Every queue a consumer of `shards` shard queues serves: both unsharded queues,
+    /// then every shard of both kinds, deliveries and retries interleaved.
+    pub fn consumed(shards: u16) -> Vec<QueueName> {
+        let mut queues = QueueName::ALL.to_vec();
+        for shard in 0..shards.min(MAX_SHARDS) {
+            for kind in QueueKind::ALL {
+                queues.push(QueueName::Shard(kind, shard));
+            }
+        }
+        queues
+    }
+
+    /// The short name of the queue, without any prefix: `"deliveries"`,
+    /// `"retries.7"`. The one naming rule of the work queues.
+    pub fn name(self) -> String {
+        match self {
+            QueueName::Shard(kind, shard) => format!("{}.{shard}", kind.as_str()),
+            other => other.kind().as_str().to_owned(),
         }
     }
 }
 
 impl fmt::Display for QueueName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(&self.name())
     }
 }
 
@@ -307,6 +379,21 @@ pub trait Broker: Send + Sync + 'static {
     /// Number of messages in the dead-letter queue: poison messages a consumer
     /// dead-lettered or that went past the delivery limit (for metrics and alerts).
     async fn dead_letter_depth(&self) -> Result<u64, BrokerError>;
+
+    /// The configured number of shard queues per kind (`delivery_shards`): publishers
+    /// route to shards `0..delivery_shards()`.
+    fn delivery_shards(&self) -> u16;
+
+    /// How many shard queues per kind consumers must serve: [`Broker::delivery_shards`],
+    /// or more when shard queues of a former, higher setting still exist (RabbitMQ) or
+    /// still hold messages (embedded), so lowering the setting strands nothing.
+    async fn consumed_shards(&self) -> Result<u16, BrokerError>;
+
+    /// Unix milliseconds at which the oldest message of the queue was published, when
+    /// the backend can tell (embedded: yes; RabbitMQ: `None`).
+    async fn oldest_published_ms(&self, _queue: QueueName) -> Result<Option<i64>, BrokerError> {
+        Ok(None)
+    }
 }
 
 /// Errors of the queue port. Messages say what happened and what it means
@@ -419,8 +506,10 @@ mod tests {
 
     #[test]
     fn queue_names_are_stable() {
-        assert_eq!(QueueName::Deliveries.as_str(), "deliveries");
+        assert_eq!(QueueName::Deliveries.name(), "deliveries");
         assert_eq!(QueueName::Retries.to_string(), "retries");
+        assert_eq!(QueueName::Shard(QueueKind::Retries, 7).name(), "retries.7");
+        assert_eq!(QueueName::consumed(2).len(), 6);
     }
 
     #[test]

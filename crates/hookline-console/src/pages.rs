@@ -3,7 +3,7 @@
 
 use axum::extract::{Form, Path, Query};
 use axum::response::{IntoResponse, Redirect, Response};
-use hookline_broker::QueueName;
+use hookline_broker::{QueueKind, QueueName};
 use hookline_proto::v1 as pb;
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -47,9 +47,17 @@ pub(crate) async fn pick_tenant(ctx: &mut Ctx, path: &str) -> Result<Markup, Pag
 pub(crate) async fn overview(state: State, mut ctx: Ctx) -> Result<Response, PageError> {
     let depths = if ctx.principal.is_admin() {
         let mut rows = Vec::new();
-        for queue in QueueName::ALL {
-            let depth = state.0.broker.queue_depth(queue).await.ok();
-            rows.push((queue.as_str().to_string(), depth));
+        // One row per kind: its unsharded queue and every shard queue together.
+        let broker = &state.0.broker;
+        for kind in QueueKind::ALL {
+            let mut total = Some(0u64);
+            for queue in QueueName::consumed(broker.delivery_shards()) {
+                if queue.kind() == kind {
+                    let depth = broker.queue_depth(queue).await.ok();
+                    total = total.zip(depth).map(|(a, b)| a + b);
+                }
+            }
+            rows.push((kind.as_str().to_string(), total));
         }
         rows.push((
             "dead letters".into(),

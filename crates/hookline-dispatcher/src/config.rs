@@ -18,8 +18,12 @@ pub struct DispatcherConfig {
     /// Most HTTP requests in flight at once (over every subscription): the process-wide
     /// cap, taken after a subscription's own slot.
     pub concurrency: usize,
-    /// Most unsettled messages per queue (AMQP prefetch).
+    /// Most unsettled messages of each unsharded queue (`deliveries`, `retries`: what
+    /// versions before fair delivery queued; AMQP prefetch).
     pub prefetch: u16,
+    /// Most unsettled messages of each shard queue (`deliveries.<i>`, `retries.<i>`).
+    /// The process holds up to `2 × shards × shard_prefetch` messages.
+    pub shard_prefetch: u16,
     /// The whole of one request: connecting, sending, and reading the response excerpt.
     pub request_timeout: Duration,
     /// The `user-agent` of every request.
@@ -78,6 +82,7 @@ impl Default for DispatcherConfig {
         Self {
             concurrency: 512,
             prefetch: 256,
+            shard_prefetch: 64,
             request_timeout: Duration::from_secs(15),
             user_agent: format!("Hookline/{}", env!("CARGO_PKG_VERSION")),
             write_batch: 256,

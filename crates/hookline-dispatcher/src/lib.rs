@@ -1,12 +1,17 @@
 //! The dispatcher: the worker that turns delivery messages into signed HTTP POSTs.
 //!
-//! It consumes `deliveries` (first attempts) and `retries` (due retries) with bounded
-//! prefetch, signs each payload per Standard Webhooks with every live secret of the
+//! It consumes every shard queue of first attempts (`deliveries.<i>`) and of due retries
+//! (`retries.<i>`), and the unsharded `deliveries` / `retries` of older versions, each
+//! with its own bounded prefetch, signs each payload per Standard Webhooks with every live secret of the
 //! subscription, POSTs it through one pooled client with a timeout and no redirects, and
 //! records the attempt together with what happens next (success, a retry at a time, or
 //! failure) through a batching writer that acks each message only once its outcome is
 //! committed. Subscriptions come from a cache kept fresh by the registry's change
 //! announcements.
+//!
+//! The process-wide `concurrency` permits are granted round robin over the consumed
+//! queues that have messages waiting for one ([`fair`]), so a tenant's backlog on its
+//! shards does not delay another tenant's message on another shard.
 //!
 //! Before a request takes one of the process-wide `concurrency` permits it must be
 //! admitted for its subscription: circuit breaker, in-flight limit, rate limit
@@ -18,9 +23,9 @@
 //! the store: add replicas to add throughput.
 //!
 //! ```text
-//! deliveries ─┐                    ┌─ decode · cache · admit ─┬─ defer (no attempt) ──┐
-//!             ├─ consume(prefetch) ┤  (circuit · in flight ·  │                       ├─▶ writer ─ record_outcomes ─▶ ack
-//! retries ────┘                    └─  rate) ──▶ permit (concurrency) · sign · POST ──┘   (batch | linger)
+//! deliveries.<i> ─┐                    ┌─ decode · cache · admit ─┬─ defer (no attempt) ──┐
+//!                 ├─ consume(prefetch) ┤  (circuit · in flight ·  │                       ├─▶ writer ─ record_outcomes ─▶ ack
+//! retries.<i> ────┘   (one per queue)  └─  rate) ──▶ fair permit (concurrency) · sign · POST ──┘   (batch | linger)
 //! ```
 
 mod body;
@@ -30,6 +35,7 @@ mod circuit_record;
 mod clients;
 mod config;
 mod failure;
+mod fair;
 mod http;
 mod limits;
 pub mod metrics;
@@ -44,6 +50,8 @@ use hookline_broker::{Broker, BrokerError, QueueName};
 use hookline_store::port::{DeliveryStore, RegistryStore};
 use reqwest::header::HeaderValue;
 use tokio::sync::Semaphore;
+
+use crate::fair::FairPermits;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -234,15 +242,9 @@ impl Dispatcher {
             changes,
         } = self;
 
-        let mut streams = Vec::with_capacity(QueueName::ALL.len());
-        for queue in [QueueName::Deliveries, QueueName::Retries] {
-            let stream = broker
-                .consume(queue, cfg.prefetch)
-                .await
-                .map_err(|source| DispatcherError::Consume { queue, source })?;
-            streams.push(stream);
-        }
-        let mut messages = futures::stream::select_all(streams);
+        let mut messages = consume_all(broker.as_ref(), &cfg).await?;
+        let lanes = messages.len();
+        let mut messages = futures::stream::select_all(messages.drain(..));
 
         let changes = match changes {
             Some(changes) => changes,
@@ -259,11 +261,13 @@ impl Dispatcher {
             writer: writer_tx,
             shutdown: shutdown.clone(),
             limits: Limits::recording(&cfg, Some(recorder)),
-            permits: Arc::new(Semaphore::new(cfg.concurrency)),
+            permits: FairPermits::new(cfg.concurrency, lanes),
         });
         tracing::info!(
             concurrency = cfg.concurrency,
+            queues = lanes,
             prefetch = cfg.prefetch,
+            shard_prefetch = cfg.shard_prefetch,
             default_max_in_flight = cfg.default_max_in_flight,
             "dispatcher consuming deliveries and retries"
         );
@@ -278,7 +282,7 @@ impl Dispatcher {
             while let Some(done) = tasks.try_join_next() {
                 report_task_end(done);
             }
-            let message = tokio::select! {
+            let (lane, message) = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 message = messages.next() => match message {
@@ -292,7 +296,7 @@ impl Dispatcher {
             let worker = worker.clone();
             let in_flight = metrics::InFlight::enter();
             tasks.spawn(async move {
-                worker.handle(message).await;
+                worker.handle(message, lane).await;
                 drop(in_flight);
             });
         }
@@ -307,6 +311,53 @@ impl Dispatcher {
         }
         Ok(())
     }
+}
+
+/// A consumer of every queue to serve, each message tagged with its queue's lane: the
+/// unsharded queues with `prefetch`, every shard queue (of the shard count the broker
+/// says must be served, see [`Broker::consumed_shards`]) with `shard_prefetch`.
+async fn consume_all(
+    broker: &dyn Broker,
+    cfg: &DispatcherConfig,
+) -> Result<
+    Vec<futures::stream::BoxStream<'static, (usize, hookline_broker::ReceivedMessage)>>,
+    DispatcherError,
+> {
+    let shards = broker
+        .consumed_shards()
+        .await
+        .map_err(|source| DispatcherError::Consume {
+            queue: QueueName::Deliveries,
+            source,
+        })?;
+    if shards > broker.delivery_shards() {
+        tracing::warn!(
+            configured = broker.delivery_shards(),
+            consumed = shards,
+            "shard queues of a former, higher delivery_shards still exist; consuming them too (delete them once empty, or set delivery_shards back)"
+        );
+    }
+    let mut streams = Vec::new();
+    for (lane, queue) in QueueName::consumed(shards).into_iter().enumerate() {
+        let prefetch = match queue.shard() {
+            Some(_) => cfg.shard_prefetch,
+            None => cfg.prefetch,
+        };
+        let stream = broker
+            .consume(queue, prefetch)
+            .await
+            .map_err(|source| DispatcherError::Consume { queue, source })?;
+        let received = metrics::ShardReceived::new(queue);
+        streams.push(
+            stream
+                .map(move |message| {
+                    received.record(&message);
+                    (lane, message)
+                })
+                .boxed(),
+        );
+    }
+    Ok(streams)
 }
 
 fn report_task_end(result: Result<(), tokio::task::JoinError>) {

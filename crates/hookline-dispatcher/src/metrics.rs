@@ -24,6 +24,44 @@ pub const CIRCUITS_OPEN: &str = "hookline_circuits_open";
 /// by the `hookline_dead_letter_depth` gauge only.
 pub const DEAD_LETTERED_TOTAL: &str = "hookline_messages_dead_lettered_total";
 
+/// Messages received from the work queues, by `kind` (`deliveries`, `retries`) and
+/// `shard` (the shard index, or `unsharded`). No tenant in any label.
+pub const DELIVERIES_BY_SHARD_TOTAL: &str = "hookline_deliveries_by_shard_total";
+/// Time from publish to receipt by a dispatcher of the messages of each work queue, by
+/// `queue` (`deliveries.3`): the queueing delay a shard's messages see.
+pub const QUEUE_WAIT_SECONDS: &str = "hookline_queue_wait_seconds";
+
+/// Counts what one consumed queue hands over and how long it waited there.
+pub(crate) struct ShardReceived {
+    counter: metrics::Counter,
+    wait: metrics::Histogram,
+}
+
+impl ShardReceived {
+    pub(crate) fn new(queue: hookline_broker::QueueName) -> Self {
+        let shard = queue
+            .shard()
+            .map_or_else(|| "unsharded".to_owned(), |s| s.to_string());
+        Self {
+            counter: metrics::counter!(
+                DELIVERIES_BY_SHARD_TOTAL,
+                "kind" => queue.kind().as_str(),
+                "shard" => shard
+            ),
+            wait: metrics::histogram!(QUEUE_WAIT_SECONDS, "queue" => queue.name()),
+        }
+    }
+
+    pub(crate) fn record(&self, message: &hookline_broker::ReceivedMessage) {
+        self.counter.increment(1);
+        if let Some(ms) = hookline_broker::shards::published_ms(&message.headers) {
+            let now = chrono::Utc::now().timestamp_millis();
+            self.wait
+                .record(Duration::from_millis(now.saturating_sub(ms).max(0) as u64).as_secs_f64());
+        }
+    }
+}
+
 pub(crate) fn dead_lettered(reason: &'static str) {
     metrics::counter!(DEAD_LETTERED_TOTAL, "reason" => reason).increment(1);
 }

@@ -29,7 +29,7 @@ use hookline_core::{Id, IdKind};
 use hookline_store::port::{AttemptOutcome, NextStep, RegistryStore};
 use reqwest::StatusCode;
 use reqwest::header::HeaderValue;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::field::Empty;
@@ -38,6 +38,7 @@ use crate::body;
 use crate::cache::{Endpoint, Lookup, SubscriptionCache};
 use crate::circuit::Health;
 use crate::clients::Clients;
+use crate::fair::{FairPermit, FairPermits};
 use crate::http::{self, Exchange};
 use crate::limits::{Decision, DeferReason, Limits, Ticket};
 use crate::metrics;
@@ -61,13 +62,15 @@ pub(crate) struct Worker {
     pub(crate) shutdown: CancellationToken,
     /// Per-subscription admission, taken before a permit.
     pub(crate) limits: Limits,
-    /// The process-wide cap on requests in flight (`concurrency`).
-    pub(crate) permits: Arc<Semaphore>,
+    /// The process-wide cap on requests in flight (`concurrency`), granted round robin
+    /// over the consumed queues.
+    pub(crate) permits: Arc<FairPermits>,
 }
 
 impl Worker {
     /// Handles one message to the point where it is settled or with the writer.
-    pub(crate) async fn handle(&self, mut message: ReceivedMessage) {
+    /// `lane` is the consumed queue it came from (for fair permits).
+    pub(crate) async fn handle(&self, mut message: ReceivedMessage, lane: usize) {
         let body = std::mem::take(&mut message.body);
         let job = match DeliveryJob::from_message(&message.headers, body) {
             Ok(job) => job,
@@ -89,7 +92,7 @@ impl Worker {
         if hookline_telemetry::exporting() {
             connect_trace(&span, &job, &message);
         }
-        self.deliver(job, message).instrument(span).await;
+        self.deliver(job, message, lane).instrument(span).await;
     }
 
     /// Parks a message that can never be delivered in the dead-letter queue, saying
@@ -110,7 +113,7 @@ impl Worker {
         settled("dead-letter", message.dead_letter().await);
     }
 
-    async fn deliver(&self, job: DeliveryJob, message: ReceivedMessage) {
+    async fn deliver(&self, job: DeliveryJob, message: ReceivedMessage, lane: usize) {
         let endpoint = match self.cache.get(&job.tenant_id, &job.subscription_id).await {
             Ok(Lookup::Found(endpoint)) => endpoint,
             Ok(Lookup::Gone) => {
@@ -157,8 +160,7 @@ impl Worker {
         };
         let permit = tokio::select! {
             biased;
-            // Never closed; were it, the message goes back rather than without a permit.
-            permit = self.permits.clone().acquire_owned() => permit.ok(),
+            permit = self.permits.acquire(lane) => Some(permit),
             () = self.shutdown.cancelled() => None,
         };
         let Some(permit) = permit else {
@@ -175,7 +177,7 @@ impl Worker {
         mut job: DeliveryJob,
         endpoint: &Endpoint,
         ticket: Ticket,
-        permit: OwnedSemaphorePermit,
+        permit: FairPermit,
     ) -> AttemptOutcome {
         let started_at = Utc::now();
         let payload = std::mem::take(&mut job.payload);

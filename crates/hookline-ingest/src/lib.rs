@@ -8,6 +8,7 @@
 //! (deliveries per event, events per second) are enforced before anything is stored.
 
 mod batcher;
+mod detached;
 mod matcher;
 mod rate;
 mod schemas;

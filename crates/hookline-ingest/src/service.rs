@@ -23,9 +23,12 @@ use hookline_grpc::{
 use hookline_outbox::{Confirmer, publish_jobs_batched};
 
 use crate::batcher::PublishBatcher;
+use crate::detached::{Detached, DetachedError};
 use hookline_proto::v1 as pb;
 use hookline_proto::v1::ingest_service_server::IngestService;
 use hookline_store::port::{EventFilter, EventStore, InsertOutcome, NewEvent};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 use tracing::field::Empty;
@@ -57,6 +60,10 @@ impl Default for IngestConfig {
     }
 }
 
+/// Most publish calls storing or queueing at once; more wait for a place before
+/// anything of theirs is stored. As many as the group-commit queue holds.
+const MAX_IN_FLIGHT: usize = 4096;
+
 /// Room in a `Publish` request for what is not payload (ids, type, key, channels).
 pub const PUBLISH_OVERHEAD_BYTES: usize = 64 * 1024;
 
@@ -73,6 +80,8 @@ pub struct IngestApi {
     auth: Authenticator,
     /// The events-per-second quota of each tenant.
     rates: TenantRates,
+    /// Runs each call's store-and-queue step so that a hang-up cannot cancel it.
+    detached: Detached,
 }
 
 impl IngestApi {
@@ -92,6 +101,7 @@ impl IngestApi {
             broker,
             auth,
             rates: TenantRates::default(),
+            detached: Detached::new(MAX_IN_FLIGHT),
         }
     }
 
@@ -240,37 +250,62 @@ impl IngestApi {
                 .admit(tenant, *events, *per_second)
                 .map_err(from_quota)?;
         }
-        let event_count = new_events.len();
-        let outcomes = self
-            .writer
-            .insert(new_events)
-            .instrument(tracing::debug_span!(
-                "store.insert_events",
-                events = event_count
-            ))
-            .await
-            .map_err(from_store)?;
-
-        let (responses, jobs) = responses(outcomes);
-        let created_events = responses.iter().filter(|r| !r.duplicate).count();
-        span.record("deliveries_created", jobs.len());
-        span.record("duplicates", responses.len() - created_events);
-        metrics::counter!("hookline_events_published_total").increment(created_events as u64);
-        metrics::counter!("hookline_deliveries_created_total").increment(jobs.len() as u64);
-        // The events are committed: from here on the answer is OK whatever happens.
-        // A publish that fails leaves the deliveries in the outbox for the relay.
-        if let Err(e) = publish_jobs_batched(
-            self.broker.as_ref(),
-            &self.confirmer,
-            QueueName::Deliveries,
-            &jobs,
+        // From here on the call's work runs detached: a caller that hangs up does not
+        // cancel the commit or the publish after it.
+        let work = store_and_queue(
+            self.writer.clone(),
+            self.broker.clone(),
+            self.confirmer.clone(),
+            new_events,
+            span.clone(),
         )
-        .await
-        {
-            tracing::warn!(error = %e, deliveries = jobs.len(), "deliveries committed but not yet queued; the relay will queue them");
-        }
-        Ok(responses)
+        .instrument(span);
+        self.detached.run(work).await.map_err(|e| match e {
+            DetachedError::Closed => Status::unavailable(e.to_string()),
+            DetachedError::Failed(_) => Status::internal(e.to_string()),
+        })?
     }
+
+    /// A task that, once `shutdown` is cancelled, waits for every publish that is still
+    /// storing or queueing (including those whose callers hung up).
+    pub fn finish_on(&self, shutdown: CancellationToken) -> JoinHandle<()> {
+        self.detached.finish_on(shutdown)
+    }
+}
+
+/// Stores the events (in a group with other calls) and queues the deliveries created.
+/// Runs detached from the call (see [`Detached`]), inside the call's span.
+async fn store_and_queue(
+    writer: PublishBatcher,
+    broker: Arc<dyn Broker>,
+    confirmer: Confirmer,
+    new_events: Vec<NewEvent>,
+    span: tracing::Span,
+) -> Result<Vec<pb::PublishResponse>, Status> {
+    let event_count = new_events.len();
+    let outcomes = writer
+        .insert(new_events)
+        .instrument(tracing::debug_span!(
+            "store.insert_events",
+            events = event_count
+        ))
+        .await
+        .map_err(from_store)?;
+
+    let (responses, jobs) = responses(outcomes);
+    let created_events = responses.iter().filter(|r| !r.duplicate).count();
+    span.record("deliveries_created", jobs.len());
+    span.record("duplicates", responses.len() - created_events);
+    metrics::counter!("hookline_events_published_total").increment(created_events as u64);
+    metrics::counter!("hookline_deliveries_created_total").increment(jobs.len() as u64);
+    // The events are committed: from here on the answer is OK whatever happens.
+    // A publish that fails leaves the deliveries in the outbox for the relay.
+    if let Err(e) =
+        publish_jobs_batched(broker.as_ref(), &confirmer, QueueName::Deliveries, &jobs).await
+    {
+        tracing::warn!(error = %e, deliveries = jobs.len(), "deliveries committed but not yet queued; the relay will queue them");
+    }
+    Ok(responses)
 }
 
 /// The answer for each stored event, in the order asked, and the deliveries to enqueue

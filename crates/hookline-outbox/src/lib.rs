@@ -103,7 +103,7 @@ async fn publish_traced(
         otel.kind = "producer",
         otel.status_code = tracing::field::Empty,
         messaging.operation.type = "send",
-        messaging.destination.name = queue.as_str(),
+        messaging.destination.name = queue.kind().as_str(),
         messaging.batch.message_count = jobs.len(),
     );
     async {

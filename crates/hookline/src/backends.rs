@@ -298,22 +298,31 @@ pub async fn open_broker(
     store: &AnyStore,
     connection_name: String,
 ) -> anyhow::Result<Arc<dyn Broker>> {
-    match (mode, &store.adapter) {
+    let broker: Arc<dyn Broker> = match (mode, &store.adapter) {
         (Mode::Distributed { amqp_url, .. }, _) => {
             let mut rabbit = RabbitConfig::new(amqp_url.clone(), config.queue_prefix.clone());
             rabbit.connection_name = connection_name;
             rabbit.tls = config.amqp_tls();
-            Ok(Arc::new(RabbitBroker::connect(rabbit).await.with_context(
-                || format!("cannot connect to RabbitMQ at {}", redact::url(amqp_url)),
-            )?))
+            rabbit.delivery_shards = config.delivery_shards;
+            Arc::new(RabbitBroker::connect(rabbit).await.with_context(|| {
+                format!("cannot connect to RabbitMQ at {}", redact::url(amqp_url))
+            })?)
         }
-        (Mode::Embedded { .. }, Adapter::Sqlite(sqlite)) => Ok(Arc::new(
-            EmbeddedBroker::open(sqlite.pool().clone(), EmbeddedConfig::default())
-                .await
-                .context("cannot open the embedded queue")?,
-        )),
+        (Mode::Embedded { .. }, Adapter::Sqlite(sqlite)) => {
+            let embedded = EmbeddedConfig {
+                delivery_shards: config.delivery_shards,
+                ..EmbeddedConfig::default()
+            };
+            Arc::new(
+                EmbeddedBroker::open(sqlite.pool().clone(), embedded)
+                    .await
+                    .context("cannot open the embedded queue")?,
+            )
+        }
         (Mode::Embedded { .. }, Adapter::Postgres(_)) => {
             bail!("the embedded queue needs the embedded (SQLite) store")
         }
-    }
+    };
+    // Every publisher of the process routes through this one router (fair delivery).
+    Ok(Arc::new(hookline_broker::shards::ShardRouter::new(broker)))
 }

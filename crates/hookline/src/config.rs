@@ -38,8 +38,15 @@ pub struct Config {
     pub max_payload_bytes: usize,
     /// Most HTTP requests one dispatcher process has in flight.
     pub dispatcher_concurrency: usize,
-    /// Unacknowledged messages a dispatcher holds per queue.
+    /// Unacknowledged messages a dispatcher holds per unsharded queue (`deliveries`,
+    /// `retries`: what versions before fair delivery queued).
     pub dispatcher_prefetch: u16,
+    /// Unacknowledged messages a dispatcher holds per shard queue.
+    pub dispatcher_shard_prefetch: u16,
+    /// Shard queues per kind that deliveries are spread over (fair delivery): 1 to 256.
+    /// Every process of an installation must use the same value; lowering it is safe
+    /// (dispatchers keep consuming the higher shards while they exist or hold messages).
+    pub delivery_shards: u16,
     /// Timeout of one webhook request, in milliseconds.
     pub request_timeout_ms: u64,
     /// How often the retry service reads the schedule when nothing was due, in ms.
@@ -188,6 +195,8 @@ impl Default for Config {
             max_payload_bytes: 1024 * 1024,
             dispatcher_concurrency: 512,
             dispatcher_prefetch: 256,
+            dispatcher_shard_prefetch: 64,
+            delivery_shards: 16,
             request_timeout_ms: 15_000,
             retry_poll_interval_ms: 500,
             relay_grace_ms: 10_000,
@@ -322,6 +331,16 @@ impl Config {
         anyhow::ensure!(
             config.dispatcher_concurrency >= 1 && config.dispatcher_prefetch >= 1,
             "dispatcher_concurrency and dispatcher_prefetch must be at least 1"
+        );
+        anyhow::ensure!(
+            config.dispatcher_shard_prefetch >= 1,
+            "dispatcher_shard_prefetch must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=hookline_broker::MAX_SHARDS).contains(&config.delivery_shards),
+            "delivery_shards is {}; allowed: 1 to {}",
+            config.delivery_shards,
+            hookline_broker::MAX_SHARDS
         );
         anyhow::ensure!(
             config.request_timeout_ms >= 1 && config.retry_poll_interval_ms >= 1,

@@ -63,6 +63,16 @@ fn dispatch() {
         dispatcher::CIRCUITS_OPEN,
         "Subscriptions whose circuit is open or half-open in this dispatcher."
     );
+    describe_counter!(
+        dispatcher::DELIVERIES_BY_SHARD_TOTAL,
+        Unit::Count,
+        "Messages a dispatcher received, by kind (deliveries, retries) and shard (index, or unsharded)."
+    );
+    describe_histogram!(
+        dispatcher::QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time from publish to receipt by a dispatcher, by queue (deliveries.3): each shard's queueing delay."
+    );
 }
 
 /// The retry scheduler and the outbox relay.
@@ -83,7 +93,12 @@ fn retry_and_outbox() {
 fn backlogs() {
     describe_gauge!(
         "hookline_queue_depth",
-        "Messages ready in each queue (label queue)."
+        "Messages ready in each queue (label queue: deliveries, retries, deliveries.<i>, retries.<i>)."
+    );
+    describe_gauge!(
+        "hookline_queue_oldest_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest message of each work queue (label queue), where the backend can tell (embedded)."
     );
     describe_gauge!(
         "hookline_retry_backlog",

@@ -382,6 +382,8 @@ impl Wiring<'_> {
             self.broker.clone(),
             self.auth.clone(),
         );
+        // A stop waits for publishes still storing or queueing, hung up or not.
+        tasks.push(api.finish_on(self.shutdown.clone()));
         health
             .set_serving::<pb::ingest_service_server::IngestServiceServer<IngestApi>>()
             .await;
@@ -434,6 +436,7 @@ impl Wiring<'_> {
             DispatcherConfig {
                 concurrency: config.dispatcher_concurrency,
                 prefetch: config.dispatcher_prefetch,
+                shard_prefetch: config.dispatcher_shard_prefetch,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
                 shutdown_drain: Duration::from_secs(config.shutdown_drain_secs),
                 egress: self.egress.clone(),
@@ -491,6 +494,22 @@ async fn announce_start(
     Ok(())
 }
 
+/// Depth of every work queue (unsharded and shards) and, where the backend can tell, the
+/// age of its oldest message.
+async fn report_queue_gauges(broker: &dyn Broker) {
+    let shards = broker.delivery_shards();
+    let now = chrono::Utc::now().timestamp_millis();
+    for queue in hookline_broker::QueueName::consumed(shards) {
+        if let Ok(depth) = broker.queue_depth(queue).await {
+            metrics::gauge!("hookline_queue_depth", "queue" => queue.name()).set(depth as f64);
+        }
+        if let Ok(Some(oldest)) = broker.oldest_published_ms(queue).await {
+            let age = now.saturating_sub(oldest).max(0) as f64 / 1000.0;
+            metrics::gauge!("hookline_queue_oldest_age_seconds", "queue" => queue.name()).set(age);
+        }
+    }
+}
+
 /// How often the gauges of queue depth, retry backlog and subscription states are read.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -502,14 +521,8 @@ async fn report_gauges(
     broker: Arc<dyn Broker>,
     shutdown: CancellationToken,
 ) {
-    use hookline_broker::QueueName;
     loop {
-        for queue in QueueName::ALL {
-            if let Ok(depth) = broker.queue_depth(queue).await {
-                metrics::gauge!("hookline_queue_depth", "queue" => queue.as_str())
-                    .set(depth as f64);
-            }
-        }
+        report_queue_gauges(broker.as_ref()).await;
         if let Ok(depth) = broker.dead_letter_depth().await {
             metrics::gauge!("hookline_dead_letter_depth").set(depth as f64);
         }

@@ -99,6 +99,9 @@ pub struct EmbeddedConfig {
     /// Change announcements a slow subscriber may fall behind by before it
     /// gets [`ChangeNotice::Resync`]. At least 1.
     pub changes_capacity: usize,
+    /// Shard queues per kind (`deliveries.<i>`, `retries.<i>`): 1 to
+    /// [`crate::MAX_SHARDS`].
+    pub delivery_shards: u16,
 }
 
 impl Default for EmbeddedConfig {
@@ -108,6 +111,7 @@ impl Default for EmbeddedConfig {
             delivery_limit: 20,
             poll_interval: Duration::from_millis(200),
             changes_capacity: 1024,
+            delivery_shards: crate::shards::DEFAULT_SHARDS,
         }
     }
 }
@@ -132,6 +136,13 @@ impl EmbeddedConfig {
             return Err(BrokerError::InvalidConfig(
                 "the poll interval must be longer than zero".to_owned(),
             ));
+        }
+        if self.delivery_shards == 0 || self.delivery_shards > crate::MAX_SHARDS {
+            return Err(BrokerError::InvalidConfig(format!(
+                "delivery_shards must be between 1 and {}, got {}",
+                crate::MAX_SHARDS,
+                self.delivery_shards
+            )));
         }
         if self.changes_capacity == 0 {
             return Err(BrokerError::InvalidConfig(
@@ -206,7 +217,7 @@ pub(super) struct Shared {
     cfg: EmbeddedConfig,
     commands: mpsc::UnboundedSender<Command>,
     /// Woken when messages become visible in a queue (index: [`slot`]).
-    ready: Arc<[Notify; 2]>,
+    ready: Arc<[Notify]>,
     changes: broadcast::Sender<Vec<u8>>,
     shutdown: CancellationToken,
 }
@@ -232,11 +243,37 @@ impl Shared {
         sqlx::query_scalar::<_, bool>(
             "SELECT EXISTS (SELECT 1 FROM broker_messages WHERE queue = ?1 AND visible_at <= ?2)",
         )
-        .bind(queue.as_str())
+        .bind(queue.name())
         .bind(now_ms())
         .fetch_one(&self.pool)
         .await
         .map_err(|e| BrokerError::backend(format!("look for ready messages in {queue}"), e))
+    }
+
+    /// The highest shard index (of either kind) above the configured count that still
+    /// holds a message, if any.
+    async fn highest_shard_in_use(&self) -> Result<Option<u16>, BrokerError> {
+        for shard in (self.cfg.delivery_shards..crate::MAX_SHARDS).rev() {
+            for kind in crate::QueueKind::ALL {
+                if self
+                    .count_any(&QueueName::Shard(kind, shard).name())
+                    .await?
+                {
+                    return Ok(Some(shard));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn count_any(&self, queue: &str) -> Result<bool, BrokerError> {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM broker_messages WHERE queue = ?1)",
+        )
+        .bind(queue)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| BrokerError::backend(format!("look for messages in {queue}"), e))
     }
 
     async fn count(&self, queue: &str, visible_only: bool) -> Result<u64, BrokerError> {
@@ -294,7 +331,7 @@ impl EmbeddedBroker {
         );
 
         let (commands, receiver) = mpsc::unbounded_channel();
-        let ready = Arc::new([Notify::new(), Notify::new()]);
+        let ready: Arc<[Notify]> = (0..SLOTS).map(|_| Notify::new()).collect();
         let (changes, _) = broadcast::channel(cfg.changes_capacity);
         let shared = Arc::new(Shared {
             pool: pool.clone(),
@@ -450,7 +487,31 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn queue_depth(&self, queue: QueueName) -> Result<u64, BrokerError> {
-        self.shared.count(queue.as_str(), true).await
+        self.shared.count(&queue.name(), true).await
+    }
+
+    fn delivery_shards(&self) -> u16 {
+        self.shared.cfg.delivery_shards
+    }
+
+    async fn consumed_shards(&self) -> Result<u16, BrokerError> {
+        // Shards past the setting matter only while they hold messages.
+        let highest = self.shared.highest_shard_in_use().await?;
+        Ok(self
+            .shared
+            .cfg
+            .delivery_shards
+            .max(highest.map_or(0, |h| h + 1)))
+    }
+
+    async fn oldest_published_ms(&self, queue: QueueName) -> Result<Option<i64>, BrokerError> {
+        sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT min(published_at) FROM broker_messages WHERE queue = ?1",
+        )
+        .bind(queue.name())
+        .fetch_one(&self.shared.pool)
+        .await
+        .map_err(|e| BrokerError::backend(format!("read the oldest message of {queue}"), e))
     }
 
     async fn dead_letter_depth(&self) -> Result<u64, BrokerError> {
@@ -477,11 +538,20 @@ fn now_ms() -> i64 {
     i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
+/// Number of wake-ups in [`Shared::ready`]: the unsharded queues and every possible
+/// shard of both kinds.
+const SLOTS: usize = 2 + 2 * crate::MAX_SHARDS as usize;
+
 /// Index of a queue's wake-up in [`Shared::ready`].
 fn slot(queue: QueueName) -> usize {
+    let shards = usize::from(crate::MAX_SHARDS);
     match queue {
         QueueName::Deliveries => 0,
         QueueName::Retries => 1,
+        QueueName::Shard(crate::QueueKind::Deliveries, i) => 2 + usize::from(i).min(shards - 1),
+        QueueName::Shard(crate::QueueKind::Retries, i) => {
+            2 + shards + usize::from(i).min(shards - 1)
+        }
     }
 }
 

@@ -101,7 +101,7 @@ pub(super) async fn prepare_schema(pool: &SqlitePool, now: i64) -> Result<(u64, 
     }
     let leases: Vec<i64> = sqlx::query_scalar(
         "UPDATE broker_messages SET visible_at = ?1
-          WHERE queue IN ('deliveries', 'retries') AND visible_at > ?1
+          WHERE queue <> 'dead-letter' AND visible_at > ?1
          RETURNING lease",
     )
     .bind(now)

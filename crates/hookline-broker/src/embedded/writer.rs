@@ -120,7 +120,7 @@ pub(super) struct Writer {
     pub(super) delivery_limit: i64,
     pub(super) renew_every: Duration,
     pub(super) receiver: mpsc::UnboundedReceiver<Command>,
-    pub(super) ready: Arc<[Notify; 2]>,
+    pub(super) ready: Arc<[Notify]>,
     pub(super) shutdown: CancellationToken,
     /// Messages handed out and not settled yet: id → lease token.
     pub(super) held: HashMap<i64, i64>,
@@ -293,12 +293,12 @@ impl Writer {
             Err(error) => {
                 warn!(%error, published = row_count, settled = settle_requests.len(), claims = claim_requests.len(), "embedded queue transaction failed");
                 self.answer_failed(batch, releases, &error.to_string());
-                [false; 2]
+                Vec::new()
             }
         };
-        for queue in QueueName::ALL {
-            if woken[slot(queue)] {
-                self.ready[slot(queue)].notify_waiters();
+        for (index, woken) in woken.into_iter().enumerate() {
+            if woken {
+                self.ready[index].notify_waiters();
             }
         }
     }
@@ -310,8 +310,8 @@ impl Writer {
         batch: Batch,
         releases: Vec<Lease>,
         outcome: Outcome,
-    ) -> [bool; 2] {
-        let mut woken = [false; 2];
+    ) -> Vec<bool> {
+        let mut woken = vec![false; self.ready.len()];
         for (queue, reply) in batch.published {
             woken[slot(queue)] = true;
             let _ = reply.send(Ok(()));
@@ -459,7 +459,7 @@ impl Writer {
             let mut query = sqlx::query(AssertSqlSafe(self.insert_sql[log2].clone()));
             for (queue, message) in rows.by_ref().take(chunk) {
                 query = query
-                    .bind(queue.as_str())
+                    .bind(queue.name())
                     .bind(message.body)
                     .bind(message.headers)
                     .bind(now)
@@ -485,7 +485,7 @@ impl Writer {
         let found = sqlx::query(CLAIM_SQL)
             .bind(now.saturating_add(self.visibility_ms))
             .bind(token)
-            .bind(queue.as_str())
+            .bind(queue.name())
             .bind(now)
             .bind(i64::try_from(max).unwrap_or(i64::MAX))
             .fetch_all(&mut **tx)

@@ -63,6 +63,9 @@ pub struct RabbitConfig {
     pub delivery_limit: u32,
     /// What `amqps://` trusts and presents (see [`crate::amqp_tls`]).
     pub tls: crate::AmqpTlsFiles,
+    /// Shard queues per kind (`P.deliveries.<i>`, `P.retries.<i>`), declared at
+    /// every connection: 1 to [`crate::MAX_SHARDS`].
+    pub delivery_shards: u16,
 }
 
 impl Default for RabbitConfig {
@@ -78,6 +81,7 @@ impl Default for RabbitConfig {
             confirm_timeout: Duration::from_secs(30),
             delivery_limit: 20,
             tls: crate::AmqpTlsFiles::default(),
+            delivery_shards: crate::shards::DEFAULT_SHARDS,
         }
     }
 }
@@ -106,6 +110,7 @@ impl fmt::Debug for RabbitConfig {
             .field("confirm_timeout", &self.confirm_timeout)
             .field("delivery_limit", &self.delivery_limit)
             .field("tls", &self.tls)
+            .field("delivery_shards", &self.delivery_shards)
             .finish()
     }
 }
@@ -134,7 +139,7 @@ impl RabbitBroker {
     /// The connection is then kept up by a background task, which needs a
     /// tokio runtime.
     pub async fn connect(cfg: RabbitConfig) -> Result<Self, BrokerError> {
-        let topology = Topology::new(&cfg.prefix, cfg.delivery_limit)?;
+        let topology = Topology::new(&cfg.prefix, cfg.delivery_limit, cfg.delivery_shards)?;
         let uri: AMQPUri = cfg.url.parse().map_err(|e| {
             BrokerError::InvalidConfig(format!(
                 "the AMQP URL {} is not valid: {e}",
@@ -361,13 +366,13 @@ impl Broker for RabbitBroker {
         messages: Vec<OutgoingMessage>,
     ) -> Result<(), BrokerError> {
         let exchange = self.shared.topology.work_exchange.clone();
-        self.publish_confirmed(&exchange, queue.as_str(), messages, true, true)
+        self.publish_confirmed(&exchange, &queue.name(), messages, true, true)
             .await
     }
 
     async fn consume(&self, queue: QueueName, prefetch: u16) -> Result<MessageStream, BrokerError> {
         let target = Target::Queue {
-            name: self.shared.topology.queue(queue).to_owned(),
+            name: self.shared.topology.queue(queue),
             prefetch: prefetch.max(1),
         };
         let subscription = Subscription::start(self.shared.clone(), target).await?;
@@ -417,7 +422,27 @@ impl Broker for RabbitBroker {
     }
 
     async fn queue_depth(&self, queue: QueueName) -> Result<u64, BrokerError> {
-        self.passive_depth(self.shared.topology.queue(queue)).await
+        self.passive_depth(&self.shared.topology.queue(queue)).await
+    }
+
+    fn delivery_shards(&self) -> u16 {
+        self.shared.topology.shards
+    }
+
+    async fn consumed_shards(&self) -> Result<u16, BrokerError> {
+        // Every process declares shards 0..its setting, so the shard queues that exist
+        // are 0..the highest setting ever used: probe upwards until one is missing.
+        let mut shards = self.shared.topology.shards;
+        while shards < crate::MAX_SHARDS {
+            let next = crate::QueueName::Shard(crate::QueueKind::Deliveries, shards);
+            match self.passive_depth(&self.shared.topology.queue(next)).await {
+                Ok(_) => shards += 1,
+                // A missing queue closes the probing channel with NOT_FOUND.
+                Err(BrokerError::Backend { .. }) => break,
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(shards)
     }
 
     async fn dead_letter_depth(&self) -> Result<u64, BrokerError> {

@@ -5,8 +5,9 @@
 //!
 //! | object | kind | purpose |
 //! |---|---|---|
-//! | `P.work` | direct exchange, durable | routes `deliveries` / `retries` to the work queues |
-//! | `P.deliveries`, `P.retries` | quorum queues | the work queues; dead-letter to `P.dlx` |
+//! | `P.work` | direct exchange, durable | routes `deliveries`, `retries`, `deliveries.<i>`, `retries.<i>` to the work queues |
+//! | `P.deliveries`, `P.retries` | quorum queues | the unsharded work queues (older versions published there; still consumed); dead-letter to `P.dlx` |
+//! | `P.deliveries.<i>`, `P.retries.<i>` | quorum queues | the shard queues, `i` in `0..delivery_shards`; same arguments |
 //! | `P.dlx` | fanout exchange, durable | receives rejected and over-delivered messages |
 //! | `P.dead-letter` | quorum queue | keeps them for inspection |
 //! | `P.changes` | fanout exchange, durable | registry change announcements |
@@ -22,7 +23,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
-use crate::{BrokerError, QueueName};
+use crate::{BrokerError, MAX_SHARDS, QueueName};
 
 /// Longest prefix accepted: the longest name derived from it must stay well
 /// under AMQP's 255-byte limit for names.
@@ -34,16 +35,22 @@ pub(crate) struct Topology {
     pub(crate) work_exchange: String,
     pub(crate) dead_letter_exchange: String,
     pub(crate) changes_exchange: String,
-    pub(crate) deliveries: String,
-    pub(crate) retries: String,
     pub(crate) dead_letter_queue: String,
+    prefix: String,
     delivery_limit: u32,
+    /// Shard queues per kind declared at every connection.
+    pub(crate) shards: u16,
 }
 
 impl Topology {
     /// Names for `prefix`, which must be 1 to 200 characters of ASCII letters,
     /// digits, `-`, `_`, `.` or `:`.
-    pub(crate) fn new(prefix: &str, delivery_limit: u32) -> Result<Self, BrokerError> {
+    pub(crate) fn new(prefix: &str, delivery_limit: u32, shards: u16) -> Result<Self, BrokerError> {
+        if shards == 0 || shards > MAX_SHARDS {
+            return Err(BrokerError::InvalidConfig(format!(
+                "delivery_shards must be between 1 and {MAX_SHARDS}, got {shards}"
+            )));
+        }
         if prefix.is_empty() || prefix.len() > MAX_PREFIX_LEN {
             return Err(BrokerError::InvalidConfig(format!(
                 "the queue name prefix must be 1 to {MAX_PREFIX_LEN} characters long, got {}",
@@ -68,19 +75,16 @@ impl Topology {
             work_exchange: format!("{prefix}.work"),
             dead_letter_exchange: format!("{prefix}.dlx"),
             changes_exchange: format!("{prefix}.changes"),
-            deliveries: format!("{prefix}.deliveries"),
-            retries: format!("{prefix}.retries"),
             dead_letter_queue: format!("{prefix}.dead-letter"),
+            prefix: prefix.to_owned(),
             delivery_limit,
+            shards,
         })
     }
 
-    /// The full name of a work queue (`P.deliveries`).
-    pub(crate) fn queue(&self, queue: QueueName) -> &str {
-        match queue {
-            QueueName::Deliveries => &self.deliveries,
-            QueueName::Retries => &self.retries,
-        }
+    /// The full name of a work queue (`P.deliveries`, `P.retries.3`).
+    pub(crate) fn queue(&self, queue: QueueName) -> String {
+        format!("{}.{}", self.prefix, queue.name())
     }
 
     /// Declares every object. Declaring what already exists with the same
@@ -119,7 +123,7 @@ impl Topology {
             )
             .await?;
 
-        for queue in QueueName::ALL {
+        for queue in QueueName::consumed(self.shards) {
             let mut args = FieldTable::default();
             args.insert("x-queue-type".into(), long("quorum"));
             args.insert(
@@ -129,18 +133,15 @@ impl Topology {
             // Checked in `new` to fit in an i32.
             let limit = i32::try_from(self.delivery_limit).unwrap_or(i32::MAX);
             args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
+            let name = self.queue(queue);
             channel
-                .queue_declare(
-                    short(self.queue(queue)),
-                    QueueDeclareOptions::durable(),
-                    args,
-                )
+                .queue_declare(short(&name), QueueDeclareOptions::durable(), args)
                 .await?;
             channel
                 .queue_bind(
-                    short(self.queue(queue)),
+                    short(&name),
                     short(&self.work_exchange),
-                    queue.as_str().into(),
+                    short(&queue.name()),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
@@ -151,9 +152,14 @@ impl Topology {
 
     /// Deletes every queue and exchange of the prefix, with their messages.
     pub(crate) async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
-        for queue in [&self.deliveries, &self.retries, &self.dead_letter_queue] {
+        let mut queues: Vec<String> = QueueName::consumed(self.shards)
+            .into_iter()
+            .map(|queue| self.queue(queue))
+            .collect();
+        queues.push(self.dead_letter_queue.clone());
+        for queue in queues {
             channel
-                .queue_delete(short(queue), QueueDeleteOptions::default())
+                .queue_delete(short(&queue), QueueDeleteOptions::default())
                 .await?;
         }
         for exchange in [
@@ -184,9 +190,13 @@ mod tests {
 
     #[test]
     fn names_follow_the_prefix() {
-        let t = Topology::new("t1", 20).unwrap();
+        let t = Topology::new("t1", 20, 4).unwrap();
         assert_eq!(t.queue(QueueName::Deliveries), "t1.deliveries");
         assert_eq!(t.queue(QueueName::Retries), "t1.retries");
+        assert_eq!(
+            t.queue(QueueName::Shard(crate::QueueKind::Deliveries, 3)),
+            "t1.deliveries.3"
+        );
         assert_eq!(t.dead_letter_queue, "t1.dead-letter");
         assert_eq!(t.work_exchange, "t1.work");
         assert_eq!(t.dead_letter_exchange, "t1.dlx");
@@ -195,10 +205,12 @@ mod tests {
 
     #[test]
     fn bad_prefixes_are_refused() {
-        assert!(Topology::new("", 20).is_err());
-        assert!(Topology::new("a b", 20).is_err());
-        assert!(Topology::new(&"x".repeat(201), 20).is_err());
-        assert!(Topology::new("ok", 0).is_err());
-        assert!(Topology::new("tenant-1_test:a.b", 20).is_ok());
+        assert!(Topology::new("", 20, 1).is_err());
+        assert!(Topology::new("a b", 20, 1).is_err());
+        assert!(Topology::new(&"x".repeat(201), 20, 1).is_err());
+        assert!(Topology::new("ok", 0, 1).is_err());
+        assert!(Topology::new("ok", 20, 0).is_err());
+        assert!(Topology::new("ok", 20, 257).is_err());
+        assert!(Topology::new("tenant-1_test:a.b", 20, 256).is_ok());
     }
 }

@@ -218,6 +218,18 @@ fn retry_schedule(arg: Option<&str>) -> Result<Option<Vec<Duration>>, BenchError
     })
 }
 
+/// `--drain-timeout` checked; by default 120 s, and 600 s for `noisy` (a burst of
+/// 200,000 deliveries takes minutes to drain on a small machine).
+fn drain_timeout(arg: Option<f64>, scenario: &str) -> Result<Duration, BenchError> {
+    let secs = arg.unwrap_or(if scenario == "noisy" { 600.0 } else { 120.0 });
+    if !(secs.is_finite() && (0.0..=86_400.0).contains(&secs)) {
+        return Err(BenchError::Usage(format!(
+            "--drain-timeout is {secs}; allowed: 0 to 86400 s"
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 /// Everything a run needs to know, with defaults applied and checked.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -302,15 +314,7 @@ impl Plan {
                 "--publishers is {publishers}; scenario ordered needs 1 (publish order is one publisher's order)"
             ));
         }
-        // A burst of 200,000 deliveries takes minutes to drain on a small machine.
-        let drain_timeout =
-            args.drain_timeout
-                .unwrap_or(if s.name == "noisy" { 600.0 } else { 120.0 });
-        if !(drain_timeout.is_finite() && (0.0..=86_400.0).contains(&drain_timeout)) {
-            return usage(format!(
-                "--drain-timeout is {drain_timeout}; allowed: 0 to 86400 s"
-            ));
-        }
+        let drain_timeout = drain_timeout(args.drain_timeout, s.name)?;
         Ok(Plan {
             scenario: s.name,
             subscriptions,
@@ -329,7 +333,7 @@ impl Plan {
             hang_share,
             verify: args.verify,
             retry_schedule,
-            drain_timeout: Duration::from_secs_f64(drain_timeout),
+            drain_timeout,
             ordered,
         })
     }

@@ -351,12 +351,6 @@ async fn run_one(
     }
     let mut report = outcome?;
     report.notes.extend(notes);
-    if plan.ordered {
-        // TODO(ordered): drop this note with the TODO in create_subscriptions.
-        report.notes.push(
-            "this build's API has no Subscription.ordering yet: the subscription was created unordered, so the order figure is today's behaviour, not ordered delivery".into(),
-        );
-    }
     Ok(report)
 }
 
@@ -505,9 +499,11 @@ pub(crate) async fn create_subscriptions(
                                 })
                                 .collect(),
                         }),
-                        // TODO(ordered): when proto `Subscription.ordering = 20` (wip/ordered)
-                        // is on main, set it here for `plan.ordered`:
-                        // ordering: if plan.ordered { pb::Ordering::Ordered as i32 } else { 0 },
+                        ordering: if plan.ordered {
+                            pb::Ordering::Ordered as i32
+                        } else {
+                            pb::Ordering::Unspecified as i32
+                        },
                         ..Default::default()
                     }),
                     ..Default::default()

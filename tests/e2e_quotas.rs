@@ -162,6 +162,7 @@ fn quotas(subs: u32, deliveries: u32, rate: u32) -> Option<pb::TenantQuotas> {
         max_subscriptions: subs,
         max_deliveries_per_event: deliveries,
         max_events_per_second: rate,
+        ..Default::default()
     })
 }
 
@@ -278,6 +279,28 @@ async fn quotas_are_set_by_admins_only_and_bounded(backend: Backend) {
         "{}",
         e.message()
     );
+    // The fair-delivery weight rides with the quotas: admin only, 0 (= 1) to 16.
+    let weighted = |weight| {
+        Some(pb::TenantQuotas {
+            weight,
+            ..quotas(3, 0, 0).unwrap()
+        })
+    };
+    let e = q.set_quotas(&tenant, weighted(4), &key).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = q
+        .set_quotas(&tenant, weighted(17), &admin)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message()
+            .contains("quotas.weight: is 17; allowed: 0 to 16"),
+        "{}",
+        e.message()
+    );
+    let set = q.set_quotas(&tenant, weighted(4), &admin).await.unwrap();
+    assert_eq!(set.quotas, weighted(4));
     for _ in 0..3 {
         q.subscribe(&tenant, true).await.unwrap();
     }
@@ -381,11 +404,76 @@ async fn events_per_second_are_limited_per_tenant(backend: Backend) {
     q.finish().await;
 }
 
+/// Backpressure: with `ingest_max_backlog` set and a receiver too slow to keep up, the
+/// work queues fill until publishes are refused with RESOURCE_EXHAUSTED, a retry delay
+/// and the setting's name, storing nothing.
+async fn publishes_are_refused_while_the_backlog_is_over_its_limit(backend: Backend) {
+    let receiver = support::receiver::Receiver::start().await;
+    let mut q = Quotas::start(
+        backend,
+        &[
+            ("HOOKLINE_INGEST_MAX_BACKLOG", "50"),
+            ("HOOKLINE_DISPATCHER_CONCURRENCY", "1"),
+            ("HOOKLINE_DISPATCHER_PREFETCH", "1"),
+            ("HOOKLINE_DISPATCHER_SHARD_PREFETCH", "1"),
+        ],
+    )
+    .await;
+    let tenant = q.tenant(None).await;
+    let url = receiver.endpoint("slow", support::receiver::Behavior::Slow(10_000));
+    q.registry
+        .create_subscription(authed(
+            pb::CreateSubscriptionRequest {
+                subscription: Some(pb::Subscription {
+                    tenant_id: tenant.clone(),
+                    url,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            &q.admin,
+        ))
+        .await
+        .expect("create the subscription");
+    // 200 deliveries against a receiver that answers one per 10 s: the backlog is
+    // well over 50 once ingest reads it (every 0.5 s).
+    q.publish(&tenant, 200)
+        .await
+        .expect("below the limit, accepted");
+    let mut accepted = 200;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        match q.publish(&tenant, 1).await {
+            Ok(()) => accepted += 1,
+            Err(status) => break status,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never refused; {accepted} accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let m = refused.message();
+    assert!(m.contains("ingest_max_backlog"), "names the setting: {m}");
+    assert!(m.contains("nothing was stored"), "{m}");
+    let retry =
+        tonic_types::StatusExt::get_details_retry_info(&refused).and_then(|r| r.retry_delay);
+    assert_eq!(retry, Some(Duration::from_secs(1)), "says when to retry");
+    assert_eq!(
+        q.count_events(&tenant).await,
+        accepted,
+        "the refused event was not stored"
+    );
+    q.finish().await;
+}
+
 on_both_backends!(
     subscriptions_per_tenant_hold_under_1100_concurrent_creates,
     quotas_are_set_by_admins_only_and_bounded,
     an_event_matching_more_subscriptions_than_its_quota_is_refused,
     events_per_second_are_limited_per_tenant,
+    publishes_are_refused_while_the_backlog_is_over_its_limit,
 );
 
 #[tokio::test]

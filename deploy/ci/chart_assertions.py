@@ -10,7 +10,8 @@ Usage: chart_assertions.py CHART_DIR DEFAULT_RENDER ALL_OPTIONS_RENDER
 - the migration hook: weights and delete policies, its Secret created before it, never
   a chart-created object it can't have on a first install (ConfigMap, ServiceAccount);
 - every Secret a pod references is rendered by the chart or is a declared existingSecret;
-- KEDA on means no chart HPA for the dispatcher, and the trigger reads <prefix>.deliveries;
+- KEDA on means no chart HPA for the dispatcher, and its triggers read every work queue
+  (unsharded and each shard of deliveries and retries), summed by scalingModifiers;
 - Services: gRPC on registry, ingest, retry; admin only on the dispatcher.
 
 Prints one line per failed check and exits 1 if any failed. Needs PyYAML only.
@@ -119,7 +120,8 @@ def pod_specs(docs: list[dict]):
             yield d, d["spec"]
 
 
-def check_render(name: str, docs: list[dict], existing_secrets: set[str], keda: bool, prefix: str) -> None:
+def check_render(name: str, docs: list[dict], existing_secrets: set[str], keda: bool, prefix: str,
+                 shards: int = 16) -> None:
     by_kind: dict[str, list[dict]] = {}
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
@@ -213,9 +215,17 @@ def check_render(name: str, docs: list[dict], existing_secrets: set[str], keda: 
         check(not dispatcher_hpa, f"[{name}] KEDA is on but the chart renders an HPA for the dispatcher")
         check(len(scaled) == 1, f"[{name}] KEDA is on but {len(scaled)} ScaledObjects are rendered")
         for so in scaled:
-            trig = so["spec"]["triggers"][0]
-            check(trig["type"] == "rabbitmq", f"[{name}] ScaledObject trigger is {trig['type']}")
-            check(trig["metadata"]["queueName"] == f"{prefix}.deliveries", f"[{name}] ScaledObject queue is {trig['metadata']['queueName']}")
+            triggers = so["spec"]["triggers"]
+            queues = {t["metadata"]["queueName"] for t in triggers}
+            want = {f"{prefix}.deliveries", f"{prefix}.retries"} | {
+                f"{prefix}.{kind}.{i}" for kind in ("deliveries", "retries") for i in range(shards)}
+            check(queues == want, f"[{name}] ScaledObject queues {sorted(queues - want)} extra, {sorted(want - queues)} missing")
+            formula = so["spec"].get("advanced", {}).get("scalingModifiers", {}).get("formula", "")
+            check(sorted(formula.split(" + ")) == sorted(t["name"] for t in triggers),
+                  f"[{name}] ScaledObject formula {formula!r} does not sum every trigger")
+            for trig in triggers:
+                check(trig["type"] == "rabbitmq", f"[{name}] ScaledObject trigger is {trig['type']}")
+            trig = triggers[0]
             auth = {t["metadata"]["name"]: t for t in by_kind.get("TriggerAuthentication", [])}
             ta = auth.get(trig["authenticationRef"]["name"])
             check(ta is not None, f"[{name}] ScaledObject references a missing TriggerAuthentication")
@@ -239,7 +249,8 @@ def main() -> int:
     check_render("default values", load(default_render), set(), keda=False, prefix="hookline")
     existing = {all_values["database"]["existingSecret"], all_values["amqp"]["existingSecret"]} - {""}
     check_render("all options", load(all_render), existing,
-                 keda=all_values["dispatcher"]["keda"]["enabled"], prefix=all_values["config"]["queuePrefix"])
+                 keda=all_values["dispatcher"]["keda"]["enabled"], prefix=all_values["config"]["queuePrefix"],
+                 shards=all_values["config"].get("deliveryShards", 16))
     for f in failures:
         print(f"FAIL {f}")
     print(f"chart assertions: {checks - len(failures)} of {checks} held")

@@ -82,6 +82,21 @@ struct Shard {
 pub struct EventTable {
     epoch: Instant,
     shards: Box<[Mutex<Shard>]>,
+    /// Scenario `ordered`: events in the order their Publish answers named them, and in
+    /// the order their first deliveries arrived.
+    order: Option<Mutex<(Vec<u128>, Vec<u128>)>>,
+}
+
+/// Whether deliveries arrived in publish order (scenario `ordered`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OrderInfo {
+    /// First deliveries compared.
+    pub checked: u64,
+    /// Deliveries that arrived after one of an event published later.
+    pub out_of_order: u64,
+    /// Deliveries of events no publish answer named.
+    pub unknown: u64,
+    pub held: bool,
 }
 
 /// What the table holds at the end of a run.
@@ -105,7 +120,46 @@ impl EventTable {
                 })
             })
             .collect();
-        EventTable { epoch, shards }
+        EventTable {
+            epoch,
+            shards,
+            order: None,
+        }
+    }
+
+    /// A table that also records publish and arrival order (scenario `ordered`).
+    pub fn with_order(epoch: Instant, expected_events: usize) -> EventTable {
+        let mut t = EventTable::new(epoch, expected_events);
+        t.order = Some(Mutex::new((Vec::new(), Vec::new())));
+        t
+    }
+
+    fn order_log(&self) -> Option<std::sync::MutexGuard<'_, (Vec<u128>, Vec<u128>)>> {
+        self.order
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Arrival order against publish order, for a table made [`with_order`](Self::with_order).
+    pub fn order_check(&self) -> Option<OrderInfo> {
+        let log = self.order_log()?;
+        let (published, arrived) = &*log;
+        let index: HashMap<u128, usize> =
+            published.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        let (mut max_seen, mut out_of_order, mut unknown) = (None, 0u64, 0u64);
+        for key in arrived {
+            match index.get(key) {
+                Some(&i) if max_seen.is_some_and(|m| i < m) => out_of_order += 1,
+                Some(&i) => max_seen = Some(i),
+                None => unknown += 1,
+            }
+        }
+        Some(OrderInfo {
+            checked: arrived.len() as u64,
+            out_of_order,
+            unknown,
+            held: out_of_order == 0 && unknown == 0,
+        })
     }
 
     /// Nanoseconds since the run's epoch.
@@ -126,6 +180,9 @@ impl EventTable {
 
     /// The Publish answer named event `key`, meant to be sent at `sent_ns`.
     pub fn register(&self, key: u128, sent_ns: u64) {
+        if let Some(mut log) = self.order_log() {
+            log.0.push(key);
+        }
         let mut shard = self.shard(key);
         let shard = &mut *shard;
         let state = shard.map.entry(key).or_insert(EventState {
@@ -158,6 +215,9 @@ impl EventTable {
             return Arrival::Duplicate;
         }
         state.received |= mask;
+        if let Some(mut log) = self.order_log() {
+            log.1.push(key);
+        }
         if state.sent_ns == UNKNOWN {
             state.early.push(arrival_ns);
         } else {
@@ -218,5 +278,20 @@ mod tests {
         let s = t.summary();
         assert_eq!((s.e2e.len(), s.unknown_events), (3, 0));
         assert!(s.e2e.max() >= 3_990 && s.e2e.max() <= 4_010);
+        assert!(t.order_check().is_none());
+    }
+
+    #[test]
+    fn order_check_counts_deliveries_that_overtook_an_earlier_event() {
+        let t = EventTable::with_order(Instant::now(), 10);
+        let k: Vec<u128> = (0..4).map(|_| u128::from(Ulid::new())).collect();
+        for key in &k {
+            t.register(*key, 0);
+        }
+        for i in [0, 2, 1, 3] {
+            t.delivered(k[i], 0, 1);
+        }
+        let o = t.order_check().unwrap();
+        assert_eq!((o.checked, o.out_of_order, o.held), (4, 1, false));
     }
 }

@@ -19,6 +19,8 @@
 //! allocation on its hot path, sharded tables and one latency histogram per publisher.
 
 pub mod events;
+pub mod external;
+pub mod noisy;
 pub mod procstat;
 pub mod publisher;
 pub mod receiver;
@@ -64,7 +66,8 @@ pub struct BenchOptions {
     /// Lists the scenarios and their defaults, then exits.
     #[arg(long)]
     pub list: bool,
-    /// The scenario: single, fanout10, batch100, fail1pct or hanging (see --list).
+    /// The scenario: single, fanout10, batch100, fail1pct, hanging, noisy or ordered
+    /// (see --list).
     #[arg(long, default_value = "single")]
     pub scenario: String,
 
@@ -168,12 +171,31 @@ pub struct BenchOptions {
     #[arg(long)]
     pub retry_schedule_ms: Option<String>,
     /// After publishing stops, wait at most this many seconds for the backlog to drain.
-    #[arg(long, default_value_t = 120.0)]
-    pub drain_timeout: f64,
+    /// (Default 120; 600 for noisy.)
+    #[arg(long)]
+    pub drain_timeout: Option<f64>,
 
     /// Print the report as JSON on stdout instead of tables.
     #[arg(long)]
     pub json: bool,
+
+    /// Receiver and load generator outside the bench: nginx (`nginx-light`) answering 204
+    /// and `h2load` (`nghttp2-client`) publishing over gRPC, each measured separately.
+    /// Scenarios with Publish and fan-out only (single, fanout10 or --fanout K).
+    #[arg(long)]
+    pub external: bool,
+    /// Runs the measurement this many times (each on a fresh server) and reports the
+    /// medians too (external mode).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat: u32,
+    /// Scenario noisy: tenant A's burst in deliveries (default 200000); B publishes at
+    /// --rate (default 50 events/s) during A's drain.
+    #[arg(long)]
+    pub burst: Option<u64>,
+    /// The `hookline` binary to spawn as the server instead of this one (to measure
+    /// another build, e.g. main's, with this harness).
+    #[arg(long, env = "HOOKLINE_BENCH_SERVER_EXE")]
+    pub server_exe: Option<PathBuf>,
 }
 
 /// Why a benchmark could not run or finish.
@@ -236,6 +258,12 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         return Ok(());
     }
     let plan = Arc::new(Plan::resolve(&args)?);
+    if args.external {
+        return external::run(&args, &plan).await;
+    }
+    if plan.scenario == "noisy" {
+        return noisy::run(&args, &plan).await;
+    }
     // A comparison runs the healthy setup first, so that a shared --server is not still
     // busy with the hanging run's retries while the baseline is measured.
     let variants: Vec<bool> = if plan.hang_subs > 0 && plan.compare {
@@ -255,6 +283,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let comparison = Comparison::from_runs(&runs);
     if args.json {
         let out = Output {
+            mode: report::IN_PROCESS,
             scenario: plan.scenario.to_string(),
             runs,
             comparison,
@@ -275,7 +304,11 @@ async fn run_one(
     layout: Arc<Layout>,
 ) -> Result<RunReport, BenchError> {
     let epoch = Instant::now();
-    let events = Arc::new(EventTable::new(epoch, plan.expected_events()));
+    let events = Arc::new(if plan.ordered {
+        EventTable::with_order(epoch, plan.expected_events())
+    } else {
+        EventTable::new(epoch, plan.expected_events())
+    });
     let receiver = Receiver::start(
         args.receiver_addr,
         ReceiverConfig {
@@ -318,6 +351,12 @@ async fn run_one(
     }
     let mut report = outcome?;
     report.notes.extend(notes);
+    if plan.ordered {
+        // TODO(ordered): drop this note with the TODO in create_subscriptions.
+        report.notes.push(
+            "this build's API has no Subscription.ordering yet: the subscription was created unordered, so the order figure is today's behaviour, not ordered delivery".into(),
+        );
+    }
     Ok(report)
 }
 
@@ -409,7 +448,7 @@ async fn measure(
 
 /// Creates the bench's tenant, with the largest quotas (the bench measures throughput,
 /// not quotas); returns its id.
-async fn create_tenant(
+pub(crate) async fn create_tenant(
     registry: &mut RegistryServiceClient<Channel>,
     plan: &Plan,
     auth: &MetadataValue<Ascii>,
@@ -422,6 +461,7 @@ async fn create_tenant(
                     max_subscriptions: hookline_core::quota::MAX_QUOTA,
                     max_deliveries_per_event: hookline_core::quota::MAX_QUOTA,
                     max_events_per_second: hookline_core::quota::MAX_QUOTA,
+                    ..Default::default()
                 }),
                 ..Default::default()
             },
@@ -434,7 +474,7 @@ async fn create_tenant(
 
 /// Creates the layout's subscriptions in its order, each pointing at its path of the
 /// receiver; returns what the receiver needs to check what arrives for each.
-async fn create_subscriptions(
+pub(crate) async fn create_subscriptions(
     registry: &mut RegistryServiceClient<Channel>,
     plan: &Plan,
     layout: &Layout,
@@ -465,6 +505,9 @@ async fn create_subscriptions(
                                 })
                                 .collect(),
                         }),
+                        // TODO(ordered): when proto `Subscription.ordering = 20` (wip/ordered)
+                        // is on main, set it here for `plan.ordered`:
+                        // ordering: if plan.ordered { pb::Ordering::Ordered as i32 } else { 0 },
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -484,7 +527,7 @@ async fn create_subscriptions(
 }
 
 /// Runs the plan's publishers, spread over the connections, until each has finished.
-async fn run_publishers(
+pub(crate) async fn run_publishers(
     shared: &Arc<PublishShared>,
     publishers: usize,
     channels: &[Channel],
@@ -522,7 +565,10 @@ async fn drain(receiver: &Receiver, expected: u64, deadline: Instant) -> bool {
 }
 
 /// One gRPC connection to the target.
-async fn connect(url: &str, tls: &hookline_client::TlsOptions) -> Result<Channel, BenchError> {
+pub(crate) async fn connect(
+    url: &str,
+    tls: &hookline_client::TlsOptions,
+) -> Result<Channel, BenchError> {
     let usage = |e: &dyn std::fmt::Display| {
         BenchError::Usage(format!(
             "{url:?} is not a URL like http://127.0.0.1:50051: {e}"

@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub watched: Vec<(Watched, Option<u64>, Option<u64>)>,
     /// The bench process itself (publishers and receiver).
     pub bench: (Option<u64>, Option<u64>),
+    /// CPU ticks of the bench's children that it has waited for (in external mode, the
+    /// load generator once it has exited).
+    pub bench_children: Option<u64>,
     pub postgres: Option<GroupCpu>,
     pub rabbitmq: Option<GroupCpu>,
     /// Whole machine: busy and total CPU ticks over every core since boot.
@@ -53,6 +56,7 @@ impl Snapshot {
                 })
                 .collect(),
             bench: (cpu_ticks("self"), peak_rss_kib("self")),
+            bench_children: stat_times("self").map(|(_, t)| t[2] + t[3]),
             postgres: group_cpu("postgres"),
             rabbitmq: group_cpu("beam.smp"),
             machine: machine_ticks(),

@@ -24,11 +24,16 @@ use crate::target::Target;
 /// Everything `hookline bench --json` prints.
 #[derive(Debug, Serialize)]
 pub struct Output {
+    /// [`IN_PROCESS`]: the publishers and the receiver run inside the bench.
+    pub mode: &'static str,
     pub scenario: String,
     pub runs: Vec<RunReport>,
     /// Only when a run with hanging subscriptions was compared with one without.
     pub comparison: Option<Comparison>,
 }
+
+/// The label of every in-process report: its figures include the harness's own CPU use.
+pub const IN_PROCESS: &str = "in-process (harness shares the CPU)";
 
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +49,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Percentiles {
+    pub(crate) fn of(h: &Histogram<u64>) -> Percentiles {
         let ms = |us: u64| us as f64 / 1000.0;
         Percentiles {
             count: h.len(),
@@ -57,7 +62,7 @@ impl Percentiles {
         }
     }
 
-    fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         if self.count == 0 {
             return "none recorded".into();
         }
@@ -209,6 +214,8 @@ pub struct RunReport {
     pub measured_s: f64,
     pub processes: Vec<ProcessInfo>,
     pub machine: Option<MachineInfo>,
+    /// Scenario `ordered`: whether arrival order matched publish order.
+    pub order: Option<crate::events::OrderInfo>,
     pub notes: Vec<String>,
 }
 
@@ -303,6 +310,7 @@ impl RunReport {
             measured_s: i.end.duration_since(i.start).as_secs_f64(),
             processes,
             machine,
+            order: i.events.order_check(),
             notes: Vec::new(),
         }
     }
@@ -312,7 +320,7 @@ impl RunReport {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "\nhookline bench: scenario {} ({})",
+            "\nhookline bench: scenario {} ({}) [{IN_PROCESS}]",
             self.scenario, self.variant
         );
         let _ = writeln!(
@@ -324,6 +332,16 @@ impl RunReport {
         self.render_publish(&mut o);
         self.render_deliveries(&mut o);
         self.render_resources(&mut o);
+        if let Some(ord) = &self.order {
+            let _ = writeln!(
+                o,
+                "  order       {}: {} deliveries checked, {} out of order, {} unknown",
+                if ord.held { "held" } else { "NOT held" },
+                ord.checked,
+                ord.out_of_order,
+                ord.unknown
+            );
+        }
         for n in &self.notes {
             let _ = writeln!(o, "  note        {n}");
         }
@@ -562,7 +580,7 @@ impl ConfigInfo {
 
 /// CPU and memory of each watched process, the bench itself, the database and broker
 /// servers, and the whole machine, between two snapshots.
-fn resources(
+pub(crate) fn resources(
     before: &Snapshot,
     after: &Snapshot,
     delivered: u64,

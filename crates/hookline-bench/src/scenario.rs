@@ -72,6 +72,24 @@ pub const SCENARIOS: &[Scenario] = &[
         compare: true,
         ..BASE
     },
+    Scenario {
+        name: "noisy",
+        summary: "two tenants: A publishes a burst of --burst deliveries (200000) with PublishBatch to 4 subscriptions; during A's drain B publishes --rate (50) events/s to its own; B's latency and A's throughput, also without B (--compare)",
+        subscriptions: 4,
+        fanout: 4,
+        publishers: 4,
+        batch: 500,
+        compare: true,
+        ..BASE
+    },
+    Scenario {
+        name: "ordered",
+        summary: "one ordered subscription, one publisher, PublishBatch of 100 in order: events/s of the subscription and whether arrival order matched publish order",
+        subscriptions: 1,
+        publishers: 1,
+        batch: 100,
+        ..BASE
+    },
 ];
 
 /// The retry schedule the bench gives its subscriptions unless told otherwise: short, so
@@ -200,6 +218,18 @@ fn retry_schedule(arg: Option<&str>) -> Result<Option<Vec<Duration>>, BenchError
     })
 }
 
+/// `--drain-timeout` checked; by default 120 s, and 600 s for `noisy` (a burst of
+/// 200,000 deliveries takes minutes to drain on a small machine).
+fn drain_timeout(arg: Option<f64>, scenario: &str) -> Result<Duration, BenchError> {
+    let secs = arg.unwrap_or(if scenario == "noisy" { 600.0 } else { 120.0 });
+    if !(secs.is_finite() && (0.0..=86_400.0).contains(&secs)) {
+        return Err(BenchError::Usage(format!(
+            "--drain-timeout is {secs}; allowed: 0 to 86400 s"
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 /// Everything a run needs to know, with defaults applied and checked.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -222,6 +252,9 @@ pub struct Plan {
     /// None: Hookline's default schedule.
     pub retry_schedule: Option<Vec<Duration>>,
     pub drain_timeout: Duration,
+    /// Scenario `ordered`: the subscriptions ask for ordered delivery and the run checks
+    /// arrival order against publish order.
+    pub ordered: bool,
 }
 
 impl Plan {
@@ -229,8 +262,13 @@ impl Plan {
     pub fn resolve(args: &BenchOptions) -> Result<Plan, BenchError> {
         let usage = |m: String| Err(BenchError::Usage(m));
         let s = scenario(&args.scenario)?;
-        let subscriptions = args.subscriptions.unwrap_or(s.subscriptions);
         let fanout = args.fanout.unwrap_or(s.fanout);
+        // External mode sends one event type: every subscription takes every event.
+        let subscriptions = args.subscriptions.unwrap_or(if args.external {
+            fanout
+        } else {
+            s.subscriptions
+        });
         if !(1..=64).contains(&fanout) {
             return usage(format!("--fanout is {fanout}; allowed: 1 to 64"));
         }
@@ -270,12 +308,13 @@ impl Plan {
             args.compare || s.compare
         };
         let retry_schedule = retry_schedule(args.retry_schedule_ms.as_deref())?;
-        if !(args.drain_timeout.is_finite() && args.drain_timeout >= 0.0) {
+        let ordered = s.name == "ordered";
+        if ordered && publishers != 1 {
             return usage(format!(
-                "--drain-timeout is {}; it must be 0 or more",
-                args.drain_timeout
+                "--publishers is {publishers}; scenario ordered needs 1 (publish order is one publisher's order)"
             ));
         }
+        let drain_timeout = drain_timeout(args.drain_timeout, s.name)?;
         Ok(Plan {
             scenario: s.name,
             subscriptions,
@@ -294,7 +333,8 @@ impl Plan {
             hang_share,
             verify: args.verify,
             retry_schedule,
-            drain_timeout: Duration::from_secs_f64(args.drain_timeout),
+            drain_timeout,
+            ordered,
         })
     }
 
@@ -440,6 +480,13 @@ mod tests {
             (10, 3, Some(5), None)
         );
         assert!(plan(&["--scenario", "nope"]).is_err());
+        let noisy = plan(&["--scenario", "noisy"]).unwrap();
+        assert_eq!(noisy.drain_timeout, Duration::from_secs(600));
+        assert_eq!(plan(&[]).unwrap().drain_timeout, Duration::from_secs(120));
+        assert!(plan(&["--scenario", "ordered"]).unwrap().ordered);
+        assert!(plan(&["--scenario", "ordered", "--publishers", "2"]).is_err());
+        let ext = plan(&["--external", "--fanout", "3"]).unwrap();
+        assert_eq!((ext.subscriptions, ext.fanout), (3, 3));
         assert!(plan(&["--subscriptions", "7", "--fanout", "2"]).is_err());
     }
 

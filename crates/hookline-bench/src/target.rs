@@ -38,6 +38,8 @@ pub struct Target {
     pub grpc: String,
     /// An admin API key.
     pub token: String,
+    /// `host:port` of a spawned server's admin HTTP endpoint (`/metrics`, `/readyz`).
+    pub admin: Option<String>,
     /// Processes whose CPU and memory are reported.
     pub processes: Vec<Watched>,
     /// `spawned` or `server`.
@@ -143,6 +145,7 @@ fn remote(args: &BenchOptions) -> Result<Target, BenchError> {
         tls,
         grpc: args.server.clone(),
         token,
+        admin: None,
         processes: watched_pids(&args.pids),
         kind: "server",
         backend: format!("running server at {}", args.server),
@@ -188,8 +191,11 @@ fn receiver_range(ip: std::net::IpAddr) -> String {
 /// Starts `hookline serve` (after `migrate` and `admin create-key`) on fresh storage
 /// unless `--no-fresh`; on failure, what was made is removed again.
 async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
-    let exe = std::env::current_exe()
-        .map_err(|e| BenchError::io("finding the hookline binary (current_exe)", e))?;
+    let exe = match &args.server_exe {
+        Some(exe) => exe.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| BenchError::io("finding the hookline binary (current_exe)", e))?,
+    };
     let id = Ulid::new().to_string().to_lowercase();
     let mut backing = Backing::default();
     backing.database(args, &id)?;
@@ -234,8 +240,9 @@ async fn spawn(args: &BenchOptions) -> Result<Target, BenchError> {
     .collect();
     let mut target = spawned_target(token, processes, backing.backend.join(", "), spawned);
     match wait_listening(target.spawned.as_mut().and_then(|s| s.child.as_mut())).await {
-        Ok(grpc) => {
+        Ok((grpc, admin)) => {
             target.grpc = grpc;
+            target.admin = Some(admin);
             Ok(target)
         }
         Err(e) => give_up(target, e).await,
@@ -252,6 +259,7 @@ fn spawned_target(
     Target {
         grpc: String::new(),
         token,
+        admin: None,
         processes,
         kind: "spawned",
         tls: Default::default(),
@@ -435,8 +443,9 @@ async fn create_key(cmd: Command) -> Result<String, BenchError> {
         })
 }
 
-/// Reads the server's `listening on` lines, then waits for `/readyz`; returns the gRPC URL.
-async fn wait_listening(child: Option<&mut Child>) -> Result<String, BenchError> {
+/// Reads the server's `listening on` lines, then waits for `/readyz`; returns the gRPC URL
+/// and the admin address.
+async fn wait_listening(child: Option<&mut Child>) -> Result<(String, String), BenchError> {
     let Some(child) = child else {
         return Err(BenchError::Server("no server process".into()));
     };
@@ -490,24 +499,53 @@ async fn wait_listening(child: Option<&mut Child>) -> Result<String, BenchError>
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(format!("http://{grpc}"))
+    Ok((format!("http://{grpc}"), admin))
 }
 
-/// The status code of a plain HTTP/1.1 GET, or None if there was no answer.
+/// The status code of a plain HTTP GET, or None if there was no answer.
 async fn http_status(addr: &str, path: &str) -> Option<u16> {
+    http_get(addr, path).await.map(|(status, _)| status)
+}
+
+/// Status and body of a plain HTTP/1.0 GET (so never chunked), or None if there was no
+/// answer within 5 s.
+pub(crate) async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let get = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
         stream.write_all(req.as_bytes()).await.ok()?;
         let mut buf = Vec::new();
         stream.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf);
-        text.split(' ').nth(1)?.parse().ok()
+        let status = text.split(' ').nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+        Some((status, body.unwrap_or_default()))
     };
     tokio::time::timeout(Duration::from_secs(5), get)
         .await
         .ok()
         .flatten()
+}
+
+/// The sum of every sample of counter `name` on a spawned server's `/metrics`.
+pub(crate) async fn metric_sum(target: &Target, name: &str) -> Option<f64> {
+    let (status, body) = http_get(target.admin.as_deref()?, "/metrics").await?;
+    if status != 200 {
+        return None;
+    }
+    let mut sum = None;
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
 }
 
 /// SIGTERM, then a kill if the server has not stopped within [`STOP_TIMEOUT`].
@@ -561,6 +599,18 @@ async fn delete_queues(amqp_url: &str, prefix: &str) -> Result<(), String> {
     tokio::time::timeout(Duration::from_secs(30), work)
         .await
         .map_err(|_| "timed out after 30 s".to_string())?
+}
+
+/// Deletes a second tenant of a run on a running server (`finish` deletes the first);
+/// a spawned server's storage goes as a whole. Returns notes for people.
+pub(crate) async fn delete_other_tenant(target: &Target, tenant: &str) -> Vec<String> {
+    if target.spawned.is_some() {
+        return Vec::new();
+    }
+    match delete_tenant(target, tenant).await {
+        Ok(()) => Vec::new(),
+        Err(e) => vec![format!("could not delete tenant {tenant}: {e}")],
+    }
 }
 
 async fn delete_tenant(target: &Target, tenant: &str) -> Result<(), String> {

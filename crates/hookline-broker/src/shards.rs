@@ -89,19 +89,21 @@ pub fn pick(hand: &[u16], subscription: &str, backlog: impl Fn(u16) -> u64) -> u
         .unwrap_or(0)
 }
 
-/// A tenant's weight as the router sees it (1 to [`MAX_WEIGHT`]); looked up for every
-/// routed message, so it must answer from memory.
+/// A tenant's weight as the router sees it (1 to [`MAX_WEIGHT`]); looked up once per
+/// tenant of every routed batch, so it should answer from a cache.
+#[async_trait]
 pub trait TenantWeights: Send + Sync + 'static {
-    /// The weight of the tenant (an unknown tenant: 1).
-    fn weight(&self, tenant: &str) -> u32;
+    /// The weight of the tenant (an unknown tenant, or one that cannot be read: 1).
+    async fn weight(&self, tenant: &str) -> u32;
 }
 
 /// Every tenant weighs 1.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EqualWeights;
 
+#[async_trait]
 impl TenantWeights for EqualWeights {
-    fn weight(&self, _tenant: &str) -> u32 {
+    async fn weight(&self, _tenant: &str) -> u32 {
         1
     }
 }
@@ -211,16 +213,29 @@ impl ShardRouter {
         self
     }
 
-    /// The shard queue a message of `kind` goes to now (and counts it as published).
-    pub fn route(&self, kind: QueueKind, message: &OutgoingMessage) -> QueueName {
+    /// The shard queue a message of `kind` of a tenant of `weight` goes to now (and
+    /// counts it as routed there).
+    pub fn route(&self, kind: QueueKind, message: &OutgoingMessage, weight: u32) -> QueueName {
         let header = |name: &str| message.headers.get(name).map_or("", String::as_str);
-        let tenant = header(H_TENANT);
-        let hand = hand(tenant, self.weights.weight(tenant), self.backlog.shards);
+        let hand = hand(header(H_TENANT), weight, self.backlog.shards);
         let shard = pick(&hand, header(H_SUBSCRIPTION), |shard| {
             self.backlog.known(kind, shard)
         });
         self.backlog.routed(kind, shard);
         QueueName::Shard(kind, shard)
+    }
+
+    /// The weight of every tenant of the batch, looked up once each.
+    async fn weights_of(&self, messages: &[OutgoingMessage]) -> Vec<(String, u32)> {
+        let mut weights: Vec<(String, u32)> = Vec::new();
+        for message in messages {
+            let tenant = message.headers.get(H_TENANT).map_or("", String::as_str);
+            if !weights.iter().any(|(t, _)| t == tenant) {
+                let weight = self.weights.weight(tenant).await;
+                weights.push((tenant.to_owned(), weight));
+            }
+        }
+        weights
     }
 
     /// Starts the background depth refresh, once.
@@ -286,12 +301,18 @@ impl Broker for ShardRouter {
             .unwrap_or_default()
             .as_millis()
             .to_string();
+        let weights = self.weights_of(&messages).await;
         let mut groups: Vec<(QueueName, Vec<OutgoingMessage>)> = Vec::new();
         for mut message in messages {
             message
                 .headers
                 .insert(H_PUBLISHED_MS.to_owned(), now.clone());
-            let shard = self.route(kind, &message);
+            let tenant = message.headers.get(H_TENANT).map_or("", String::as_str);
+            let weight = weights
+                .iter()
+                .find(|(t, _)| t == tenant)
+                .map_or(1, |(_, w)| *w);
+            let shard = self.route(kind, &message, weight);
             match groups.iter_mut().find(|(q, _)| *q == shard) {
                 Some((_, group)) => group.push(message),
                 None => groups.push((shard, vec![message])),

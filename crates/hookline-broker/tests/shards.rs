@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use hookline_broker::shards::{ShardRouter, hand};
+use hookline_broker::shards::{ShardRouter, TenantWeights, hand};
 use hookline_broker::{
     Broker, EmbeddedBroker, EmbeddedConfig, OutgoingMessage, QueueKind, QueueName,
 };
@@ -164,6 +164,40 @@ async fn rabbit_shard_queues_are_separate_and_lowering_strands_nothing() {
     assert_eq!(lowered.consumed_shards().await.unwrap(), 4);
     lowered.close().await;
     cleanup(broker).await;
+}
+
+/// Tenant `ten_heavy` weighs 4, everyone else 1.
+struct Heavy;
+
+#[async_trait::async_trait]
+impl TenantWeights for Heavy {
+    async fn weight(&self, tenant: &str) -> u32 {
+        if tenant == "ten_heavy" { 4 } else { 1 }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heavier_tenant_spreads_over_more_shards() {
+    let db = TestDb::new();
+    let pool = db.pool().await;
+    let inner: Arc<dyn Broker> = Arc::new(embedded(&pool, 16).await);
+    let router = ShardRouter::new(inner.clone()).with_weights(Arc::new(Heavy));
+    let burst: Vec<_> = (0..160).map(|n| job("ten_heavy", "sub_h", n)).collect();
+    router.publish(QueueName::Deliveries, burst).await.unwrap();
+    let mut used = BTreeSet::new();
+    for shard in 0..16 {
+        if inner.queue_depth(QueueName::Shard(D, shard)).await.unwrap() > 0 {
+            used.insert(shard);
+        }
+    }
+    let want: BTreeSet<u16> = hand("ten_heavy", 4, 16).into_iter().collect();
+    assert_eq!(want.len(), 8);
+    assert_eq!(
+        used, want,
+        "weight 4: a hand of 8 shards, all used by a burst"
+    );
+    drop(router);
+    pool.close().await;
 }
 
 fn job(tenant: &str, subscription: &str, n: usize) -> OutgoingMessage {

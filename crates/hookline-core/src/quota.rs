@@ -39,6 +39,10 @@ pub struct TenantQuotas {
     pub max_subscriptions: Option<u32>,
     pub max_deliveries_per_event: Option<u32>,
     pub max_events_per_second: Option<u32>,
+    /// The tenant's weight in fair delivery (1 to [`MAX_WEIGHT`]; `None`: 1): its
+    /// deliveries spread over `2 × weight` shard queues.
+    #[serde(default)]
+    pub weight: Option<u32>,
 }
 
 impl TenantQuotas {
@@ -56,6 +60,15 @@ impl TenantQuotas {
                 .unwrap_or(defaults.events_per_second),
         }
     }
+}
+
+/// The largest tenant weight.
+pub const MAX_WEIGHT: u32 = 16;
+
+/// A weight from the wire, where 0 means "the default, 1".
+pub fn weight_value(field: &str, value: u32) -> Result<Option<u32>, ValidationError> {
+    validate::stored_u32(field, value, 0, MAX_WEIGHT)?;
+    Ok((value > 0).then_some(value))
 }
 
 /// The largest value a quota may take: what an `integer` column holds.
@@ -154,6 +167,14 @@ pub fn check_subscriptions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_are_0_for_the_default_or_1_to_16() {
+        assert_eq!(weight_value("quotas.weight", 0).unwrap(), None);
+        assert_eq!(weight_value("quotas.weight", 16).unwrap(), Some(16));
+        let e = weight_value("quotas.weight", 17).unwrap_err().to_string();
+        assert!(e.contains("quotas.weight"), "{e}");
+    }
 
     #[test]
     fn overrides_win_over_defaults() {

@@ -32,6 +32,8 @@ pub struct DispatcherConfig {
     pub write_batch: usize,
     /// How long the first outcome of a batch waits for company before it is written.
     pub write_linger: Duration,
+    /// Most batches of outcomes being written at once (each its own transaction).
+    pub writes_in_flight: usize,
     /// Most requests in flight to one subscription that sets no `max_in_flight` of its
     /// own. A message for a subscription at its limit is deferred (see `defer_delay`),
     /// never held, so one slow endpoint cannot take the whole process.
@@ -87,6 +89,7 @@ impl Default for DispatcherConfig {
             user_agent: format!("Hookline/{}", env!("CARGO_PKG_VERSION")),
             write_batch: 256,
             write_linger: Duration::from_millis(5),
+            writes_in_flight: 3,
             default_max_in_flight: 64,
             in_flight_wait: Duration::from_millis(50),
             defer_delay: Duration::from_secs(1),

@@ -266,8 +266,12 @@ impl Dispatcher {
         };
         let follower = cache.clone().follow(&changes, shutdown.clone());
         let deliveries = ordered::PromotingStore::wrap(deliveries, broker.clone(), events);
-        let (writer_tx, writer) =
-            writer::spawn(deliveries.clone(), cfg.write_batch, cfg.write_linger);
+        let (writer_tx, writer) = writer::spawn(
+            deliveries.clone(),
+            cfg.write_batch,
+            cfg.write_linger,
+            cfg.writes_in_flight,
+        );
         let recorder = circuit_record::CircuitRecorder::spawn(registry.clone());
         let worker = Arc::new(Worker {
             clients: client,

@@ -2,7 +2,8 @@
 //!
 //! One transaction per batch (up to `write_batch` outcomes, or whatever arrived within
 //! `write_linger` of the first) is where the throughput is: a commit per delivery would
-//! cap the dispatcher at the database's commit rate. A message is acked only after its
+//! cap the dispatcher at the database's commit rate. Up to `writes_in_flight` batches are
+//! written at once, so the round trips of one do not stall the next. A message is acked only after its
 //! outcome is committed. A failing write is retried with backoff for a bounded time;
 //! then the messages are put back on the queue, so nothing is lost (the attempt is made
 //! again). A batch the database refuses outright is written outcome by outcome, so one
@@ -22,7 +23,7 @@ use hookline_broker::{BrokerError, ReceivedMessage};
 use hookline_store::StoreError;
 use hookline_store::port::{AttemptOutcome, DeliveryStore};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument as _;
 
 use crate::limits::DeferReason;
@@ -50,28 +51,37 @@ fn count(outcome: &AttemptOutcome, deferred: Option<DeferReason>) {
     }
 }
 
-/// Starts the writer. It ends once every sender is dropped and the last batch is
-/// written.
+/// Starts the writer, with at most `in_flight` (at least 1) batches being written at
+/// once. It ends once every sender is dropped and every batch is written.
 pub(crate) fn spawn(
     store: Arc<dyn DeliveryStore>,
     batch: usize,
     linger: Duration,
+    in_flight: usize,
 ) -> (mpsc::Sender<Settle>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(batch);
-    let handle = tokio::spawn(run(rx, store, batch, linger));
+    let handle = tokio::spawn(run(rx, store, batch, linger, in_flight.max(1)));
     (tx, handle)
 }
 
+/// Collects batches and writes each in a task of its own, several at once: one
+/// transaction's round trips no longer hold back the outcomes that arrive meanwhile.
+/// With every slot taken, the next batch grows until one frees (up to `max`). Each
+/// batch's messages are acked after its own commit; batches are independent (a
+/// delivery's next attempt is only queued after its outcome is durable, and the store
+/// locks the deliveries a batch changes).
 async fn run(
     mut rx: mpsc::Receiver<Settle>,
     store: Arc<dyn DeliveryStore>,
     max: usize,
     linger: Duration,
+    in_flight: usize,
 ) {
-    let mut batch: Vec<Settle> = Vec::with_capacity(max);
+    let mut writing = JoinSet::new();
     loop {
+        let mut batch: Vec<Settle> = Vec::with_capacity(max);
         if rx.recv_many(&mut batch, max).await == 0 {
-            return;
+            break;
         }
         let deadline = tokio::time::Instant::now() + linger;
         while batch.len() < max {
@@ -81,14 +91,24 @@ async fn run(
                 Ok(_) => {}
             }
         }
-        flush(store.as_ref(), std::mem::take(&mut batch)).await;
+        // Every slot taken: wait for one, taking in what arrives meanwhile.
+        while writing.len() >= in_flight {
+            let room = max - batch.len();
+            tokio::select! {
+                biased;
+                _ = writing.join_next() => {}
+                n = rx.recv_many(&mut batch, room), if room > 0 => if n == 0 { break },
+            }
+        }
+        writing.spawn(flush(store.clone(), batch));
     }
+    while writing.join_next().await.is_some() {}
 }
 
 /// Most links from a batch's span to its deliveries (the SDK's default limit).
 const MAX_BATCH_LINKS: usize = 128;
 
-async fn flush(store: &dyn DeliveryStore, batch: Vec<Settle>) {
+async fn flush(store: Arc<dyn DeliveryStore>, batch: Vec<Settle>) {
     let span = tracing::debug_span!(
         parent: None,
         "dispatcher.record_outcomes",
@@ -96,7 +116,7 @@ async fn flush(store: &dyn DeliveryStore, batch: Vec<Settle>) {
         otel.status_code = tracing::field::Empty,
     );
     hookline_telemetry::link_spans(&span, batch.iter().map(|s| &s.span), MAX_BATCH_LINKS);
-    write(store, batch).instrument(span).await;
+    write(store.as_ref(), batch).instrument(span).await;
 }
 
 async fn write(store: &dyn DeliveryStore, batch: Vec<Settle>) {
@@ -190,5 +210,168 @@ pub(crate) fn settled(what: &str, result: Result<(), BrokerError>) {
     match result {
         Ok(()) | Err(BrokerError::StaleDelivery) => {}
         Err(e) => tracing::warn!(error = %e, "cannot {what} a message; it will be redelivered"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use chrono::{DateTime, Utc};
+    use hookline_broker::{Acker, Settlement};
+    use hookline_core::job::DeliveryJob;
+    use hookline_core::model::{Attempt, Delivery};
+    use hookline_core::{Id, IdKind};
+    use hookline_store::PageRequest;
+    use hookline_store::port::{DeliveryFilter, NextStep, Page};
+    use tokio::sync::{Notify, Semaphore};
+
+    use super::*;
+
+    /// A store whose writes wait for a permit each, counting how many wait at once.
+    struct HeldStore {
+        release: Semaphore,
+        started: Notify,
+        writing: Mutex<(usize, usize)>,
+    }
+
+    #[async_trait]
+    impl DeliveryStore for HeldStore {
+        async fn record_outcomes(&self, _: &[AttemptOutcome]) -> Result<(), StoreError> {
+            {
+                let mut w = self.writing.lock().unwrap();
+                w.0 += 1;
+                w.1 = w.1.max(w.0);
+            }
+            self.started.notify_waiters();
+            self.release.acquire().await.unwrap().forget();
+            self.writing.lock().unwrap().0 -= 1;
+            Ok(())
+        }
+        async fn promote_due_retries(
+            &self,
+            _: DateTime<Utc>,
+            _: u32,
+        ) -> Result<Vec<DeliveryJob>, StoreError> {
+            unimplemented!()
+        }
+        async fn requeue_deliveries(&self, _: &[Id]) -> Result<Vec<DeliveryJob>, StoreError> {
+            unimplemented!()
+        }
+        async fn failed_deliveries(
+            &self,
+            _: &Id,
+            _: DateTime<Utc>,
+            _: Option<DateTime<Utc>>,
+            _: u32,
+        ) -> Result<Vec<Id>, StoreError> {
+            unimplemented!()
+        }
+        async fn get_delivery(&self, _: &Id) -> Result<Delivery, StoreError> {
+            unimplemented!()
+        }
+        async fn list_deliveries(
+            &self,
+            _: &DeliveryFilter,
+            _: &PageRequest,
+        ) -> Result<Page<Delivery>, StoreError> {
+            unimplemented!()
+        }
+        async fn list_attempts(
+            &self,
+            _: &Id,
+            _: &PageRequest,
+        ) -> Result<Page<Attempt>, StoreError> {
+            unimplemented!()
+        }
+        async fn deliveries_updated_after(
+            &self,
+            _: &DeliveryFilter,
+            _: DateTime<Utc>,
+            _: u32,
+        ) -> Result<Vec<Delivery>, StoreError> {
+            unimplemented!()
+        }
+    }
+
+    /// Counts acks.
+    struct CountingAcker(Arc<Mutex<usize>>);
+
+    #[async_trait]
+    impl Acker for CountingAcker {
+        async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), BrokerError> {
+            assert!(matches!(settlement, Settlement::Ack));
+            *self.0.lock().unwrap() += 1;
+            Ok(())
+        }
+    }
+
+    fn settle(acks: &Arc<Mutex<usize>>) -> Settle {
+        Settle {
+            outcome: AttemptOutcome {
+                delivery_id: Id::new(IdKind::Delivery),
+                attempt: None,
+                next: NextStep::Succeeded,
+                deferred_reason: None,
+            },
+            message: ReceivedMessage::new(
+                Vec::new(),
+                BTreeMap::new(),
+                false,
+                Box::new(CountingAcker(acks.clone())),
+            ),
+            deferred: None,
+            span: tracing::Span::none(),
+        }
+    }
+
+    /// Waits until `n` writes run at once.
+    async fn until_writing(store: &HeldStore, n: usize) {
+        loop {
+            let started = store.started.notified();
+            if store.writing.lock().unwrap().0 >= n {
+                return;
+            }
+            tokio::time::timeout(Duration::from_secs(5), started)
+                .await
+                .unwrap_or_else(|_| panic!("{n} writes never ran at once"));
+        }
+    }
+
+    #[tokio::test]
+    async fn several_batches_are_written_at_once_up_to_the_bound() {
+        let store = Arc::new(HeldStore {
+            release: Semaphore::new(0),
+            started: Notify::new(),
+            writing: Mutex::new((0, 0)),
+        });
+        let acks = Arc::new(Mutex::new(0));
+        let (tx, writer) = spawn(store.clone(), 4, Duration::ZERO, 2);
+        // While the first batch's write is held, a second batch starts its own.
+        tx.send(settle(&acks)).await.unwrap();
+        until_writing(&store, 1).await;
+        tx.send(settle(&acks)).await.unwrap();
+        until_writing(&store, 2).await;
+        // With both slots taken, what arrives waits, gathered into one batch.
+        for _ in 0..3 {
+            tx.send(settle(&acks)).await.unwrap();
+        }
+        assert_eq!(
+            *acks.lock().unwrap(),
+            0,
+            "nothing is acked before its commit"
+        );
+        // Three writes in all: the two held, then the one gathered batch.
+        drop(tx);
+        store.release.add_permits(3);
+        writer.await.unwrap();
+        assert_eq!(*acks.lock().unwrap(), 5, "every message acked once written");
+        assert_eq!(
+            store.writing.lock().unwrap().1,
+            2,
+            "never more than the bound"
+        );
     }
 }

@@ -75,6 +75,7 @@ pub fn tenant_quotas(q: &hookline_core::quota::TenantQuotas) -> pb::TenantQuotas
         max_subscriptions: q.max_subscriptions.unwrap_or(0),
         max_deliveries_per_event: q.max_deliveries_per_event.unwrap_or(0),
         max_events_per_second: q.max_events_per_second.unwrap_or(0),
+        weight: q.weight.unwrap_or(0),
     }
 }
 
@@ -91,6 +92,8 @@ pub fn from_tenant_quotas(
         max_subscriptions: one("max_subscriptions", q.max_subscriptions)?,
         max_deliveries_per_event: one("max_deliveries_per_event", q.max_deliveries_per_event)?,
         max_events_per_second: one("max_events_per_second", q.max_events_per_second)?,
+        weight: hookline_core::quota::weight_value(&format!("{field}.weight"), q.weight)
+            .map_err(crate::status::from_validation)?,
     })
 }
 

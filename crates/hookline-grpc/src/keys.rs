@@ -12,8 +12,7 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hookline_core::Id;
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic::Status;
 
 use crate::principal::Principal;
 
@@ -69,8 +68,7 @@ impl KeyLimits {
         rate.check_key(principal.key_id()).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let wait = wait.max(Duration::from_millis(1));
-            Status::with_error_details(
-                Code::ResourceExhausted,
+            crate::status::exhausted_retry_in(
                 format!(
                     "API key {} is over its limit of {} requests per second; retry in {} ms \
                      (setting key_requests_per_second)",
@@ -78,7 +76,7 @@ impl KeyLimits {
                     self.config.requests_per_second,
                     wait.as_millis()
                 ),
-                ErrorDetails::with_retry_info(Some(wait)),
+                wait,
             )
         })
     }
@@ -151,6 +149,8 @@ impl Drop for StreamPermit {
 mod tests {
     use super::*;
     use hookline_core::IdKind;
+    use tonic::Code;
+    use tonic_types::StatusExt;
 
     fn tenant_key() -> Principal {
         Principal::Tenant {

@@ -4,7 +4,10 @@ use hookline_core::id::IdError;
 use hookline_core::quota::QuotaExceeded;
 use hookline_core::validate::ValidationError;
 use hookline_store::StoreError;
-use tonic::Status;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// The one mapping of store failures to gRPC codes, so a client can tell "fix your request"
 /// (`NOT_FOUND`, `ALREADY_EXISTS`, `INVALID_ARGUMENT`, `RESOURCE_EXHAUSTED`) from "try again"
@@ -35,6 +38,16 @@ pub fn from_store(e: StoreError) -> Status {
             Status::internal("internal error; the server log has the details")
         }
     }
+}
+
+/// `RESOURCE_EXHAUSTED` with a `RetryInfo` of `wait` (the REST API turns it into
+/// `Retry-After`): a limit that frees up by itself.
+pub fn exhausted_retry_in(message: impl Into<String>, wait: Duration) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_retry_info(Some(wait)),
+    )
 }
 
 /// `RESOURCE_EXHAUSTED`: over a tenant's quota (the message says which and how to raise it).

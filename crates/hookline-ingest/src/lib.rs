@@ -7,6 +7,7 @@
 //! Payloads are checked against their event type's JSON Schema, and each tenant's quotas
 //! (deliveries per event, events per second) are enforced before anything is stored.
 
+mod backlog;
 mod batcher;
 mod detached;
 mod matcher;
@@ -14,5 +15,6 @@ mod rate;
 mod schemas;
 mod service;
 
+pub use backlog::{BacklogLimit, read_backlog};
 pub use matcher::{Matched, SubscriptionMatcher};
 pub use service::{IngestApi, IngestConfig};

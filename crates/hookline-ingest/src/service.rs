@@ -22,6 +22,7 @@ use hookline_grpc::{
 };
 use hookline_outbox::{Confirmer, publish_jobs_batched};
 
+use crate::backlog::BacklogLimit;
 use crate::batcher::PublishBatcher;
 use crate::detached::{Detached, DetachedError};
 use hookline_proto::v1 as pb;
@@ -82,6 +83,8 @@ pub struct IngestApi {
     rates: TenantRates,
     /// Runs each call's store-and-queue step so that a hang-up cannot cancel it.
     detached: Detached,
+    /// Refuses publishes while the delivery backlog is above `ingest_max_backlog`.
+    backlog: Option<Arc<BacklogLimit>>,
 }
 
 impl IngestApi {
@@ -102,7 +105,16 @@ impl IngestApi {
             auth,
             rates: TenantRates::default(),
             detached: Detached::new(MAX_IN_FLIGHT),
+            backlog: None,
         }
+    }
+
+    /// Refuses publishes (`RESOURCE_EXHAUSTED`, nothing stored) while `limit` reads a
+    /// backlog above it.
+    #[must_use]
+    pub fn with_backlog_limit(mut self, limit: Arc<BacklogLimit>) -> Self {
+        self.backlog = Some(limit);
+        self
     }
 
     /// The service behind the gate, which authenticates every call before its body is
@@ -211,6 +223,9 @@ impl IngestApi {
         requests: Vec<pb::PublishRequest>,
         batch: bool,
     ) -> Result<Vec<pb::PublishResponse>, Status> {
+        if let Some(backlog) = &self.backlog {
+            backlog.admit()?;
+        }
         let mut tenants = Vec::with_capacity(requests.len());
         let prefixes: Vec<String> = (0..requests.len())
             .map(|i| field_prefix(batch, i))

@@ -61,8 +61,8 @@ impl SubscriptionLimits {
 }
 
 /// A tenant's quota overrides as their columns hold them, checked (in column order:
-/// `max_subscriptions`, `max_deliveries_per_event`, `max_events_per_second`).
-pub(crate) fn quota_params(q: &TenantQuotas) -> Result<[Option<i32>; 3], StoreError> {
+/// `max_subscriptions`, `max_deliveries_per_event`, `max_events_per_second`, `weight`).
+pub(crate) fn quota_params(q: &TenantQuotas) -> Result<[Option<i32>; 4], StoreError> {
     Ok([
         opt_u32_param("quotas.max_subscriptions", q.max_subscriptions)?,
         opt_u32_param(
@@ -70,6 +70,7 @@ pub(crate) fn quota_params(q: &TenantQuotas) -> Result<[Option<i32>; 3], StoreEr
             q.max_deliveries_per_event,
         )?,
         opt_u32_param("quotas.max_events_per_second", q.max_events_per_second)?,
+        opt_u32_param("quotas.weight", q.weight)?,
     ])
 }
 

@@ -28,6 +28,7 @@ async fn tenant_quotas_are_stored_and_read_back(fx: &Fixture) {
         max_subscriptions: Some(7),
         max_deliveries_per_event: None,
         max_events_per_second: Some(2_147_483_647),
+        weight: Some(3),
     };
     let set = store.set_tenant_quotas(&id, &q).await.unwrap();
     assert_eq!(set.quotas, q);

@@ -47,6 +47,8 @@ pub struct Config {
     /// Every process of an installation must use the same value; lowering it is safe
     /// (dispatchers keep consuming the higher shards while they exist or hold messages).
     pub delivery_shards: u16,
+    /// Batches of attempt outcomes a dispatcher writes at once (1 to 16).
+    pub dispatcher_writes_in_flight: usize,
     /// Timeout of one webhook request, in milliseconds.
     pub request_timeout_ms: u64,
     /// How often the retry service reads the schedule when nothing was due, in ms.
@@ -75,6 +77,9 @@ pub struct Config {
     pub grpc_keepalive_timeout_ms: u64,
     /// Largest `PublishBatch` request message, in bytes.
     pub publish_batch_max_bytes: usize,
+    /// Backpressure: while more messages than this wait in the work queues, `Publish`
+    /// and `PublishBatch` answer `RESOURCE_EXHAUSTED` (retry in 1 s). 0: no limit.
+    pub ingest_max_backlog: u64,
     /// Requests per second one API key may make (burst: one second's worth); 0: no limit.
     pub key_requests_per_second: u32,
     /// `WatchDeliveries` streams one API key may hold open at once.
@@ -197,6 +202,7 @@ impl Default for Config {
             dispatcher_prefetch: 256,
             dispatcher_shard_prefetch: 64,
             delivery_shards: 16,
+            dispatcher_writes_in_flight: 3,
             request_timeout_ms: 15_000,
             retry_poll_interval_ms: 500,
             relay_grace_ms: 10_000,
@@ -207,6 +213,7 @@ impl Default for Config {
             grpc_keepalive_interval_ms: 30_000,
             grpc_keepalive_timeout_ms: 10_000,
             publish_batch_max_bytes: 16 * 1024 * 1024,
+            ingest_max_backlog: 0,
             key_requests_per_second: 5_000,
             key_max_watch_streams: 16,
             quota_subscriptions_per_tenant: Quotas::default().subscriptions_per_tenant,
@@ -341,6 +348,11 @@ impl Config {
             "delivery_shards is {}; allowed: 1 to {}",
             config.delivery_shards,
             hookline_broker::MAX_SHARDS
+        );
+        anyhow::ensure!(
+            (1..=16).contains(&config.dispatcher_writes_in_flight),
+            "dispatcher_writes_in_flight is {}; allowed: 1 to 16",
+            config.dispatcher_writes_in_flight
         );
         anyhow::ensure!(
             config.request_timeout_ms >= 1 && config.retry_poll_interval_ms >= 1,

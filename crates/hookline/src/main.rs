@@ -20,6 +20,7 @@ mod services;
 mod shutdown;
 mod stdout;
 mod tail;
+mod weights;
 
 use std::path::PathBuf;
 

@@ -101,6 +101,15 @@ fn backlogs() {
         "Age of the oldest message of each work queue (label queue), where the backend can tell (embedded)."
     );
     describe_gauge!(
+        "hookline_delivery_backlog",
+        "Messages waiting in every work queue (both kinds, every shard), as ingest's backlog limit reads it every 0.5 s (only when ingest_max_backlog is set)."
+    );
+    describe_counter!(
+        "hookline_publishes_refused_total",
+        Unit::Count,
+        "Publish and PublishBatch calls refused with RESOURCE_EXHAUSTED before storing anything (label reason: backlog)."
+    );
+    describe_gauge!(
         "hookline_retry_backlog",
         "Deliveries scheduled for a later retry."
     );

@@ -15,7 +15,7 @@ use hookline_grpc::Authenticator;
 use hookline_grpc::served;
 use hookline_grpc::standard::{self, HealthReporter};
 use hookline_grpc::tls::TlsServer;
-use hookline_ingest::{IngestApi, IngestConfig, SubscriptionMatcher};
+use hookline_ingest::{BacklogLimit, IngestApi, IngestConfig, SubscriptionMatcher};
 use hookline_outbox::{Relay, RelayConfig};
 use hookline_proto::v1 as pb;
 use hookline_registry::RegistryApi;
@@ -56,17 +56,26 @@ pub async fn serve(config: Config, services: BTreeSet<Service>) -> anyhow::Resul
     let store = open_store(&config, &mode).await?;
     let broker =
         backends::open_broker(&mode, &config, &store, connection_name(&config, &services)).await?;
+    let changes = RegistryChanges::follow(broker.as_ref(), shutdown.clone()).await;
+    // Every publisher of the process routes through this one router (fair delivery).
+    let weights = crate::weights::WeightCache::new(store.registry());
+    let weights_follower = weights.follow(&changes, shutdown.clone());
+    let broker: Arc<dyn Broker> =
+        Arc::new(hookline_broker::shards::ShardRouter::new(broker).with_weights(Arc::new(weights)));
     let wiring = Wiring {
         config: &config,
         store: &store,
         broker: broker.clone(),
         auth: Authenticator::with_limits(store.registry(), config.key_limits()),
-        changes: RegistryChanges::follow(broker.as_ref(), shutdown.clone()).await,
+        changes,
         shutdown: shutdown.clone(),
         egress,
         egress_proxy: egress_settings.proxy,
     };
-    let mut tasks = vec![wiring.auth.follow(&wiring.changes, shutdown.clone())];
+    let mut tasks = vec![
+        wiring.auth.follow(&wiring.changes, shutdown.clone()),
+        weights_follower,
+    ];
     let router = wiring.start_services(&services, &mut tasks).await?;
     let router = elsewhere::add_fallbacks(router, &services);
     tasks.push(tokio::spawn(report_gauges(
@@ -382,6 +391,14 @@ impl Wiring<'_> {
             self.broker.clone(),
             self.auth.clone(),
         );
+        let api = match self.config.ingest_max_backlog {
+            0 => api,
+            limit => {
+                let limit = BacklogLimit::new(limit);
+                tasks.push(limit.watch(self.broker.clone(), self.shutdown.clone()));
+                api.with_backlog_limit(limit)
+            }
+        };
         // A stop waits for publishes still storing or queueing, hung up or not.
         tasks.push(api.finish_on(self.shutdown.clone()));
         health
@@ -437,6 +454,7 @@ impl Wiring<'_> {
                 concurrency: config.dispatcher_concurrency,
                 prefetch: config.dispatcher_prefetch,
                 shard_prefetch: config.dispatcher_shard_prefetch,
+                writes_in_flight: config.dispatcher_writes_in_flight,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
                 shutdown_drain: Duration::from_secs(config.shutdown_drain_secs),
                 egress: self.egress.clone(),

@@ -18,16 +18,18 @@ pub(super) async fn set(pool: &PgPool, id: &Id, q: &TenantQuotas) -> Result<Tena
         max_subscriptions,
         max_deliveries_per_event,
         max_events_per_second,
+        weight,
     ] = quota_params(q)?;
     let row = sqlx::query(concat!(
         "UPDATE tenants SET max_subscriptions = $2, max_deliveries_per_event = $3, \
-         max_events_per_second = $4, updated_at = now() WHERE id = $1 RETURNING ",
+         max_events_per_second = $4, weight = $5, updated_at = now() WHERE id = $1 RETURNING ",
         tenant_cols!()
     ))
     .bind(id.as_str())
     .bind(max_subscriptions)
     .bind(max_deliveries_per_event)
     .bind(max_events_per_second)
+    .bind(weight)
     .fetch_optional(pool)
     .await
     .db()?;

@@ -278,7 +278,7 @@ impl Clock {
 macro_rules! tenant_cols {
     () => {
         "id, name, metadata, max_subscriptions, max_deliveries_per_event, \
-         max_events_per_second, created_at, updated_at"
+         max_events_per_second, weight, created_at, updated_at"
     };
 }
 

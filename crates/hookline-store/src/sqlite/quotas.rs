@@ -24,10 +24,11 @@ pub(super) async fn set(
         max_subscriptions,
         max_deliveries_per_event,
         max_events_per_second,
+        weight,
     ] = quota_params(q)?;
     let row = sqlx::query(concat!(
         "UPDATE tenants SET max_subscriptions = ?2, max_deliveries_per_event = ?3, \
-         max_events_per_second = ?4, updated_at = ?5 WHERE id = ?1 RETURNING ",
+         max_events_per_second = ?4, weight = ?6, updated_at = ?5 WHERE id = ?1 RETURNING ",
         tenant_cols!()
     ))
     .bind(id.as_str())
@@ -35,6 +36,7 @@ pub(super) async fn set(
     .bind(max_deliveries_per_event)
     .bind(max_events_per_second)
     .bind(now)
+    .bind(weight)
     .fetch_optional(&mut **tx)
     .await
     .db()?;

@@ -148,5 +148,6 @@ fn quotas_from_row(row: &SqliteRow) -> Result<TenantQuotas, sqlx::Error> {
         max_subscriptions: get_opt_u32(row, "max_subscriptions")?,
         max_deliveries_per_event: get_opt_u32(row, "max_deliveries_per_event")?,
         max_events_per_second: get_opt_u32(row, "max_events_per_second")?,
+        weight: get_opt_u32(row, "weight")?,
     })
 }

@@ -1,0 +1,4 @@
+-- Fair delivery (issue 11): a tenant's weight, set by an admin. NULL means 1. Its
+-- deliveries spread over 2 x weight shard queues (hookline_broker::shards).
+ALTER TABLE tenants ADD COLUMN weight INTEGER NULL
+    CHECK (weight IS NULL OR weight BETWEEN 1 AND 16);

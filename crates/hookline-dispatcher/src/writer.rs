@@ -239,7 +239,10 @@ mod tests {
 
     #[async_trait]
     impl DeliveryStore for HeldStore {
-        async fn record_outcomes(&self, _: &[AttemptOutcome]) -> Result<(), StoreError> {
+        async fn record_outcomes(
+            &self,
+            _: &[AttemptOutcome],
+        ) -> Result<Vec<DeliveryJob>, StoreError> {
             {
                 let mut w = self.writing.lock().unwrap();
                 w.0 += 1;
@@ -248,7 +251,10 @@ mod tests {
             self.started.notify_waiters();
             self.release.acquire().await.unwrap().forget();
             self.writing.lock().unwrap().0 -= 1;
-            Ok(())
+            Ok(Vec::new())
+        }
+        async fn may_attempt(&self, _: &Id) -> Result<bool, StoreError> {
+            unimplemented!()
         }
         async fn promote_due_retries(
             &self,

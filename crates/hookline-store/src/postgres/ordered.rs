@@ -19,9 +19,18 @@ use crate::StoreError;
 use crate::codec;
 use crate::error::Db;
 
-/// Ends the heads among `$1` (finished deliveries), returning their subscriptions.
-const END_HEADS: &str =
-    "DELETE FROM ordered_heads WHERE delivery_id = ANY($1) RETURNING subscription_id";
+/// Ends the heads among `$1` (finished deliveries), returning their subscriptions. The
+/// rows are locked in subscription order first, the order a publish's upsert takes them
+/// in, so a batch ending several heads cannot deadlock with a publish to the same ones.
+const END_HEADS: &str = "\
+WITH locked AS (
+    SELECT subscription_id FROM ordered_heads WHERE delivery_id = ANY($1)
+    ORDER BY subscription_id
+    FOR UPDATE
+)
+DELETE FROM ordered_heads h USING locked l
+WHERE h.subscription_id = l.subscription_id AND h.delivery_id = ANY($1)
+RETURNING h.subscription_id";
 
 /// Promotes the lowest waiting delivery of each subscription of `$1` to head: its head row
 /// and its outbox row; returns its job.

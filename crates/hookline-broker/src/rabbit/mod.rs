@@ -121,6 +121,10 @@ impl fmt::Debug for RabbitConfig {
 pub struct RabbitBroker {
     shared: Arc<Shared>,
     manager: Mutex<Option<JoinHandle<()>>>,
+    /// The channel queue depths are read on, kept open between reads (the shard router
+    /// reads every shard's depth several times a second) and opened again after a read
+    /// that closed it (a missing queue) or a reconnection.
+    probe: tokio::sync::Mutex<Option<(Arc<Live>, lapin::Channel)>>,
 }
 
 impl fmt::Debug for RabbitBroker {
@@ -162,6 +166,7 @@ impl RabbitBroker {
             Ok(_) => Ok(Self {
                 shared,
                 manager: Mutex::new(Some(manager)),
+                probe: tokio::sync::Mutex::new(None),
             }),
             Err(error) => {
                 shared.shutdown.cancel();
@@ -227,10 +232,21 @@ impl RabbitBroker {
 
     async fn passive_depth(&self, queue: &str) -> Result<u64, BrokerError> {
         let live = self.shared.current()?;
-        let channel = live
-            .channel()
-            .await
-            .map_err(|e| BrokerError::backend("open a channel", e))?;
+        let mut probe = self.probe.lock().await;
+        let reusable = match &*probe {
+            Some((on, channel)) => Arc::ptr_eq(on, &live) && channel.status().connected(),
+            None => false,
+        };
+        if !reusable {
+            let channel = live
+                .channel()
+                .await
+                .map_err(|e| BrokerError::backend("open a channel", e))?;
+            *probe = Some((live.clone(), channel));
+        }
+        let Some((_, channel)) = probe.as_ref() else {
+            return Err(BrokerError::backend("open a channel", "no probe channel"));
+        };
         let declared = channel
             .queue_declare(
                 short(queue),
@@ -240,10 +256,15 @@ impl RabbitBroker {
                 },
                 FieldTable::default(),
             )
-            .await
-            .map_err(|e| BrokerError::backend(format!("look up queue {queue}"), e))?;
-        let _ = channel.close(200, "OK".into()).await;
-        Ok(u64::from(declared.message_count()))
+            .await;
+        match declared {
+            Ok(declared) => Ok(u64::from(declared.message_count())),
+            Err(e) => {
+                // A missing queue closes the channel: open another next time.
+                *probe = None;
+                Err(BrokerError::backend(format!("look up queue {queue}"), e))
+            }
+        }
     }
 
     /// Publishes with confirms: all messages sent, then all confirms awaited.

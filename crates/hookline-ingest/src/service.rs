@@ -333,8 +333,12 @@ fn responses(outcomes: Vec<InsertOutcome>) -> (Vec<pb::PublishResponse>, Vec<Del
             InsertOutcome::Created {
                 event_id,
                 jobs: created,
+                held,
             } => {
-                let count = u32::try_from(created.len()).unwrap_or(u32::MAX);
+                // Held ones (behind an ordered subscription's head) are created too.
+                let count = u32::try_from(created.len())
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(held);
                 jobs.extend(created);
                 pb::PublishResponse {
                     event_id: event_id.into_string(),

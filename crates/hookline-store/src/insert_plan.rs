@@ -78,9 +78,15 @@ pub(crate) fn assemble(
         let outcome = match plan {
             Plan::RepeatOf(first) => repeat_of(&outcomes[*first]),
             Plan::Insert(deliveries) if stored.events.contains(e.id.as_str()) => {
+                let jobs = first_jobs(new, deliveries, stored);
+                let held = deliveries
+                    .iter()
+                    .filter(|(id, _)| stored.held.contains(id.as_str()))
+                    .count();
                 InsertOutcome::Created {
                     event_id: e.id.clone(),
-                    jobs: first_jobs(new, deliveries, stored),
+                    jobs,
+                    held: u32::try_from(held).unwrap_or(u32::MAX),
                 }
             }
             Plan::Insert(_) => {
@@ -104,9 +110,15 @@ pub(crate) fn assemble(
 /// A repeat within the batch answers what its first event got, as a duplicate.
 fn repeat_of(first: &InsertOutcome) -> InsertOutcome {
     let (event_id, deliveries) = match first {
-        InsertOutcome::Created { event_id, jobs } => (
+        InsertOutcome::Created {
+            event_id,
+            jobs,
+            held,
+        } => (
             event_id.clone(),
-            u32::try_from(jobs.len()).unwrap_or(u32::MAX),
+            u32::try_from(jobs.len())
+                .unwrap_or(u32::MAX)
+                .saturating_add(*held),
         ),
         InsertOutcome::Duplicate {
             event_id,

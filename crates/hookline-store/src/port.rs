@@ -290,6 +290,9 @@ pub enum InsertOutcome {
     Created {
         event_id: Id,
         jobs: Vec<DeliveryJob>,
+        /// Deliveries also created for the event but held behind the head of their
+        /// ordered subscription (no job yet; queued when their turn comes).
+        held: u32,
     },
     /// The tenant already had an event with this idempotency key: nothing was stored.
     Duplicate { event_id: Id, deliveries: u32 },

@@ -77,7 +77,11 @@ async fn publish(
         .expect("insert")
         .into_iter()
         .map(|o| match o {
-            InsertOutcome::Created { jobs, .. } => jobs,
+            InsertOutcome::Created { jobs, held, .. } => {
+                // Every delivery created is counted: queued now (a job) or held.
+                assert_eq!(jobs.len() + held as usize, subs.len());
+                jobs
+            }
             other => panic!("expected Created, got {other:?}"),
         })
         .collect()

@@ -190,7 +190,7 @@ async fn insert_events_stores_events_deliveries_and_outbox_and_returns_jobs(fx: 
     let outcomes = store.insert_events(&batch).await.expect("insert");
     assert_eq!(outcomes.len(), 3);
 
-    let InsertOutcome::Created { event_id, jobs } = &outcomes[0] else {
+    let InsertOutcome::Created { event_id, jobs, .. } = &outcomes[0] else {
         panic!("{:?}", outcomes[0]);
     };
     assert_eq!(event_id, &first.event.id);
@@ -333,7 +333,7 @@ async fn idempotency_keys_report_the_original_event_sequentially_and_within_a_ba
         .await
         .expect("batch");
     assert!(
-        matches!(&outcomes[0], InsertOutcome::Created { event_id, jobs } if event_id == &a.event.id && jobs.len() == 1)
+        matches!(&outcomes[0], InsertOutcome::Created { event_id, jobs, .. } if event_id == &a.event.id && jobs.len() == 1)
     );
     assert_eq!(
         outcomes[1],
@@ -352,7 +352,7 @@ async fn idempotency_keys_report_the_original_event_sequentially_and_within_a_ba
         );
     }
     assert!(
-        matches!(&outcomes[3], InsertOutcome::Created { event_id, jobs } if event_id == &d.event.id && jobs.len() == 1)
+        matches!(&outcomes[3], InsertOutcome::Created { event_id, jobs, .. } if event_id == &d.event.id && jobs.len() == 1)
     );
     assert!(
         matches!(&outcomes[5], InsertOutcome::Created { event_id, .. } if event_id == &f.event.id)
@@ -394,7 +394,7 @@ async fn racing_publishes_with_one_key_store_one_event(fx: &Fixture) {
             let (outcomes, main_at) = task.await.expect("task");
             let outcomes = outcomes.expect("insert");
             match &outcomes[main_at] {
-                InsertOutcome::Created { event_id, jobs } => {
+                InsertOutcome::Created { event_id, jobs, .. } => {
                     created += 1;
                     assert_eq!(jobs.len(), 2);
                     reported.insert(event_id.clone());

@@ -525,7 +525,7 @@ async fn one_shared_pool_serialises_racing_writes_too() {
     let mut named = std::collections::HashSet::new();
     for task in tasks {
         match task.await.expect("task").remove(0) {
-            InsertOutcome::Created { event_id, jobs } => {
+            InsertOutcome::Created { event_id, jobs, .. } => {
                 named.insert(event_id);
                 created.extend(jobs);
             }

@@ -265,9 +265,9 @@ impl Dispatcher {
             None => RegistryChanges::follow(broker.as_ref(), shutdown.clone()).await,
         };
         let follower = cache.clone().follow(&changes, shutdown.clone());
-        let deliveries = ordered::PromotingStore::wrap(deliveries, broker.clone(), events);
         let (writer_tx, writer) = writer::spawn(
             deliveries.clone(),
+            ordered::Promoter::new(broker.clone(), events),
             cfg.write_batch,
             cfg.write_linger,
             cfg.writes_in_flight,

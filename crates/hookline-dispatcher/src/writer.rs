@@ -28,6 +28,7 @@ use tracing::Instrument as _;
 
 use crate::limits::DeferReason;
 use crate::metrics;
+use crate::ordered::Promoter;
 
 /// How long a failing write is retried before its messages go back to the queue.
 const WRITE_RETRY_TOTAL: Duration = Duration::from_secs(15);
@@ -55,12 +56,13 @@ fn count(outcome: &AttemptOutcome, deferred: Option<DeferReason>) {
 /// once. It ends once every sender is dropped and every batch is written.
 pub(crate) fn spawn(
     store: Arc<dyn DeliveryStore>,
+    promoter: Arc<Promoter>,
     batch: usize,
     linger: Duration,
     in_flight: usize,
 ) -> (mpsc::Sender<Settle>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(batch);
-    let handle = tokio::spawn(run(rx, store, batch, linger, in_flight.max(1)));
+    let handle = tokio::spawn(run(rx, store, promoter, batch, linger, in_flight.max(1)));
     (tx, handle)
 }
 
@@ -73,6 +75,7 @@ pub(crate) fn spawn(
 async fn run(
     mut rx: mpsc::Receiver<Settle>,
     store: Arc<dyn DeliveryStore>,
+    promoter: Arc<Promoter>,
     max: usize,
     linger: Duration,
     in_flight: usize,
@@ -100,7 +103,7 @@ async fn run(
                 n = rx.recv_many(&mut batch, room), if room > 0 => if n == 0 { break },
             }
         }
-        writing.spawn(flush(store.clone(), batch));
+        writing.spawn(flush(store.clone(), promoter.clone(), batch));
     }
     while writing.join_next().await.is_some() {}
 }
@@ -108,7 +111,7 @@ async fn run(
 /// Most links from a batch's span to its deliveries (the SDK's default limit).
 const MAX_BATCH_LINKS: usize = 128;
 
-async fn flush(store: Arc<dyn DeliveryStore>, batch: Vec<Settle>) {
+async fn flush(store: Arc<dyn DeliveryStore>, promoter: Arc<Promoter>, batch: Vec<Settle>) {
     let span = tracing::debug_span!(
         parent: None,
         "dispatcher.record_outcomes",
@@ -116,10 +119,14 @@ async fn flush(store: Arc<dyn DeliveryStore>, batch: Vec<Settle>) {
         otel.status_code = tracing::field::Empty,
     );
     hookline_telemetry::link_spans(&span, batch.iter().map(|s| &s.span), MAX_BATCH_LINKS);
-    write(store.as_ref(), batch).instrument(span).await;
+    write(store.as_ref(), &promoter, batch)
+        .instrument(span)
+        .await;
 }
 
-async fn write(store: &dyn DeliveryStore, batch: Vec<Settle>) {
+/// Records a batch, acks (or requeues) its messages, and hands the jobs its commit
+/// promoted (ordered subscriptions) to `promoter`.
+async fn write(store: &dyn DeliveryStore, promoter: &Promoter, batch: Vec<Settle>) {
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut messages = Vec::with_capacity(batch.len());
     let mut deferrals = Vec::with_capacity(batch.len());
@@ -139,7 +146,8 @@ async fn write(store: &dyn DeliveryStore, batch: Vec<Settle>) {
         })
         .await;
     match result {
-        Ok(_) => {
+        Ok(promoted) => {
+            promoter.publish(promoted);
             outcomes
                 .iter()
                 .zip(&deferrals)
@@ -155,7 +163,8 @@ async fn write(store: &dyn DeliveryStore, batch: Vec<Settle>) {
                 .zip(&spans)
             {
                 match store.record_outcomes(std::slice::from_ref(&outcome)).await {
-                    Ok(_) => {
+                    Ok(promoted) => {
+                        promoter.publish(promoted);
                         count(&outcome, deferred);
                         settled("ack", message.ack().await);
                     }
@@ -354,7 +363,13 @@ mod tests {
             writing: Mutex::new((0, 0)),
         });
         let acks = Arc::new(Mutex::new(0));
-        let (tx, writer) = spawn(store.clone(), 4, Duration::ZERO, 2);
+        let (tx, writer) = spawn(
+            store.clone(),
+            Arc::new(Promoter { target: None }),
+            4,
+            Duration::ZERO,
+            2,
+        );
         // While the first batch's write is held, a second batch starts its own.
         tx.send(settle(&acks)).await.unwrap();
         until_writing(&store, 1).await;

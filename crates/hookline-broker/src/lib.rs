@@ -394,6 +394,14 @@ pub trait Broker: Send + Sync + 'static {
     async fn oldest_published_ms(&self, _queue: QueueName) -> Result<Option<i64>, BrokerError> {
         Ok(None)
     }
+
+    /// Messages this process knows to be waiting in the shard queues of both kinds, from
+    /// memory: `None` from an adapter; the [`shards::ShardRouter`] answers from the depth
+    /// snapshot it keeps for routing (read every [`shards::REFRESH_INTERVAL`], plus what
+    /// it routed since), so nothing else needs to read the depths again.
+    fn known_backlog(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Errors of the queue port. Messages say what happened and what it means

@@ -137,6 +137,16 @@ impl Backlog {
             .saturating_add(self.routed[k][s].load(Ordering::Relaxed))
     }
 
+    /// The known backlog of every shard of both kinds.
+    fn total(&self) -> u64 {
+        QueueKind::ALL
+            .into_iter()
+            .flat_map(|kind| (0..self.shards).map(move |shard| (kind, shard)))
+            .fold(0u64, |sum, (kind, shard)| {
+                sum.saturating_add(self.known(kind, shard))
+            })
+    }
+
     fn routed(&self, kind: QueueKind, shard: u16) {
         self.routed[kind_index(kind)][usize::from(shard)].fetch_add(1, Ordering::Relaxed);
     }
@@ -366,6 +376,11 @@ impl Broker for ShardRouter {
 
     async fn oldest_published_ms(&self, queue: QueueName) -> Result<Option<i64>, BrokerError> {
         self.inner.oldest_published_ms(queue).await
+    }
+
+    fn known_backlog(&self) -> Option<u64> {
+        self.ensure_refreshing();
+        Some(self.backlog.total())
     }
 }
 

@@ -15,6 +15,6 @@ mod rate;
 mod schemas;
 mod service;
 
-pub use backlog::{BacklogLimit, read_backlog};
+pub use backlog::BacklogLimit;
 pub use matcher::{Matched, SubscriptionMatcher};
 pub use service::{IngestApi, IngestConfig};

@@ -298,7 +298,7 @@ pub async fn open_broker(
     store: &AnyStore,
     connection_name: String,
 ) -> anyhow::Result<Arc<dyn Broker>> {
-    let broker: Arc<dyn Broker> = match (mode, &store.adapter) {
+    Ok(match (mode, &store.adapter) {
         (Mode::Distributed { amqp_url, .. }, _) => {
             let mut rabbit = RabbitConfig::new(amqp_url.clone(), config.queue_prefix.clone());
             rabbit.connection_name = connection_name;
@@ -322,6 +322,5 @@ pub async fn open_broker(
         (Mode::Embedded { .. }, Adapter::Postgres(_)) => {
             bail!("the embedded queue needs the embedded (SQLite) store")
         }
-    };
-    Ok(broker)
+    })
 }

@@ -102,7 +102,7 @@ fn backlogs() {
     );
     describe_gauge!(
         "hookline_delivery_backlog",
-        "Messages waiting in every work queue (both kinds, every shard), as ingest's backlog limit reads it every 0.5 s (only when ingest_max_backlog is set)."
+        "Messages waiting in the shard queues (both kinds), as ingest's backlog limit read it at its latest publish (only when ingest_max_backlog is set)."
     );
     describe_counter!(
         "hookline_publishes_refused_total",

@@ -394,9 +394,7 @@ impl Wiring<'_> {
         let api = match self.config.ingest_max_backlog {
             0 => api,
             limit => {
-                let limit = BacklogLimit::new(limit);
-                tasks.push(limit.watch(self.broker.clone(), self.shutdown.clone()));
-                api.with_backlog_limit(limit)
+                api.with_backlog_limit(Arc::new(BacklogLimit::new(limit, self.broker.clone())))
             }
         };
         // A stop waits for publishes still storing or queueing, hung up or not.

@@ -31,27 +31,6 @@ const SETTINGS: &[(&str, &str)] = &[
     ("HOOKLINE_QUOTA_EVENTS_PER_SECOND", "100000"),
 ];
 
-async fn subscribe(t: &mut TenantServer, receiver: &Receiver, tenant: &str, name: &str) {
-    let url = receiver.endpoint(name, Behavior::Slow(40));
-    let res = t
-        .registry
-        .create_subscription(authed(
-            pb::CreateSubscriptionRequest {
-                subscription: Some(pb::Subscription {
-                    tenant_id: tenant.to_owned(),
-                    url,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            &t.admin,
-        ))
-        .await
-        .expect("create a subscription")
-        .into_inner();
-    receiver.set_secret(name, &res.secret);
-}
-
 fn event(tenant: &str, n: usize) -> pb::PublishRequest {
     pb::PublishRequest {
         tenant_id: tenant.to_owned(),
@@ -85,8 +64,10 @@ async fn a_backlog_does_not_delay_another_tenant(backend: Backend) {
     let receiver = Receiver::start().await;
     let a = t.tenant.clone();
     let b = tenant_b(&t, &a).await;
-    subscribe(&mut t, &receiver, &a, "noisy").await;
-    subscribe(&mut t, &receiver, &b, "quiet").await;
+    t.subscribe_receiver(&a, &receiver, "noisy", Behavior::Slow(40))
+        .await;
+    t.subscribe_receiver(&b, &receiver, "quiet", Behavior::Slow(40))
+        .await;
 
     for chunk in (0..A_EVENTS).collect::<Vec<_>>().chunks(1000) {
         let events = chunk.iter().map(|n| event(&a, *n)).collect();

@@ -32,7 +32,9 @@ const WAIT: Duration = Duration::from_secs(90);
 async fn publishes_whose_callers_hang_up_are_queued_at_once(backend: Backend) {
     let mut t = TenantServer::start(backend, &[]).await;
     let receiver = Receiver::start().await;
-    subscribe(&mut t, &receiver, "hangup").await;
+    let tenant = t.tenant.clone();
+    t.subscribe_receiver(&tenant, &receiver, "hangup", Behavior::Ok)
+        .await;
 
     let (answered, hung_up) = publish_and_hang_up(&t).await;
     eprintln!("{answered} calls answered, {hung_up} dropped by their callers");
@@ -120,26 +122,6 @@ async fn publish_and_hang_up(t: &TenantServer) -> (usize, usize) {
         totals = (totals.0 + a, totals.1 + h);
     }
     totals
-}
-
-async fn subscribe(t: &mut TenantServer, receiver: &Receiver, name: &str) {
-    let created = t
-        .registry
-        .create_subscription(authed(
-            pb::CreateSubscriptionRequest {
-                subscription: Some(pb::Subscription {
-                    tenant_id: t.tenant.clone(),
-                    url: receiver.endpoint(name, Behavior::Ok),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            &t.admin,
-        ))
-        .await
-        .expect("create a subscription")
-        .into_inner();
-    receiver.set_secret(name, &created.secret);
 }
 
 /// How many events the tenant has, read back with `ListEvents`.

@@ -2,11 +2,13 @@
 //! clients: the start most end-to-end tests share. Tests add their own helpers in an
 //! `impl TenantServer` block of their own.
 
+use hookline_proto::v1 as pb;
 use hookline_proto::v1::ingest_service_client::IngestServiceClient;
 use hookline_proto::v1::registry_service_client::RegistryServiceClient;
 use tonic::transport::Channel;
 
-use super::{Backend, Env, Server};
+use super::receiver::{Behavior, Receiver};
+use super::{Backend, Env, Server, authed};
 
 pub struct TenantServer {
     pub env: Env,
@@ -33,6 +35,34 @@ impl TenantServer {
             registry: RegistryServiceClient::new(channel.clone()),
             ingest: IngestServiceClient::new(channel).max_decoding_message_size(8 << 20),
         }
+    }
+
+    /// Creates a subscription of `tenant` to `receiver`'s endpoint `name`, which answers
+    /// as `behavior` and checks signatures with the subscription's secret.
+    pub async fn subscribe_receiver(
+        &mut self,
+        tenant: &str,
+        receiver: &Receiver,
+        name: &str,
+        behavior: Behavior,
+    ) {
+        let created = self
+            .registry
+            .create_subscription(authed(
+                pb::CreateSubscriptionRequest {
+                    subscription: Some(pb::Subscription {
+                        tenant_id: tenant.to_owned(),
+                        url: receiver.endpoint(name, behavior),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                &self.admin,
+            ))
+            .await
+            .expect("create a subscription")
+            .into_inner();
+        receiver.set_secret(name, &created.secret);
     }
 
     /// Stops the server, requires a clean exit, and drops the test's database.

@@ -223,29 +223,29 @@ impl ShardRouter {
         self
     }
 
-    /// The shard queue a message of `kind` of a tenant of `weight` goes to now (and
+    /// The shard queue of `hand` (its tenant's) a message of `kind` goes to now (and
     /// counts it as routed there).
-    pub fn route(&self, kind: QueueKind, message: &OutgoingMessage, weight: u32) -> QueueName {
-        let header = |name: &str| message.headers.get(name).map_or("", String::as_str);
-        let hand = hand(header(H_TENANT), weight, self.backlog.shards);
-        let shard = pick(&hand, header(H_SUBSCRIPTION), |shard| {
-            self.backlog.known(kind, shard)
-        });
+    pub fn route(&self, kind: QueueKind, message: &OutgoingMessage, hand: &[u16]) -> QueueName {
+        let subscription = message
+            .headers
+            .get(H_SUBSCRIPTION)
+            .map_or("", String::as_str);
+        let shard = pick(hand, subscription, |shard| self.backlog.known(kind, shard));
         self.backlog.routed(kind, shard);
         QueueName::Shard(kind, shard)
     }
 
-    /// The weight of every tenant of the batch, looked up once each.
-    async fn weights_of(&self, messages: &[OutgoingMessage]) -> Vec<(String, u32)> {
-        let mut weights: Vec<(String, u32)> = Vec::new();
+    /// The hand of every tenant of the batch, its weight looked up once each.
+    async fn hands_of(&self, messages: &[OutgoingMessage]) -> Vec<(String, Vec<u16>)> {
+        let mut hands: Vec<(String, Vec<u16>)> = Vec::new();
         for message in messages {
             let tenant = message.headers.get(H_TENANT).map_or("", String::as_str);
-            if !weights.iter().any(|(t, _)| t == tenant) {
+            if !hands.iter().any(|(t, _)| t == tenant) {
                 let weight = self.weights.weight(tenant).await;
-                weights.push((tenant.to_owned(), weight));
+                hands.push((tenant.to_owned(), hand(tenant, weight, self.backlog.shards)));
             }
         }
-        weights
+        hands
     }
 
     /// Starts the background depth refresh, once.
@@ -311,18 +311,17 @@ impl Broker for ShardRouter {
             .unwrap_or_default()
             .as_millis()
             .to_string();
-        let weights = self.weights_of(&messages).await;
+        let hands = self.hands_of(&messages).await;
         let mut groups: Vec<(QueueName, Vec<OutgoingMessage>)> = Vec::new();
         for mut message in messages {
             message
                 .headers
                 .insert(H_PUBLISHED_MS.to_owned(), now.clone());
             let tenant = message.headers.get(H_TENANT).map_or("", String::as_str);
-            let weight = weights
-                .iter()
-                .find(|(t, _)| t == tenant)
-                .map_or(1, |(_, w)| *w);
-            let shard = self.route(kind, &message, weight);
+            let shard = match hands.iter().find(|(t, _)| t == tenant) {
+                Some((_, hand)) => self.route(kind, &message, hand),
+                None => self.route(kind, &message, &hand(tenant, 1, self.backlog.shards)),
+            };
             match groups.iter_mut().find(|(q, _)| *q == shard) {
                 Some((_, group)) => group.push(message),
                 None => groups.push((shard, vec![message])),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hookline_core::client_cert::ClientIdentity;
 use hookline_core::model::{
     Attempt, DeliveryStatus, ErrorClass, Ordering, PayloadFormat, RESPONSE_EXCERPT_LIMIT,
-    SubscriptionState,
+    SubscriptionSecret, SubscriptionState,
 };
 use hookline_core::quota::TenantQuotas;
 use hookline_core::{Id, IdKind};
@@ -122,6 +122,16 @@ pub(crate) fn count_u32(count: i64) -> u32 {
 // ---------------------------------------------------------------------------------------------
 // Decoding
 // ---------------------------------------------------------------------------------------------
+
+/// Secrets keyed by their subscription (each has at most one current secret).
+pub(crate) fn by_subscription(
+    secrets: Vec<SubscriptionSecret>,
+) -> std::collections::HashMap<Id, SubscriptionSecret> {
+    secrets
+        .into_iter()
+        .map(|s| (s.subscription_id.clone(), s))
+        .collect()
+}
 
 pub(crate) fn decode_error(column: &str, message: String) -> sqlx::Error {
     sqlx::Error::ColumnDecode {

@@ -5,14 +5,14 @@
 
 mod support;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use chrono::{TimeDelta, Utc};
 use hookline_core::job::DeliveryJob;
 use hookline_core::model::{Attempt, DeliveryStatus, Event, Ordering, SubscriptionState};
 use hookline_core::{Id, IdKind};
 use hookline_store::{AttemptOutcome, InsertOutcome, NewEvent, NextStep};
-use support::{Backend, Fixture, Store};
+use support::{Backend, Fixture, Store, tenant};
 
 on_both_backends! {
     current_thread only_the_head_is_queued_and_its_end_promotes_the_next(3);
@@ -26,15 +26,6 @@ on_both_backends! {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-async fn tenant(store: &dyn Store) -> Id {
-    let id = Id::new(IdKind::Tenant);
-    store
-        .create_tenant(&id, "t", &BTreeMap::new())
-        .await
-        .expect("create tenant");
-    id
-}
 
 async fn subscription(store: &dyn Store, tenant_id: &Id, ordering: Ordering) -> Id {
     let mut new = support::new_subscription(tenant_id);

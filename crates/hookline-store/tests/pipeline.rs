@@ -19,7 +19,7 @@ use hookline_store::{
     AttemptOutcome, DeliveryFilter, EventFilter, InsertOutcome, NewEvent, NewSubscription,
     NextStep, PageRequest, StoreError,
 };
-use support::{Backend, Fixture, Store};
+use support::{Backend, Fixture, Store, tenant};
 
 on_both_backends! {
     current_thread insert_events_stores_events_deliveries_and_outbox_and_returns_jobs(3);
@@ -43,15 +43,6 @@ on_both_backends! {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-async fn tenant(store: &dyn Store) -> Id {
-    let id = Id::new(IdKind::Tenant);
-    store
-        .create_tenant(&id, "t", &BTreeMap::new())
-        .await
-        .expect("create tenant");
-    id
-}
 
 async fn subscription(store: &dyn Store, tenant_id: &Id) -> Id {
     let id = Id::new(IdKind::Subscription);

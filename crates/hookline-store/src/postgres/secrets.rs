@@ -33,11 +33,10 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await
         .db()?;
-        let secrets = map_rows(&rows, secret_from_row)?;
-        Ok(secrets
-            .into_iter()
-            .map(|s| (s.subscription_id.clone(), s))
-            .collect())
+        Ok(crate::codec::by_subscription(map_rows(
+            &rows,
+            secret_from_row,
+        )?))
     }
 
     pub(super) async fn live_secrets_of(

@@ -334,6 +334,16 @@ macro_rules! on_both_backends {
 
 /// An enabled subscription of `tenant_id` to a receiver URL, with a fixed secret and no
 /// client certificate: what a test needs when the subscription itself is not the point.
+/// Creates a tenant named `t` and returns its id.
+pub async fn tenant(store: &dyn Store) -> Id {
+    let id = Id::new(IdKind::Tenant);
+    store
+        .create_tenant(&id, "t", &BTreeMap::new())
+        .await
+        .expect("create tenant");
+    id
+}
+
 pub fn new_subscription(tenant_id: &Id) -> NewSubscription {
     let id = Id::new(IdKind::Subscription);
     NewSubscription {

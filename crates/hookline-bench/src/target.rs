@@ -75,6 +75,12 @@ impl Target {
         }
     }
 
+    /// The maintenance URL and the name of a spawned server's fresh PostgreSQL database.
+    pub fn fresh_database(&self) -> Option<(&str, &str)> {
+        let db = self.spawned.as_ref()?.fresh_db.as_ref()?;
+        Some((db.admin_url.as_str(), db.name.as_str()))
+    }
+
     /// Stops a spawned server and removes what the run made, unless `cleanup` is false.
     /// Returns notes for people; cleanup problems are notes, not errors.
     pub async fn finish(&mut self, cleanup: bool, tenant: Option<&str>) -> Vec<String> {

@@ -15,6 +15,7 @@
 pub mod h2load;
 pub mod nginx;
 pub mod report;
+pub mod statements;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +24,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 
 use self::nginx::{LogTally, Nginx};
 use self::report::{ExternalConfig, ExternalDeliveries, ExternalOutput, ExternalReport, Medians};
+use self::statements::Statements;
 use crate::procstat::{self, Snapshot, Watched};
 use crate::report::{Percentiles, ProcessInfo, TargetInfo};
 use crate::scenario::{Layout, Plan};
@@ -178,6 +180,15 @@ async fn load_and_drain(
         rate: config.rate,
     };
     let mut tally = LogTally::new(nginx.log.clone());
+    let mut notes = Vec::new();
+    let statements = target
+        .fresh_database()
+        .map(|(admin, name)| Statements::new(admin, name));
+    if let Some(s) = &statements
+        && let Err(e) = s.reset().await
+    {
+        notes.push(format!("no per-statement costs (pg_stat_statements): {e}"));
+    }
     let before = Snapshot::take(&watched);
     let (start, start_ms) = (Instant::now(), unix_ms());
     let load = h2load::run(&spec).await?;
@@ -196,7 +207,13 @@ async fn load_and_drain(
     let deliveries = deliveries(&tally, expected, complete, start_ms, publish_end_ms);
     let (processes, machine) = processes(&before, &after, tally.delivered());
     let (all, system) = cpu_sums(&processes);
-    let mut notes = Vec::new();
+    let statements = match &statements {
+        Some(s) if notes.is_empty() => s.read(tally.delivered()).await.unwrap_or_else(|e| {
+            notes.push(format!("no per-statement costs (pg_stat_statements): {e}"));
+            Vec::new()
+        }),
+        _ => Vec::new(),
+    };
     if tally.delivered() > expected {
         notes.push(format!(
             "{} deliveries more than the server's hookline_deliveries_created_total: publishes committed after their caller (h2load, at the end of its duration) hung up",
@@ -221,6 +238,7 @@ async fn load_and_drain(
         processes,
         cpu_us_per_delivery_all: all,
         cpu_us_per_delivery_system: system,
+        statements,
         machine,
         notes,
     })

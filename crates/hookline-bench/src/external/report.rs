@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::h2load::LoadResult;
+use super::statements::StatementCost;
 use crate::report::{MachineInfo, Percentiles, ProcessInfo, TargetInfo, thousands};
 
 /// The label every external-mode report carries.
@@ -75,6 +76,8 @@ pub struct ExternalReport {
     /// Server, PostgreSQL and RabbitMQ only, µs per delivery.
     pub cpu_us_per_delivery_system: Option<f64>,
     pub server_peak_rss_mib: Option<f64>,
+    /// PostgreSQL's costliest statements of the run (pg_stat_statements), when readable.
+    pub statements: Vec<StatementCost>,
     pub machine: Option<MachineInfo>,
     pub notes: Vec<String>,
 }
@@ -196,6 +199,7 @@ impl ExternalReport {
         );
         self.render_deliveries(&mut o);
         self.render_resources(&mut o);
+        self.render_statements(&mut o);
         for n in &self.notes {
             let _ = writeln!(o, "  note        {n}");
         }
@@ -227,6 +231,23 @@ impl ExternalReport {
             if d.all_within_2s { "yes" } else { "no" }
         );
         let _ = writeln!(o, "  accepted → receiver ms  {}", d.latency_ms.line());
+    }
+
+    fn render_statements(&self, o: &mut String) {
+        if self.statements.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "  PostgreSQL statements (pg_stat_statements; execution only): exec µs per delivery, calls per 1k deliveries, rows per call"
+        );
+        for s in &self.statements {
+            let _ = writeln!(
+                o,
+                "    {:>7.1} µs {:>8.1} {:>8.1}  {}",
+                s.exec_us_per_delivery, s.calls_per_1k_deliveries, s.rows_per_call, s.query
+            );
+        }
     }
 
     fn render_resources(&self, o: &mut String) {

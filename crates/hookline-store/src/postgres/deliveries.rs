@@ -182,6 +182,7 @@ async fn read_tallies(
     attempt_ids: &[&str],
 ) -> Result<HashMap<String, Tally>, StoreError> {
     let existing: Vec<String> = sqlx::query_scalar(LOCK_DELIVERIES)
+        .persistent(false)
         .bind(ids)
         .fetch_all(&mut **tx)
         .await
@@ -190,6 +191,7 @@ async fn read_tallies(
         return Ok(HashMap::new());
     }
     let rows = sqlx::query(READ_DELIVERIES)
+        .persistent(false)
         .bind(&existing)
         .bind(attempt_ids)
         .fetch_all(&mut **tx)
@@ -269,6 +271,7 @@ impl<'a> OutcomeArrays<'a> {
 
     async fn write(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
         sqlx::query(WRITE_OUTCOMES)
+            .persistent(false)
             .bind(&self.a_ids)
             .bind(&self.a_deliveries)
             .bind(&self.a_numbers)
@@ -392,6 +395,7 @@ impl DeliveryStore for PgStore {
             return Ok(Vec::new());
         }
         let rows = sqlx::query(PROMOTE)
+            .persistent(false)
             .bind(now)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
@@ -410,6 +414,7 @@ impl DeliveryStore for PgStore {
 
         let mut tx = self.pool.begin().await.db()?;
         let existing: HashSet<String> = sqlx::query_scalar::<_, String>(LOCK_DELIVERIES)
+            .persistent(false)
             .bind(&sorted)
             .fetch_all(&mut *tx)
             .await
@@ -419,6 +424,7 @@ impl DeliveryStore for PgStore {
         // On NotFound, dropping the transaction rolls it back: nothing changes.
         all_found("delivery", ids.iter().map(Id::as_str), &existing)?;
         let rows = sqlx::query(REQUEUE)
+            .persistent(false)
             .bind(&sorted)
             .fetch_all(&mut *tx)
             .await

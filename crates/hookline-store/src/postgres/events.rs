@@ -255,6 +255,7 @@ impl<'a> Arrays<'a> {
             return Ok(());
         }
         let rows = sqlx::query(FIND_BY_KEYS)
+            .persistent(false)
             .bind(&k_tenants)
             .bind(&k_keys)
             .fetch_all(pool)
@@ -348,6 +349,7 @@ impl EventStore for PgStore {
                 JOIN events e ON e.id = d.event_id \
              ORDER BY l.created_at, d.id"
         ))
+        .persistent(false)
         .bind(older_than)
         .bind(i64::from(limit))
         .bind(lease_until)

@@ -18,6 +18,14 @@
 //!   milliseconds, `u32` an `integer`;
 //! * violated constraints are read by name and become [`StoreError::Conflict`] (unique) or
 //!   [`StoreError::NotFound`] (a foreign key to something that is not there).
+//! * statements that look up rows of a table that grows (`deliveries`, `events`, the
+//!   outbox and the retry schedule) by an array of keys are sent `persistent(false)`, so
+//!   PostgreSQL plans them afresh with the table's current size each time. A prepared
+//!   statement's generic plan is kept until the next ANALYZE: one planned while the table
+//!   was small (a new database, the first minute of a benchmark) scans every row of it on
+//!   each call, and a batch's cost grew with the table (docs/BENCHMARKS.md, pass 4). The
+//!   hottest insert (`insert_events`) joins only its own input and `subscriptions`, and
+//!   stays prepared.
 
 use std::time::Duration;
 

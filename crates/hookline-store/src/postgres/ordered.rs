@@ -88,6 +88,7 @@ pub(super) async fn advance(
         return Ok(Vec::new());
     }
     let rows = sqlx::query(PROMOTE_NEXT)
+        .persistent(false)
         .bind(&subscriptions)
         .fetch_all(&mut **tx)
         .await

@@ -85,6 +85,14 @@ impl Fixture {
         self.store.clone()
     }
 
+    /// The PostgreSQL store's pool (None on SQLite), for a look behind the port.
+    pub fn pg_pool(&self) -> Option<&sqlx::PgPool> {
+        match &self.inner {
+            Inner::Postgres { store, .. } => Some(store.pool()),
+            Inner::Sqlite { .. } => None,
+        }
+    }
+
     pub fn backend(&self) -> Backend {
         match self.inner {
             Inner::Postgres { .. } => Backend::Postgres,

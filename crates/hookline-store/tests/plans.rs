@@ -18,7 +18,6 @@ use hookline_core::job::DeliveryJob;
 use hookline_core::model::{Attempt, Event};
 use hookline_core::{Id, IdKind};
 use hookline_store::port::{AttemptOutcome, InsertOutcome, NewEvent, NextStep};
-use hookline_store::{DeliveryStore, EventStore, RegistryStore};
 use sqlx::PgPool;
 use support::{Backend, Fixture, new_subscription, tenant};
 

@@ -2,8 +2,11 @@
 //!
 //! One transaction per batch (up to `write_batch` outcomes, or whatever arrived within
 //! `write_linger` of the first) is where the throughput is: a commit per delivery would
-//! cap the dispatcher at the database's commit rate. Up to `writes_in_flight` batches are
-//! written at once, so the round trips of one do not stall the next. A message is acked only after its
+//! cap the dispatcher at the database's commit rate. While a batch is being written the
+//! next one keeps growing, and starts when that write ends (group commit: one transaction
+//! for everything that arrived meanwhile) or once it is full; so up to `writes_in_flight`
+//! full batches are written at once, and a partial one never waits behind a full one. A
+//! message is acked only after its
 //! outcome is committed. A failing write is retried with backoff for a bounded time;
 //! then the messages are put back on the queue, so nothing is lost (the attempt is made
 //! again). A batch the database refuses outright is written outcome by outcome, so one
@@ -66,12 +69,14 @@ pub(crate) fn spawn(
     (tx, handle)
 }
 
-/// Collects batches and writes each in a task of its own, several at once: one
-/// transaction's round trips no longer hold back the outcomes that arrive meanwhile.
-/// With every slot taken, the next batch grows until one frees (up to `max`). Each
-/// batch's messages are acked after its own commit; batches are independent (a
-/// delivery's next attempt is only queued after its outcome is durable, and the store
-/// locks the deliveries a batch changes).
+/// Collects batches and writes each in a task of its own. A batch starts at once when
+/// nothing is being written; otherwise it grows until a write ends, or until it is full
+/// (`max`) and one of the `in_flight` slots is free. Starting a partial batch beside a
+/// write in flight would halve the batches and double the transactions per outcome
+/// (docs/BENCHMARKS.md, pass 4); waiting for a full one would stall a burst. Each batch's
+/// messages are acked after its own commit; batches are independent (a delivery's next
+/// attempt is only queued after its outcome is durable, and the store locks the
+/// deliveries a batch changes).
 async fn run(
     mut rx: mpsc::Receiver<Settle>,
     store: Arc<dyn DeliveryStore>,
@@ -94,12 +99,12 @@ async fn run(
                 Ok(_) => {}
             }
         }
-        // Every slot taken: wait for one, taking in what arrives meanwhile.
-        while writing.len() >= in_flight {
+        // Writes in flight: grow until one ends, or until full with a slot free.
+        while !writing.is_empty() && (batch.len() < max || writing.len() >= in_flight) {
             let room = max - batch.len();
             tokio::select! {
                 biased;
-                _ = writing.join_next() => {}
+                _ = writing.join_next() => break,
                 n = rx.recv_many(&mut batch, room), if room > 0 => if n == 0 { break },
             }
         }
@@ -244,14 +249,17 @@ mod tests {
         release: Semaphore,
         started: Notify,
         writing: Mutex<(usize, usize)>,
+        /// The size of each batch, in the order their writes started.
+        sizes: Mutex<Vec<usize>>,
     }
 
     #[async_trait]
     impl DeliveryStore for HeldStore {
         async fn record_outcomes(
             &self,
-            _: &[AttemptOutcome],
+            outcomes: &[AttemptOutcome],
         ) -> Result<Vec<DeliveryJob>, StoreError> {
+            self.sizes.lock().unwrap().push(outcomes.len());
             {
                 let mut w = self.writing.lock().unwrap();
                 w.0 += 1;
@@ -356,39 +364,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn several_batches_are_written_at_once_up_to_the_bound() {
+    async fn a_batch_grows_while_a_write_is_in_flight_and_full_ones_run_side_by_side() {
         let store = Arc::new(HeldStore {
             release: Semaphore::new(0),
             started: Notify::new(),
             writing: Mutex::new((0, 0)),
+            sizes: Mutex::new(Vec::new()),
         });
         let acks = Arc::new(Mutex::new(0));
         let (tx, writer) = spawn(
             store.clone(),
             Arc::new(Promoter { target: None }),
-            4,
+            2,
             Duration::ZERO,
             2,
         );
-        // While the first batch's write is held, a second batch starts its own.
+        // Nothing in flight: the first outcome is written at once, alone.
         tx.send(settle(&acks)).await.unwrap();
         until_writing(&store, 1).await;
+        // While it is held, the next batch grows instead of starting beside it, and
+        // starts in the free slot once full.
+        tx.send(settle(&acks)).await.unwrap();
         tx.send(settle(&acks)).await.unwrap();
         until_writing(&store, 2).await;
-        // With both slots taken, what arrives waits, gathered into one batch.
-        for _ in 0..3 {
-            tx.send(settle(&acks)).await.unwrap();
-        }
+        // With both slots taken, the next one waits for a write to end.
+        tx.send(settle(&acks)).await.unwrap();
         assert_eq!(
             *acks.lock().unwrap(),
             0,
             "nothing is acked before its commit"
         );
-        // Three writes in all: the two held, then the one gathered batch.
         drop(tx);
         store.release.add_permits(3);
         writer.await.unwrap();
-        assert_eq!(*acks.lock().unwrap(), 5, "every message acked once written");
+        assert_eq!(*acks.lock().unwrap(), 4, "every message acked once written");
+        assert_eq!(
+            *store.sizes.lock().unwrap(),
+            vec![1, 2, 1],
+            "the second batch grew to full while the first was written"
+        );
         assert_eq!(
             store.writing.lock().unwrap().1,
             2,

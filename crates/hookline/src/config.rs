@@ -47,7 +47,8 @@ pub struct Config {
     /// Every process of an installation must use the same value; lowering it is safe
     /// (dispatchers keep consuming the higher shards while they exist or hold messages).
     pub delivery_shards: u16,
-    /// Batches of attempt outcomes a dispatcher writes at once (1 to 16).
+    /// Full batches of attempt outcomes a dispatcher writes at once (1 to 16); a partial
+    /// batch waits for a write in flight to end, growing meanwhile.
     pub dispatcher_writes_in_flight: usize,
     /// Timeout of one webhook request, in milliseconds.
     pub request_timeout_ms: u64,

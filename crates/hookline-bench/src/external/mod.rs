@@ -181,14 +181,7 @@ async fn load_and_drain(
     };
     let mut tally = LogTally::new(nginx.log.clone());
     let mut notes = Vec::new();
-    let statements = target
-        .fresh_database()
-        .map(|(admin, name)| Statements::new(admin, name));
-    if let Some(s) = &statements
-        && let Err(e) = s.reset().await
-    {
-        notes.push(format!("no per-statement costs (pg_stat_statements): {e}"));
-    }
+    let statements = start_statements(target, &mut notes).await;
     let before = Snapshot::take(&watched);
     let (start, start_ms) = (Instant::now(), unix_ms());
     let load = h2load::run(&spec).await?;
@@ -208,11 +201,11 @@ async fn load_and_drain(
     let (processes, machine) = processes(&before, &after, tally.delivered());
     let (all, system) = cpu_sums(&processes);
     let statements = match &statements {
-        Some(s) if notes.is_empty() => s.read(tally.delivered()).await.unwrap_or_else(|e| {
+        Some(s) => s.read(tally.delivered()).await.unwrap_or_else(|e| {
             notes.push(format!("no per-statement costs (pg_stat_statements): {e}"));
             Vec::new()
         }),
-        _ => Vec::new(),
+        None => Vec::new(),
     };
     if tally.delivered() > expected {
         notes.push(format!(
@@ -242,6 +235,20 @@ async fn load_and_drain(
         machine,
         notes,
     })
+}
+
+/// PostgreSQL's statement counters of a spawned run's database, reset now; None (and a
+/// note saying why, unless the run has no database of its own) when they cannot be read.
+async fn start_statements(target: &Target, notes: &mut Vec<String>) -> Option<Statements> {
+    let (admin, name) = target.fresh_database()?;
+    let statements = Statements::new(admin, name);
+    match statements.reset().await {
+        Ok(()) => Some(statements),
+        Err(e) => {
+            notes.push(format!("no per-statement costs (pg_stat_statements): {e}"));
+            None
+        }
+    }
 }
 
 /// Waits until the access log holds as many deliveries as the server created, or the

@@ -585,48 +585,22 @@ pub(crate) fn resources(
     after: &Snapshot,
     delivered: u64,
 ) -> (Vec<ProcessInfo>, Option<MachineInfo>) {
-    let measured = after.at.duration_since(before.at).as_secs_f64().max(1e-9);
-    let tps = procstat::ticks_per_second();
-    let per_delivery = |cpu_s: f64| (delivered > 0).then(|| cpu_s * 1e6 / delivered as f64);
-    let proc_info = |label: String, before: Option<u64>, after: Option<u64>, rss: Option<u64>| {
-        let cpu_s = before
-            .zip(after)
-            .map(|(b, a)| a.saturating_sub(b) as f64 / tps);
-        ProcessInfo {
-            label,
-            cpu_s,
-            cpu_pct_of_core: cpu_s.map(|s| s / measured * 100.0),
-            cpu_us_per_delivery: cpu_s.and_then(per_delivery),
-            peak_rss_mib: rss.map(|k| k as f64 / 1024.0),
-        }
-    };
+    let row = |label: String, ticks, rss| process_row(label, ticks, rss, before, after, delivered);
     let mut processes = Vec::new();
     for (w, cpu_before, _) in &before.watched {
         let end = after.watched.iter().find(|(a, _, _)| a.pid == w.pid);
-        processes.push(proc_info(
-            w.label.clone(),
-            *cpu_before,
-            end.and_then(|a| a.1),
-            end.and_then(|a| a.2),
-        ));
+        let ticks = (*cpu_before, end.and_then(|a| a.1));
+        processes.push(row(w.label.clone(), ticks, end.and_then(|a| a.2)));
     }
-    processes.push(proc_info(
-        format!(
-            "hookline bench: publishers + receiver (pid {})",
-            std::process::id()
-        ),
-        before.bench.0,
-        after.bench.0,
-        after.bench.1,
-    ));
+    let bench = format!(
+        "hookline bench: publishers + receiver (pid {})",
+        std::process::id()
+    );
+    processes.push(row(bench, (before.bench.0, after.bench.0), after.bench.1));
     let group = |label: &str, b: Option<procstat::GroupCpu>, a: Option<procstat::GroupCpu>| {
         a.map(|a| {
-            proc_info(
-                format!("{label} ({} processes, whole machine)", a.processes),
-                b.map(|b| b.ticks),
-                Some(a.ticks),
-                None,
-            )
+            let label = format!("{label} ({} processes, whole machine)", a.processes);
+            row(label, (b.map(|b| b.ticks), Some(a.ticks)), None)
         })
     };
     processes.extend(group(
@@ -639,11 +613,37 @@ pub(crate) fn resources(
         before.rabbitmq,
         after.rabbitmq,
     ));
-    (processes, machine(before, after, tps))
+    (processes, machine(before, after))
+}
+
+/// One row of the process table: CPU ticks at `before` and `after` (per second, per
+/// core and per delivery over the time between the snapshots) and a peak RSS in KiB.
+pub(crate) fn process_row(
+    label: String,
+    (ticks_before, ticks_after): (Option<u64>, Option<u64>),
+    rss_kib: Option<u64>,
+    before: &Snapshot,
+    after: &Snapshot,
+    delivered: u64,
+) -> ProcessInfo {
+    let measured = after.at.duration_since(before.at).as_secs_f64().max(1e-9);
+    let cpu_s = ticks_before
+        .zip(ticks_after)
+        .map(|(b, a)| a.saturating_sub(b) as f64 / procstat::ticks_per_second());
+    ProcessInfo {
+        label,
+        cpu_s,
+        cpu_pct_of_core: cpu_s.map(|s| s / measured * 100.0),
+        cpu_us_per_delivery: cpu_s
+            .filter(|_| delivered > 0)
+            .map(|s| s * 1e6 / delivered as f64),
+        peak_rss_mib: rss_kib.map(|k| k as f64 / 1024.0),
+    }
 }
 
 /// The whole machine's busy CPU between two snapshots.
-fn machine(before: &Snapshot, after: &Snapshot, tps: f64) -> Option<MachineInfo> {
+fn machine(before: &Snapshot, after: &Snapshot) -> Option<MachineInfo> {
+    let tps = procstat::ticks_per_second();
     before
         .machine
         .zip(after.machine)

@@ -25,7 +25,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use self::nginx::{LogTally, Nginx};
 use self::report::{ExternalConfig, ExternalDeliveries, ExternalOutput, ExternalReport, Medians};
 use self::statements::Statements;
-use crate::procstat::{self, Snapshot, Watched};
+use crate::procstat::{Snapshot, Watched};
 use crate::report::{Percentiles, ProcessInfo, TargetInfo};
 use crate::scenario::{Layout, Plan};
 use crate::target::{Target, metric_sum};
@@ -200,7 +200,7 @@ async fn load_and_drain(
     let deliveries = deliveries(&tally, expected, complete, start_ms, publish_end_ms);
     let (processes, machine) = processes(&before, &after, tally.delivered());
     let (all, system) = cpu_sums(&processes);
-    let statements = match &statements {
+    let statement_costs = match &statements {
         Some(s) => s.read(tally.delivered()).await.unwrap_or_else(|e| {
             notes.push(format!("no per-statement costs (pg_stat_statements): {e}"));
             Vec::new()
@@ -231,7 +231,7 @@ async fn load_and_drain(
         processes,
         cpu_us_per_delivery_all: all,
         cpu_us_per_delivery_system: system,
-        statements,
+        statements: statement_costs,
         machine,
         notes,
     })
@@ -320,20 +320,14 @@ fn processes(
     delivered: u64,
 ) -> (Vec<ProcessInfo>, Option<crate::report::MachineInfo>) {
     let (mut rows, machine) = crate::report::resources(before, after, delivered);
-    let measured = after.at.duration_since(before.at).as_secs_f64().max(1e-9);
-    let cpu_s = before
-        .bench_children
-        .zip(after.bench_children)
-        .map(|(b, a)| a.saturating_sub(b) as f64 / procstat::ticks_per_second());
-    rows.push(ProcessInfo {
-        label: "load generator: h2load".into(),
-        cpu_s,
-        cpu_pct_of_core: cpu_s.map(|s| s / measured * 100.0),
-        cpu_us_per_delivery: cpu_s
-            .filter(|_| delivered > 0)
-            .map(|s| s * 1e6 / delivered as f64),
-        peak_rss_mib: None,
-    });
+    rows.push(crate::report::process_row(
+        "load generator: h2load".into(),
+        (before.bench_children, after.bench_children),
+        None,
+        before,
+        after,
+        delivered,
+    ));
     for r in rows.iter_mut() {
         if r.label.starts_with("hookline bench:") {
             r.label = format!(

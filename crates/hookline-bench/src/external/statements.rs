@@ -43,20 +43,30 @@ impl Statements {
         }
     }
 
-    /// Resets the counters of the run's database; an error says why they cannot be read.
+    /// Makes sure the extension's view exists and resets the counters of the run's
+    /// database; an error says why they cannot be read.
     pub async fn reset(&self) -> Result<(), String> {
         let mut conn = self.connect().await?;
-        let result = sqlx::query(
+        let result = self.create_and_reset(&mut conn).await;
+        let _ = conn.close().await;
+        result.map_err(|e| e.to_string())
+    }
+
+    async fn create_and_reset(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(
             "SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database WHERE datname = $1), 0)",
         )
         .bind(&self.database)
-        .execute(&mut conn)
-        .await;
-        let _ = conn.close().await;
-        result.map(|_| ()).map_err(|e| e.to_string())
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 
-    /// The costliest statements of the run's database since [`reset`](Self::reset).
+    /// The costliest statements of the run's database since a successful
+    /// [`reset`](Self::reset).
     pub async fn read(&self, deliveries: u64) -> Result<Vec<StatementCost>, String> {
         let mut conn = self.connect().await?;
         let rows = sqlx::query(
@@ -90,14 +100,9 @@ impl Statements {
     }
 
     async fn connect(&self) -> Result<PgConnection, String> {
-        let mut conn = PgConnection::connect(&self.admin_url)
+        PgConnection::connect(&self.admin_url)
             .await
-            .map_err(|e| e.to_string())?;
-        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            .execute(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(conn)
+            .map_err(|e| e.to_string())
     }
 }
 
